@@ -1,0 +1,21 @@
+"""Serial residual adapter (Rebuffi et al. 2017, "Learning multiple visual
+domains with residual adapters"), as used in thesis chapter 6.2."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SerialAdapter(nn.Module):
+    """``y = hardtanh(BN(conv1x1_g(BN(x))) + x)``; ``4C + C*C/g`` parameters."""
+
+    def __init__(self, channels: int, groups: int = 1):
+        super().__init__()
+        self.norm_in = nn.BatchNorm2d(channels)
+        self.pointwise = nn.Conv2d(channels, channels, 1, groups=groups, bias=False)
+        self.norm_out = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardtanh(self.norm_out(self.pointwise(self.norm_in(x))) + x)

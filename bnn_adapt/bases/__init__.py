@@ -1,0 +1,48 @@
+"""Frozen binary base networks and their checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bnn_adapt.bases.base import BaseNetwork
+from bnn_adapt.bases.reactnet import ReActNet18, load_reactnet_checkpoint
+from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
+from bnn_adapt.errors import CheckpointError
+
+BASES: dict[str, type[BaseNetwork]] = {"ste_resnet_cifar": STEResNetCIFAR, "reactnet18": ReActNet18}
+
+__all__ = ["BASES", "BaseNetwork", "ReActNet18", "STEResNetCIFAR", "load_base", "save_base"]
+
+
+def save_base(base: BaseNetwork, path: str | Path, **meta) -> None:
+    """Store a pretrained base with what is needed to rebuild it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"arch": base.arch, "arch_config": base.arch_config(), "state_dict": base.state_dict(), **meta}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_base(arch: str, path: str | Path, how_to_get: str, **arch_config) -> BaseNetwork:
+    """Rebuild ``arch`` from ``path``; ReActNet also reads the authors' format."""
+    path = Path(path)
+    if arch == "reactnet18":
+        return load_reactnet_checkpoint(path, **arch_config)
+    if not path.is_file():
+        raise CheckpointError(f"base checkpoint {path} does not exist; {how_to_get}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"base checkpoint {path} is unreadable ({exc}); {how_to_get}") from None
+    if not isinstance(payload, dict) or payload.get("arch") != arch:
+        found = payload.get("arch") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"base checkpoint {path} holds a {found!r} network, not {arch!r}; "
+            f"pick the matching base=... or another base.checkpoint"
+        )
+    base = BASES[arch](**payload["arch_config"])
+    base.load_state_dict(payload["state_dict"])
+    return base

@@ -1,0 +1,83 @@
+"""BinaryNet-style ResNet for 32x32 images (SPEC 1.1).
+
+After Courbariaux/Hubara's BinaryNet.pytorch ``resnet_binary`` (CIFAR, depth
+18, inflate 5): binary convs with straight-through gradients, BN and hardtanh.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnn_adapt.bases.base import BaseNetwork
+from bnn_adapt.binary import BinaryConv2d, BinaryLinear
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 -> BN -> hardtanh -> conv3x3 -> BN -> (+ shortcut) -> hardtanh."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = BinaryConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = nn.Hardtanh()
+        self.conv2 = BinaryConv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = nn.Hardtanh()
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                BinaryConv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + residual)
+
+
+class STEResNetCIFAR(BaseNetwork):
+    """Stem 3->80, stages of 80/160/320 channels (x ``width``), 2 blocks each."""
+
+    arch = "ste_resnet_cifar"
+    input_size = 32
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 2):
+        super().__init__()
+        self.num_classes = num_classes
+        self.width = width
+        self.blocks_per_stage = blocks_per_stage
+        channels = [scaled(c, width) for c in (80, 160, 320)]
+        self.stage_channels = channels
+        self.stem = nn.Sequential(
+            BinaryConv2d(3, channels[0], 3, padding=1, bias=False, binarize_input=False),
+            nn.BatchNorm2d(channels[0]),
+            nn.Hardtanh(),
+        )
+        stages = []
+        c_prev = channels[0]
+        for i, c in enumerate(channels):
+            blocks = [BasicBlock(c_prev, c, stride=1 if i == 0 else 2)]
+            blocks += [BasicBlock(c, c) for _ in range(blocks_per_stage - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c_prev = c
+        self.stages = nn.ModuleList(stages)
+        self.feature_norm = nn.BatchNorm1d(channels[-1])
+        self.classifier = self.new_head(channels[-1], num_classes)
+
+    def pre_classifier(self, last_stage_output: torch.Tensor) -> torch.Tensor:
+        """Global avg pool -> BN1d -> hardtanh."""
+        pooled = last_stage_output.mean(dim=(2, 3))
+        return nn.functional.hardtanh(self.feature_norm(pooled))
+
+    def new_head(self, in_features: int, num_classes: int) -> nn.Module:
+        """Binary linear (with bias) -> BN1d, as the original head."""
+        return nn.Sequential(BinaryLinear(in_features, num_classes), nn.BatchNorm1d(num_classes))
+
+    def arch_config(self) -> dict:
+        return {"num_classes": self.num_classes, "width": self.width, "blocks_per_stage": self.blocks_per_stage}

@@ -1,0 +1,84 @@
+"""Binary layers: sign binarisation with a straight-through gradient.
+
+BinaryNet (Hubara et al. 2016): forward uses sign(x) (+1 for x >= 0); backward
+passes the gradient straight through where |x| <= 1 and cancels it elsewhere
+(the hardtanh derivative). Latent real weights live in [-1, 1] and are clamped
+after every optimiser step (:func:`clamp_latent_weights`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """Sign with sign(0) = +1, as in BinaryNet; never in place."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class SignSTE(torch.autograd.Function):
+    """sign(x) forward; gradient * 1{|x| <= 1} backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad_output * (x.abs() <= 1).to(grad_output.dtype)
+
+
+def binarize(x: torch.Tensor) -> torch.Tensor:
+    return SignSTE.apply(x)
+
+
+class BinaryModule:
+    """Marker for layers whose listed parameters are stored as 1 bit each.
+
+    Accounting (SPEC 1.3) reads ``binary_param_names``; the optimiser hook
+    reads ``clamp_latent`` to keep latent weights in [-1, 1].
+    """
+
+    binary_param_names: tuple[str, ...] = ("weight",)
+    clamp_latent: bool = True
+
+
+class BinaryConv2d(nn.Conv2d, BinaryModule):
+    """Conv with sign-binarised weights and (unless ``binarize_input=False``) inputs.
+
+    The STE net's stem keeps the real image input: ``binarize_input=False``.
+    """
+
+    def __init__(self, *args, binarize_input: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.binarize_input = binarize_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.binarize_input:
+            x = binarize(x)
+        return self._conv_forward(x, binarize(self.weight), self.bias)
+
+
+class BinaryLinear(nn.Linear, BinaryModule):
+    """Linear with sign-binarised inputs and weights; its bias counts as binary
+    (the thesis's accounting) but stays real-valued in the forward pass."""
+
+    binary_param_names = ("weight", "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(binarize(x), binarize(self.weight), self.bias)
+
+
+@torch.no_grad()
+def clamp_latent_weights(model: nn.Module) -> None:
+    """Clamp trainable latent weights of binary layers to [-1, 1] (BinaryNet)."""
+    for module in model.modules():
+        if isinstance(module, BinaryModule) and module.clamp_latent:
+            for name in module.binary_param_names:
+                p = getattr(module, name, None)
+                if p is not None and p.requires_grad and name == "weight":
+                    p.clamp_(-1.0, 1.0)

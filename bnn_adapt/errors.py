@@ -1,0 +1,20 @@
+"""User-facing errors: one short message naming the problem and the fix.
+
+The command line prints these without a traceback (``debug=true`` shows it).
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, missing file, wrong format)."""
+
+
+class ConfigError(UserError):
+    """The configuration is invalid; raised before any data is read."""
+
+
+class DataError(UserError):
+    """A dataset is missing, empty or in the wrong format."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or for another architecture."""
