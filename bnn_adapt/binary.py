@@ -75,10 +75,18 @@ class BinaryLinear(nn.Linear, BinaryModule):
 
 @torch.no_grad()
 def clamp_latent_weights(model: nn.Module) -> None:
-    """Clamp trainable latent weights of binary layers to [-1, 1] (BinaryNet)."""
+    """Clamp trainable latent parameters of binary layers to [-1, 1] (BinaryNet).
+
+    Every parameter a layer lists in ``binary_param_names`` is clamped: the
+    weights, and the binary linear's bias, which BinaryNet.pytorch clamps too
+    (it sets ``bias.org``) and which accounting counts as binary.
+    """
     for module in model.modules():
         if isinstance(module, BinaryModule) and module.clamp_latent:
             for name in module.binary_param_names:
-                p = getattr(module, name, None)
-                if p is not None and p.requires_grad and name == "weight":
+                # a pruned layer keeps its latent weight as ``<name>_orig``
+                p = getattr(module, f"{name}_orig", None)
+                if not isinstance(p, nn.Parameter):
+                    p = getattr(module, name, None)
+                if isinstance(p, nn.Parameter) and p.requires_grad:
                     p.clamp_(-1.0, 1.0)

@@ -46,6 +46,14 @@ class Classifier(L.LightningModule):
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning (2.2+) never calls .train() itself: a module keeps the mode
+        # it was built in. Apply the model's own train(), which keeps a frozen
+        # base in eval mode (base.bn=frozen: its BN running statistics must not
+        # drift on the target data; AdaptedModel.train). Validation restores
+        # these per-module modes after each run.
+        self.model.train()
+
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train", self.train_acc)
 

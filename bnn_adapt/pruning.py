@@ -62,6 +62,9 @@ def pruning_callbacks(
                 pruning_norm=1,
                 parameters_to_prune=[(m, "weight") for m in depthwise],
                 amount=depthwise_rate,
+                # per layer, as prune_now; Lightning's global default rejects
+                # structured pruning outright
+                use_global_unstructured=False,
                 apply_pruning=when,
                 use_lottery_ticket_hypothesis=False,
                 verbose=1,
@@ -73,6 +76,8 @@ def pruning_callbacks(
                 "l1_unstructured",
                 parameters_to_prune=[(m, "weight") for m in pointwise],
                 amount=pointwise_rate,
+                # per layer (round(rate * numel) zeros in each conv), as prune_now
+                use_global_unstructured=False,
                 apply_pruning=when,
                 use_lottery_ticket_hypothesis=False,
                 verbose=1,

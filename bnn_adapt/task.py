@@ -14,19 +14,38 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bnn_adapt import accounting
 from bnn_adapt.bases import BaseNetwork, load_base, save_base
 from bnn_adapt.callbacks import RunStats
 from bnn_adapt.config import validate
-from bnn_adapt.errors import CheckpointError, ConfigError
+from bnn_adapt.errors import CheckpointError, ConfigError, UserError
 from bnn_adapt.lit_module import Classifier
 from bnn_adapt.pruning import pruning_callbacks, prune_now
 from bnn_adapt.results import config_hash, package_versions, write_json
 
 log = logging.getLogger(__name__)
+
+
+def instantiate(config, *args, **kwargs):
+    """``hydra.utils.instantiate``, letting our own errors through unwrapped.
+
+    Hydra wraps whatever a ``_target_`` raises in an ``InstantiationException``;
+    a :class:`UserError` (a bad ``reduction.groups``, unknown class ids, ...)
+    must reach the command line as itself, to be shown as one ``error:`` line.
+    """
+    try:
+        return hydra_instantiate(config, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
 
 
 def build_base(cfg: DictConfig) -> BaseNetwork:
@@ -196,8 +215,26 @@ def save_introduced(model, path: Path) -> None:
     tmp.replace(path)
 
 
+def without_hydra_node(cfg: DictConfig) -> DictConfig:
+    """The experiment config alone, as ``@hydra.main`` passes it.
+
+    A config composed with ``compose(..., return_hydra_config=True)`` (tests,
+    notebooks) also carries Hydra's own runtime node, parts of which
+    (``hydra.sweep.subdir: ${hydra.job.num}``) cannot be resolved outside a
+    Hydra job: resolving it for metrics.json / the config hash would fail, and
+    it is no part of the experiment anyway.
+    """
+    if "hydra" not in cfg:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate, seed, then summary / pretrain / adapt; returns the metrics."""
+    cfg = without_hydra_node(cfg)
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)

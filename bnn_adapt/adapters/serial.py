@@ -9,7 +9,11 @@ from torch.nn import functional as F
 
 
 class SerialAdapter(nn.Module):
-    """``y = hardtanh(BN(conv1x1_g(BN(x))) + x)``; ``4C + C*C/g`` parameters."""
+    """``y = hardtanh(BN(conv1x1_g(BN(x)) + x))``; ``4C + C*C/g`` parameters.
+
+    As in Rebuffi et al.'s code: the output BN normalises the *sum* of the
+    1x1 branch and the identity, not the 1x1 branch alone (SPEC 2).
+    """
 
     def __init__(self, channels: int, groups: int = 1):
         super().__init__()
@@ -18,4 +22,4 @@ class SerialAdapter(nn.Module):
         self.norm_out = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.hardtanh(self.norm_out(self.pointwise(self.norm_in(x))) + x)
+        return F.hardtanh(self.norm_out(self.pointwise(self.norm_in(x)) + x))
