@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 
 # digits comparison: base pretraining if needed, then five strategies, one table
 demo: install
-	$(PY) -m bnn_adapt --multirun hydra.sweep.dir=outputs/demo \
-	  +experiment=digits5_5_head_only,digits5_5_finetune,digits5_5_serial,digits5_5,digits5_5_udta_prune
+	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name demo
 	$(PY) -m bnn_adapt.report outputs/demo
 
 test: install

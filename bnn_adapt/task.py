@@ -236,7 +236,7 @@ def run(cfg: DictConfig) -> dict:
     """Validate, seed, then summary / pretrain / adapt; returns the metrics."""
     cfg = without_hydra_node(cfg)
     validate(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.summary_only:
         return run_summary(cfg)
