@@ -5,22 +5,39 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+import bnn_adapt.config  # noqa: F401 - our ${range:...} etc. must exist before Hydra snapshots the
+# OmegaConf resolvers for launcher workers (joblib, submitit), which restore that snapshot before every job
 from bnn_adapt.errors import UserError
 
 
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> dict | None:
+def main(cfg: DictConfig) -> dict | tuple | float | None:
+    """User errors print one line (``debug=true``: the traceback); in a sweep a
+    failing run is recorded in its metrics.json and the sweep goes on. With
+    ``optimized_metrics`` (hparams_search) the sweeper gets those values."""
+    from bnn_adapt.pareto import objective_values
     from bnn_adapt.task import run  # imported here so --help stays fast
 
     try:
-        return run(cfg)
-    except UserError as exc:
+        return objective_values(cfg, run(cfg))
+    except Exception as exc:
         if cfg.get("debug"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if in_multirun():
+            print(f"error: this run failed and the sweep goes on: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(exc, UserError):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

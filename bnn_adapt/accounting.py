@@ -29,14 +29,17 @@ class LayerCount:
 
 def parameter_rows(module: nn.Module, prefix: str = "") -> list[LayerCount]:
     """One row per parameter tensor; pruned tensors (``*_orig`` + mask, or
-    flagged ``pruned``) count their non-zeros."""
+    flagged ``pruned``) count their non-zeros; a module with ``live_params``
+    (a column-pruned head) counts what it says."""
     rows = []
     for mod_name, mod in module.named_modules(prefix=prefix):
         binary_names = mod.binary_param_names if isinstance(mod, BinaryModule) else ()
         for p_name, p in mod.named_parameters(recurse=False):
             name = p_name.removesuffix("_orig")
             mask = getattr(mod, f"{name}_mask", None)
-            if mask is not None:
+            if hasattr(mod, "live_params"):
+                count = mod.live_params(name)
+            elif mask is not None:
                 count = int(mask.count_nonzero())
             elif name in getattr(mod, "pruned_param_names", ()):
                 count = int(p.detach().count_nonzero())

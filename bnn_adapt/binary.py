@@ -14,8 +14,13 @@ from torch import nn
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
-    """Sign with sign(0) = +1, as in BinaryNet; never in place."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    """Sign with sign(0) = +1 (also for -0.0), as in BinaryNet; never in place.
+
+    sign(sign(x) + 0.5) maps -1/0/+1 to -1/+1/+1 in three cheap passes over one
+    new tensor: several times faster on CPU than ``torch.where`` with filled
+    tensors, which dominated the frozen base's forward pass (SPEC 7).
+    """
+    return torch.sign(x).add_(0.5).sign_()
 
 
 class SignSTE(torch.autograd.Function):

@@ -30,8 +30,10 @@ def register_resolvers() -> None:
 register_resolvers()
 
 CHOICES = {
-    "task": ("pretrain", "adapt"),
+    "task": ("pretrain", "adapt", "export", "predict"),
     "base.bn": ("frozen", "adapt"),
+    "trainer.memory": ("standard", "lean", "lean_exact"),
+    "export.dtype": ("fp32", "fp16", "int8"),
 }
 
 
@@ -45,7 +47,29 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key}={value!r} is invalid: it must be a positive integer")
-    for key in ("reduction.rate", "reduction.depthwise_rate", "reduction.pointwise_rate"):
+    for key in ("summary_only", "resume", "debug"):
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid: use true or false")
+    for key in ("optimizer.lr", "base.width"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key}={value!r} is invalid: it must be a positive number")
+    check_image_size(cfg)
+    for key in ("reduction.rate", "reduction.depthwise_rate", "reduction.pointwise_rate", "reduction.head_rate"):
         value = OmegaConf.select(cfg, key, default=0.0)
         if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}={value!r} is invalid: a pruning rate must be in [0, 1)")
+
+
+def check_image_size(cfg: DictConfig) -> None:
+    from bnn_adapt.bases import BASES  # noqa: PLC0415 - keeps `import bnn_adapt.config` light
+
+    size, base = OmegaConf.select(cfg, "data.image_size"), BASES.get(OmegaConf.select(cfg, "base.name"))
+    smallest = getattr(base, "min_input_size", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size < smallest:
+        usual = getattr(base, "input_size", None)
+        raise ConfigError(
+            f"data.image_size={size!r} is too small for base={cfg.base.name}: it needs at least {smallest} "
+            f"pixels (it was designed for {usual})"
+        )

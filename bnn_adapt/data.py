@@ -25,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision import datasets as tvd
 from torchvision.datasets.folder import find_classes
 from torchvision.datasets.mnist import read_image_file, read_label_file
@@ -183,6 +183,12 @@ class ExistingFilesCIFAR100(tvd.CIFAR100):
     train_list, test_list, meta = _without_md5(tvd.CIFAR100)
 
 
+class ExistingFilesFlowers102(tvd.Flowers102):
+    """torchvision's Flowers-102 reader, accepting any ``.mat`` files that exist (generated ones fail the MD5s)."""
+
+    _file_dict = {key: (name, None) for key, (name, _) in tvd.Flowers102._file_dict.items()}
+
+
 def _load_cifar(cls: type[tvd.CIFAR10], root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
     """CIFAR-10/100 in the python-pickle format under root/<base_folder>/; eval = test set."""
     folder = Path(root) / cls.base_folder
@@ -204,7 +210,7 @@ def _load_torchvision_split(
 ) -> tuple[LabelledSet, LabelledSet]:
     """Flowers-102 / Oxford-IIIT Pets: torchvision's reader for the (train, eval) splits."""
     problem = (
-        f"{cls.__name__} not found: expected {Path(root) / layout}; "
+        f"{cls.__name__.removeprefix('ExistingFiles')} not found: expected {Path(root) / layout}; "
         "set data.root=... or data.download=true"
     )
     with _dataset_errors(problem):
@@ -275,7 +281,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),  # fmt: skip
     "flowers102": DatasetSpec(
         "Flowers-102",
-        partial(_load_torchvision_split, tvd.Flowers102, ("train", "val"),
+        partial(_load_torchvision_split, ExistingFilesFlowers102, ("train", "val"),
                 "flowers-102/{jpg/,imagelabels.mat,setid.mat}"),
         tuple(tvd.Flowers102.classes), IMAGENET_MEAN, IMAGENET_STD, True,
     ),  # fmt: skip
@@ -366,6 +372,27 @@ def _stats(value: Any, field: str) -> tuple[float, ...] | None:
     return stats
 
 
+class EpochShuffle(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch).
+
+    Lightning calls ``set_epoch`` before each epoch, so a run resumed from a
+    checkpoint sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class ClassSplitDataModule(L.LightningDataModule):
     """Serves the base or the target classes of one dataset, labels remapped to 0..C-1.
 
@@ -391,6 +418,7 @@ class ClassSplitDataModule(L.LightningDataModule):
         normalize_mean: Sequence[float] | None = None,
         normalize_std: Sequence[float] | None = None,
         seed: int = 0,
+        cached_views: int = 1,
     ):
         super().__init__()
         if name not in DATASETS:
@@ -417,6 +445,8 @@ class ClassSplitDataModule(L.LightningDataModule):
         self.limit_per_class = _positive(limit_per_class, "limit_per_class", allow_none=True)
         self.eval_limit_per_class = _positive(eval_limit_per_class, "eval_limit_per_class", allow_none=True)
         self.download, self.augment, self.seed = bool(download), bool(augment), int(seed)
+        # views per training image in a tap cache (adapter.cache_taps; 1 = no augmentation): bnn_adapt.tap_cache
+        self.cached_views = _positive(cached_views, "cached_views")
         self.large = self.spec.large if self.spec.large is not None else self.image_size >= LARGE_IMAGE_SIZE
         default_mean, default_std = (
             (self.spec.mean, self.spec.std) if self.spec.mean else
@@ -526,12 +556,11 @@ class ClassSplitDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

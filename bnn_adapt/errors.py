@@ -18,3 +18,15 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or for another architecture."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class ExportError(UserError):
+    """A packed base or adapter file is missing, unreadable or of another kind."""
+
+
+class FingerprintError(ExportError):
+    """An adapter was trained on another base than the one it is attached to."""

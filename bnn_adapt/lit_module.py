@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from bnn_adapt.binary import clamp_latent_weights
+from bnn_adapt.errors import TrainingDiverged
 
 
 class Classifier(L.LightningModule):
@@ -55,7 +56,13 @@ class Classifier(L.LightningModule):
         self.model.train()
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train", self.train_acc)
+        loss = self._step(batch, "train", self.train_acc)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                f"lower optimizer.lr or check the data"
+            )
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val", self.val_acc)

@@ -24,8 +24,16 @@ def run_label(metrics: dict) -> str:
         label += f" head={adapter.get('head')}"
     if reduction.get("name") == "groups" or (reduction.get("groups", 1) not in (1, None)):
         label += f" g={reduction.get('groups')}"
+    if label == "lora":
+        stages = adapter.get("stages")
+        label += f" r={adapter.get('rank')}" + (f" stages {','.join(str(s) for s in stages)}" if stages else "")
     if reduction.get("name") == "prune":
         label += f" prune {reduction.get('rate')}"
+    if reduction.get("name") == "prune_iterative":
+        rewind = " rewind" if reduction.get("rewind") else ""
+        label += f" prune {reduction.get('rate')} in {reduction.get('rounds')} rounds{rewind}"
+    if reduction.get("head_rate"):
+        label += f" head columns {reduction.get('head_rate')}"
     return label
 
 

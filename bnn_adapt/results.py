@@ -24,10 +24,19 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+#: keys that do not change what a run computes
+NOT_HASHED = ("paths", "resume", "debug")
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Short hash of the resolved config (paths excluded: they do not change results)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("paths", None)
+    """Short hash of the config, without keys that do not change results.
+
+    Hashed unresolved, so the many values interpolated from ``paths.*`` (log
+    and checkpoint folders) do not make two identical runs look different.
+    """
+    data = OmegaConf.to_container(cfg, resolve=False)
+    for key in NOT_HASHED:
+        data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -43,3 +52,19 @@ def write_json(path: str | Path, payload: dict) -> Path:
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def read_json_or_none(path: str | Path) -> dict | None:
+    """A result file's content, or None when it is absent or unreadable."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def completed_metrics(run_dir: str | Path, cfg_hash: str) -> dict | None:
+    """The run's metrics if it finished with this exact config, else None."""
+    metrics = read_json_or_none(Path(run_dir) / "metrics.json")
+    if metrics and metrics.get("status", "complete") == "complete" and metrics.get("config_hash") == cfg_hash:
+        return metrics
+    return None

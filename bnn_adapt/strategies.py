@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from bnn_adapt.adapters import UDTA, SerialAdapter
+from bnn_adapt.adapters.bitfit import BitFitAdapter, substituted
+from bnn_adapt.adapters.lora import LoRAAdapter
 from bnn_adapt.adapters.udta import thin_block_shapes
 from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.errors import ConfigError
@@ -41,6 +43,8 @@ class AdaptedModel(nn.Module):
 
     strategy: str
     trains_base = False
+    #: reads the base only through ``frozen_features``, so a tap cache can stand in for it
+    feature_cache = False
 
     def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True):
         super().__init__()
@@ -48,6 +52,8 @@ class AdaptedModel(nn.Module):
         self.num_classes = num_classes
         self.freeze_bn = freeze_bn
         self.adapter: nn.Module | None = None
+        # constructor arguments beyond (base, num_classes, freeze_bn): an exported adapter rebuilds from them
+        self.options: dict = {}
         if not self.trains_base:
             base.requires_grad_(False)
 
@@ -78,20 +84,31 @@ class AdaptedModel(nn.Module):
         """No autograd through the base when nothing in it can learn."""
         return contextlib.nullcontext() if self.trains_base else torch.no_grad()
 
+    def can_cache_features(self) -> bool:
+        """Whether ``frozen_features`` may be computed once and reused (adapter.cache_taps):
+        the base neither learns nor updates BN statistics."""
+        return self.feature_cache and self.base_frozen_in_eval()
+
 
 class HeadOnly(AdaptedModel):
     """Only a new classifier on the frozen base's pre-classifier features."""
 
     strategy = "head_only"
+    feature_cache = True
 
     def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True):
         super().__init__(base, num_classes, freeze_bn)
         self.head = base.new_head(base.stage_channels[-1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What the head reads from the base: [pre-classifier features]."""
         with self.base_context():
-            features = self.base.pre_classifier(self.base.stage_outputs(x)[-1])
-        return self.head(features)
+            return [self.base.pre_classifier(self.base.stage_outputs(x)[-1])]
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``x``: images, or what :meth:`frozen_features` returned for them (a tap cache)."""
+        features = x if isinstance(x, (list, tuple)) else self.frozen_features(x)
+        return self.head(features[0])
 
 
 class FullFinetune(HeadOnly):
@@ -99,6 +116,7 @@ class FullFinetune(HeadOnly):
 
     strategy = "full_finetune"
     trains_base = True
+    feature_cache = False
 
     def introduced_modules(self) -> dict[str, list[nn.Module]]:
         body = [m for name, m in self.base.named_children() if name != "classifier"]
@@ -124,6 +142,7 @@ class Serial(AdaptedModel):
         if not stages or any(s < 1 or s > n for s in stages):
             raise ConfigError(f"adapter.stages={stages} is invalid: this base has stages 1..{n}")
         self.stages = stages
+        self.options = {"stages": stages, "groups": groups}
         self.adapter = nn.ModuleDict(
             {
                 str(s): SerialAdapter(c, resolve_groups(groups, c, c))
@@ -153,6 +172,7 @@ class Parallel(AdaptedModel):
     """
 
     strategy = "udta"
+    feature_cache = True
 
     def __init__(
         self,
@@ -166,19 +186,93 @@ class Parallel(AdaptedModel):
         if head not in ("concat", "adapter"):
             raise ConfigError(f"adapter.head={head!r} is invalid: use 'concat' or 'adapter'")
         self.head_mode = head
+        self.options = {"head": head, "groups": groups}
         shapes = thin_block_shapes(base.stage_channels)
         self.adapter = UDTA(base.stage_channels, [resolve_groups(groups, ci, co) for ci, co in shapes])
         in_features = self.adapter.out_features + (base.stage_channels[-1] if head == "concat" else 0)
         self.head = base.new_head(in_features, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # the base never receives gradients here
-            taps = self.base.stage_outputs(x)
-            base_features = self.base.pre_classifier(taps[-1]) if self.head_mode == "concat" else None
-        vector = self.adapter(taps)
-        if base_features is not None:
-            vector = torch.cat([base_features, vector], dim=1)
+    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage output (the taps), then with ``head="concat"`` the base's
+        pre-classifier features; computed without autograd: no gradient ever
+        reaches the base, so nothing of it is kept for backward."""
+        with torch.no_grad():
+            features = self.base.stage_outputs(x)
+            if self.head_mode == "concat":
+                features.append(self.base.pre_classifier(features[-1]))
+        return features
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``x``: images, or what :meth:`frozen_features` returned for them (a tap cache)."""
+        features = list(x) if isinstance(x, (list, tuple)) else self.frozen_features(x)
+        vector = self.adapter(features[: len(self.base.stages)])
+        if self.head_mode == "concat":
+            vector = torch.cat([features[-1], vector], dim=1)
         return self.head(vector)
 
 
-STRATEGIES = {cls.strategy: cls for cls in (HeadOnly, FullFinetune, Serial, Parallel)}
+def chosen_stages(stages, n: int) -> list[int]:
+    """``adapter.stages`` (1-based; null = every stage) as a sorted list, checked against the base."""
+    chosen = list(range(1, n + 1)) if stages is None else sorted({int(s) for s in stages})
+    if not chosen or any(s < 1 or s > n for s in chosen):
+        raise ConfigError(f"adapter.stages={list(stages)} is invalid: this base has stages 1..{n}")
+    return chosen
+
+
+class LoRA(AdaptedModel):
+    """Low-rank fp32 branches beside the binary convs of the chosen stages (future work, SPEC 2).
+
+    The binary base is untouched (the branches hook in while this model runs);
+    gradients flow back through the frozen base from the first adapted stage.
+    """
+
+    strategy = "lora"
+
+    def __init__(
+        self,
+        base: BaseNetwork,
+        num_classes: int,
+        rank: int = 4,
+        alpha: float | None = None,
+        stages: list[int] | None = None,
+        freeze_bn: bool = True,
+    ):
+        super().__init__(base, num_classes, freeze_bn)
+        stages = chosen_stages(stages, len(base.stages))
+        alpha = float(rank if alpha is None else alpha)
+        self.stages = stages
+        self.options = {"rank": rank, "alpha": alpha, "stages": stages}
+        self.adapter = LoRAAdapter(base, stages, rank, alpha)
+        self.head = base.new_head(base.stage_channels[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.stages[0]
+        with torch.no_grad():  # nothing before the first adapted stage learns
+            x = self.base.stem(x)
+            for stage in self.base.stages[: first - 1]:
+                x = stage(x)
+        with self.adapter.injected(self.base):
+            for stage in self.base.stages[first - 1 :]:
+                x = stage(x)
+            features = self.base.pre_classifier(x)
+        return self.head(features)
+
+
+class BitFit(AdaptedModel):
+    """Only the base's BN affine params, learnable biases and PReLU slopes train
+    (as a task-specific copy in the adapter), plus the new head (future work, SPEC 2)."""
+
+    strategy = "bitfit"
+
+    def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True):
+        super().__init__(base, num_classes, freeze_bn)
+        self.adapter = BitFitAdapter(base)
+        self.head = base.new_head(base.stage_channels[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with substituted(self.base, self.adapter.overrides()):
+            features = self.base.pre_classifier(self.base.stage_outputs(x)[-1])
+        return self.head(features)
+
+
+STRATEGIES = {cls.strategy: cls for cls in (HeadOnly, FullFinetune, Serial, Parallel, LoRA, BitFit)}

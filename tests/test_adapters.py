@@ -14,7 +14,7 @@ from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.binary import BinaryLinear
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.strategies import STRATEGIES, FullFinetune, HeadOnly, Parallel, Serial, resolve_groups
+from bnn_adapt.strategies import STRATEGIES, BitFit, FullFinetune, HeadOnly, LoRA, Parallel, Serial, resolve_groups
 
 
 def n_params(module: nn.Module) -> int:
@@ -249,7 +249,10 @@ def test_parallel_rejects_unknown_head():
 
 
 def test_strategy_registry():
-    assert STRATEGIES == {"head_only": HeadOnly, "full_finetune": FullFinetune, "serial": Serial, "udta": Parallel}
+    assert STRATEGIES == {
+        "head_only": HeadOnly, "full_finetune": FullFinetune, "serial": Serial, "udta": Parallel,
+        "lora": LoRA, "bitfit": BitFit,
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

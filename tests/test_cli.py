@@ -210,7 +210,7 @@ def test_cli_imagefolder_pretrains_base_then_adapts(tmp_path):
         "data=imagefolder", "data.base_classes=[cat,3]", "data.target_classes=[dog,7,bird]",
         "base.width=0.1", "base.pretrain.epochs=1", "trainer.max_epochs=2", "data.batch_size=16",
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "trainer.accelerator=cpu",
-        "+trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -310,7 +310,9 @@ def test_missing_base_checkpoint_is_a_clear_error(experiment, hint, make_cfg, tm
         task.run(cfg)
     if cfg.base.checkpoint is not None:
         assert str(cfg.base.checkpoint) in str(err.value)
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    # the failure is recorded where the results would have been, never as a result
+    failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "CheckpointError" in failed["error"] and "test_top1" not in failed
 
 
 def test_digits_default_pretrains_and_caches_a_missing_base(make_cfg, tmp_path, capsys):

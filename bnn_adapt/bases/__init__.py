@@ -1,4 +1,4 @@
-"""Frozen binary base networks and their checkpoints."""
+"""Frozen binary base networks (and the fp32 ResNet-18 references) and their checkpoints."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import torch
 
 from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.bases.reactnet import ReActNet18, load_reactnet_checkpoint
+from bnn_adapt.bases.resnet import ResNet18, ResNet18CIFAR
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.errors import CheckpointError
 
-BASES: dict[str, type[BaseNetwork]] = {"ste_resnet_cifar": STEResNetCIFAR, "reactnet18": ReActNet18}
+BASES: dict[str, type[BaseNetwork]] = {
+    cls.arch: cls for cls in (STEResNetCIFAR, ReActNet18, ResNet18CIFAR, ResNet18)
+}
 
-__all__ = ["BASES", "BaseNetwork", "ReActNet18", "STEResNetCIFAR", "load_base", "save_base"]
+__all__ = ["BASES", "BaseNetwork", "ReActNet18", "ResNet18", "ResNet18CIFAR", "STEResNetCIFAR", "load_base", "save_base"]
 
 
 def save_base(base: BaseNetwork, path: str | Path, **meta) -> None:

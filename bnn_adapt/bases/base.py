@@ -16,8 +16,9 @@ class BaseNetwork(nn.Module):
 
     #: output channels of each stage (taps f1..fS)
     stage_channels: list[int]
-    #: expected input side length in pixels
+    #: expected input side length in pixels, and the smallest that works
     input_size: int
+    min_input_size: int
     #: name used in configs and checkpoints
     arch: str
 

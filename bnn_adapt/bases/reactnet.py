@@ -45,6 +45,18 @@ def approx_sign(x: torch.Tensor) -> torch.Tensor:
     return ApproxSign.apply(x)
 
 
+class ApproxSignActivation(nn.Module):
+    """:func:`approx_sign` as a layer, so lean training (bnn_adapt.lean) can swap it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return approx_sign(x)
+
+
+def scaled_sign(w: torch.Tensor) -> torch.Tensor:
+    """mean|W| per output channel * sign(W): ReActNet's binary weights."""
+    return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True) * sign(w)
+
+
 class ScaledSignSTE(torch.autograd.Function):
     """mean|W| (per output channel) * sign(W) forward; gradient * 1{|W| <= 1} back.
 
@@ -55,8 +67,7 @@ class ScaledSignSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w)
-        scale = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
-        return scale * sign(w)
+        return scaled_sign(w)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
@@ -106,6 +117,7 @@ class ReActBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
         self.move0 = LearnableBias(c_in)
+        self.binarize = ApproxSignActivation()
         self.binary_conv = ScaledBinaryConv2d(c_in, c_out, stride=stride)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.move1 = LearnableBias(c_out)
@@ -122,7 +134,7 @@ class ReActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
-        out = self.bn1(self.binary_conv(approx_sign(self.move0(x))))
+        out = self.bn1(self.binary_conv(self.binarize(self.move0(x))))
         return self.move2(self.prelu(self.move1(out + residual)))
 
 
@@ -134,6 +146,7 @@ class ReActNet18(BaseNetwork):
 
     arch = "reactnet18"
     input_size = 224
+    min_input_size = 32  # five halvings: stem conv, max-pool, stages 2-4
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0):
         super().__init__()

@@ -46,6 +46,7 @@ class STEResNetCIFAR(BaseNetwork):
 
     arch = "ste_resnet_cifar"
     input_size = 32
+    min_input_size = 4  # stages 2 and 3 halve the resolution
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 2):
         super().__init__()

@@ -1,0 +1,71 @@
+"""BitFit for BNNs (Ben Zaken et al. 2022), one of the thesis's future-work
+adapters (SPEC 2): train only the base's BN affine parameters, learnable
+biases/thresholds and PReLU slopes, as a task-specific copy.
+
+The copies live in the adapter and are swapped into the base only while the
+adapted model runs (:func:`substituted`), so the base object itself never
+changes and many BitFit adapters can share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from bnn_adapt.bases.reactnet import LearnableBias
+
+
+def bitfit_parameter_names(base: nn.Module) -> list[str]:
+    """BN gamma/beta, learnable biases and PReLU slopes of the base, its classifier excluded."""
+    names = []
+    for mod_name, m in base.named_modules():
+        if mod_name == "classifier" or mod_name.startswith("classifier."):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            names += [f"{mod_name}.weight", f"{mod_name}.bias"]
+        elif isinstance(m, LearnableBias):
+            names.append(f"{mod_name}.bias")
+        elif isinstance(m, nn.PReLU):
+            names.append(f"{mod_name}.weight")
+    return names
+
+
+@contextlib.contextmanager
+def substituted(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Within this block, ``module``'s parameters/buffers named in ``tensors`` are those tensors.
+
+    Like ``torch.func.functional_call`` for an arbitrary method: the stored
+    objects go back afterwards, and autograd reaches the substitutes.
+    """
+    saved = []
+    try:
+        for name, value in tensors.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            store = owner._parameters if attr in owner._parameters else owner._buffers
+            if attr not in store:
+                raise KeyError(f"{name} is neither a parameter nor a buffer of {type(module).__name__}")
+            saved.append((store, attr, store[attr]))
+            store[attr] = value
+        yield
+    finally:
+        for store, attr, original in reversed(saved):
+            store[attr] = original
+
+
+class BitFitAdapter(nn.Module):
+    """Trainable copies of :func:`bitfit_parameter_names` of ``base``."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.names = bitfit_parameter_names(base)
+        params = dict(base.named_parameters())
+        # ParameterDict keys may not contain '.': stages.0.0.bn1.weight is "stages/0/0/bn1/weight"
+        self.tensors = nn.ParameterDict(
+            {n.replace(".", "/"): nn.Parameter(params[n].detach().clone()) for n in self.names}
+        )
+
+    def overrides(self) -> dict[str, torch.Tensor]:
+        return {n: self.tensors[n.replace(".", "/")] for n in self.names}

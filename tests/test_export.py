@@ -1,0 +1,318 @@
+"""Deployable artifacts (SPEC 3-4): the bit-packed base, compact adapter files,
+exact round trips for every strategy, the fingerprint check, sizes on disk
+against the formula, and ``task=export`` from real run directories."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from bnn_adapt import task
+from bnn_adapt.accounting import parameter_rows, summarize, totals
+from bnn_adapt.adapter_file import attach_adapter, export_adapter, read_adapter_file
+from bnn_adapt.bases.reactnet import ReActNet18
+from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
+from bnn_adapt.errors import ExportError, FingerprintError
+from bnn_adapt.export import BASE_FILE, formula_bytes
+from bnn_adapt.head_pruning import make_head_prunable, prune_head_columns
+from bnn_adapt.packed_base import fingerprint, pack_base, read_packed_base, repack, unpack_base, write_packed_base
+from bnn_adapt.pruning import prune_now
+from bnn_adapt.strategies import STRATEGIES
+from tests.test_adapters import randomize_bn
+
+BASES = {
+    "ste": (lambda: STEResNetCIFAR(num_classes=5, width=0.1), 32),
+    "reactnet": (lambda: ReActNet18(num_classes=10, width=0.125), 64),
+}
+
+
+def trained_like(module: nn.Module, seed: int) -> None:
+    """Weights as training leaves them: non-trivial BN, non-zero LoRA up-projections, perturbed latents."""
+    randomize_bn(module, seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("up.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def make_base(name: str, seed: int = 0) -> tuple[nn.Module, int]:
+    make, size = BASES[name]
+    torch.manual_seed(seed)
+    base = make()
+    trained_like(base, seed)
+    with torch.no_grad():  # ReActNet's init is tiny and positive: give the binary weights both signs
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return base.eval(), size
+
+
+def adapted(strategy: str, base: nn.Module, variant: str = "plain") -> nn.Module:
+    """``strategy`` on ``base`` as a finished run leaves it (``variant``: plain, pruned, bn_drift)."""
+    if strategy == "full_finetune" or variant == "bn_drift":
+        base = copy.deepcopy(base)  # training changes (or, with base.bn=adapt, drifts) the run's own base copy
+    model = STRATEGIES[strategy](base, num_classes=4)
+    if model.adapter is not None:
+        trained_like(model.adapter, 1)
+    trained_like(model.head, 2)
+    if strategy == "full_finetune":
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(torch.randn_like(p) * 0.05)  # flips some binary signs too
+    if variant == "bn_drift":
+        randomize_bn(base, 3)
+    if variant == "pruned":
+        prune_now(model, 0.5, 0.9)
+        make_head_prunable(model)
+        prune_head_columns(model, 0.5)
+    return model.eval()
+
+
+# ------------------------------------------------------------------ the packed base
+
+
+@pytest.mark.parametrize("name", list(BASES))
+def test_packed_base_rebuilds_identical_outputs(name, tmp_path):
+    base, size = make_base(name)
+    header = write_packed_base(base, tmp_path / BASE_FILE)
+    loaded, read_header = read_packed_base(tmp_path / BASE_FILE)
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(base(x), loaded(x))
+        assert all(torch.equal(a, b) for a, b in zip(base.stage_outputs(x), loaded.stage_outputs(x)))
+    assert read_header == header and header["arch"] == base.arch and header["arch_config"] == base.arch_config()
+    assert header["fingerprint"] == fingerprint(base) == fingerprint(loaded)
+    # every binary weight is one bit, and the rebuilt ones are exactly +-1
+    fp32, binary = totals(parameter_rows(base))
+    assert header["binary_bits"] == binary - (5 if name == "ste" else 0)  # STE's binary-linear bias: real-valued, fp32
+    for m in loaded.modules():
+        if hasattr(m, "binary_param_names"):
+            assert m.weight.abs().eq(1).all()
+
+
+def test_fingerprint_follows_the_binary_weights_only():
+    base, _ = make_base("ste")
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.stem[1].bias.add_(1.0)  # an fp32 change: same binary weights
+    assert fingerprint(other) == fingerprint(base)
+    with torch.no_grad():
+        w = other.stages[0][0].conv1.weight
+        w[0, 0, 0, 0] = -w[0, 0, 0, 0]  # one sign flipped
+    assert fingerprint(other) != fingerprint(base)
+
+
+@pytest.mark.parametrize(
+    ("make", "classes"), [(STEResNetCIFAR, 10), (STEResNetCIFAR, 80), (ReActNet18, 1000)]
+)
+def test_packed_base_size_on_disk_is_within_5_percent_of_the_formula(make, classes, tmp_path):
+    """Full width: n_bin / 8 + 4 n_fp32 bytes (SPEC 4), plus BN running statistics and the header."""
+    torch.manual_seed(0)
+    base = make(num_classes=classes, width=1.0)
+    write_packed_base(base, tmp_path / BASE_FILE)
+    fp32, binary = totals(parameter_rows(base))
+    predicted = formula_bytes(fp32, binary)
+    on_disk = (tmp_path / BASE_FILE).stat().st_size
+    assert predicted <= on_disk <= 1.05 * predicted, (on_disk, predicted)
+    state_dict_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    assert on_disk < state_dict_bytes / 10  # vs. 4 bytes per latent weight
+
+
+def test_corrupt_or_foreign_base_files_are_refused(tmp_path):
+    base, _ = make_base("ste")
+    data = bytearray(pack_base(base)[0])
+    with pytest.raises(ExportError, match="truncated"):
+        unpack_base(bytes(data[:-4]), "cut.bnnpack")
+    data[-len(data) // 2] ^= 0xFF  # inside the binary section
+    with pytest.raises(ExportError):
+        unpack_base(bytes(data), "flipped.bnnpack")
+    (tmp_path / "x.bnnpack").write_bytes(b"not a base")
+    with pytest.raises(ExportError, match="not a packed base"):
+        read_packed_base(tmp_path / "x.bnnpack")
+    with pytest.raises(ExportError, match="does not exist"):
+        read_packed_base(tmp_path / "missing.bnnpack")
+
+
+# ------------------------------------------------------------------ adapters: exact round trips
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("name", list(BASES))
+@pytest.mark.parametrize("variant", ["plain", "pruned", "bn_drift"])
+def test_fp32_round_trip_is_bit_identical(strategy, name, variant, tmp_path):
+    base, size = make_base(name)
+    model = adapted(strategy, base, variant)
+    path = tmp_path / "adapter.safetensors"
+    meta = export_adapter(model, path, reference_base=base, class_names=["a", "b", "c", "d"])
+    attached = attach_adapter(path, repack(base)[0])  # the base as its packed file rebuilds it
+    x = torch.randn(8, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model(x), attached(x))
+    assert attached.class_names == ["a", "b", "c", "d"] and meta["strategy"] == strategy
+    # the rebuilt model counts what the trained one counted
+    ours, theirs = summarize(model), summarize(attached.model)
+    for key in ("adapter_fp32_params", "adapter_binary_params", "head_fp32_params", "head_binary_params"):
+        assert ours[key] == theirs[key], key
+    base_tensors = [k for k in read_adapter_file(path)[0] if k.startswith("base.")]
+    assert bool(base_tensors) == (strategy == "full_finetune" or variant == "bn_drift")
+
+
+def test_pruned_depthwise_filters_and_head_columns_are_physically_removed(tmp_path):
+    base, size = make_base("ste")
+    dense, pruned = adapted("udta", base), adapted("udta", base, "pruned")
+    export_adapter(dense, tmp_path / "dense.safetensors", reference_base=base)
+    meta = export_adapter(pruned, tmp_path / "pruned.safetensors", reference_base=base)
+    arrays, _ = read_adapter_file(tmp_path / "pruned.safetensors")
+    for k, block in enumerate(pruned.adapter.blocks):
+        alive = int((block.depthwise.weight.flatten(1) != 0).any(dim=1).sum())
+        assert alive < block.depthwise.weight.shape[0]
+        key = f"adapter.blocks.{k}.depthwise.weight"
+        assert meta["tensors"][key]["enc"] == "rows" and arrays[key].shape[0] == alive
+        for t in ("weight", "bias", "running_mean", "running_var"):  # the BN entries of dead channels go too
+            assert arrays[f"adapter.blocks.{k}.depthwise_norm.{t}"].shape == (alive,)
+        # the pointwise conv keeps every input column (the residual still carries x_i), stored sparse
+        pointwise = f"adapter.blocks.{k}.pointwise.weight"
+        assert meta["tensors"][pointwise]["enc"] in ("bitmask", "gaps")
+        assert arrays[pointwise].size == int(block.pointwise.weight.count_nonzero())
+    head = pruned.head[0]
+    assert meta["tensors"]["head.0.weight"]["enc"] == "columns"
+    assert arrays["head.0.weight"].size * 8 >= int(head.kept_columns.sum()) * 4  # packed sign bits of kept columns
+    assert arrays["head.0.weight"].nbytes == (int(head.kept_columns.sum()) * 4 + 7) // 8
+    # conv weights: half the filters and a tenth of the pointwise weights (+ their positions) are what is left
+    dense_arrays, _ = read_adapter_file(tmp_path / "dense.safetensors")
+
+    def conv_bytes(arrays):
+        return sum(a.nbytes for k, a in arrays.items() if "wise.weight" in k)
+
+    assert conv_bytes(arrays) < 0.3 * conv_bytes(dense_arrays)
+    assert (tmp_path / "pruned.safetensors").stat().st_size < (tmp_path / "dense.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("name", list(BASES))
+@pytest.mark.parametrize("strategy", ["udta", "head_only"])
+def test_fp16_and_int8_stay_within_the_stated_tolerance(name, strategy, tmp_path):
+    """README, export dtypes: fp32 classifier (ReActNet): max |dlogit| <= 2e-3 (fp16) / 3e-2 (int8) x max|logit|.
+    Binary classifier (STE): it binarises its inputs, so rounding can flip one; top-1 agrees on >= 95%."""
+    base, size = make_base(name, seed=1)
+    model = adapted(strategy, base)
+    packed = repack(base)[0]
+    x = torch.randn(64, 3, size, size)
+    with torch.no_grad():
+        exact = model(x)
+    sizes = {}
+    for dtype, bound in (("fp16", 2e-3), ("int8", 3e-2)):
+        path = tmp_path / f"{dtype}.safetensors"
+        export_adapter(model, path, reference_base=base, dtype=dtype)
+        sizes[dtype] = path.stat().st_size
+        with torch.no_grad():
+            approx = attach_adapter(path, packed)(x)
+        assert not torch.equal(approx, exact)
+        agree = float((approx.argmax(1) == exact.argmax(1)).float().mean())
+        if name == "reactnet":
+            assert float((approx - exact).abs().max()) <= bound * float(exact.abs().max())
+        assert agree >= 0.95
+    export_adapter(model, tmp_path / "fp32.safetensors", reference_base=base)
+    if strategy == "udta":
+        assert sizes["int8"] < sizes["fp16"] < (tmp_path / "fp32.safetensors").stat().st_size
+
+
+def test_adapter_for_another_base_is_refused_naming_both_fingerprints(tmp_path):
+    base, _ = make_base("ste", seed=0)
+    other, _ = make_base("ste", seed=5)
+    export_adapter(adapted("udta", base), tmp_path / "a.safetensors", reference_base=base)
+    with pytest.raises(FingerprintError) as err:
+        attach_adapter(tmp_path / "a.safetensors", repack(other)[0])
+    assert fingerprint(base) in str(err.value) and fingerprint(other) in str(err.value)
+
+
+def test_a_training_runs_adapter_file_is_not_an_export(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"head.0.weight": torch.zeros(2, 2)}, str(tmp_path / "adapter.safetensors"), metadata={"strategy": "x"})
+    with pytest.raises(ExportError, match="export.adapter_run"):
+        read_adapter_file(tmp_path / "adapter.safetensors")
+
+
+# ------------------------------------------------------------------ task=export from run directories
+
+
+def test_task_export_from_runs_writes_files_and_a_truthful_manifest(pretrained_base, make_cfg, tmp_path):
+    runs = {
+        "udta": make_cfg("data=cifar5_5", "adapter=udta", "reduction=prune", "reduction.rate=0.5",
+                         "reduction.head_rate=0.25", "trainer.max_epochs=2", name="udta_run"),
+        "bitfit": make_cfg("data=cifar5_5", "adapter=bitfit", "trainer.max_epochs=1", name="bitfit_run"),
+    }  # fmt: skip
+    metrics = {k: task.run(cfg) for k, cfg in runs.items()}
+    dirs = [cfg.paths.output_dir for cfg in runs.values()]
+    out = tmp_path / "export"
+    export_cfg = make_cfg("task=export", f"export.adapter_run=[{','.join(dirs)}]", f"export.dir={out}", name="export")
+    manifest = task.run(export_cfg)
+
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["files"] == manifest["files"] and len(on_disk["files"]) == 3
+    for name, entry in on_disk["files"].items():
+        assert entry["bytes"] == (out / name).stat().st_size
+    base_entry = on_disk["files"][BASE_FILE]
+    stored_base = task.load_trained_base(runs["udta"])
+    fp32, binary = totals(parameter_rows(stored_base))
+    assert base_entry["predicted_bytes"] == binary / 8 + 4 * fp32
+    assert base_entry["fingerprint"] == fingerprint(stored_base) == on_disk["base_fingerprint"]
+    adapters = {e["strategy"]: (n, e) for n, e in on_disk["files"].items() if e["kind"] == "adapter"}
+    assert set(adapters) == {"udta", "bitfit"}
+    for strategy, (name, entry) in adapters.items():
+        m = metrics[strategy]
+        fp32 = m["adapter_fp32_params"] + m["head_fp32_params"]
+        binary = m["adapter_binary_params"] + m["head_binary_params"]
+        assert entry["predicted_bytes"] == binary / 8 + 4 * fp32
+        meta = read_adapter_file(out / name)[1]
+        assert meta["class_names"] == m["class_names"] and meta["base"]["fingerprint"] == base_entry["fingerprint"]
+        assert meta["source"]["config_hash"] == m["config_hash"]
+
+    # the exported files reproduce each run's final accuracy exactly, on its own evaluation batches
+    base, _ = read_packed_base(out / BASE_FILE)
+    for strategy, cfg in runs.items():
+        adapter = attach_adapter(out / adapters[strategy][0], base)
+        datamodule = task.build_datamodule(cfg, "target")
+        datamodule.setup("fit")
+        correct = total = 0
+        with torch.no_grad():
+            for i, (images, labels) in enumerate(datamodule.val_dataloader()):
+                if i == cfg.trainer.limit_val_batches:
+                    break
+                correct += int((adapter(images).argmax(1) == labels).sum())
+                total += len(labels)
+        # test_top1 is logged as float32; 1e-6 is far below one image (1 / total)
+        assert correct / total == pytest.approx(metrics[strategy]["test_top1"], abs=1e-6), strategy
+
+
+def test_task_export_of_a_base_alone_and_its_errors(pretrained_base, make_cfg, tmp_path):
+    out = tmp_path / "base_only"
+    manifest = task.run(make_cfg("data=cifar5_5", "task=export", f"export.dir={out}", name="export"))
+    assert list(manifest["files"]) == [BASE_FILE]
+    loaded, _ = read_packed_base(out / BASE_FILE)
+    stored = task.load_trained_base(make_cfg("data=cifar5_5", name="x"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(stored.eval()(x), loaded(x))
+    with pytest.raises(ExportError, match="metrics.json"):
+        task.run(make_cfg("task=export", f"export.adapter_run={tmp_path}", f"export.dir={out}", name="bad"))
+    from bnn_adapt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="export.dtype"):
+        task.run(make_cfg("task=export", "export.dtype=int4", name="bad2"))
+
+
+def test_stored_arrays_hold_one_bit_per_binary_weight(tmp_path):
+    """The STE head's binary weights are packed bits, whatever export.dtype says."""
+    base, _ = make_base("ste")
+    model = adapted("head_only", base)
+    export_adapter(model, tmp_path / "h.safetensors", reference_base=base, dtype="fp16")
+    with safe_open(str(tmp_path / "h.safetensors"), framework="np") as f:
+        weight = f.get_tensor("head.0.weight")
+    assert weight.dtype == np.uint8 and weight.size == (model.head[0].weight.numel() + 7) // 8

@@ -1,0 +1,146 @@
+"""One base, many adapters: the Python API (load once, attach, switch, predict)
+and ``task=predict`` on image files, with top-k class names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bnn_adapt.predict as predict_module
+from bnn_adapt import task
+from bnn_adapt.adapter_file import export_adapter
+from bnn_adapt.data import HALF
+from bnn_adapt.errors import ConfigError, DataError, ExportError, FingerprintError
+from bnn_adapt.packed_base import write_packed_base
+from bnn_adapt.predict import BaseWithAdapters, eval_transform, image_files
+from tests.test_export import adapted, make_base
+
+PREPROCESS = {"image_size": 32, "mean": list(HALF), "std": list(HALF)}
+CLASSES = {"udta": ["ant", "bee", "cat", "dog"], "lora": ["elm", "fir", "oak", "yew"]}
+
+
+@pytest.fixture
+def exported(tmp_path) -> dict:
+    """A packed STE base and two adapters for it (udta, lora), with their trained-like models."""
+    base, _ = make_base("ste")
+    write_packed_base(base, tmp_path / "base.bnnpack")
+    models, files = {}, {}
+    for strategy in CLASSES:
+        models[strategy] = adapted(strategy, base)
+        files[strategy] = tmp_path / f"{strategy}.safetensors"
+        export_adapter(models[strategy], files[strategy], reference_base=base, class_names=CLASSES[strategy],
+                       preprocess=PREPROCESS)  # fmt: skip
+    return {"base": tmp_path / "base.bnnpack", "models": models, "files": files}
+
+
+def write_images(folder: Path, n: int = 5) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        sub = folder / ("nested" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        size = 32 if i < 3 else 20  # some need resizing
+        paths.append(sub / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1])
+    (folder / "notes.txt").write_text("not an image")
+    return sorted(paths)
+
+
+def test_api_switches_adapters_on_one_base_without_touching_it(exported):
+    bank = BaseWithAdapters.load(exported["base"])
+    before = {k: v.clone() for k, v in bank.base.state_dict().items()}
+    names = [bank.attach(exported["files"][s]) for s in CLASSES]
+    assert names == list(CLASSES) and bank.active == "lora"
+    assert all(a.model.base is bank.base for a in bank.adapters.values())
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected = {s: exported["models"][s](x) for s in CLASSES}
+    for name in ["udta", "lora", "udta", "lora"]:
+        bank.use(name)
+        assert torch.equal(bank(x), expected[name])
+    after = bank.base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not m._forward_hooks for m in bank.base.modules())  # LoRA hooks only while it runs
+    top = bank.predict(x, k=2)
+    probs = expected["lora"].softmax(1)
+    for row, p in zip(top, probs):
+        assert [c for c, _ in row] == [CLASSES["lora"][i] for i in p.topk(2).indices.tolist()]
+        assert [q for _, q in row] == pytest.approx(p.topk(2).values.tolist())
+    with pytest.raises(ConfigError, match="attached: udta, lora"):
+        bank.use("nope")
+
+
+def test_predict_from_files_uses_the_adapters_eval_preprocessing(exported, tmp_path):
+    paths = write_images(tmp_path / "images")
+    assert image_files(tmp_path / "images") == paths
+    bank = BaseWithAdapters.load(exported["base"])
+    bank.attach(exported["files"]["udta"])
+    transform = eval_transform(PREPROCESS)
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    assert batch.shape == (5, 3, 32, 32)
+    with torch.no_grad():
+        probs = exported["models"]["udta"](batch).softmax(1)
+    top = bank.predict(paths, k=3, batch_size=2)
+    assert [[c for c, _ in row] for row in top] == [[CLASSES["udta"][i] for i in p.topk(3).indices] for p in probs]
+
+
+def test_task_predict_loads_the_base_once_and_writes_every_adapters_top_k(exported, make_cfg, tmp_path, monkeypatch):
+    paths = write_images(tmp_path / "images")
+    loads = []
+    original = predict_module.read_packed_base
+    monkeypatch.setattr(predict_module, "read_packed_base", lambda p: loads.append(p) or original(p))
+    files = ",".join(str(exported["files"][s]) for s in CLASSES)
+    out = tmp_path / "preds.json"
+    cfg = make_cfg(
+        "task=predict", f"base.file={exported['base']}", f"adapters=[{files}]", f"inputs={tmp_path / 'images'}",
+        "predict.top_k=3", f"predict.output={out}", name="predict",
+    )  # fmt: skip
+    result = task.run(cfg)
+    assert len(loads) == 1 and result["images"] == 5 and result["adapters"] == list(CLASSES)
+    written = json.loads(out.read_text())
+    assert set(written["predictions"]) == set(CLASSES)
+    bank = BaseWithAdapters.load(exported["base"])
+    for strategy in CLASSES:
+        rows = written["predictions"][strategy]
+        assert list(rows) == [str(p) for p in paths]
+        bank.attach(exported["files"][strategy])
+        for path, row in zip(paths, bank.predict(paths, k=3)):
+            assert [r["class"] for r in rows[str(path)]] == [c for c, _ in row]
+            assert all(r["class"] in CLASSES[strategy] for r in rows[str(path)])
+            probs = [r["prob"] for r in rows[str(path)]]
+            assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
+
+
+def test_task_predict_errors_are_clear(exported, make_cfg, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, n=1)
+    adapter = exported["files"]["udta"]
+    cases = [
+        (["task=predict", f"adapters=[{adapter}]", f"inputs={images}"], ExportError, "base.file"),
+        (["task=predict", f"base.file={exported['base']}", f"inputs={images}"], ConfigError, "adapters="),
+        (["task=predict", f"base.file={exported['base']}", f"adapters=[{adapter}]"], ConfigError, "inputs="),
+        (["task=predict", f"base.file={exported['base']}", f"adapters=[{adapter}]", f"inputs={tmp_path / 'none'}"],
+         DataError, "neither an image"),
+        (["task=predict", f"base.file={tmp_path / 'x.bnnpack'}", f"adapters=[{adapter}]", f"inputs={images}"],
+         ExportError, "does not exist"),
+    ]  # fmt: skip
+    for i, (overrides, error, match) in enumerate(cases):
+        with pytest.raises(error, match=match):
+            task.run(make_cfg(*overrides, name=f"case{i}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        image_files(tmp_path / "empty")
+
+
+def test_an_adapter_of_another_base_is_refused_on_attach(exported, tmp_path):
+    other, _ = make_base("ste", seed=7)
+    write_packed_base(other, tmp_path / "other.bnnpack")
+    bank = BaseWithAdapters.load(tmp_path / "other.bnnpack")
+    with pytest.raises(FingerprintError, match=bank.fingerprint):
+        bank.attach(exported["files"]["udta"])
+    assert bank.adapters == {}
