@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench
+.PHONY: install demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench lean-check
 
 install: $(STAMP)
 
@@ -89,6 +89,11 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) -m bnn_adapt.bench $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
 
+# pretrain the digits base with trainer.memory=standard|lean|lean_exact, 3 seeds; compare final top-1
+lean-check: install
+	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name lean_pretrain
+	$(PY) -m bnn_adapt.report outputs/lean_pretrain
+
 test: install
 	$(PY) -m pytest -q
 
@@ -96,4 +101,4 @@ test-all: install
 	$(PY) -m pytest -q -m ""
 
 clean:
-	rm -rf outputs/runs outputs/multiruns outputs/demo
+	rm -rf outputs/runs outputs/multiruns outputs/demo outputs/lean_pretrain

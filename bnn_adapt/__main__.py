@@ -23,9 +23,11 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
     """User errors print one line (``debug=true``: the traceback); in a sweep a
     failing run is recorded in its metrics.json and the sweep goes on. With
     ``optimized_metrics`` (hparams_search) the sweeper gets those values."""
+    from bnn_adapt.allocator import keep_freed_memory
     from bnn_adapt.pareto import objective_values
     from bnn_adapt.task import run  # imported here so --help stays fast
 
+    keep_freed_memory()  # large activations reused, not re-faulted every step (allocator.py)
     try:
         return objective_values(cfg, run(cfg))
     except Exception as exc:

@@ -15,8 +15,9 @@ batch 16), on the GPU if there is one, else on the CPU:
   latter, e.g. the binarised weight copies standard autograd keeps), and
   ``saved_activation_bytes_base``, the part saved inside the base's layers.
 * ``peak_rss_bytes`` (CPU; on GPU ``peak_gpu_bytes``): the process's peak
-  during that case's steps, measured with only that case alive
-  (``step_peak_bytes``: the peak minus the memory held before the step).
+  during that case's steps, measured with only that case alive and freed
+  tensors handed straight back to the OS (``step_peak_bytes``: the peak minus
+  the memory held before the step).
 
 It writes ``benchmarks/results.json`` (one record per case) and
 ``benchmarks/results.md`` (ratios against full finetuning with standard
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnn_adapt import allocator
 from bnn_adapt.binary import clamp_latent_weights
 from bnn_adapt.lean import set_memory_mode
 
@@ -159,7 +161,9 @@ class PeakMemory:
 
     On Linux the resident-set peak (VmHWM) is reset through
     ``/proc/self/clear_refs`` and freed heap is handed back first
-    (``malloc_trim``), so earlier cases do not inflate or hide this one's peak.
+    (``malloc_trim``), so earlier cases do not inflate or hide this one's
+    peak; run it after ``allocator.return_freed_memory()`` so that the
+    resident set tracks live tensors rather than the allocator's free lists.
     """
 
     def __init__(self, device: torch.device):
@@ -390,6 +394,7 @@ def run_setup(setup: ModelSetup, options: Options, device: torch.device, log=pri
     base = make_base(setup)
     cases = cases_for(setup, adapter_names())
     # memory: one case alive at a time, so each peak is that case's own
+    allocator.return_freed_memory()
     for case in cases:
         log(f"  memory {setup.name} {case.label} ({case.memory})")
         prepare(case, base, device)
@@ -398,6 +403,7 @@ def run_setup(setup: ModelSetup, options: Options, device: torch.device, log=pri
             case.record["cache_build_s_per_image"] = cache_build_time(case, device)
         case.model = case.optimizer = case.inputs = None
     # time: every case alive, interleaved
+    allocator.keep_freed_memory()  # as in training (python -m bnn_adapt)
     log(f"  timing {len(cases)} cases of {setup.name}: {options.rounds} rounds x {options.steps_per_round} steps")
     for case in cases:
         prepare(case, base, device)
@@ -502,6 +508,34 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+# (label, goal, strategy, cache_taps, memory, field): the goals of issue #6, as ratios from one run
+TARGETS = (
+    ("udta step vs full finetune", 2.5, "udta", False, "standard", "speedup_vs_finetune"),
+    ("udta + tap cache step vs full finetune", 8.0, "udta", True, "standard", "speedup_vs_finetune"),
+    ("serial step vs full finetune", 1.6, "serial", False, "standard", "speedup_vs_finetune"),
+    ("serial, lean: fewer saved bytes, all", 3.5, "serial", False, "lean", "activation_ratio_vs_standard"),
+    ("serial, lean: fewer saved bytes, base", 20.0, "serial", False, "lean", "activation_ratio_vs_standard_base"),
+    ("pretrain, lean: fewer saved bytes", 3.0, "pretrain", False, "lean", "activation_ratio_vs_standard"),
+    ("pretrain, lean_exact: fewer saved bytes", 3.0, "pretrain", False, "lean_exact", "activation_ratio_vs_standard"),
+)
+
+
+def targets_table(records: list[dict]) -> str:
+    models = list(dict.fromkeys(r["model"] for r in records))
+    rows = ["| target | goal | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for label, goal, strategy, cached, memory, key in TARGETS:
+        cells = []
+        for model in models:
+            found = [
+                r[key] for r in records
+                if (r["model"], r["strategy"], r["cache_taps"], r["memory"]) == (model, strategy, cached, memory)
+            ]  # fmt: skip
+            value = found[0] if found else None
+            cells.append("-" if value is None else f"{value:.2f}x " + ("(met)" if value >= goal else "(short)"))
+        rows.append(f"| {label} | >= {goal:g}x | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def report(records: list[dict], meta: dict) -> str:
     m = meta["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads"
@@ -514,12 +548,19 @@ def report(records: list[dict], meta: dict) -> str:
         "",
         markdown_table(records),
         "",
+        targets_table(records),
+        "",
         "Step time: median over "
         f"{meta['options']['rounds']} rounds x {meta['options']['steps_per_round']} steps after "
         f"{meta['options']['warmup']} warm-up steps, cases interleaved. Saved activations: per-sample tensors "
         "autograd keeps for backward in one training step. Peak memory: the process's peak over "
         f"{meta['options']['memory_steps']} steps with only that case alive"
-        + (" (GPU allocations)." if meta["device"].startswith("cuda") else " (resident set, includes the Python process).")
+        + (
+            " (GPU allocations)."
+            if meta["device"].startswith("cuda")
+            else " (resident set with freed tensors returned to the OS; it includes Python, torch, the model and "
+            "Adam's state; `step_peak_bytes` in the JSON is the growth during the step)."
+        )
         + " `pretrain` trains the bare base (task=pretrain); `tap cache` trains from cached base features "
         "(adapter.cache_taps=true; building the cache costs one base forward per image and view).",
     ]

