@@ -89,7 +89,7 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) -m bnn_adapt.bench $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
 
-# pretrain the digits base with trainer.memory=standard|lean|lean_exact, 3 seeds; compare final top-1
+# pretrain the digits base with trainer.memory=standard|lean|lean_fp16, 3 seeds; compare final top-1
 lean-check: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name lean_pretrain
 	$(PY) -m bnn_adapt.report outputs/lean_pretrain

@@ -41,6 +41,29 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     return SignSTE.apply(x)
 
 
+def frozen_binary_weight(module: nn.Module, binarize_weight) -> torch.Tensor | None:
+    """``binarize_weight(module.weight)``, computed once and reused while the weight
+    neither needs a gradient nor changes; None when it needs a gradient.
+
+    A frozen base re-binarised all its weights on every forward pass (ReActNet-18:
+    11 M weights, several passes each). The cache holds the parameter itself, so
+    identity is reliable; any in-place change (optimiser step, clamping,
+    ``load_state_dict``) bumps its version, and a new tensor changes identity or
+    storage: each recomputes it. Pruned weights (plain tensors recomputed by a
+    hook) are never cached.
+    """
+    weight = module._parameters.get("weight")
+    if weight is None or (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    cached = module.__dict__.get("_frozen_binary_weight")
+    if cached is None or cached[0] is not weight or cached[1] != key:
+        with torch.no_grad():
+            cached = (weight, key, binarize_weight(weight))
+        module.__dict__["_frozen_binary_weight"] = cached
+    return cached[2]
+
+
 class BinaryModule:
     """Marker for layers whose listed parameters are stored as 1 bit each.
 
@@ -65,7 +88,8 @@ class BinaryConv2d(nn.Conv2d, BinaryModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.binarize_input:
             x = binarize(x)
-        return self._conv_forward(x, binarize(self.weight), self.bias)
+        weight = frozen_binary_weight(self, sign)
+        return self._conv_forward(x, binarize(self.weight) if weight is None else weight, self.bias)
 
 
 class BinaryLinear(nn.Linear, BinaryModule):

@@ -32,7 +32,7 @@ register_resolvers()
 CHOICES = {
     "task": ("pretrain", "adapt", "export", "predict"),
     "base.bn": ("frozen", "adapt"),
-    "trainer.memory": ("standard", "lean", "lean_exact"),
+    "trainer.memory": ("standard", "lean", "lean_fp16"),
     "export.dtype": ("fp32", "fp16", "int8"),
 }
 

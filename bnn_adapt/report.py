@@ -85,7 +85,7 @@ def memory_table(runs: list[dict]) -> str:
         "| trainer.memory | " + " | ".join(f"top-1 seed {s}" for s in seeds) + " | mean | max abs. difference from standard |",
         "|---|" + "---|" * (len(seeds) + 2),
     ]
-    order = ("standard", "lean", "lean_exact")
+    order = ("standard", "lean", "lean_fp16")
     for mode, results in sorted(by_mode.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         values = [v for v in results.values() if v is not None]
         diffs = [abs(v - standard[s]) for s, v in results.items() if v is not None and standard.get(s) is not None]

@@ -492,11 +492,14 @@ def plot_accuracy_vs_weights(rendered: list[Rendered], path: Path) -> Path:
     panels = sorted(points) or ["(no runs yet)"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
     markers = {"head_only": "s", "full_finetune": "*", "serial": "o", "udta": "^", "lora": "D", "bitfit": "v"}
+    # one colour per strategy in every panel
+    strategies = list(markers) + sorted({p[0] for ps in points.values() for p in ps} - set(markers))
+    colors = {s: plt.cm.tab10.colors[i % 10] for i, s in enumerate(strategies)}
     for ax, dataset in zip(axes[0], panels):
         for strategy in sorted({p[0] for p in points.get(dataset, [])}):
             chosen = [p for p in points[dataset] if p[0] == strategy]
             ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], marker=markers.get(strategy, "x"),
-                       label=strategy, alpha=0.8)  # fmt: skip
+                       color=colors[strategy], label=strategy, alpha=0.8)  # fmt: skip
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
         ax.set_xlabel("weights introduced (log scale)")

@@ -29,7 +29,7 @@ def check_records(records: list[dict], models: set[str]) -> None:
     for r in records:
         for key, kind in REQUIRED.items():
             assert isinstance(r[key], kind), (key, r[key])
-        assert r["memory"] in ("standard", "lean", "lean_exact") and r["step_time_s"] > 0
+        assert r["memory"] in ("standard", "lean", "lean_fp16") and r["step_time_s"] > 0
         for key in RATIOS:
             assert r[key] is None or r[key] > 0, (key, r)
         assert r["saved_activation_bytes_base"] <= r["saved_activation_bytes"]

@@ -3,6 +3,8 @@ conv/linear forward passes, latent-weight clamping, no in-place binarisation."""
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -240,3 +242,37 @@ def test_stage_outputs_stay_real_valued_and_unchanged():
     b = net.stage_outputs(x_before)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+def test_frozen_binary_weights_are_reused_and_follow_every_change():
+    """The cached sign(W) of a frozen layer never goes stale (binary.frozen_binary_weight)."""
+    from bnn_adapt.bases.reactnet import ScaledBinaryConv2d, scaled_sign
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    for conv, binarise in ((BinaryConv2d(4, 3, 3, padding=1, bias=False), sign), (ScaledBinaryConv2d(4, 3), scaled_sign)):
+        conv.weight.requires_grad_(False)
+
+        def expected(conv=conv, binarise=binarise):
+            inputs = sign(x) if getattr(conv, "binarize_input", False) else x
+            return F.conv2d(inputs, binarise(conv.weight), stride=conv.stride, padding=conv.padding)
+
+        first = conv(x)
+        assert torch.equal(first, expected())
+        cached = conv.__dict__["_frozen_binary_weight"][2]
+        conv(x)
+        assert conv.__dict__["_frozen_binary_weight"][2] is cached  # reused
+        with torch.no_grad():
+            conv.weight.mul_(-1)  # in place, as an optimiser step
+        assert torch.equal(conv(x), expected()) and not torch.equal(conv(x), first)
+        conv.load_state_dict({"weight": torch.randn_like(conv.weight)})
+        assert torch.equal(conv(x), expected())
+        twin = copy.deepcopy(conv)
+        with torch.no_grad():
+            twin.weight.copy_(-conv.weight)
+        assert torch.equal(twin(x), expected(twin)) and torch.equal(conv(x), expected())
+        # a weight that trains is binarised through the STE every time, never cached
+        conv.weight.requires_grad_(True)
+        out = conv(x)
+        out.sum().backward()
+        assert conv.weight.grad is not None and torch.equal(out, expected())

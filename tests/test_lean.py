@@ -3,7 +3,7 @@ autograd's, and far fewer bytes are kept for backward.
 
 Tolerances: every lean path of an adaptation strategy (frozen base) and of
 ``low_precision=False`` is exact, to the bit (``torch.equal``). With
-``low_precision`` (task=pretrain, full_finetune) BN (and ReActNet's approx-sign and
+``low_precision`` (trainer.memory=lean_fp16 in task=pretrain, full_finetune) BN (and ReActNet's approx-sign and
 trainable PReLU) inputs are stored in float16: each parameter's gradient is
 then within a relative L2 error of 5e-3 (STE net) / 1e-2 (ReActNet) of
 standard autograd's (parameters whose gradient is analytically zero, like a
@@ -21,6 +21,7 @@ from torch import nn
 
 from bnn_adapt import accounting
 from bnn_adapt.bases import ReActNet18, STEResNetCIFAR
+from bnn_adapt.bases.reactnet import ChannelsLastMaxPool2d
 from bnn_adapt.bench import SavedTensorMeter
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.lean import (
@@ -134,10 +135,10 @@ def test_lean_gradients_equal_standard(base_kind, strategy):
 
 @pytest.mark.parametrize("base_kind", list(BASES))
 @pytest.mark.parametrize("strategy", ["full_finetune", "pretrain"])
-def test_lean_exact_is_exact_when_the_base_trains(base_kind, strategy):
-    """trainer.memory=lean_exact: no low precision, bit-identical training."""
+def test_lean_is_exact_when_the_base_trains(base_kind, strategy):
+    """trainer.memory=lean: no low precision, bit-identical training."""
     standard, x, y = build(base_kind, strategy)
-    lean = set_memory_mode(copy.deepcopy(standard), "lean_exact")
+    lean = set_memory_mode(copy.deepcopy(standard), "lean")
     assert is_lean(lean) and not any(getattr(m, "lean_low_precision", False) for m in lean.modules())
     out_s, grads_s = step(standard, x, y)
     out_l, grads_l = step(lean, x, y)
@@ -227,8 +228,8 @@ def test_serial_keeps_nothing_before_the_first_adapter(memory):
 def test_lean_pretraining_keeps_at_least_three_times_less(base_kind):
     model, x, y = build(base_kind, "pretrain")
     standard = saved(model, x, y)
-    lean = saved(set_memory_mode(model, "lean"), x, y)
-    exact = saved(set_memory_mode(model, "lean_exact"), x, y)
+    lean = saved(set_memory_mode(model, "lean_fp16"), x, y)
+    exact = saved(set_memory_mode(model, "lean"), x, y)
     assert standard.activation >= (5 if base_kind == "ste" else 1.5) * lean.activation
     assert standard.activation >= (3 if base_kind == "ste" else 1.1) * exact.activation
 
@@ -328,7 +329,7 @@ def test_invalid_memory_setting_is_a_config_error(make_cfg):
 @pytest.mark.parametrize(
     "pool",
     [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(3, 2, ceil_mode=True),
-     nn.AvgPool2d(2, 2), nn.AvgPool2d(3, 2, 1, count_include_pad=False)],
+     ChannelsLastMaxPool2d(3, 2, 1), nn.AvgPool2d(2, 2), nn.AvgPool2d(3, 2, 1, count_include_pad=False)],
 )  # fmt: skip
 def test_lean_pooling_is_exact_and_keeps_at_most_a_byte_per_output(pool):
     x = torch.randn(3, 4, 13, 13, generator=torch.Generator().manual_seed(0), requires_grad=True)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bnn_adapt.bases.reactnet import (
+    ChannelsLastMaxPool2d,
     ReActNet18,
     ScaledBinaryConv2d,
     approx_sign,
@@ -185,3 +186,18 @@ def test_wrong_shapes_are_refused(tmp_path):
     save_reactnet_checkpoint(ReActNet18(num_classes=10, width=TINY), path)
     with pytest.raises(CheckpointError, match="fc.weight"):
         load_reactnet_checkpoint(path, num_classes=7, width=TINY)
+
+
+def test_channels_last_max_pool_gives_the_standard_result_with_and_without_autograd():
+    pool, reference = ChannelsLastMaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1)
+    x = torch.randn(2, 5, 17, 17, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = pool(x)
+    assert torch.equal(fast, reference(x)) and fast.is_contiguous()
+    x.requires_grad_(True)
+    out = pool(x)
+    out.sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    reference(x).sum().backward()
+    assert torch.equal(out, reference(x)) and torch.equal(x.grad, expected)

@@ -19,15 +19,15 @@ def write_pretrain_run(root, memory: str, seed: int, top1: float) -> None:
 
 
 def test_pretrain_runs_are_compared_with_standard_at_the_same_seed(tmp_path, capsys):
-    for memory, tops in {"standard": (0.90, 0.80), "lean": (0.88, 0.81), "lean_exact": (0.90, 0.80)}.items():
+    for memory, tops in {"standard": (0.90, 0.80), "lean_fp16": (0.88, 0.81), "lean": (0.90, 0.80)}.items():
         for seed, top1 in enumerate(tops):
             write_pretrain_run(tmp_path, memory, seed, top1)
     assert report.main([str(tmp_path)]) == 0
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
-    assert list(rows) == ["standard", "lean", "lean_exact"]
-    cells = [c.strip() for c in rows["lean"].split("|")[2:-1]]
+    assert list(rows) == ["standard", "lean", "lean_fp16"]
+    cells = [c.strip() for c in rows["lean_fp16"].split("|")[2:-1]]
     assert cells == ["0.8800", "0.8100", "0.8450", "0.0200"]
-    assert rows["lean_exact"].split("|")[-2].strip() == "0.0000"
+    assert rows["lean"].split("|")[-2].strip() == "0.0000"
     assert rows["standard"].split("|")[-2].strip() == "-"
 
 
