@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,6 +13,9 @@ from omegaconf import DictConfig
 import bnn_adapt.config  # noqa: F401 - our ${range:...} etc. must exist before Hydra snapshots the
 # OmegaConf resolvers for launcher workers (joblib, submitit), which restore that snapshot before every job
 from bnn_adapt.errors import UserError
+
+# Lightning 2.6 asks torch's pytree a deprecated question on every step; nothing for our users to act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def in_multirun() -> bool:

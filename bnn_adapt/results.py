@@ -62,9 +62,26 @@ def read_json_or_none(path: str | Path) -> dict | None:
         return None
 
 
-def completed_metrics(run_dir: str | Path, cfg_hash: str) -> dict | None:
-    """The run's metrics if it finished with this exact config, else None."""
+def file_sha256(path: str | Path | None) -> str | None:
+    """SHA-256 of a file's bytes (a base checkpoint), or None when there is none."""
+    if not path or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def completed_metrics(run_dir: str | Path, cfg_hash: str, base_sha256: str | None = None) -> dict | None:
+    """The run's metrics if it finished with this exact config, else None.
+
+    An adaptation run also records the SHA-256 of the base checkpoint it
+    adapted (``base_checkpoint_sha256``): when the file at that path has since
+    changed (a base retrained in place) or gone, the run no longer counts.
+    """
     metrics = read_json_or_none(Path(run_dir) / "metrics.json")
-    if metrics and metrics.get("status", "complete") == "complete" and metrics.get("config_hash") == cfg_hash:
-        return metrics
-    return None
+    if not (metrics and metrics.get("status", "complete") == "complete" and metrics.get("config_hash") == cfg_hash):
+        return None
+    recorded = metrics.get("base_checkpoint_sha256")
+    return metrics if recorded is None or recorded == base_sha256 else None

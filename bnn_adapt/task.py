@@ -36,7 +36,7 @@ from bnn_adapt.pruning import (
     pruning_callbacks,
     prune_now,
 )
-from bnn_adapt.results import completed_metrics, config_hash, package_versions, write_json
+from bnn_adapt.results import completed_metrics, config_hash, file_sha256, package_versions, read_json_or_none, write_json
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ def finish(cfg: DictConfig, result: dict, summary: dict) -> dict:
         "task": cfg.task,
         "seed": cfg.seed,
         "config_hash": config_hash(cfg),
+        **({"base_checkpoint_sha256": adapted_base_sha256(cfg)} if cfg.task == "adapt" else {}),
         "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -333,6 +334,11 @@ def choose_run_dir(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def adapted_base_sha256(cfg: DictConfig) -> str | None:
+    """What an adaptation run records of its base: the checkpoint file's SHA-256."""
+    return file_sha256(cfg.base.get("checkpoint"))
+
+
 def record_failure(cfg: DictConfig, exc: BaseException) -> None:
     """A failed run leaves its reason where its results would be."""
     write_json(
@@ -363,10 +369,15 @@ def run(cfg: DictConfig) -> dict:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         return run_export(cfg) if cfg.task == "export" else run_predict(cfg)
     if not cfg.summary_only:
-        done = completed_metrics(cfg.paths.output_dir, config_hash(cfg))
+        base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
+        done = completed_metrics(cfg.paths.output_dir, config_hash(cfg), base_sha)
         if done is not None:
             print(f"already complete (config {done['config_hash']}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
             return done
+        earlier = read_json_or_none(Path(cfg.paths.output_dir) / "metrics.json") or {}
+        if earlier.get("status") == "complete" and earlier.get("config_hash") == config_hash(cfg):
+            print(f"base checkpoint {cfg.base.checkpoint} changed since the complete run in "
+                  f"{cfg.paths.output_dir}: running it again")  # fmt: skip
         cfg = choose_run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)

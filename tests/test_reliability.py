@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from bnn_adapt import task
 from bnn_adapt.data import EpochShuffle
 from bnn_adapt.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
-from bnn_adapt.results import write_json
+from bnn_adapt.results import file_sha256, write_json
 from tests.fake_data import write_cifar10, write_imagefolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -326,3 +327,25 @@ def test_result_files_are_replaced_atomically(tmp_path):
 def test_same_seed_same_metrics(make_cfg, pretrained_base):
     runs = [task.run(make_cfg("data=cifar5_5", "adapter=serial", "seed=3", name=f"run{i}")) for i in range(2)]
     assert outcome(runs[0]) == outcome(runs[1])
+
+
+def test_a_retrained_base_makes_a_complete_run_stale(make_cfg, pretrained_base, tmp_path, capsys):
+    """Same config, same path, other base weights: the run is repeated, not skipped."""
+    checkpoint = tmp_path / "base.pt"
+    shutil.copy(pretrained_base["checkpoint"], checkpoint)
+    cfg = make_cfg("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=1", f"base.checkpoint={checkpoint}")
+    first = task.run(cfg)
+    assert first["base_checkpoint_sha256"] == file_sha256(checkpoint)
+    stamp = (Path(cfg.paths.output_dir) / "metrics.json").stat().st_mtime_ns
+    task.run(cfg)
+    assert (Path(cfg.paths.output_dir) / "metrics.json").stat().st_mtime_ns == stamp  # skipped
+    saved = torch.load(checkpoint, weights_only=False)
+    state = saved["state_dict"] if "state_dict" in saved else saved
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 4)
+    state[name] = -state[name]  # "retrained" in place
+    torch.save(saved, checkpoint)
+    capsys.readouterr()
+    again = task.run(cfg)
+    assert "changed since the complete run" in capsys.readouterr().out
+    assert (Path(cfg.paths.output_dir) / "metrics.json").stat().st_mtime_ns != stamp
+    assert again["base_checkpoint_sha256"] == file_sha256(checkpoint) != first["base_checkpoint_sha256"]
