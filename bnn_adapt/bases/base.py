@@ -26,17 +26,20 @@ class BaseNetwork(nn.Module):
     stages: nn.ModuleList
     classifier: nn.Module
 
+    num_classes: int
+    width: float
+
     def pre_classifier(self, last_stage_output: torch.Tensor) -> torch.Tensor:
-        """Stage-S output -> the vector the classifier reads."""
-        raise NotImplementedError
+        """Stage-S output -> the vector the classifier reads (ResNet's: global average pool)."""
+        return last_stage_output.mean(dim=(2, 3))
 
     def new_head(self, in_features: int, num_classes: int) -> nn.Module:
-        """A fresh classifier of this base's kind (binary or fp32)."""
-        raise NotImplementedError
+        """A fresh classifier of this base's kind (ResNet's: an fp32 linear with bias)."""
+        return nn.Linear(in_features, num_classes)
 
     def arch_config(self) -> dict:
         """Constructor arguments, stored in checkpoints and exports."""
-        raise NotImplementedError
+        return {"num_classes": self.num_classes, "width": self.width}
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """All stage outputs f1..fS (real-valued; never binarised in place)."""

@@ -189,17 +189,6 @@ class ReActNet18(BaseNetwork):
         self.stages = nn.ModuleList(stages)
         self.classifier = self.new_head(channels[-1], num_classes)
 
-    def pre_classifier(self, last_stage_output: torch.Tensor) -> torch.Tensor:
-        """Global average pool -> flatten."""
-        return last_stage_output.mean(dim=(2, 3))
-
-    def new_head(self, in_features: int, num_classes: int) -> nn.Module:
-        """An fp32 linear with bias, as the original head."""
-        return nn.Linear(in_features, num_classes)
-
-    def arch_config(self) -> dict:
-        return {"num_classes": self.num_classes, "width": self.width}
-
 
 # ---------------------------------------------------------------------------
 # The authors' checkpoint format

@@ -71,17 +71,6 @@ class ResNet18(BaseNetwork):
             )
         )
 
-    def pre_classifier(self, last_stage_output: torch.Tensor) -> torch.Tensor:
-        """Global average pool -> flatten."""
-        return last_stage_output.mean(dim=(2, 3))
-
-    def new_head(self, in_features: int, num_classes: int) -> nn.Module:
-        """An fp32 linear with bias, as the original head."""
-        return nn.Linear(in_features, num_classes)
-
-    def arch_config(self) -> dict:
-        return {"num_classes": self.num_classes, "width": self.width}
-
 
 class ResNet18CIFAR(ResNet18):
     """ResNet-18 for 32x32 images: 3x3/1 stem conv, no max-pool (the thesis's real-valued reference)."""
