@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_adapt.bases import BASES, BaseNetwork
+from bnn_adapt.bases import BASES, BaseNetwork, rebuild
 from bnn_adapt.bases.reactnet import ScaledBinaryConv2d, ScaledSignSTE
 from bnn_adapt.binary import BinaryModule, sign
 from bnn_adapt.errors import ExportError
@@ -221,7 +221,7 @@ def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict
     bits = torch.from_numpy(bits.astype(bool))
     values = torch.from_numpy(np.frombuffer(data, "<f4", count=n_values, offset=bin_end).copy())
 
-    base = to_packed_modules(BASES[header["arch"]](**header["arch_config"]))
+    base = to_packed_modules(rebuild(header["arch"], header["arch_config"]))
     state, b, v = {}, 0, 0
     for name, kind, shape in entries:
         count = int(np.prod(shape)) if shape else 1

@@ -68,15 +68,13 @@ def load_trained_base(cfg: DictConfig) -> BaseNetwork:
     how = cfg.base.how_to_get
     if cfg.base.checkpoint is None:
         raise CheckpointError(f"no base checkpoint given; {how}")
-    extra = {"num_classes": cfg.base.net.num_classes, "width": cfg.base.width} if cfg.base.name == "reactnet18" else {}
-    base = load_base(cfg.base.name, cfg.base.checkpoint, how, **extra)
-    stored = base.arch_config().get("width")
-    if stored is not None and float(stored) != float(cfg.base.width):
-        raise CheckpointError(
-            f"base checkpoint {cfg.base.checkpoint} holds a width-{stored} {cfg.base.name}, "
-            f"but base.width={cfg.base.width}; set base.width={stored} or use a width-{cfg.base.width} checkpoint"
-        )
-    return base
+    if cfg.base.name == "reactnet18":  # the authors' format: shapes tell width and classes
+        return load_base(cfg.base.name, cfg.base.checkpoint, how, num_classes=cfg.base.net.num_classes,
+                         width=cfg.base.width)  # fmt: skip
+    net = OmegaConf.to_container(cfg.base.net, resolve=True)
+    # the base's own classes do not matter here: adaptation replaces its classifier
+    expected = {k: v for k, v in net.items() if k not in ("_target_", "num_classes")} | {"image_size": cfg.data.image_size}
+    return load_base(cfg.base.name, cfg.base.checkpoint, how, expected=expected)
 
 
 def build_adapted(cfg: DictConfig, base: BaseNetwork, num_classes: int):
@@ -250,6 +248,7 @@ def run_pretrain(cfg: DictConfig) -> dict:
         )
     result = fit(cfg, base, datamodule.num_classes, datamodule)
     save_base(base, cfg.base.save_to, base_classes=datamodule.class_names, top1=result.get("test_top1"),
+              image_size=cfg.data.image_size,
               config=OmegaConf.to_container(cfg, resolve=True))
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
     summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to)}

@@ -216,7 +216,7 @@ def test_cli_imagefolder_pretrains_base_then_adapts(tmp_path):
     assert "Traceback" not in result.stderr
     assert "adapt done: top-1" in result.stdout
 
-    base = tmp_path / "outputs" / "bases" / "ste_resnet_cifar_w0.1_imagefolder_cat_3.pt"
+    base = tmp_path / "outputs" / "bases" / "ste_resnet_cifar_thesis_w0.1_imagefolder_cat_3.pt"
     assert base.is_file(), "the pretrained base was not cached under paths.base_dir"
     pretrain = read_json(run_dir / "base_pretrain" / "metrics.json")
     assert pretrain["task"] == "pretrain" and pretrain["epochs_run"] == 1

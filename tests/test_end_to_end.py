@@ -100,7 +100,7 @@ def adapt(make_cfg, strategy: str, *extra: str, name: str = "run") -> tuple[dict
 
 def test_pretrain_writes_base_checkpoint_and_metrics(pretrained_base):
     path, out = pretrained_base["checkpoint"], pretrained_base["output_dir"]
-    assert path.is_file() and path.name == "ste_resnet_cifar_w0.1_cifar10_0-4.pt"
+    assert path.is_file() and path.name == "ste_resnet_cifar_thesis_w0.1_cifar10_0-4.pt"
     payload = torch.load(path, map_location="cpu", weights_only=False)
     assert payload["arch"] == "ste_resnet_cifar"
     assert payload["base_classes"] == list(CIFAR10_CLASSES[:5])
@@ -325,7 +325,7 @@ def test_digits_default_pretrains_and_caches_a_missing_base(make_cfg, tmp_path, 
     )
     cfg = make_cfg(*quick, name="first", base_dir=bases)
     assert cfg.data.name == "digits" and cfg.adapter.name == "udta"
-    expected = bases / "ste_resnet_cifar_w0.1_digits_0-4.pt"
+    expected = bases / "ste_resnet_cifar_thesis_w0.1_digits_0-4.pt"
     assert not expected.exists() and Path(cfg.base.checkpoint) == expected
 
     metrics = task.run(cfg)

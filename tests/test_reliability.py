@@ -133,6 +133,32 @@ def test_checkpoint_of_another_width_is_refused(make_cfg, pretrained_base):
         task.run(cfg)
 
 
+def test_checkpoint_of_another_block_is_refused(make_cfg, tmp_path):
+    """A base of BinaryNet's block (or one written before the block was recorded) never loads into the thesis block."""
+    from bnn_adapt.bases import STEResNetCIFAR, save_base
+
+    old = tmp_path / "old_block.pt"
+    save_base(STEResNetCIFAR(num_classes=5, width=0.1, block="binarynet"), old, image_size=32)
+    payload = torch.load(old, weights_only=False)
+    del payload["arch_config"]["block"], payload["image_size"]  # as checkpoints before the block was recorded
+    torch.save(payload, old)
+    cfg = make_cfg("data=cifar5_5", "adapter=udta", f"base.checkpoint={old}")
+    with pytest.raises(CheckpointError) as err:
+        task.run(cfg)
+    message = str(err.value)
+    assert "block=binarynet" in message and "block=thesis" in message and "set base.block=binarynet" in message
+    assert "\n" not in message
+    cfg = make_cfg("data=cifar5_5", "adapter=udta", f"base.checkpoint={old}", "base.block=binarynet",
+                   "trainer.max_epochs=1", name="old_block_run")  # fmt: skip
+    assert task.run(cfg)["status"] == "complete"
+
+
+def test_checkpoint_of_another_image_size_is_refused(make_cfg, pretrained_base):
+    cfg = make_cfg("data=cifar5_5", "adapter=udta", "data.image_size=16", f"base.checkpoint={pretrained_base['checkpoint']}")
+    with pytest.raises(CheckpointError, match=r"image_size=32.*image_size=16.*set data.image_size=32"):
+        task.run(cfg)
+
+
 def test_empty_or_wrong_format_dataset_directories(make_cfg, tmp_path, pretrained_base):
     (tmp_path / "empty_tree" / "train").mkdir(parents=True)
     (tmp_path / "empty_tree" / "test").mkdir(parents=True)

@@ -190,3 +190,43 @@ def test_arch_config_round_trip():
     twin = STEResNetCIFAR(**net.arch_config())
     twin.load_state_dict(net.state_dict())
     assert counts(twin) == counts(net)
+
+
+def hand_block(block: BasicBlock, x: torch.Tensor, clip_after_add: bool) -> torch.Tensor:
+    """SPEC 1.1's basic block written out: sign -> conv -> BN -> hardtanh, twice, + shortcut."""
+    def bconv(conv, t):
+        return nn.functional.conv2d(torch.where(t >= 0, 1.0, -1.0), torch.where(conv.weight >= 0, 1.0, -1.0),
+                                    stride=conv.stride, padding=conv.padding)
+    h = nn.functional.hardtanh(block.bn1(bconv(block.conv1, x)))
+    out = block.bn2(bconv(block.conv2, h))
+    residual = x if block.shortcut is None else block.shortcut[1](bconv(block.shortcut[0], x))
+    return nn.functional.hardtanh(out + residual) if clip_after_add else nn.functional.hardtanh(out) + residual
+
+
+@pytest.mark.parametrize("block", ["thesis", "binarynet"])
+def test_block_matches_the_written_out_block(block):
+    torch.manual_seed(3)
+    net = STEResNetCIFAR(num_classes=3, width=0.1, block=block).eval()
+    x = torch.randn(2, 8, 32, 32) * 2
+    for b in (net.stages[0][0], net.stages[1][0]):
+        y = b(x)
+        torch.testing.assert_close(y, hand_block(b, x, clip_after_add=block == "binarynet"))
+        x = y
+
+
+def test_thesis_block_is_the_default_and_leaves_stage_outputs_unclipped():
+    torch.manual_seed(4)
+    thesis = STEResNetCIFAR(num_classes=3, width=0.1).eval()
+    assert thesis.block == "thesis" and thesis.arch_config()["block"] == "thesis"
+    binarynet = STEResNetCIFAR(num_classes=3, width=0.1, block="binarynet").eval()
+    binarynet.load_state_dict(thesis.state_dict())  # same parameters, another network
+    x = torch.randn(2, 3, 32, 32)
+    assert max(t.abs().max() for t in thesis.stage_outputs(x)) > 1  # taps carry the unclipped sum
+    assert max(t.abs().max() for t in binarynet.stage_outputs(x)) <= 1
+
+
+def test_unknown_block_is_a_config_error():
+    from bnn_adapt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="base.block='resnet'.*thesis, binarynet"):
+        STEResNetCIFAR(block="resnet")

@@ -130,7 +130,7 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
     result = run_module(root, "bnn_adapt.synthetic")
     assert result.returncode == 0, result.stderr[-2000:]
     sweep(root, "bases", "experiment=cifar5_5_base", *QUICK)
-    base = root / "outputs" / "bases" / "smoke" / "ste_resnet_cifar_w0.25_cifar10_0-4.pt"
+    base = root / "outputs" / "bases" / "smoke" / "ste_resnet_cifar_thesis_w0.25_cifar10_0-4.pt"
     assert base.is_file(), "the base pretraining did not write the base table 6.2 reads"
     sweep(root, "table_6_2", "row=head_only,serial_g10", *QUICK)
     sweep(root, "table_5_2")

@@ -16,7 +16,7 @@ BASES: dict[str, type[BaseNetwork]] = {
     cls.arch: cls for cls in (STEResNetCIFAR, ReActNet18, ResNet18CIFAR, ResNet18)
 }
 
-__all__ = ["BASES", "BaseNetwork", "ReActNet18", "ResNet18", "ResNet18CIFAR", "STEResNetCIFAR", "load_base", "save_base"]
+__all__ = ["BASES", "BaseNetwork", "rebuild", "ReActNet18", "ResNet18", "ResNet18CIFAR", "STEResNetCIFAR", "load_base", "save_base"]
 
 
 def save_base(base: BaseNetwork, path: str | Path, **meta) -> None:
@@ -29,8 +29,30 @@ def save_base(base: BaseNetwork, path: str | Path, **meta) -> None:
     tmp.replace(path)
 
 
-def load_base(arch: str, path: str | Path, how_to_get: str, **arch_config) -> BaseNetwork:
-    """Rebuild ``arch`` from ``path``; ReActNet also reads the authors' format."""
+#: what a checkpoint written before a constructor argument existed was built with
+LEGACY_ARCH_DEFAULTS = {"ste_resnet_cifar": {"block": "binarynet"}}
+
+
+#: the config key behind each recorded architecture value
+CONFIG_KEYS = {"block": "base.block={}", "width": "base.width={}", "image_size": "data.image_size={}"}
+
+
+def rebuild(arch: str, arch_config: dict) -> BaseNetwork:
+    """A fresh ``arch`` from the constructor arguments a checkpoint or packed file recorded."""
+    return BASES[arch](**{**LEGACY_ARCH_DEFAULTS.get(arch, {}), **arch_config})
+
+
+def describe(arch: str, config: dict) -> str:
+    return f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(config.items()))})"
+
+
+def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | None = None, **arch_config) -> BaseNetwork:
+    """Rebuild ``arch`` from ``path``; ReActNet also reads the authors' format.
+
+    ``expected``: the architecture the caller configured (constructor arguments,
+    plus ``image_size``); a checkpoint built otherwise is refused, so that a base
+    of another block, width or input size never loads silently.
+    """
     path = Path(path)
     if arch == "reactnet18":
         return load_reactnet_checkpoint(path, **arch_config)
@@ -46,6 +68,15 @@ def load_base(arch: str, path: str | Path, how_to_get: str, **arch_config) -> Ba
             f"base checkpoint {path} holds a {found!r} network, not {arch!r}; "
             f"pick the matching base=... or another base.checkpoint"
         )
-    base = BASES[arch](**payload["arch_config"])
+    stored = {**LEGACY_ARCH_DEFAULTS.get(arch, {}), **payload["arch_config"]}
+    trained_on = {**stored, "image_size": payload.get("image_size")}
+    differs = [k for k, v in (expected or {}).items() if trained_on.get(k) is not None and trained_on[k] != v]
+    if differs:
+        fixes = " and ".join(CONFIG_KEYS.get(k, k + "={}").format(trained_on[k]) for k in differs)
+        raise CheckpointError(
+            f"base checkpoint {path} holds {describe(arch, {k: trained_on[k] for k in expected})}, but the config "
+            f"asks for {describe(arch, expected)}; set {fixes}, or pretrain a base for this config ({how_to_get})"
+        )
+    base = rebuild(arch, stored)
     base.load_state_dict(payload["state_dict"])
     return base

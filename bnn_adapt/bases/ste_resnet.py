@@ -11,17 +11,31 @@ from torch import nn
 
 from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.binary import BinaryConv2d, BinaryLinear
+from bnn_adapt.errors import ConfigError
 
 
 def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-class BasicBlock(nn.Module):
-    """conv3x3 -> BN -> hardtanh -> conv3x3 -> BN -> (+ shortcut) -> hardtanh."""
+#: ``block``: where the second hardtanh sits (SPEC 1.1)
+BLOCKS = ("thesis", "binarynet")
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+
+class BasicBlock(nn.Module):
+    """conv3x3 -> BN -> hardtanh -> conv3x3 -> BN -> hardtanh, + shortcut (``block="thesis"``).
+
+    The thesis's network (its Table 9.1, the authors' final ``resnet_binary.py``)
+    clips before the addition, so a stage output (what adapters tap) is not
+    clipped. ``block="binarynet"`` is BinaryNet.pytorch's original block, which
+    clips after the addition: a different network, kept as an option.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, block: str = "thesis"):
         super().__init__()
+        if block not in BLOCKS:
+            raise ConfigError(f"base.block={block!r} is invalid: use one of {', '.join(BLOCKS)}")
+        self.clip_after_add = block == "binarynet"
         self.conv1 = BinaryConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.act1 = nn.Hardtanh()
@@ -38,7 +52,9 @@ class BasicBlock(nn.Module):
         residual = x if self.shortcut is None else self.shortcut(x)
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.act2(out + residual)
+        if self.clip_after_add:
+            return self.act2(out + residual)
+        return self.act2(out) + residual
 
 
 class STEResNetCIFAR(BaseNetwork):
@@ -48,11 +64,12 @@ class STEResNetCIFAR(BaseNetwork):
     input_size = 32
     min_input_size = 4  # stages 2 and 3 halve the resolution
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 2):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 2, block: str = "thesis"):
         super().__init__()
         self.num_classes = num_classes
         self.width = width
         self.blocks_per_stage = blocks_per_stage
+        self.block = block
         channels = [scaled(c, width) for c in (80, 160, 320)]
         self.stage_channels = channels
         self.stem = nn.Sequential(
@@ -63,8 +80,8 @@ class STEResNetCIFAR(BaseNetwork):
         stages = []
         c_prev = channels[0]
         for i, c in enumerate(channels):
-            blocks = [BasicBlock(c_prev, c, stride=1 if i == 0 else 2)]
-            blocks += [BasicBlock(c, c) for _ in range(blocks_per_stage - 1)]
+            blocks = [BasicBlock(c_prev, c, stride=1 if i == 0 else 2, block=block)]
+            blocks += [BasicBlock(c, c, block=block) for _ in range(blocks_per_stage - 1)]
             stages.append(nn.Sequential(*blocks))
             c_prev = c
         self.stages = nn.ModuleList(stages)
@@ -81,4 +98,5 @@ class STEResNetCIFAR(BaseNetwork):
         return nn.Sequential(BinaryLinear(in_features, num_classes), nn.BatchNorm1d(num_classes))
 
     def arch_config(self) -> dict:
-        return {"num_classes": self.num_classes, "width": self.width, "blocks_per_stage": self.blocks_per_stage}
+        return {"num_classes": self.num_classes, "width": self.width, "blocks_per_stage": self.blocks_per_stage,
+                "block": self.block}
