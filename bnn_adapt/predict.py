@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from bnn_adapt.adapter_file import AttachedAdapter, attach_adapter
 from bnn_adapt.data import HALF, open_rgb
+from bnn_adapt.deploy.packed_inference import packed_or_float
 from bnn_adapt.errors import ConfigError, DataError, ExportError
 from bnn_adapt.packed_base import read_packed_base, repack
 
@@ -61,24 +62,28 @@ def image_files(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 class BaseWithAdapters:
-    """A packed base (loaded once) and the adapters attached to it; one is active."""
+    """A packed base (loaded once) and the adapters attached to it; one is active.
 
-    def __init__(self, base: nn.Module, header: dict):
-        self.base = base.eval()
+    ``packed=True`` (default): the base's binary layers run on 1-bit kernels where
+    they are built (:mod:`bnn_adapt.deploy.packed_inference`); False: fp32 convs.
+    """
+
+    def __init__(self, base: nn.Module, header: dict, packed: bool = True):
+        self.base = packed_or_float(base.eval(), packed)
         self.header = header
         self.fingerprint: str = header["fingerprint"]
         self.adapters: dict[str, AttachedAdapter] = {}
         self.active: str | None = None
 
     @classmethod
-    def load(cls, path: str | Path) -> BaseWithAdapters:
+    def load(cls, path: str | Path, packed: bool = True) -> BaseWithAdapters:
         """From a packed base file (``task=export`` writes ``base.bnnpack``)."""
-        return cls(*read_packed_base(path))
+        return cls(*read_packed_base(path), packed=packed)
 
     @classmethod
-    def from_base(cls, base: nn.Module) -> BaseWithAdapters:
+    def from_base(cls, base: nn.Module, packed: bool = True) -> BaseWithAdapters:
         """From a base in memory, as its packed file would rebuild it."""
-        return cls(*repack(base))
+        return cls(*repack(base), packed=packed)
 
     def attach(self, path: str | Path, name: str | None = None) -> str:
         """Rebuild the adapter in ``path`` on this base and make it active; returns its name."""
@@ -149,7 +154,7 @@ def run_predict(cfg) -> dict:
         raise ConfigError(f"predict.top_k={k} is invalid: it must be a positive integer")
     inputs = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     files = image_files(inputs)
-    bank = BaseWithAdapters.load(cfg.base.file)
+    bank = BaseWithAdapters.load(cfg.base.file, packed=bool(cfg.predict.get("packed", True)))
     names = [bank.attach(path) for path in adapters]
     results: dict[str, dict[str, list[dict]]] = {}
     for name in names:

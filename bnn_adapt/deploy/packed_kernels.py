@@ -161,6 +161,16 @@ def pack_weights(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(words.view(np.int32).copy()), torch.from_numpy(np.ascontiguousarray(tap_pc))
 
 
+def unpack_weights(words: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """Kernel words -> the +-1 float weights (c_out x c_in x kh x kw) they hold: the inverse of :func:`pack_weights`."""
+    c_out, c_in, kh, kw = shape
+    cob, cw = words.shape[0], words.shape[3]
+    raw = words.contiguous().numpy().view(np.uint8).reshape(cob, kh, kw, cw, LANES, 4)
+    bits = np.unpackbits(raw, axis=-1, bitorder="little").transpose(0, 4, 3, 5, 1, 2)
+    bits = bits.reshape(cob * LANES, cw * 32, kh, kw)[:c_out, :c_in]
+    return torch.from_numpy(bits.astype(np.float32) * 2 - 1)
+
+
 def channel_vector(values: torch.Tensor | float, c_out: int, dtype=torch.float32) -> torch.Tensor:
     """A per-output-channel array as the kernels read it: contiguous, padded to whole blocks of 16."""
     out = torch.zeros(-(-c_out // LANES) * LANES, dtype=dtype)

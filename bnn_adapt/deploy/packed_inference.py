@@ -1,0 +1,352 @@
+"""Packed execution of a stored base: its binary layers run on bits, XNOR-popcount.
+
+:func:`use_packed_kernels` turns a base (as :mod:`bnn_adapt.packed_base` rebuilds
+it) into one whose binary convs and linears hold their weights as bits only and
+compute on bit-packed activations with the kernels of :mod:`.packed_kernels`
+(integer dot products, exact); the fp32 stem, BN, activations and the adapters
+stay float. Per block:
+
+* STE ResNet (SPEC 1.1): ``x`` is packed once for conv1 and the 1x1 shortcut;
+  ``sign(hardtanh(BN1(conv1)))`` is a per-channel interval test on conv1's
+  integer output, so conv2's input never leaves bits; BN2, hardtanh, the
+  residual (and the shortcut's BN) are applied by conv2's kernel epilogue.
+* ReActNet-18 (SPEC 1.2): ``sign(x + move0)`` is packed from the float input;
+  the epilogue applies the per-channel scale, BN, the shortcut (computed by
+  torch: average pool, fp32 1x1 conv, BN), move1, PReLU and move2.
+
+Module names, parameters of the float parts and ``isinstance`` checks stay as
+they were (blocks change class in place, as :mod:`bnn_adapt.lean` does), so
+adapters attach and run as on the float base: they read the same stage
+outputs, hook binary convs (LoRA: such a block runs its layers one by one),
+substitute BN tensors (BitFit, ``base.bn=adapt``) or binary weights
+(``full_finetune``); every folded value is recomputed when a tensor it came
+from changes. The binary weights themselves are placeholders on the ``meta``
+device: the base stays in bits while it predicts. Inference only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bnn_adapt.bases.reactnet import ApproxSignActivation, LearnableBias, ReActBlock
+from bnn_adapt.bases.ste_resnet import BasicBlock
+from bnn_adapt.binary import BinaryConv2d, BinaryLinear, BinaryModule, sign
+from bnn_adapt.deploy import packed_kernels as kernels
+from bnn_adapt.deploy.packed_kernels import (
+    AFFINE, CLAMP_AFTER, CLAMP_BEFORE, OUT_BITS, REACT, RESIDUAL, SCALE,
+    ConvPlan, PackedSigns, channel_vector, channels_last, fold_batch_norm, pack_signs, pack_weights, unpack_weights,
+)  # fmt: skip
+from bnn_adapt.packed_base import PackedScaledBinaryConv2d
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def cached(owner: nn.Module, role: str, sources: tuple, build: Callable):
+    """``build()``, reused while every tensor in ``sources`` is the same object at the same
+    version and every other value is equal (a substituted or updated tensor rebuilds it)."""
+    key = tuple((s, s._version) if torch.is_tensor(s) else (s, None) for s in sources)
+    store = owner.__dict__.setdefault("_packed_cache", {})
+    hit = store.get(role)
+    if hit is not None and len(hit[0]) == len(key) and all(
+        (a is b if torch.is_tensor(a) else a == b) and va == vb for (a, va), (b, vb) in zip(hit[0], key)
+    ):
+        return hit[1]
+    value = build()
+    store[role] = (key, value)
+    return value
+
+
+def bn_sources(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def bn_arrays(bn: nn.modules.batchnorm._BatchNorm, c_out: int) -> dict[str, torch.Tensor]:
+    alpha, beta = fold_batch_norm(bn)
+    return {"alpha": channel_vector(alpha, c_out), "beta": channel_vector(beta, c_out)}
+
+
+class PackedBinaryLayer(nn.Module, BinaryModule):
+    """Binary weights held as bits; the layer computes ``sign(x) * sign(W)`` by XNOR-popcount.
+
+    ``weight`` is a placeholder on the meta device (shape, no storage); a real
+    tensor put in its place (an adapter's substituted weights) is packed and used.
+    """
+
+    clamp_latent = False
+
+    def __init__(self, signs: torch.Tensor, weight_shape: torch.Size, stride: int, pad: int):
+        super().__init__()
+        self.kernel_shape = tuple(signs.shape)  # c_out, c_in, kh, kw
+        self.step, self.pad = stride, pad
+        self.weight = nn.Parameter(torch.empty(weight_shape, device="meta"), requires_grad=False)
+        words, tap_pc = pack_weights(signs)
+        self.register_buffer("weight_words", words, persistent=False)
+        self.register_buffer("weight_tap_popcounts", tap_pc, persistent=False)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The state dict holds the +-1 weights, as the float layer's does (decoded on demand)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_meta:
+            destination[prefix + "weight"] = unpack_weights(self.weight_words, self.kernel_shape).reshape(self.weight.shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading weights packs their signs (the placeholder stays a placeholder)."""
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and self.weight.is_meta:
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+            words, tap_pc = pack_weights(weight.detach().reshape(self.kernel_shape) >= 0)
+            self.weight_words, self.weight_tap_popcounts = words, tap_pc
+            self.__dict__.pop("_packed_cache", None)
+            missing = args[2]
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            if prefix + "weight" in missing:
+                missing.remove(prefix + "weight")
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.weight.is_meta:
+            return self.weight_words, self.weight_tap_popcounts
+        return cached(self, "weight", (self.weight,),
+                      lambda: pack_weights(self.weight.detach().reshape(self.kernel_shape) >= 0))  # fmt: skip
+
+    def plan(self, role: str, sources: tuple, epilogue: Callable[[], tuple[int, dict]]) -> ConvPlan:
+        """The kernel call with the epilogue ``epilogue()`` returns, rebuilt when ``sources`` change."""
+
+        def build() -> ConvPlan:
+            words, tap_pc = self.packed_weight()
+            flags, arrays = epilogue()
+            return ConvPlan(words, tap_pc, self.kernel_shape, self.step, self.pad, flags, **arrays)
+
+        return cached(self, role, (self.weight, *sources), build)
+
+
+class PackedBinaryConv2d(PackedBinaryLayer):
+    """A binary conv on bits: STE's ``BinaryConv2d`` (sign of the input) or ReActNet's
+    scaled conv (input already +-1; output times the stored per-channel ``scale``)."""
+
+    binary_param_names = ("weight",)
+
+    def __init__(self, signs: torch.Tensor, stride, padding, scale: torch.Tensor | None = None):
+        step = stride if isinstance(stride, int) else stride[0]
+        pad = padding if isinstance(padding, int) else padding[0]
+        super().__init__(signs, signs.shape, step, pad)
+        c_out, c_in, kh, kw = signs.shape
+        self.in_channels, self.out_channels, self.kernel_size = c_in, c_out, (kh, kw)
+        self.stride, self.padding = stride, padding  # as the float layer had them (LoRA copies them)
+        if scale is not None:
+            self.register_buffer("scale", scale.detach().float().clone())
+        else:
+            self.scale = None
+
+    @classmethod
+    def from_float(cls, module: nn.Module) -> PackedBinaryConv2d:
+        scale = module.scale if isinstance(module, PackedScaledBinaryConv2d) else None
+        return cls(module.weight.detach() >= 0, module.stride, module.padding, scale)
+
+    def float_plan(self) -> ConvPlan:
+        if self.scale is None:
+            return self.plan("float", (), lambda: (0, {}))
+        return self.plan("float", (self.scale,), lambda: (SCALE, {"scale": channel_vector(self.scale, self.out_channels)}))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inference_only(x)
+        return self.float_plan()(pack_signs(x, self.pad))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.step}, "
+                f"padding={self.pad}, packed")  # fmt: skip
+
+
+class PackedBinaryLinear(PackedBinaryLayer):
+    """The STE head's binary linear, ``sign(x) sign(W)^T + bias``, as a 1x1 conv on bits."""
+
+    binary_param_names = ("weight", "bias")
+
+    def __init__(self, module: BinaryLinear):
+        super().__init__(module.weight.detach()[:, :, None, None] >= 0, module.weight.shape, 1, 0)
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.bias = module.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inference_only(x)
+        c, bias = self.out_features, self.bias
+        if bias is None:
+            plan = self.plan("linear", (), lambda: (0, {}))
+        else:
+            plan = self.plan("linear", (bias,), lambda: (AFFINE, {
+                "alpha": channel_vector(torch.ones(c), c), "beta": channel_vector(bias, c)}))  # fmt: skip
+        out = plan(pack_signs(x.reshape(-1, self.in_features, 1, 1), 0))
+        return out.reshape(*x.shape[:-1], c)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+def inference_only(x: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("a base running on packed 1-bit kernels is for inference; use the float path to train")
+
+
+def runs_as_is(*modules: nn.Module) -> bool:
+    """No hooks and no training mode: a block may run its fused kernels instead of its layers."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return all(not (m.training or m._forward_hooks or m._forward_pre_hooks) for m in modules if m is not None)
+
+
+def sign_interval(bn: nn.Module, act: nn.Module, reach: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``[lo, hi]`` per channel: the integers d in [-reach, reach] with ``sign(act(bn(d))) = +1``.
+
+    Found by running the float layers themselves on every integer a conv can
+    produce (laid out as the float model's conv output), so the test on the
+    integer is exactly the float model's decision, whatever the sign of gamma
+    (gamma = 0: all or none). Rounding is monotonic, so the set is an
+    interval; None if it were not (the block then runs its layers one by one).
+    """
+    values = torch.arange(-reach, reach + 1, dtype=torch.float32)
+    n, c = len(values), bn.num_features
+    width = -(-n // 64) * 64  # whole vectors, like the float model's feature maps
+    grid = torch.cat([values, values[-1:].expand(width - n)]).expand(c, width).reshape(1, c, 1, width).contiguous()
+    with torch.no_grad():
+        on = sign(act(bn(grid)))[0, :, 0, :n] > 0
+    index = torch.arange(n)
+    lo = torch.where(on, index, n).amin(dim=1)
+    hi = torch.where(on, index, -1).amax(dim=1)
+    if not torch.equal(on, (index >= lo[:, None]) & (index <= hi[:, None])):
+        return None
+    empty = ~on.any(dim=1)
+    lo = torch.where(empty, INT32_MAX, lo - reach).to(torch.int32)
+    hi = torch.where(empty, INT32_MIN, hi - reach).to(torch.int32)
+    return lo, hi
+
+
+def is_unit_hardtanh(m: nn.Module) -> bool:
+    return isinstance(m, nn.Hardtanh) and m.min_val == -1.0 and m.max_val == 1.0
+
+
+class PackedBasicBlock(BasicBlock):
+    """The STE basic block with its binary convs on bits, fused as the module docstring says."""
+
+    def fusable(self) -> bool:
+        shortcut = self.shortcut
+        return (
+            isinstance(self.conv1, PackedBinaryConv2d)
+            and isinstance(self.conv2, PackedBinaryConv2d)
+            and isinstance(self.bn1, nn.BatchNorm2d)
+            and isinstance(self.bn2, nn.BatchNorm2d)
+            and is_unit_hardtanh(self.act1)
+            and is_unit_hardtanh(self.act2)
+            and (shortcut is None or (len(shortcut) == 2 and isinstance(shortcut[0], PackedBinaryConv2d)
+                                      and isinstance(shortcut[1], nn.BatchNorm2d)))  # fmt: skip
+            and runs_as_is(self, self.conv1, self.bn1, self.act1, self.conv2, self.bn2, self.act2,
+                           *(shortcut or ()))  # fmt: skip
+        )
+
+    def conv1_signs(self) -> ConvPlan | None:
+        """conv1 whose epilogue writes ``sign(act1(bn1(.)))`` as bits (None: no interval)."""
+        conv = self.conv1
+        sources = (*bn_sources(self.bn1), self.act1.min_val, self.act1.max_val)
+        reach = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        interval = cached(self, "sign interval", sources, lambda: sign_interval(self.bn1, self.act1, reach))
+        if interval is None:
+            return None
+        lo, hi = interval
+        return conv.plan("signs", (*sources, lo), lambda: (OUT_BITS, {
+            "lo": channel_vector(lo, conv.out_channels, torch.int32),
+            "hi": channel_vector(hi, conv.out_channels, torch.int32)}))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fusable():
+            return super().forward(x)
+        inference_only(x)
+        signs_plan = self.conv1_signs()
+        if signs_plan is None:
+            return super().forward(x)
+        x = channels_last(x)
+        bits = pack_signs(x, max(self.conv1.pad, self.shortcut[0].pad if self.shortcut else 0))
+        residual = x
+        if self.shortcut is not None:
+            conv, bn = self.shortcut
+            residual = conv.plan("bn", bn_sources(bn), lambda: (AFFINE, bn_arrays(bn, conv.out_channels)))(bits)
+        hidden = signs_plan(bits, out_pad=self.conv2.pad)
+        conv, bn = self.conv2, self.bn2
+        clip = CLAMP_AFTER if self.clip_after_add else CLAMP_BEFORE
+        tail = conv.plan("tail", (*bn_sources(bn), clip), lambda: (AFFINE | clip | RESIDUAL, bn_arrays(bn, conv.out_channels)))
+        return tail(hidden, residual)
+
+
+class PackedReActBlock(ReActBlock):
+    """ReActNet's block with its binary conv on bits and everything after it in the epilogue."""
+
+    def fusable(self) -> bool:
+        return (
+            isinstance(self.binary_conv, PackedBinaryConv2d)
+            and self.binary_conv.scale is not None
+            and isinstance(self.binarize, ApproxSignActivation)
+            and all(isinstance(m, LearnableBias) for m in (self.move0, self.move1, self.move2))
+            and isinstance(self.bn1, nn.BatchNorm2d)
+            and isinstance(self.prelu, nn.PReLU)
+            and runs_as_is(self, self.move0, self.binarize, self.binary_conv, self.bn1, self.move1, self.prelu,
+                           self.move2)  # fmt: skip
+        )
+
+    def tail_plan(self) -> ConvPlan:
+        conv, bn, c = self.binary_conv, self.bn1, self.binary_conv.out_channels
+        sources = (conv.scale, *bn_sources(bn), self.move1.bias, self.prelu.weight, self.move2.bias)
+        return conv.plan("tail", sources, lambda: (SCALE | AFFINE | RESIDUAL | REACT, {
+            "scale": channel_vector(conv.scale, c), **bn_arrays(bn, c),
+            "bias1": channel_vector(self.move1.bias, c), "slope": channel_vector(self.prelu.weight, c),
+            "bias2": channel_vector(self.move2.bias, c)}))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fusable():
+            return super().forward(x)
+        inference_only(x)
+        x = channels_last(x)
+        residual = x if self.downsample is None else self.downsample(x)
+        bits = pack_signs(x, self.binary_conv.pad, self.move0.bias)
+        return self.tail_plan()(bits, residual)
+
+
+PACKED_BLOCKS = {BasicBlock: PackedBasicBlock, ReActBlock: PackedReActBlock}
+
+
+def use_packed_kernels(base: nn.Module) -> nn.Module:
+    """Run ``base``'s binary convs and linears on bits from now on (in place; returns it).
+
+    Binary layers whose input is binarised (not the STE stem, which reads the
+    image) become :class:`PackedBinaryConv2d` / :class:`PackedBinaryLinear`
+    holding their weights as bits; their fp32 weights are freed.
+    """
+    if kernels.library() is None:
+        raise RuntimeError("the packed 1-bit kernels are not built; reinstall with a C compiler (make install)")
+    for name, module in list(base.named_modules()):
+        packed = None
+        if isinstance(module, PackedScaledBinaryConv2d) or (isinstance(module, BinaryConv2d) and module.binarize_input):
+            packed = PackedBinaryConv2d.from_float(module)
+        elif isinstance(module, BinaryLinear):
+            packed = PackedBinaryLinear(module)
+        if packed is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, packed)
+    for module in base.modules():
+        if type(module) in PACKED_BLOCKS:
+            module.__class__ = PACKED_BLOCKS[type(module)]
+    base.packed_kernels = True
+    return base.eval().requires_grad_(False)
+
+
+def uses_packed_kernels(base: nn.Module) -> bool:
+    return bool(getattr(base, "packed_kernels", False))
+
+
+def packed_or_float(base: nn.Module, packed: bool = True) -> nn.Module:
+    """``base`` on the 1-bit kernels when ``packed`` and they are built, else as it is (float);
+    a missing kernel library costs one warning line."""
+    if packed and kernels.library() is not None:
+        return use_packed_kernels(base)
+    return base
