@@ -195,8 +195,8 @@ def _expand(layout: list[list]) -> list[tuple[str, str, list[int]]]:
     return out
 
 
-def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict]:
-    """Rebuild the base (in eval mode, packed modules) from a packed file's bytes."""
+def parse_packed(data: bytes, source: str = "<bytes>") -> tuple[dict, list[tuple], bytes, torch.Tensor]:
+    """A packed file's checked parts: header, ``(name, kind, shape)`` per tensor, binary section, fp32 values."""
     problem = f"{source} is not a packed base written by task=export"
     if data[: len(MAGIC)] != MAGIC or len(data) < len(MAGIC) + 4:
         raise ExportError(f"{problem} (no {MAGIC!r} magic)")
@@ -217,10 +217,16 @@ def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict
     binary = data[bin_start:bin_end]
     if fingerprint_bytes(binary) != header["fingerprint"]:
         raise ExportError(f"{problem}: its binary weights do not match its fingerprint (the file is corrupt)")
-    bits = np.unpackbits(np.frombuffer(binary, np.uint8), count=n_bits, bitorder="little")
-    bits = torch.from_numpy(bits.astype(bool))
     values = torch.from_numpy(np.frombuffer(data, "<f4", count=n_values, offset=bin_end).copy())
+    return header, entries, binary, values
 
+
+def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict]:
+    """Rebuild the base (in eval mode, packed modules) from a packed file's bytes."""
+    header, entries, binary, values = parse_packed(data, source)
+    problem = f"{source} is not a packed base written by task=export"
+    bits = np.unpackbits(np.frombuffer(binary, np.uint8), count=header["binary_bits"], bitorder="little")
+    bits = torch.from_numpy(bits.astype(bool))
     base = to_packed_modules(rebuild(header["arch"], header["arch_config"]))
     state, b, v = {}, 0, 0
     for name, kind, shape in entries:

@@ -23,9 +23,9 @@ from torchvision.transforms import v2
 
 from bnn_adapt.adapter_file import AttachedAdapter, attach_adapter
 from bnn_adapt.data import HALF, open_rgb
-from bnn_adapt.deploy.packed_inference import packed_or_float
+from bnn_adapt.deploy.packed_inference import load_base, packed_or_float
 from bnn_adapt.errors import ConfigError, DataError, ExportError
-from bnn_adapt.packed_base import read_packed_base, repack
+from bnn_adapt.packed_base import repack
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -78,7 +78,7 @@ class BaseWithAdapters:
     @classmethod
     def load(cls, path: str | Path, packed: bool = True) -> BaseWithAdapters:
         """From a packed base file (``task=export`` writes ``base.bnnpack``)."""
-        return cls(*read_packed_base(path), packed=packed)
+        return cls(*load_base(path, packed), packed=packed)
 
     @classmethod
     def from_base(cls, base: nn.Module, packed: bool = True) -> BaseWithAdapters:

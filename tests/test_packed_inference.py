@@ -21,7 +21,8 @@ from bnn_adapt.bases.ste_resnet import BasicBlock, STEResNetCIFAR
 from bnn_adapt.binary import sign
 from bnn_adapt.deploy import packed_kernels as kernels
 from bnn_adapt.deploy.packed_inference import (
-    PackedBasicBlock, PackedBinaryConv2d, PackedBinaryLayer, sign_interval, use_packed_kernels, uses_packed_kernels,
+    PackedBasicBlock, PackedBinaryConv2d, PackedBinaryLayer, load_packed_base, sign_interval, use_packed_kernels,
+    uses_packed_kernels,
 )  # fmt: skip
 from bnn_adapt.packed_base import repack, write_packed_base
 from bnn_adapt.predict import BaseWithAdapters
@@ -223,6 +224,24 @@ def test_the_packed_base_holds_its_binary_weights_as_bits():
     assert packed_bytes * 8 < float_bytes
     # the state dict still reads as the float one (decoded on demand), so fingerprints and exports agree
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in packed.state_dict().items())
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["ste", "reactnet"])
+def test_a_file_loads_straight_onto_the_kernels(name, tmp_path):
+    """No fp32 copy of the binary weights on the way: the same base as converting a float one."""
+    base, size = make_base(name)
+    write_packed_base(base, tmp_path / "base.bnnpack")
+    loaded, header = load_packed_base(tmp_path / "base.bnnpack")
+    converted = use_packed_kernels(repack(base)[0])
+    assert header["arch"] == base.arch and uses_packed_kernels(loaded)
+    assert all(not t.is_meta for k, t in loaded.named_buffers())
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in converted.modules()]
+    ours, theirs = loaded.state_dict(), converted.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted(x))
 
 
 @needs_kernels

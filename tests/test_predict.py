@@ -92,8 +92,8 @@ def test_predict_from_files_uses_the_adapters_eval_preprocessing(exported, tmp_p
 def test_task_predict_loads_the_base_once_and_writes_every_adapters_top_k(exported, make_cfg, tmp_path, monkeypatch):
     paths = write_images(tmp_path / "images")
     loads = []
-    original = predict_module.read_packed_base
-    monkeypatch.setattr(predict_module, "read_packed_base", lambda p: loads.append(p) or original(p))
+    original = predict_module.load_base
+    monkeypatch.setattr(predict_module, "load_base", lambda p, packed: loads.append(p) or original(p, packed))
     files = ",".join(str(exported["files"][s]) for s in CLASSES)
     out = tmp_path / "preds.json"
     cfg = make_cfg(

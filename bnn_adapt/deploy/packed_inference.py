@@ -27,10 +27,13 @@ device: the base stays in bits while it predicts. Inference only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from bnn_adapt.bases import rebuild
 from bnn_adapt.bases.reactnet import ApproxSignActivation, LearnableBias, ReActBlock
 from bnn_adapt.bases.ste_resnet import BasicBlock
 from bnn_adapt.binary import BinaryConv2d, BinaryLinear, BinaryModule, sign
@@ -39,7 +42,8 @@ from bnn_adapt.deploy.packed_kernels import (
     AFFINE, CLAMP_AFTER, CLAMP_BEFORE, OUT_BITS, REACT, RESIDUAL, SCALE,
     ConvPlan, PackedSigns, channel_vector, channels_last, fold_batch_norm, pack_signs, pack_weights, unpack_weights,
 )  # fmt: skip
-from bnn_adapt.packed_base import PackedScaledBinaryConv2d
+from bnn_adapt.errors import ExportError
+from bnn_adapt.packed_base import PackedScaledBinaryConv2d, parse_packed, read_packed_base, to_packed_modules
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -142,11 +146,6 @@ class PackedBinaryConv2d(PackedBinaryLayer):
         else:
             self.scale = None
 
-    @classmethod
-    def from_float(cls, module: nn.Module) -> PackedBinaryConv2d:
-        scale = module.scale if isinstance(module, PackedScaledBinaryConv2d) else None
-        return cls(module.weight.detach() >= 0, module.stride, module.padding, scale)
-
     def float_plan(self) -> ConvPlan:
         if self.scale is None:
             return self.plan("float", (), lambda: (0, {}))
@@ -166,8 +165,8 @@ class PackedBinaryLinear(PackedBinaryLayer):
 
     binary_param_names = ("weight", "bias")
 
-    def __init__(self, module: BinaryLinear):
-        super().__init__(module.weight.detach()[:, :, None, None] >= 0, module.weight.shape, 1, 0)
+    def __init__(self, module: BinaryLinear, signs: torch.Tensor):
+        super().__init__(signs[:, :, None, None], signs.shape, 1, 0)
         self.in_features, self.out_features = module.in_features, module.out_features
         self.bias = module.bias
 
@@ -315,6 +314,26 @@ class PackedReActBlock(ReActBlock):
 PACKED_BLOCKS = {BasicBlock: PackedBasicBlock, ReActBlock: PackedReActBlock}
 
 
+def packed_layer(module: nn.Module, signs: torch.Tensor) -> PackedBinaryLayer | None:
+    """The packed replacement of a binary layer whose input is binarised (not the STE stem,
+    which reads the image), with weight signs ``signs``; None for any other module."""
+    if isinstance(module, PackedScaledBinaryConv2d):
+        return PackedBinaryConv2d(signs, module.stride, module.padding, torch.ones(signs.shape[0]))
+    if isinstance(module, BinaryConv2d) and module.binarize_input:
+        return PackedBinaryConv2d(signs, module.stride, module.padding)
+    if isinstance(module, BinaryLinear):
+        return PackedBinaryLinear(module, signs)
+    return None
+
+
+def swap_blocks(base: nn.Module) -> nn.Module:
+    for module in base.modules():
+        if type(module) in PACKED_BLOCKS:
+            module.__class__ = PACKED_BLOCKS[type(module)]
+    base.packed_kernels = True
+    return base.eval().requires_grad_(False)
+
+
 def use_packed_kernels(base: nn.Module) -> nn.Module:
     """Run ``base``'s binary convs and linears on bits from now on (in place; returns it).
 
@@ -325,19 +344,68 @@ def use_packed_kernels(base: nn.Module) -> nn.Module:
     if kernels.library() is None:
         raise RuntimeError("the packed 1-bit kernels are not built; reinstall with a C compiler (make install)")
     for name, module in list(base.named_modules()):
-        packed = None
-        if isinstance(module, PackedScaledBinaryConv2d) or (isinstance(module, BinaryConv2d) and module.binarize_input):
-            packed = PackedBinaryConv2d.from_float(module)
-        elif isinstance(module, BinaryLinear):
-            packed = PackedBinaryLinear(module)
+        if isinstance(module, PackedBinaryLayer) or getattr(module, "weight", None) is None:
+            continue
+        packed = packed_layer(module, module.weight.detach() >= 0)
         if packed is not None:
+            if isinstance(packed, PackedBinaryConv2d) and packed.scale is not None:
+                packed.scale = module.scale.detach().float().clone()
+            if isinstance(packed, PackedBinaryLinear):
+                packed.bias = module.bias
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, packed)
-    for module in base.modules():
-        if type(module) in PACKED_BLOCKS:
-            module.__class__ = PACKED_BLOCKS[type(module)]
-    base.packed_kernels = True
-    return base.eval().requires_grad_(False)
+    return swap_blocks(base)
+
+
+def load_packed_base(path: str | Path) -> tuple[nn.Module, dict]:
+    """A packed base file straight onto the kernels: ``(base, header)``.
+
+    The network is laid out on the meta device, each binary layer is built from
+    its own bits and every other tensor takes its stored value, so no fp32 copy
+    of a packed weight exists at any time (:func:`read_packed_base` + :func:`use_packed_kernels`
+    give the same base after decoding every weight to fp32).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return read_packed_base(path)  # its error message
+    header, entries, binary, values = parse_packed(path.read_bytes(), str(path))
+    with torch.device("meta"):
+        base = to_packed_modules(rebuild(header["arch"], header["arch_config"]))
+    bits = np.frombuffer(binary, np.uint8)
+    state, b, v = {}, 0, 0
+    for name, kind, shape in entries:
+        count = int(np.prod(shape)) if shape else 1
+        if kind == "fp32":
+            state[name] = values[v : v + count].reshape(shape)
+            v += count
+            continue
+        chunk = np.unpackbits(bits[b // 8 : (b + count + 7) // 8 + 1], bitorder="little")[b % 8 : b % 8 + count]
+        signs = torch.from_numpy(chunk.astype(bool)).reshape(shape)
+        b += count
+        owner, _, _ = name.rpartition(".")
+        packed = packed_layer(base.get_submodule(owner), signs)
+        if packed is None:  # a binary layer that stays float: the STE stem
+            state[name] = torch.where(signs, 1.0, -1.0)
+        else:
+            parent, _, child = owner.rpartition(".")
+            setattr(base.get_submodule(parent), child, packed)
+    expected = {k for k, t in base.state_dict().items() if t.is_floating_point()}
+    if not set(state) <= expected or any(not k.endswith(".weight") for k in expected - set(state)):
+        wrong = sorted(set(state) ^ expected)[:5]
+        raise ExportError(f"{path}: its layout does not fit a {header['arch']} {header['arch_config']} ({wrong})")
+    base.load_state_dict(state, strict=False, assign=True)
+    for module in base.modules():  # what the file leaves out (BN's batch counters) on the CPU
+        for key, t in list(module._buffers.items()):
+            if t is not None and t.is_meta:
+                module._buffers[key] = torch.zeros(t.shape, dtype=t.dtype)
+    return swap_blocks(base), header
+
+
+def load_base(path: str | Path, packed: bool = True) -> tuple[nn.Module, dict]:
+    """A packed base file on the 1-bit kernels (``packed`` and built) or on fp32 convs."""
+    if packed and kernels.library() is not None:
+        return load_packed_base(path)
+    return read_packed_base(path)
 
 
 def uses_packed_kernels(base: nn.Module) -> bool:
@@ -347,6 +415,6 @@ def uses_packed_kernels(base: nn.Module) -> bool:
 def packed_or_float(base: nn.Module, packed: bool = True) -> nn.Module:
     """``base`` on the 1-bit kernels when ``packed`` and they are built, else as it is (float);
     a missing kernel library costs one warning line."""
-    if packed and kernels.library() is not None:
+    if packed and not uses_packed_kernels(base) and kernels.library() is not None:
         return use_packed_kernels(base)
     return base
