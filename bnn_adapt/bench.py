@@ -567,12 +567,12 @@ def report(records: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, text: str) -> None:
+def update_readme(path: Path, text: str, start_marker: str = README_START, end_marker: str = README_END) -> None:
     content = path.read_text()
-    start, end = content.find(README_START), content.find(README_END)
+    start, end = content.find(start_marker), content.find(end_marker)
     if start < 0 or end < start:
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} section to fill")
-    path.write_text(content[: start + len(README_START)] + "\n" + text + "\n" + content[end:])
+        raise SystemExit(f"{path} has no {start_marker} ... {end_marker} section to fill")
+    path.write_text(content[: start + len(start_marker)] + "\n" + text + "\n" + content[end:])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -72,6 +72,25 @@ def test_binary_conv_is_integer_exact_against_the_float_conv(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_packing_reads_any_memory_layout_and_adds_the_bias_in_fp32(level):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 70, 5, 19, generator=gen)
+    x[0, :, 0, 0] = 0.0  # sign(0) = +1
+    x[0, :, 0, 1] = -0.0
+    bias = torch.randn(70, generator=gen)
+    expected = sign(x + bias.view(1, -1, 1, 1))
+    layouts = {
+        "nchw": x, "nhwc": x.contiguous(memory_format=torch.channels_last),
+        "strided": x.transpose(2, 3).contiguous().transpose(2, 3),  # neither channels nor pixels innermost
+    }  # fmt: skip
+    with at_level(level):
+        words = {name: kernels.pack_signs(t, 2, bias) for name, t in layouts.items()}
+    for name, packed in words.items():
+        assert torch.equal(packed.to_signs(), expected), name
+        assert torch.equal(packed.words, words["nchw"].words), name  # padding and unused bits zero too
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_zero_padding_contributes_zero_not_minus_one(level):
     """All +1 inputs and weights: a corner of a 3x3 conv sees 4 taps, an edge 6, the inside 9."""
     c = 70

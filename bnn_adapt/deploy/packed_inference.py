@@ -40,7 +40,7 @@ from bnn_adapt.binary import BinaryConv2d, BinaryLinear, BinaryModule, sign
 from bnn_adapt.deploy import packed_kernels as kernels
 from bnn_adapt.deploy.packed_kernels import (
     AFFINE, CLAMP_AFTER, CLAMP_BEFORE, OUT_BITS, REACT, RESIDUAL, SCALE,
-    ConvPlan, PackedSigns, channel_vector, channels_last, fold_batch_norm, pack_signs, pack_weights, unpack_weights,
+    ConvPlan, PackedSigns, channel_vector, fold_batch_norm, pack_signs, pack_weights, unpack_weights,
 )  # fmt: skip
 from bnn_adapt.errors import ExportError
 from bnn_adapt.packed_base import PackedScaledBinaryConv2d, parse_packed, read_packed_base, to_packed_modules
@@ -265,7 +265,6 @@ class PackedBasicBlock(BasicBlock):
         signs_plan = self.conv1_signs()
         if signs_plan is None:
             return super().forward(x)
-        x = channels_last(x)
         bits = pack_signs(x, max(self.conv1.pad, self.shortcut[0].pad if self.shortcut else 0))
         residual = x
         if self.shortcut is not None:
@@ -305,7 +304,6 @@ class PackedReActBlock(ReActBlock):
         if not self.fusable():
             return super().forward(x)
         inference_only(x)
-        x = channels_last(x)
         residual = x if self.downsample is None else self.downsample(x)
         bits = pack_signs(x, self.binary_conv.pad, self.move0.bias)
         return self.tail_plan()(bits, residual)

@@ -24,6 +24,7 @@ import ctypes
 import importlib.machinery
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ISAS = ("portable", "avx2", "avx512")
-ABI_VERSION = 1
+ABI_VERSION = 2
 LANES = 16  # output channels per weight block
 MAX_TAPS = 64
 
@@ -41,6 +42,7 @@ OUT_BITS, SCALE, AFFINE, CLAMP_BEFORE, RESIDUAL, CLAMP_AFTER, REACT = 1, 2, 4, 8
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
+_L = ctypes.c_long
 
 
 class ConvArgs(ctypes.Structure):
@@ -53,7 +55,8 @@ class ConvArgs(ctypes.Structure):
         ("out_h", _I), ("out_w", _I),
         ("flags", _I),
         ("scale", _P), ("alpha", _P), ("beta", _P), ("bias1", _P), ("slope", _P), ("bias2", _P),
-        ("residual", _P), ("out", _P), ("lo", _P), ("hi", _P), ("out_bits", _P),
+        ("residual", _P), ("res_sn", _L), ("res_sc", _L), ("res_sh", _L), ("res_sw", _L),
+        ("out", _P), ("lo", _P), ("hi", _P), ("out_bits", _P),
         ("out_pad", _I), ("out_cw", _I),
     ]  # fmt: skip
 
@@ -77,8 +80,8 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.bnn_abi_version() != ABI_VERSION:
         raise OSError(f"{path.name} is from another version; reinstall the package (make install)")
-    lib.bnn_conv2d.argtypes = [ctypes.POINTER(ConvArgs), _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _I]
-    lib.bnn_pack_signs.argtypes = [_P, _I, _I, _I, _I, _P, _P, _I, _I, _I]
+    lib.bnn_conv2d.argtypes = [ctypes.POINTER(ConvArgs), _P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I]
+    lib.bnn_pack_signs.argtypes = [_P, _I, _I, _I, _I, _L, _L, _L, _L, _P, _P, _I, _I, _I]
     lib.bnn_fold_bn.argtypes = [_P, _P, _P, _P, ctypes.c_float, _I, _P, _P]
     lib.bnn_isa_name.restype = ctypes.c_char_p
     wanted = os.environ.get("BNN_ADAPT_ISA")
@@ -136,6 +139,32 @@ def forced_isa(name: str):
 def openmp() -> bool:
     lib = library()
     return bool(lib is not None and lib.bnn_openmp())
+
+
+_timer: list[float] | None = None  # seconds spent in kernel calls while kernel_time() is active
+
+
+@contextlib.contextmanager
+def kernel_time():
+    """Within this block, ``[seconds]`` accumulates the wall time of kernel calls (for the benchmark)."""
+    global _timer
+    outer, _timer = _timer, [0.0]
+    try:
+        yield _timer
+    finally:
+        if outer is not None:
+            outer[0] += _timer[0]
+        _timer = outer
+
+
+def _timed(call, *args) -> int:
+    if _timer is None:
+        return call(*args)
+    start = time.perf_counter()
+    try:
+        return call(*args)
+    finally:
+        _timer[0] += time.perf_counter() - start
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -221,22 +250,24 @@ class PackedSigns:
         return torch.from_numpy(bits.astype(np.float32) * 2 - 1).permute(0, 3, 1, 2)
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (NCHW, CPU) as float32 with NHWC memory, copied only if needed."""
+def float32_cpu(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernels read it: float32 on the CPU, in any memory layout (NCHW, NHWC, ...)."""
     if x.device.type != "cpu":
         raise RuntimeError(f"the packed 1-bit kernels run on the CPU; got a tensor on {x.device}")
-    return x.float().contiguous(memory_format=torch.channels_last)
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def pack_signs(x: torch.Tensor, pad: int, bias: torch.Tensor | None = None) -> PackedSigns:
-    """Bit ``(x + bias) >= 0`` of every element of NCHW ``x`` (bias per channel, added in fp32 as torch does)."""
-    x = channels_last(x)
+    """Bit ``(x + bias) >= 0`` of every element of NCHW ``x`` (bias per channel, added in fp32 as torch does).
+
+    Reads ``x`` in place whatever its strides; NCHW and NHWC (channels last) have fast paths.
+    """
+    x = float32_cpu(x)
     n, c, h, w = x.shape
     out = PackedSigns.zeros(n, c, h, w, pad)
     b = None if bias is None else bias.detach().float().reshape(-1).contiguous()
-    status = library().bnn_pack_signs(
-        _ptr(x), n, h, w, c, _ptr(b), _ptr(out.words), pad, out.words.shape[-1], torch.get_num_threads()
-    )
+    status = _timed(library().bnn_pack_signs, _ptr(x), n, c, h, w, *x.stride(), _ptr(b), _ptr(out.words), pad,
+                    out.words.shape[-1], torch.get_num_threads())  # fmt: skip
     if status != 0:
         raise RuntimeError(f"bnn_pack_signs failed ({status})")
     return out
@@ -280,12 +311,14 @@ class ConvPlan:
         else:
             result = empty_nchw(x.batch, c_out, oh, ow)
             out, out_cw = _ptr(result), 0
+        strides = None
         if residual is not None:
-            residual = channels_last(residual)
+            residual = float32_cpu(residual)
             if residual.shape != (x.batch, c_out, oh, ow):
                 raise ValueError(f"residual of shape {tuple(residual.shape)}, output {(x.batch, c_out, oh, ow)}")
-        status = library().bnn_conv2d(
-            ctypes.byref(self.args), _ptr(x.words), x.batch, x.height, x.width, x.pad, _ptr(residual),
+            strides = (ctypes.c_long * 4)(*residual.stride())
+        status = _timed(library().bnn_conv2d,
+            ctypes.byref(self.args), _ptr(x.words), x.batch, x.height, x.width, x.pad, _ptr(residual), strides,
             out, out_bits, out_pad, out_cw, torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:

@@ -14,7 +14,7 @@
 #include <omp.h>
 #endif
 
-#define BNN_ABI_VERSION 1
+#define BNN_ABI_VERSION 2
 
 static const bnn_isa ISAS[] = {
     {"portable", 4, 1, bnn_tile_portable, bnn_pack_portable},
@@ -99,9 +99,10 @@ static int threads(int requested)
     return requested > 0 ? requested : 1;
 }
 
-/* float NHWC [n][h][w][c] -> packed signs [n][h + 2 pad][w + 2 pad][cw] (the border stays as it is: 0) */
-int bnn_pack_signs(const float *x, int n, int h, int w, int c, const float *bias, uint32_t *out, int pad, int cw,
-                   int nthreads)
+/* float [n][c][h][w] at strides (sn, sc, sh, sw) elements (NCHW, NHWC, ...) -> packed signs
+ * [n][h + 2 pad][w + 2 pad][cw] (the border stays as it is: 0) */
+int bnn_pack_signs(const float *x, int n, int c, int h, int w, long sn, long sc, long sh, long sw, const float *bias,
+                   uint32_t *out, int pad, int cw, int nthreads)
 {
     if (cw * 32 < c)
         return -1;
@@ -114,8 +115,7 @@ int bnn_pack_signs(const float *x, int n, int h, int w, int c, const float *bias
 #endif
     for (long r = 0; r < rows; r++) {
         const long img = r / h, y = r % h;
-        uint16_t *dst = (uint16_t *)(out + ((img * hp + y + pad) * wp + pad) * cw);
-        isa->pack(x + r * w * c, w, c, bias, dst, 2 * cw);
+        isa->pack(x + img * sn + y * sh, w, c, sw, sc, bias, out + ((img * hp + y + pad) * wp + pad) * cw, cw);
     }
     return 0;
 }
@@ -188,7 +188,8 @@ static int conv2d(const bnn_conv_args *a, int nthreads)
 
 /* `layer`: a layer and its epilogue (fixed between calls); the rest: this call's tensors */
 int bnn_conv2d(const bnn_conv_args *layer, const uint32_t *in, int n, int in_h, int in_w, int in_pad,
-               const float *residual, float *out, uint16_t *out_bits, int out_pad, int out_cw, int nthreads)
+               const float *residual, const long *res_strides, float *out, uint16_t *out_bits, int out_pad,
+               int out_cw, int nthreads)
 {
     bnn_conv_args a = *layer;
     a.in = in;
@@ -199,6 +200,12 @@ int bnn_conv2d(const bnn_conv_args *layer, const uint32_t *in, int n, int in_h, 
     a.out_h = (in_h + 2 * a.pad - a.kh) / a.stride + 1;
     a.out_w = (in_w + 2 * a.pad - a.kw) / a.stride + 1;
     a.residual = residual;
+    if (residual) {
+        a.res_sn = res_strides[0];
+        a.res_sc = res_strides[1];
+        a.res_sh = res_strides[2];
+        a.res_sw = res_strides[3];
+    }
     a.out = out;
     a.out_bits = out_bits;
     a.out_pad = out_pad;
@@ -228,7 +235,7 @@ static void epilogue_scalar(const bnn_conv_args *a, long pix, int cb, const int3
         return;
     }
     float *o = a->out + pix * a->c_out + c0;
-    const float *res = a->residual ? a->residual + pix * a->c_out + c0 : NULL;
+    const float *res = a->residual ? a->residual + bnn_residual_offset(a, pix) + c0 * a->res_sc : NULL;
     for (int l = 0; l < nl; l++) {
         const int c = c0 + l;
         float v = (float)dot[l];
@@ -239,7 +246,7 @@ static void epilogue_scalar(const bnn_conv_args *a, long pix, int cb, const int3
         if (a->flags & BNN_CLAMP_BEFORE)
             v = clamp1(v);
         if (a->flags & BNN_RESIDUAL)
-            v = v + res[l];
+            v = v + res[l * a->res_sc];
         if (a->flags & BNN_CLAMP_AFTER)
             v = clamp1(v);
         if (a->flags & BNN_REACT) {
@@ -279,16 +286,7 @@ void bnn_tile_portable(const bnn_conv_args *a, const bnn_tile *t, int cb0, int n
     }
 }
 
-void bnn_pack_portable(const float *x, int pixels, int c, const float *bias, uint16_t *dst, int dst_stride)
+void bnn_pack_portable(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst, int cw)
 {
-    for (int p = 0; p < pixels; p++, x += c, dst += dst_stride) {
-        for (int c0 = 0; c0 < c; c0 += 16) {
-            unsigned m = 0;
-            for (int l = 0; l < 16 && c0 + l < c; l++) {
-                const float v = bias ? x[c0 + l] + bias[c0 + l] : x[c0 + l];
-                m |= (unsigned)(v >= 0.0f) << l;
-            }
-            dst[c0 / 16] = (uint16_t)m;
-        }
-    }
+    bnn_pack_scalar(x, pixels, c, sw, sc, bias, dst, cw);
 }

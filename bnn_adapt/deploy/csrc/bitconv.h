@@ -27,7 +27,7 @@
 #define BNN_SCALE 2             /* v = fl(dot * scale[o]) */
 #define BNN_AFFINE 4            /* v = fma(v, alpha[o], beta[o])  (eval-mode BN) */
 #define BNN_CLAMP_BEFORE 8      /* v = clamp(v, -1, 1) before the residual */
-#define BNN_RESIDUAL 16         /* v += residual (NHWC, c_out per pixel) */
+#define BNN_RESIDUAL 16         /* v += residual (any strides: NCHW, NHWC) */
 #define BNN_CLAMP_AFTER 32      /* v = clamp(v, -1, 1) after the residual */
 #define BNN_REACT 64            /* v += bias1; v = v > 0 ? v : slope * v; v += bias2 */
 
@@ -46,6 +46,7 @@ typedef struct bnn_conv_args {
     int flags;
     const float *scale, *alpha, *beta, *bias1, *slope, *bias2;
     const float *residual;
+    long res_sn, res_sc, res_sh, res_sw;  /* residual strides in elements */
     float *out;                 /* NHWC float, c_out per pixel */
     const int32_t *lo, *hi;
     uint16_t *out_bits;         /* packed activations with out_pad, out_cw words per pixel */
@@ -61,8 +62,10 @@ typedef struct bnn_tile {
 } bnn_tile;
 
 typedef void (*bnn_tile_fn)(const bnn_conv_args *a, const bnn_tile *t, int cb0, int ncb);
-/* pack `pixels` consecutive NHWC pixels of `c` floats; pixel i's words start at dst + i * dst_stride (uint16 units) */
-typedef void (*bnn_pack_fn)(const float *x, int pixels, int c, const float *bias, uint16_t *dst, int dst_stride);
+/* pack one image row: `pixels` pixels of `c` floats (element (p, ch) at x[p * sw + ch * sc]) into
+ * dst[p * cw + word], bit ch % 32 of word ch / 32 = (x + bias[ch] >= 0) */
+typedef void (*bnn_pack_fn)(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst,
+                            int cw);
 
 typedef struct bnn_isa {
     const char *name;
@@ -92,14 +95,38 @@ static inline void bnn_border_base(const bnn_conv_args *a, uint64_t valid, int c
         out[l] += nvalid * a->c_in;
 }
 
+/* offset of output pixel `pix`'s first channel in the residual */
+static inline long bnn_residual_offset(const bnn_conv_args *a, long pix)
+{
+    const long hw = (long)a->out_h * a->out_w, img = pix / hw, r = pix % hw;
+    return img * a->res_sn + (r / a->out_w) * a->res_sh + (r % a->out_w) * a->res_sw;
+}
+
+/* the generic pack: any strides */
+static inline void bnn_pack_scalar(const float *x, int pixels, int c, long sw, long sc, const float *bias,
+                                   uint32_t *dst, int cw)
+{
+    for (int p = 0; p < pixels; p++) {
+        for (int w = 0; w < (c + 31) / 32; w++) {
+            uint32_t word = 0;
+            for (int l = 0; l < 32 && 32 * w + l < c; l++) {
+                const int ch = 32 * w + l;
+                const float v = bias ? x[p * sw + ch * sc] + bias[ch] : x[p * sw + ch * sc];
+                word |= (uint32_t)(v >= 0.0f) << l;
+            }
+            dst[(long)p * cw + w] = word;
+        }
+    }
+}
+
 void bnn_tile_portable(const bnn_conv_args *a, const bnn_tile *t, int cb0, int ncb);
-void bnn_pack_portable(const float *x, int pixels, int c, const float *bias, uint16_t *dst, int dst_stride);
+void bnn_pack_portable(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst, int cw);
 #if defined(__x86_64__) || defined(__i386__)
 #define BNN_X86 1
 void bnn_tile_avx2(const bnn_conv_args *a, const bnn_tile *t, int cb0, int ncb);
-void bnn_pack_avx2(const float *x, int pixels, int c, const float *bias, uint16_t *dst, int dst_stride);
+void bnn_pack_avx2(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst, int cw);
 void bnn_tile_avx512(const bnn_conv_args *a, const bnn_tile *t, int cb0, int ncb);
-void bnn_pack_avx512(const float *x, int pixels, int c, const float *bias, uint16_t *dst, int dst_stride);
+void bnn_pack_avx512(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst, int cw);
 #endif
 
 #endif

@@ -61,8 +61,12 @@ TGT INLINE void epilogue(const bnn_conv_args *a, const bnn_tile *t, int i, int c
             v = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->alpha + c), _mm256_loadu_ps(a->beta + c));
         if (f & BNN_CLAMP_BEFORE)
             v = clamp1(v);
-        if (f & BNN_RESIDUAL)
-            v = _mm256_add_ps(v, _mm256_maskload_ps(a->residual + pix * a->c_out + c, lanes));
+        if (f & BNN_RESIDUAL) {
+            const float *res = a->residual + bnn_residual_offset(a, pix) + c * a->res_sc;
+            v = _mm256_add_ps(v, a->res_sc == 1 ? _mm256_maskload_ps(res, lanes) : _mm256_mask_i32gather_ps(
+                _mm256_setzero_ps(), res, _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                _mm256_set1_epi32((int)a->res_sc)), _mm256_castsi256_ps(lanes), 4));
+        }
         if (f & BNN_CLAMP_AFTER)
             v = clamp1(v);
         if (f & BNN_REACT) {
@@ -130,23 +134,50 @@ TGT void bnn_tile_avx2(const bnn_conv_args *a, const bnn_tile *t, int cb0, int n
     }
 }
 
-TGT void bnn_pack_avx2(const float *x, int pixels, int c, const float *bias, uint16_t *dst, int dst_stride)
+TGT void bnn_pack_avx2(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst,
+                       int cw)
 {
     const __m256 zero = _mm256_setzero_ps();
-    for (int p = 0; p < pixels; p++, x += c, dst += dst_stride) {
-        for (int c0 = 0; c0 < c; c0 += 16) {
-            unsigned m = 0;
-            for (int h = 0; h < 2 && c0 + 8 * h < c; h++) {
-                const __m256i lanes = lane_mask(c - c0 - 8 * h);
-                __m256 v = _mm256_maskload_ps(x + c0 + 8 * h, lanes);
-                if (bias)
-                    v = _mm256_add_ps(v, _mm256_maskload_ps(bias + c0 + 8 * h, lanes));
-                const int ge = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ),
-                                                                _mm256_castsi256_ps(lanes)));
-                m |= (unsigned)ge << (8 * h);
+    if (sc == 1) {  /* channels innermost */
+        for (int p = 0; p < pixels; p++) {
+            const float *px = x + p * sw;
+            uint16_t *out = (uint16_t *)(dst + (long)p * cw);
+            for (int c0 = 0; c0 < c; c0 += 16) {
+                unsigned m = 0;
+                for (int h = 0; h < 2 && c0 + 8 * h < c; h++) {
+                    const __m256i lanes = lane_mask(c - c0 - 8 * h);
+                    __m256 v = _mm256_maskload_ps(px + c0 + 8 * h, lanes);
+                    if (bias)
+                        v = _mm256_add_ps(v, _mm256_maskload_ps(bias + c0 + 8 * h, lanes));
+                    const int ge = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ),
+                                                                    _mm256_castsi256_ps(lanes)));
+                    m |= (unsigned)ge << (8 * h);
+                }
+                out[c0 / 16] = (uint16_t)m;
             }
-            dst[c0 / 16] = (uint16_t)m;
         }
+    } else if (sw == 1) {  /* pixels innermost (NCHW): 8 pixels per register */
+        for (int p0 = 0; p0 < pixels; p0 += 8) {
+            const int np = pixels - p0 < 8 ? pixels - p0 : 8;
+            const __m256i lanes = lane_mask(np);
+            for (int w = 0; w < cw; w++) {
+                __m256i word = _mm256_setzero_si256();
+                for (int l = 0; l < 32 && 32 * w + l < c; l++) {
+                    const int ch = 32 * w + l;
+                    __m256 v = _mm256_maskload_ps(x + ch * sc + p0, lanes);
+                    if (bias)
+                        v = _mm256_add_ps(v, _mm256_set1_ps(bias[ch]));
+                    const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+                    word = _mm256_or_si256(word, _mm256_and_si256(ge, _mm256_set1_epi32((int)(1u << l))));
+                }
+                uint32_t out[8];
+                _mm256_storeu_si256((__m256i *)out, word);
+                for (int i = 0; i < np; i++)
+                    dst[(long)(p0 + i) * cw + w] = out[i];
+            }
+        }
+    } else {
+        bnn_pack_scalar(x, pixels, c, sw, sc, bias, dst, cw);
     }
 }
 #endif

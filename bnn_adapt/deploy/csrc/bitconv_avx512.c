@@ -12,6 +12,8 @@
 
 TGT INLINE __m512 clamp1(__m512 v) { return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f)); }
 
+TGT INLINE __m512i iota(void) { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+
 TGT INLINE void epilogue(const bnn_conv_args *a, const bnn_tile *t, int i, int cb, __m512i acc)
 {
     const int taps = a->kh * a->kw, c0 = cb * BNN_LANES;
@@ -44,8 +46,11 @@ TGT INLINE void epilogue(const bnn_conv_args *a, const bnn_tile *t, int i, int c
         v = _mm512_fmadd_ps(v, _mm512_loadu_ps(a->alpha + c0), _mm512_loadu_ps(a->beta + c0));
     if (f & BNN_CLAMP_BEFORE)
         v = clamp1(v);
-    if (f & BNN_RESIDUAL)
-        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, a->residual + pix * a->c_out + c0));
+    if (f & BNN_RESIDUAL) {
+        const float *res = a->residual + bnn_residual_offset(a, pix) + c0 * a->res_sc;
+        v = _mm512_add_ps(v, a->res_sc == 1 ? _mm512_maskz_loadu_ps(lanes, res) : _mm512_mask_i32gather_ps(
+            _mm512_setzero_ps(), lanes, _mm512_mullo_epi32(iota(), _mm512_set1_epi32((int)a->res_sc)), res, 4));
+    }
     if (f & BNN_CLAMP_AFTER)
         v = clamp1(v);
     if (f & BNN_REACT) {
@@ -104,17 +109,44 @@ TGT void bnn_tile_avx512(const bnn_conv_args *a, const bnn_tile *t, int cb0, int
     }
 }
 
-TGT void bnn_pack_avx512(const float *x, int pixels, int c, const float *bias, uint16_t *dst, int dst_stride)
+TGT void bnn_pack_avx512(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst,
+                         int cw)
 {
     const __m512 zero = _mm512_setzero_ps();
-    for (int p = 0; p < pixels; p++, x += c, dst += dst_stride) {
-        for (int c0 = 0; c0 < c; c0 += 16) {
-            const __mmask16 lanes = c - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (c - c0)) - 1);
-            __m512 v = _mm512_maskz_loadu_ps(lanes, x + c0);
-            if (bias)
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + c0));
-            dst[c0 / 16] = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+    if (sc == 1) {  /* channels innermost: a compare gives 16 bits at once */
+        for (int p = 0; p < pixels; p++) {
+            const float *px = x + p * sw;
+            uint16_t *out = (uint16_t *)(dst + (long)p * cw);
+            for (int c0 = 0; c0 < c; c0 += 16) {
+                const __mmask16 lanes = c - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (c - c0)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(lanes, px + c0);
+                if (bias)
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + c0));
+                out[c0 / 16] = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+            }
         }
+    } else if (sw == 1) {  /* pixels innermost (NCHW): 16 pixels per register, one bit per channel OR-ed in */
+        const __m512i index = _mm512_mullo_epi32(iota(), _mm512_set1_epi32(cw));
+        for (int p0 = 0; p0 < pixels; p0 += 16) {
+            const __mmask16 lanes = pixels - p0 >= 16 ? 0xFFFF : (__mmask16)((1u << (pixels - p0)) - 1);
+            for (int w = 0; w < cw; w++) {
+                __m512i word = _mm512_setzero_si512();
+                for (int l = 0; l < 32 && 32 * w + l < c; l++) {
+                    const int ch = 32 * w + l;
+                    __m512 v = _mm512_maskz_loadu_ps(lanes, x + ch * sc + p0);
+                    if (bias)
+                        v = _mm512_add_ps(v, _mm512_set1_ps(bias[ch]));
+                    const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+                    word = _mm512_mask_or_epi32(word, ge, word, _mm512_set1_epi32((int)(1u << l)));
+                }
+                if (cw == 1)
+                    _mm512_mask_storeu_epi32(dst + p0, lanes, word);
+                else
+                    _mm512_mask_i32scatter_epi32(dst + (long)p0 * cw + w, lanes, index, word, 4);
+            }
+        }
+    } else {
+        bnn_pack_scalar(x, pixels, c, sw, sc, bias, dst, cw);
     }
 }
 #endif

@@ -1,0 +1,441 @@
+"""1-bit inference benchmark: packed XNOR-popcount kernels against torch's fp32 convs (issue #16).
+
+``make bench-infer`` (``python -m bnn_adapt.tools.bench_infer``) measures, in one
+run and on the same threads, the STE base at full width (32x32 images) and
+ReActNet-18 (224x224), at batch 1 and 64:
+
+* every binary conv of the base: torch's fp32 conv of +-1 inputs with the same
+  +-1 weights against the packed kernel on the packed input (``packed_s``; packing
+  that input, which a block does once for its convs, is ``pack_s``), the integer
+  outputs compared element for element (``exact``);
+* end to end: ``BaseWithAdapters`` with one UDTA adapter attached, a preprocessed
+  batch to logits, on the kernels and on fp32 convs (latency and images/s; the
+  share of the packed time spent outside the kernels, i.e. in the float parts);
+* memory, each in a fresh process: the resident-set growth from loading the
+  base file, and from loading one more copy, next to the file's size.
+
+Cases are interleaved round by round and medians reported, so that load from
+other processes hits both paths alike; the load average is recorded. Freed
+memory stays in the process (``allocator.keep_freed_memory``, both paths),
+so that page faults of fresh output tensors do not dominate. Writes
+``benchmarks/inference.json`` and ``benchmarks/inference.md``; ``--readme``
+puts the summary into the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnn_adapt import allocator
+from bnn_adapt.adapter_file import export_adapter
+from bnn_adapt.bases import BASES
+from bnn_adapt.bases.reactnet import ScaledBinaryConv2d
+from bnn_adapt.bench import machine, update_readme
+from bnn_adapt.binary import BinaryConv2d
+from bnn_adapt.deploy import packed_kernels as kernels
+from bnn_adapt.deploy.packed_inference import PackedBinaryConv2d
+from bnn_adapt.packed_base import write_packed_base
+from bnn_adapt.predict import BaseWithAdapters
+from bnn_adapt.strategies import Parallel
+
+README_START, README_END = "<!-- bench-infer:start -->", "<!-- bench-infer:end -->"
+TARGETS = {  # issue #16, on this repository's 2-core reference machine
+    "conv3x3": 4.0,
+    ("end_to_end", "ste_resnet_cifar", 1): 2.0,
+    ("end_to_end", "reactnet18", 1): 1.5,
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    width: float
+    image_size: int
+    num_classes: int
+    batches: tuple[int, ...]
+
+
+FULL = (Setup("ste_resnet_cifar", 1.0, 32, 10, (1, 64)), Setup("reactnet18", 1.0, 224, 1000, (1, 64)))
+TINY = (Setup("ste_resnet_cifar", 0.1, 16, 5, (1, 3)), Setup("reactnet18", 0.0625, 32, 10, (1, 3)))
+
+
+@dataclass(frozen=True)
+class Rounds:
+    layer: int  # interleaved rounds per layer
+    end_to_end: dict  # batch -> rounds
+    min_time_s: float  # a timing repeats its call until it lasts this long
+
+
+def trained_like(base: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights with both signs and BN statistics as training leaves them (speed does not depend on
+    values, but exactness and the thresholds are checked on non-trivial ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in base.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                c = module.num_features
+                module.weight.copy_(torch.randn(c, generator=gen).abs() + 0.2)
+                module.bias.copy_(torch.randn(c, generator=gen) * 0.3)
+                module.running_mean.copy_(torch.randn(c, generator=gen) * 3)
+                module.running_var.copy_(torch.rand(c, generator=gen) * 20 + 5)
+            elif getattr(module, "weight", None) is not None and module.weight.dim() == 4:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.05)
+    return base.eval()
+
+
+def timed(fn, min_time_s: float) -> float:
+    """Seconds per call of ``fn``, repeated until ``min_time_s`` has passed (at least once)."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time_s:
+            return elapsed / calls
+
+
+def layer_inputs(base: nn.Module, size: int) -> dict[str, tuple[nn.Module, tuple]]:
+    """Each binary conv of the float base (STE's stem excluded: its input is the image) and its input shape."""
+    shapes, handles = {}, []
+
+    def record(name: str, module: nn.Module, args: tuple) -> None:
+        shapes.setdefault(name, (module, tuple(args[0].shape[1:])))
+
+    for name, module in base.named_modules():
+        if isinstance(module, ScaledBinaryConv2d) or (isinstance(module, BinaryConv2d) and module.binarize_input):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: record(name, m, args)))
+    with torch.no_grad():
+        base(torch.randn(1, 3, size, size))
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def bench_layers(setup: Setup, float_base: nn.Module, packed_base: nn.Module, batch: int, rounds: Rounds,
+                 log=print) -> list[dict]:  # fmt: skip
+    """Every binary conv alone, fp32 conv vs packed kernel on the same +-1 weights, interleaved."""
+    gen = torch.Generator().manual_seed(batch)
+    cases = []
+    for name, (module, shape) in layer_inputs(float_base, setup.image_size).items():
+        packed = packed_base.get_submodule(name)
+        assert isinstance(packed, PackedBinaryConv2d)
+        signs = torch.where(torch.randn(batch, *shape, generator=gen) >= 0, 1.0, -1.0)
+        weight = torch.where(module.weight.detach() >= 0, 1.0, -1.0)
+        plan = kernels.ConvPlan(*packed.packed_weight(), packed.kernel_shape, packed.step, packed.pad)
+        bits = kernels.pack_signs(signs, packed.pad)
+        stride, pad = packed.step, packed.pad
+        cases.append({
+            "name": name, "signs": signs, "bits": bits, "plan": plan, "pad": pad,
+            "float": lambda x=signs, w=weight, s=stride, p=pad: F.conv2d(x, w, stride=s, padding=p),
+            "times": {"float": [], "packed": [], "pack": []},
+        })  # fmt: skip
+    for _ in range(rounds.layer):
+        for case in cases:
+            case["times"]["float"].append(timed(case["float"], rounds.min_time_s))
+            case["times"]["packed"].append(timed(lambda c=case: c["plan"](c["bits"]), rounds.min_time_s))
+            case["times"]["pack"].append(timed(lambda c=case: kernels.pack_signs(c["signs"], c["pad"]), rounds.min_time_s))
+    records = []
+    for case in cases:
+        expected, got = case["float"](), case["plan"](case["bits"])
+        c_out, c_in, kh, kw = case["plan"].shape
+        t = {k: statistics.median(v) for k, v in case["times"].items()}
+        macs = expected.numel() * c_in * kh * kw
+        records.append({
+            "model": setup.name, "batch": batch, "layer": case["name"], "kernel": f"{kh}x{kw}",
+            "c_in": c_in, "c_out": c_out, "input_hw": list(case["signs"].shape[2:]), "stride": case["plan"].stride,
+            "packed_s": t["packed"], "float_s": t["float"], "speedup": t["float"] / t["packed"],
+            "pack_s": t["pack"], "speedup_with_pack": t["float"] / (t["packed"] + t["pack"]),
+            "exact": bool(torch.equal(got, expected)), "binary_macs": macs,
+            "packed_gmacs_per_s": macs / t["packed"] / 1e9, "float_gmacs_per_s": macs / t["float"] / 1e9,
+        })  # fmt: skip
+        r = records[-1]
+        log(f"  {setup.name} b{batch} {r['layer']:<28} {r['kernel']} float {r['float_s'] * 1e3:8.3f} ms  "
+            f"packed {r['packed_s'] * 1e3:7.3f} ms (+pack {r['pack_s'] * 1e3:.3f})  {r['speedup']:5.1f}x  "
+            f"exact={r['exact']}")  # fmt: skip
+    return records
+
+
+def make_bank(base: nn.Module, setup: Setup, folder: Path, packed: bool) -> BaseWithAdapters:
+    """The base as deployed (its packed file) with one UDTA adapter (concat head) attached."""
+    torch.manual_seed(1)
+    model = Parallel(base, num_classes=10, head="concat")
+    trained_like(model.adapter, seed=2)
+    trained_like(model.head, seed=3)
+    adapter = folder / f"{setup.name}_udta.safetensors"
+    if not adapter.exists():
+        export_adapter(model, adapter, reference_base=base, class_names=[str(i) for i in range(10)])
+    bank = BaseWithAdapters.load(folder / f"{setup.name}.bnnpack", packed=packed)
+    bank.attach(adapter)
+    return bank
+
+
+def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: int, rounds: Rounds,
+                     log=print) -> dict:  # fmt: skip
+    x = torch.randn(batch, 3, setup.image_size, setup.image_size, generator=torch.Generator().manual_seed(7))
+    times = {"packed": [], "float": []}
+    for bank in banks.values():
+        bank(x)  # warm-up: thresholds, folds, oneDNN primitives
+    for _ in range(rounds.end_to_end[batch]):
+        for path, bank in banks.items():
+            times[path].append(timed(lambda b=bank: b(x), rounds.min_time_s))
+    with kernels.kernel_time() as in_kernels:
+        start = time.perf_counter()
+        logits = banks["packed"](x)
+        total = time.perf_counter() - start
+    expected = banks["float"](x)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    record = {
+        "model": setup.name, "batch": batch, "layer": "end_to_end", "adapter": "udta (concat head)",
+        "packed_s": t["packed"], "float_s": t["float"], "speedup": t["float"] / t["packed"],
+        "images_per_s_packed": batch / t["packed"], "images_per_s_float": batch / t["float"],
+        "exact": bool(torch.equal(logits, expected)),
+        "max_abs_logit_diff": float((logits - expected).abs().max()),
+        "same_top1": bool(torch.equal(logits.argmax(1), expected.argmax(1))),
+        "kernel_share_packed": in_kernels[0] / total, "float_share_packed": 1 - in_kernels[0] / total,
+    }  # fmt: skip
+    log(f"  {setup.name} b{batch} end to end: float {t['float'] * 1e3:.2f} ms, packed {t['packed'] * 1e3:.2f} ms, "
+        f"{record['speedup']:.2f}x; {record['float_share_packed']:.0%} of the packed time outside the kernels")
+    return record
+
+
+def memory_probe(path: str, packed: bool) -> dict:
+    """Resident-set growth of loading a packed base file (run in a fresh process)."""
+    from bnn_adapt.bench import _hwm_and_rss
+
+    def rss() -> int:
+        gc.collect()
+        return _hwm_and_rss()[1]
+
+    kernels.library()
+    before = rss()
+    first = BaseWithAdapters.load(path, packed=packed)
+    after_first = rss()
+    second = BaseWithAdapters.load(path, packed=packed)
+    after_second = rss()
+    live = sum(
+        t.numel() * t.element_size()
+        for t in (*first.base.parameters(), *first.base.buffers())
+        if not t.is_meta
+    )
+    assert second.base is not first.base
+    return {"rss_growth_bytes": after_first - before, "rss_growth_second_bytes": after_second - after_first,
+            "live_tensor_bytes": live}  # fmt: skip
+
+
+def bench_memory(setup: Setup, folder: Path) -> dict:
+    path = folder / f"{setup.name}.bnnpack"
+    record = {"model": setup.name, "packed_file_bytes": path.stat().st_size}
+    for mode in ("packed", "float"):
+        code = (
+            "import json, sys; from bnn_adapt.tools.bench_infer import memory_probe; "
+            f"print(json.dumps(memory_probe({str(path)!r}, {mode == 'packed'})))"
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path])}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        probe = json.loads(out.stdout.strip().splitlines()[-1])
+        record.update({f"{k.removesuffix('_bytes')}_{mode}_bytes": v for k, v in probe.items()})
+    return record
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in records):
+        for batch in dict.fromkeys(r["batch"] for r in records if r["model"] == model):
+            layers = [r for r in records if r["model"] == model and r["batch"] == batch and r["layer"] != "end_to_end"]
+            e2e = next((r for r in records if (r["model"], r["batch"], r["layer"]) == (model, batch, "end_to_end")), None)
+            conv3 = [r["speedup"] for r in layers if r["kernel"] == "3x3"]
+            conv1 = [r["speedup"] for r in layers if r["kernel"] == "1x1"]
+            rows.append({
+                "model": model, "batch": batch, "layers": len(layers), "all_exact": all(r["exact"] for r in layers),
+                "conv3x3_median": statistics.median(conv3) if conv3 else None,
+                "conv3x3_min": min(conv3, default=None), "conv3x3_max": max(conv3, default=None),
+                "conv1x1_median": statistics.median(conv1) if conv1 else None, "end_to_end": e2e,
+            })  # fmt: skip
+    return rows
+
+
+def _ms(s) -> str:
+    return "-" if s is None else f"{s * 1e3:,.2f}"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.1f}x"
+
+
+def markdown(records: list[dict], memory: list[dict], meta: dict) -> str:
+    m = meta["machine"]
+    rows = summary_rows(records)
+    lines = [
+        f"`{meta['command']}` at commit `{meta['commit']}` on {m['cpu']} ({m['cpu_cores']} cores, kernels: "
+        f"{meta['isa']}, OpenMP {'on' if meta['openmp'] else 'off'}), {m['torch_threads']} threads for both paths; "
+        f"torch {m['torch']}, {meta['date']}, {meta['elapsed_s'] / 60:.1f} min; load average "
+        f"{m['load_average'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end.",
+        "",
+        "| model | batch | 3x3 binary convs: median speed-up (min-max) | 1x1 convs | every layer exact "
+        "| end to end fp32 (ms) | packed (ms) | speed-up | images/s fp32 / packed | outside the kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e = r["end_to_end"] or {}
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {_x(r['conv3x3_median'])} ({_x(r['conv3x3_min'])}-{_x(r['conv3x3_max'])}) "
+            f"| {_x(r['conv1x1_median'])} | {'yes' if r['all_exact'] else 'NO'} | {_ms(e.get('float_s'))} "
+            f"| {_ms(e.get('packed_s'))} | {_x(e.get('speedup'))} "
+            f"| {e.get('images_per_s_float', 0):,.0f} / {e.get('images_per_s_packed', 0):,.0f} "
+            f"| {e.get('float_share_packed', 0):.0%} |"
+        )
+    lines += ["", "| target (issue #16) | goal | measured |", "|---|---|---|"]
+    for r in rows:
+        value = r["conv3x3_median"]
+        if value is not None:
+            state = "met" if value >= TARGETS["conv3x3"] else "short"
+            lines.append(f"| {r['model']} batch {r['batch']}: median 3x3 per-layer speed-up | >= 4x | {value:.1f}x ({state}) |")
+    for r in rows:
+        goal = TARGETS.get(("end_to_end", r["model"], r["batch"]))
+        if goal and r["end_to_end"]:
+            value = r["end_to_end"]["speedup"]
+            lines.append(f"| {r['model']} batch {r['batch']}: end to end | >= {goal:g}x | {value:.2f}x "
+                         f"({'met' if value >= goal else 'short'}) |")  # fmt: skip
+    if memory:
+        lines += ["", "| model | packed file | base tensors in memory, packed / fp32 | RSS growth loading the base, "
+                  "packed / fp32 | one more copy, packed / fp32 |", "|---|---|---|---|---|"]  # fmt: skip
+        mb = lambda n: f"{n / 2**20:,.2f} MiB"  # noqa: E731
+        for r in memory:
+            lines.append(
+                f"| {r['model']} | {mb(r['packed_file_bytes'])} | {mb(r['live_tensor_packed_bytes'])} / "
+                f"{mb(r['live_tensor_float_bytes'])} | {mb(r['rss_growth_packed_bytes'])} / {mb(r['rss_growth_float_bytes'])} "
+                f"| {mb(r['rss_growth_second_packed_bytes'])} / {mb(r['rss_growth_second_float_bytes'])} |"
+            )
+    lines += [
+        "",
+        f"Medians of {meta['rounds']['layer']} interleaved rounds per layer and of "
+        f"{', '.join(f'{v} (batch {k})' for k, v in meta['rounds']['end_to_end'].items())} end to end. Per layer: "
+        "torch's fp32 conv of +-1 inputs and weights against the kernel on packed inputs (packing an input costs "
+        "`pack_s` more, once per block; `speedup_with_pack` in the JSON). End to end: a preprocessed batch to the "
+        "logits of one UDTA adapter (`BaseWithAdapters`); 'outside the kernels': the share of the packed time in "
+        "the float parts (stem, BN folds not fused, shortcuts of ReActNet, adapter, head) and Python. Memory: "
+        "fresh processes, resident set after `BaseWithAdapters.load` minus before (the first load also pays for "
+        "code paths used the first time), and for one more copy of the base.",
+    ]
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + ("+changes" if dirty else "")
+    return "unknown"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.bench_infer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: a few minutes on 2 CPU cores")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths and images (a smoke test)")
+    parser.add_argument("--models", default=None, help="comma-separated base names (default: both)")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both paths (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes (fresh processes)")
+    parser.add_argument("--out", default="benchmarks", help="folder for inference.json / inference.md")
+    parser.add_argument("--readme", default=None, help="README to update between the bench-infer markers")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if kernels.library() is None:
+        raise SystemExit("the packed kernels are not built: install with a C compiler (make install)")
+    allocator.keep_freed_memory()
+    setups = TINY if args.tiny else FULL
+    if args.models:
+        wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+        if set(wanted) - {s.name for s in setups}:
+            raise SystemExit(f"unknown --models {wanted}; choose from {[s.name for s in setups]}")
+        setups = tuple(s for s in setups if s.name in wanted)
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
+        setups = tuple(Setup(s.name, s.width, s.image_size, s.num_classes, batches) for s in setups)
+    if args.tiny:
+        rounds = Rounds(layer=2, end_to_end={b: 2 for s in setups for b in s.batches}, min_time_s=0.0)
+    elif args.quick:
+        rounds = Rounds(layer=3, end_to_end={b: 5 if b == 1 else 2 for s in setups for b in s.batches}, min_time_s=0.02)
+    else:
+        rounds = Rounds(layer=7, end_to_end={b: 15 if b == 1 else 4 for s in setups for b in s.batches}, min_time_s=0.05)
+    command = "python -m bnn_adapt.tools.bench_infer" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    meta = {
+        "command": command, "commit": git_commit(), "machine": machine(), "isa": kernels.isa(),
+        "openmp": kernels.openmp(), "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "rounds": {"layer": rounds.layer, "end_to_end": rounds.end_to_end}, "allocator": "keep_freed_memory",
+    }  # fmt: skip
+    print(f"{command}: kernels {meta['isa']}, {torch.get_num_threads()} threads, load {meta['machine']['load_average']}")
+    started = time.perf_counter()
+    records, memory = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for setup in setups:
+            torch.manual_seed(0)
+            base = trained_like(BASES[setup.name](num_classes=setup.num_classes, width=setup.width))
+            write_packed_base(base, folder / f"{setup.name}.bnnpack")
+            banks = {"packed": make_bank(base, setup, folder, True), "float": make_bank(base, setup, folder, False)}
+            del base
+            for batch in setup.batches:
+                records += bench_layers(setup, banks["float"].base, banks["packed"].base, batch, rounds)
+                records.append(bench_end_to_end(setup, banks, batch, rounds))
+            del banks
+            gc.collect()
+            if not args.no_memory:
+                memory.append(bench_memory(setup, folder))
+    meta["elapsed_s"] = time.perf_counter() - started
+    meta["load_average_end"] = list(os.getloadavg())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"meta": meta, "records": records, "memory": memory, "summary": summary_rows(records)}
+    (out / "inference.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = markdown(records, memory, meta)
+    (out / "inference.md").write_text(text + "\n\n" + layer_table(records) + "\n")
+    print(text)
+    if args.readme:
+        update_readme(Path(args.readme), text, README_START, README_END)
+    return result
+
+
+def layer_table(records: list[dict]) -> str:
+    lines = ["| model | batch | layer | kernel | c_in -> c_out | input | fp32 (ms) | packed (ms) | pack (ms) "
+             "| speed-up | packed GMAC/s | exact |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        if r["layer"] == "end_to_end":
+            continue
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['layer']} | {r['kernel']}/{r['stride']} | {r['c_in']} -> {r['c_out']} "
+            f"| {r['input_hw'][0]}x{r['input_hw'][1]} | {_ms(r['float_s'])} | {_ms(r['packed_s'])} | {_ms(r['pack_s'])} "
+            f"| {_x(r['speedup'])} | {r['packed_gmacs_per_s']:,.0f} | {'yes' if r['exact'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
