@@ -4,11 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench lean-check
+.PHONY: install demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench bench-infer kernels lean-check
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard bnn_adapt/deploy/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
@@ -88,6 +88,16 @@ QUICK ?=
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m bnn_adapt.bench $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
+
+# 1-bit inference: the packed XNOR-popcount kernels against fp32 convs, side by side (README: 1-bit inference).
+# Writes benchmarks/inference.{json,md}; a full run also refreshes the README's table. QUICK=1: a few minutes.
+# PY=/path/to/python runs it with an interpreter that has the package already (no install step).
+bench-infer: $(if $(filter $(VENV)/bin/python,$(PY)),install)
+	$(PY) -m bnn_adapt.tools.bench_infer $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
+
+# rebuild the kernels in place after editing bnn_adapt/deploy/csrc (make install builds them once)
+kernels:
+	$(PY) setup.py build_ext --inplace
 
 # pretrain the digits base with trainer.memory=standard|lean|lean_fp16, 3 seeds; compare final top-1
 lean-check: install

@@ -23,7 +23,7 @@ class BuildKernels(build_ext):
                 raise
             ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in OPENMP]
             ext.extra_link_args = [a for a in ext.extra_link_args if a not in OPENMP]
-            self.warn("building the bnn_adapt kernels without OpenMP: they will run on one thread")
+            self.warn("compiling the bnn_adapt kernels with OpenMP failed; retrying without (single-threaded kernels)")
             super().build_extension(ext)
 
 
