@@ -1,0 +1,42 @@
+"""make bench-infer (issue #16): a tiny run writes the documented records, tables and
+README section. Structure only; speed-ups are measured by the real run, never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bnn_adapt.deploy import packed_kernels
+from bnn_adapt.tools import bench_infer
+
+pytestmark = pytest.mark.skipif(not packed_kernels.available(), reason="the packed kernels are not built here")
+REQUIRED = {"model": str, "batch": int, "layer": str, "packed_s": float, "float_s": float, "speedup": float,
+            "exact": bool}  # fmt: skip
+
+
+def test_tiny_bench_writes_layer_end_to_end_and_memory_records(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{bench_infer.README_START}\nstale table\n{bench_infer.README_END}\n\nafter\n")
+    out = tmp_path / "benchmarks"
+    result = bench_infer.main(["--tiny", "--models", "ste_resnet_cifar", "--batches", "1,2", "--out", str(out),
+                               "--readme", str(readme)])  # fmt: skip
+    assert json.loads((out / "inference.json").read_text()) == json.loads(json.dumps(result))
+    records = result["records"]
+    for r in records:
+        for key, kind in REQUIRED.items():
+            assert isinstance(r[key], kind), (key, r)
+        assert r["packed_s"] > 0 and r["float_s"] > 0
+    # every binary conv of the STE base (stem excluded), per batch, plus one end-to-end record each
+    layers = {r["layer"] for r in records if r["layer"] != "end_to_end"}
+    assert len(layers) == 3 * 2 * 2 + 2 and all(r["exact"] for r in records if r["layer"] != "end_to_end")
+    assert {r["kernel"] for r in records if r["layer"] != "end_to_end"} == {"3x3", "1x1"}
+    e2e = [r for r in records if r["layer"] == "end_to_end"]
+    assert [r["batch"] for r in e2e] == [1, 2] and all(r["same_top1"] and 0 <= r["float_share_packed"] <= 1 for r in e2e)
+    (memory,) = result["memory"]
+    assert memory["packed_file_bytes"] > 0 and memory["live_tensor_packed_bytes"] < memory["live_tensor_float_bytes"]
+    table = (out / "inference.md").read_text()
+    assert "| model | batch | 3x3 binary convs" in table and "| target (issue #16) |" in table
+    assert "stages.1.0.shortcut.0" in table  # the per-layer table
+    text = readme.read_text()
+    assert "stale table" not in text and "end to end" in text and text.endswith("after\n")
