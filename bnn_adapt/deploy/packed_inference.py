@@ -96,20 +96,19 @@ class PackedBinaryLayer(nn.Module, BinaryModule):
         if self.weight.is_meta:
             destination[prefix + "weight"] = unpack_weights(self.weight_words, self.kernel_shape).reshape(self.weight.shape)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
         """Loading weights packs their signs (the placeholder stays a placeholder)."""
-        weight = state_dict.get(prefix + "weight")
+        key = prefix + "weight"
+        weight = state_dict.get(key)
         if weight is not None and self.weight.is_meta:
-            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
-            words, tap_pc = pack_weights(weight.detach().reshape(self.kernel_shape) >= 0)
-            self.weight_words, self.weight_tap_popcounts = words, tap_pc
+            self.weight_words, self.weight_tap_popcounts = pack_weights(weight.detach().reshape(self.kernel_shape) >= 0)
             self.__dict__.pop("_packed_cache", None)
-            missing = args[2]
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-            if prefix + "weight" in missing:
-                missing.remove(prefix + "weight")
-            return
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        if weight is not None and key in missing_keys:
+            missing_keys.remove(key)
 
     def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.weight.is_meta:
