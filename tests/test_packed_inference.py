@@ -141,7 +141,7 @@ def test_bn_then_sign_is_an_exact_integer_interval(level):
     use_packed_kernels(block)
     assert isinstance(block, PackedBasicBlock)
     with at_level(level), torch.no_grad():
-        bits = block.conv1_signs()(kernels.pack_signs(x, 1), out_pad=1)
+        bits = block.fused_plans()[1](kernels.pack_signs(x, 1), out_pad=1)
     assert torch.equal(bits.to_signs(), expected)
     lo, hi = sign_interval(block.bn1, block.act1, 20 * 9)
     assert (lo[:2] == -180).all() and (hi[:2] == 180).all()  # gamma = 0, beta > 0: always +1
@@ -261,6 +261,20 @@ def test_a_file_loads_straight_onto_the_kernels(name, tmp_path):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(loaded(x), converted(x))
+
+
+@needs_kernels
+def test_a_copied_or_pickled_packed_base_uses_its_own_tensors(tmp_path):
+    base, size = make_base("reactnet")
+    packed = use_packed_kernels(repack(base)[0])
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = packed(x)  # fills the plan caches (raw pointers into packed's tensors)
+        copied = copy.deepcopy(packed)
+        torch.save(packed, tmp_path / "packed.pt")
+        del packed
+        assert torch.equal(copied(x), expected)
+        assert torch.equal(torch.load(tmp_path / "packed.pt", weights_only=False)(x), expected)
 
 
 @needs_kernels

@@ -48,18 +48,33 @@ from bnn_adapt.packed_base import PackedScaledBinaryConv2d, parse_packed, read_p
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
+class PlanCache(dict):
+    """Kernel plans of a module (they hold raw pointers into its tensors): a copied or pickled
+    module starts with an empty cache and rebuilds them from its own tensors."""
+
+    def __deepcopy__(self, memo) -> PlanCache:
+        return PlanCache()
+
+    def __reduce__(self):
+        return PlanCache, ()
+
+
 def cached(owner: nn.Module, role: str, sources: tuple, build: Callable):
     """``build()``, reused while every tensor in ``sources`` is the same object at the same
     version and every other value is equal (a substituted or updated tensor rebuilds it)."""
-    key = tuple((s, s._version) if torch.is_tensor(s) else (s, None) for s in sources)
-    store = owner.__dict__.setdefault("_packed_cache", {})
+    versions = [s._version if isinstance(s, torch.Tensor) else s for s in sources]
+    store = owner.__dict__.get("_packed_cache")
+    if store is None:
+        store = owner.__dict__["_packed_cache"] = PlanCache()
     hit = store.get(role)
-    if hit is not None and len(hit[0]) == len(key) and all(
-        (a is b if torch.is_tensor(a) else a == b) and va == vb for (a, va), (b, vb) in zip(hit[0], key)
+    if (
+        hit is not None
+        and hit[1] == versions
+        and all(a is b or not isinstance(a, torch.Tensor) for a, b in zip(hit[0], sources))
     ):
-        return hit[1]
+        return hit[2]
     value = build()
-    store[role] = (key, value)
+    store[role] = (sources, versions, value)
     return value
 
 
@@ -116,13 +131,16 @@ class PackedBinaryLayer(nn.Module, BinaryModule):
         return cached(self, "weight", (self.weight,),
                       lambda: pack_weights(self.weight.detach().reshape(self.kernel_shape) >= 0))  # fmt: skip
 
+    def conv_plan(self, flags: int = 0, **arrays: torch.Tensor) -> ConvPlan:
+        """The kernel call with this epilogue (``packed_kernels.ConvPlan``) on the current weights."""
+        return ConvPlan(*self.packed_weight(), self.kernel_shape, self.step, self.pad, flags, **arrays)
+
     def plan(self, role: str, sources: tuple, epilogue: Callable[[], tuple[int, dict]]) -> ConvPlan:
-        """The kernel call with the epilogue ``epilogue()`` returns, rebuilt when ``sources`` change."""
+        """:meth:`conv_plan` with the epilogue ``epilogue()`` returns, rebuilt when the weights or ``sources`` change."""
 
         def build() -> ConvPlan:
-            words, tap_pc = self.packed_weight()
             flags, arrays = epilogue()
-            return ConvPlan(words, tap_pc, self.kernel_shape, self.step, self.pad, flags, **arrays)
+            return self.conv_plan(flags, **arrays)
 
         return cached(self, role, (self.weight, *sources), build)
 
@@ -244,36 +262,40 @@ class PackedBasicBlock(BasicBlock):
                            *(shortcut or ()))  # fmt: skip
         )
 
-    def conv1_signs(self) -> ConvPlan | None:
-        """conv1 whose epilogue writes ``sign(act1(bn1(.)))`` as bits (None: no interval)."""
-        conv = self.conv1
-        sources = (*bn_sources(self.bn1), self.act1.min_val, self.act1.max_val)
-        reach = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        interval = cached(self, "sign interval", sources, lambda: sign_interval(self.bn1, self.act1, reach))
+    def fused_plans(self) -> tuple[ConvPlan | None, ConvPlan, ConvPlan] | None:
+        """(shortcut conv + BN, conv1 writing ``sign(act1(bn1(.)))`` as bits, conv2 + BN + hardtanh +
+        residual), rebuilt when a tensor they fold changes; None if the signs are no interval."""
+        conv1, conv2, bn1, bn2, shortcut = self.conv1, self.conv2, self.bn1, self.bn2, self.shortcut
+        sources = (conv1.weight, conv2.weight, *bn_sources(bn1), self.act1.min_val, self.act1.max_val,
+                   *bn_sources(bn2), self.clip_after_add)  # fmt: skip
+        if shortcut is not None:
+            sources += (shortcut[0].weight, *bn_sources(shortcut[1]))
+        return cached(self, "fused", sources, self.build_plans)
+
+    def build_plans(self) -> tuple[ConvPlan | None, ConvPlan, ConvPlan] | None:
+        conv1, conv2 = self.conv1, self.conv2
+        interval = sign_interval(self.bn1, self.act1, conv1.in_channels * conv1.kernel_size[0] * conv1.kernel_size[1])
         if interval is None:
             return None
-        lo, hi = interval
-        return conv.plan("signs", (*sources, lo), lambda: (OUT_BITS, {
-            "lo": channel_vector(lo, conv.out_channels, torch.int32),
-            "hi": channel_vector(hi, conv.out_channels, torch.int32)}))  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fusable():
-            return super().forward(x)
-        inference_only(x)
-        signs_plan = self.conv1_signs()
-        if signs_plan is None:
-            return super().forward(x)
-        bits = pack_signs(x, max(self.conv1.pad, self.shortcut[0].pad if self.shortcut else 0))
-        residual = x
+        lo, hi = (channel_vector(t, conv1.out_channels, torch.int32) for t in interval)
+        signs = conv1.conv_plan(OUT_BITS, lo=lo, hi=hi)
+        clip = CLAMP_AFTER if self.clip_after_add else CLAMP_BEFORE
+        tail = conv2.conv_plan(AFFINE | clip | RESIDUAL, **bn_arrays(self.bn2, conv2.out_channels))
+        shortcut = None
         if self.shortcut is not None:
             conv, bn = self.shortcut
-            residual = conv.plan("bn", bn_sources(bn), lambda: (AFFINE, bn_arrays(bn, conv.out_channels)))(bits)
-        hidden = signs_plan(bits, out_pad=self.conv2.pad)
-        conv, bn = self.conv2, self.bn2
-        clip = CLAMP_AFTER if self.clip_after_add else CLAMP_BEFORE
-        tail = conv.plan("tail", (*bn_sources(bn), clip), lambda: (AFFINE | clip | RESIDUAL, bn_arrays(bn, conv.out_channels)))
-        return tail(hidden, residual)
+            shortcut = conv.conv_plan(AFFINE, **bn_arrays(bn, conv.out_channels))
+        return shortcut, signs, tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plans = self.fused_plans() if self.fusable() else None
+        if plans is None:
+            return super().forward(x)
+        inference_only(x)
+        shortcut, signs, tail = plans
+        bits = pack_signs(x, max(signs.pad, shortcut.pad if shortcut else 0))
+        residual = x if shortcut is None else shortcut(bits)
+        return tail(signs(bits, out_pad=tail.pad), residual)
 
 
 class PackedReActBlock(ReActBlock):
@@ -291,21 +313,30 @@ class PackedReActBlock(ReActBlock):
                            self.move2)  # fmt: skip
         )
 
-    def tail_plan(self) -> ConvPlan:
-        conv, bn, c = self.binary_conv, self.bn1, self.binary_conv.out_channels
-        sources = (conv.scale, *bn_sources(bn), self.move1.bias, self.prelu.weight, self.move2.bias)
-        return conv.plan("tail", sources, lambda: (SCALE | AFFINE | RESIDUAL | REACT, {
-            "scale": channel_vector(conv.scale, c), **bn_arrays(bn, c),
-            "bias1": channel_vector(self.move1.bias, c), "slope": channel_vector(self.prelu.weight, c),
-            "bias2": channel_vector(self.move2.bias, c)}))  # fmt: skip
+    def fused_plan(self) -> tuple[torch.Tensor, ConvPlan]:
+        """(move0's bias for packing, the conv with scale, BN, move1, PReLU and move2 in its epilogue),
+        rebuilt when a tensor they fold changes."""
+        conv, bn = self.binary_conv, self.bn1
+        sources = (conv.weight, conv.scale, *bn_sources(bn), self.move0.bias, self.move1.bias, self.prelu.weight,
+                   self.move2.bias)  # fmt: skip
+        return cached(self, "fused", sources, self.build_plan)
+
+    def build_plan(self) -> tuple[torch.Tensor, ConvPlan]:
+        conv, c = self.binary_conv, self.binary_conv.out_channels
+        tail = conv.conv_plan(
+            SCALE | AFFINE | RESIDUAL | REACT, scale=channel_vector(conv.scale, c), **bn_arrays(self.bn1, c),
+            bias1=channel_vector(self.move1.bias, c), slope=channel_vector(self.prelu.weight, c),
+            bias2=channel_vector(self.move2.bias, c),
+        )  # fmt: skip
+        return self.move0.bias.detach().float().reshape(-1).contiguous(), tail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
         inference_only(x)
+        bias, tail = self.fused_plan()
         residual = x if self.downsample is None else self.downsample(x)
-        bits = pack_signs(x, self.binary_conv.pad, self.move0.bias)
-        return self.tail_plan()(bits, residual)
+        return tail(pack_signs(x, tail.pad, bias), residual)
 
 
 class ChannelsLastStem(nn.Sequential):
@@ -325,7 +356,9 @@ class ChannelsLastOutMaxPool2d(ChannelsLastMaxPool2d):
         return nn.MaxPool2d.forward(self, x.contiguous(memory_format=torch.channels_last))
 
 
-PACKED_BLOCKS = {BasicBlock: PackedBasicBlock, ReActBlock: PackedReActBlock, ChannelsLastMaxPool2d: ChannelsLastOutMaxPool2d}
+PACKED_BLOCKS = {
+    BasicBlock: PackedBasicBlock, ReActBlock: PackedReActBlock, ChannelsLastMaxPool2d: ChannelsLastOutMaxPool2d,
+}
 
 
 def packed_layer(module: nn.Module, signs: torch.Tensor) -> PackedBinaryLayer | None:
