@@ -82,6 +82,15 @@ class Rounds:
     min_time_s: float  # a timing repeats its call until it lasts this long
 
 
+def nominal_mhz() -> float | None:
+    """The CPU clock /proc/cpuinfo reports (nominal: boost and throttling not included)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1])
+    return None
+
+
 def trained_like(base: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights with both signs and BN statistics as training leaves them (speed does not depend on
     values, but exactness and the thresholds are checked on non-trivial ones)."""
@@ -150,7 +159,7 @@ def bench_layers(setup: Setup, float_base: nn.Module, packed_base: nn.Module, ba
             case["times"]["float"].append(timed(case["float"], rounds.min_time_s))
             case["times"]["packed"].append(timed(lambda c=case: c["plan"](c["bits"]), rounds.min_time_s))
             case["times"]["pack"].append(timed(lambda c=case: kernels.pack_signs(c["signs"], c["pad"]), rounds.min_time_s))
-    records = []
+    records, mhz = [], nominal_mhz()
     for case in cases:
         expected, got = case["float"](), case["plan"](case["bits"])
         c_out, c_in, kh, kw = case["plan"].shape
@@ -164,6 +173,10 @@ def bench_layers(setup: Setup, float_base: nn.Module, packed_base: nn.Module, ba
             "exact": bool(torch.equal(got, expected)), "binary_macs": macs,
             "packed_gmacs_per_s": macs / t["packed"] / 1e9, "float_gmacs_per_s": macs / t["float"] / 1e9,
         })  # fmt: skip
+        if mhz:  # per core and cycle at the nominal clock: the kernel's step is xor + popcount + add per 512 MACs
+            cycles = mhz * 1e6 * torch.get_num_threads()
+            records[-1]["packed_macs_per_cycle_per_core"] = macs / t["packed"] / cycles
+            records[-1]["float_macs_per_cycle_per_core"] = macs / t["float"] / cycles
         r = records[-1]
         log(f"  {setup.name} b{batch} {r['layer']:<28} {r['kernel']} float {r['float_s'] * 1e3:8.3f} ms  "
             f"packed {r['packed_s'] * 1e3:7.3f} ms (+pack {r['pack_s'] * 1e3:.3f})  {r['speedup']:5.1f}x  "
@@ -270,6 +283,10 @@ def summary_rows(records: list[dict]) -> list[dict]:
                 "conv3x3_min": min(conv3, default=None), "conv3x3_max": max(conv3, default=None),
                 "conv1x1_median": statistics.median(conv1) if conv1 else None, "end_to_end": e2e,
             })  # fmt: skip
+            for path in ("packed", "float"):
+                per_cycle = [r[f"{path}_macs_per_cycle_per_core"] for r in layers
+                             if r["kernel"] == "3x3" and f"{path}_macs_per_cycle_per_core" in r]  # fmt: skip
+                rows[-1][f"conv3x3_{path}_macs_per_cycle"] = statistics.median(per_cycle) if per_cycle else None
     return rows
 
 
@@ -290,15 +307,19 @@ def markdown(records: list[dict], memory: list[dict], meta: dict) -> str:
         f"torch {m['torch']}, {meta['date']}, {meta['elapsed_s'] / 60:.1f} min; load average "
         f"{m['load_average'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end.",
         "",
-        "| model | batch | 3x3 binary convs: median speed-up (min-max) | 1x1 convs | every layer exact "
-        "| end to end fp32 (ms) | packed (ms) | speed-up | images/s fp32 / packed | outside the kernels |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | 3x3 binary convs: median speed-up (min-max) | 3x3 MACs/cycle/core, packed / fp32 "
+        "| 1x1 convs | every layer exact | end to end fp32 (ms) | packed (ms) | speed-up | images/s fp32 / packed "
+        "| outside the kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         e = r["end_to_end"] or {}
+        per_cycle = "-"
+        if r.get("conv3x3_packed_macs_per_cycle") and r.get("conv3x3_float_macs_per_cycle"):
+            per_cycle = f"{r['conv3x3_packed_macs_per_cycle']:.0f} / {r['conv3x3_float_macs_per_cycle']:.1f}"
         lines.append(
             f"| {r['model']} | {r['batch']} | {_x(r['conv3x3_median'])} ({_x(r['conv3x3_min'])}-{_x(r['conv3x3_max'])}) "
-            f"| {_x(r['conv1x1_median'])} | {'yes' if r['all_exact'] else 'NO'} | {_ms(e.get('float_s'))} "
+            f"| {per_cycle} | {_x(r['conv1x1_median'])} | {'yes' if r['all_exact'] else 'NO'} | {_ms(e.get('float_s'))} "
             f"| {_ms(e.get('packed_s'))} | {_x(e.get('speedup'))} "
             f"| {e.get('images_per_s_float', 0):,.0f} / {e.get('images_per_s_packed', 0):,.0f} "
             f"| {e.get('float_share_packed', 0):.0%} |"
@@ -330,7 +351,9 @@ def markdown(records: list[dict], memory: list[dict], meta: dict) -> str:
         f"Medians of {meta['rounds']['layer']} interleaved rounds per layer and of "
         f"{', '.join(f'{v} (batch {k})' for k, v in meta['rounds']['end_to_end'].items())} end to end. Per layer: "
         "torch's fp32 conv of +-1 inputs and weights against the kernel on packed inputs (packing an input costs "
-        "`pack_s` more, once per block; `speedup_with_pack` in the JSON). End to end: a preprocessed batch to the "
+        "`pack_s` more, once per block; `speedup_with_pack` in the JSON); MACs per cycle and core at the nominal "
+        f"{meta['cpu_mhz'] or 0:.0f} MHz (the kernel's step, xor + popcount + add, covers 512 binary MACs; an "
+        "AVX-512 FMA 16 fp32 ones). End to end: a preprocessed batch to the "
         "logits of one UDTA adapter (`BaseWithAdapters`); 'outside the kernels': the share of the packed time in "
         "the float parts (stem, BN folds not fused, shortcuts of ReActNet, adapter, head) and Python. Memory: "
         "fresh processes, resident set after `BaseWithAdapters.load` minus before (the first load also pays for "
@@ -387,7 +410,7 @@ def main(argv=None) -> dict:
         rounds = Rounds(layer=7, end_to_end={b: 15 if b == 1 else 4 for s in setups for b in s.batches}, min_time_s=0.05)
     command = "python -m bnn_adapt.tools.bench_infer" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     meta = {
-        "command": command, "commit": git_commit(), "machine": machine(), "isa": kernels.isa(),
+        "command": command, "commit": git_commit(), "machine": machine(), "isa": kernels.isa(), "cpu_mhz": nominal_mhz(),
         "openmp": kernels.openmp(), "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "rounds": {"layer": rounds.layer, "end_to_end": rounds.end_to_end}, "allocator": "keep_freed_memory",
     }  # fmt: skip
