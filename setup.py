@@ -18,7 +18,7 @@ class BuildKernels(build_ext):
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception:  # noqa: BLE001 - any compiler failure: retry without OpenMP
+        except Exception:
             if OPENMP[0] not in ext.extra_compile_args:
                 raise
             ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in OPENMP]

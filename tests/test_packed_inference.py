@@ -21,7 +21,12 @@ from bnn_adapt.bases.ste_resnet import BasicBlock, STEResNetCIFAR
 from bnn_adapt.binary import sign
 from bnn_adapt.deploy import packed_kernels as kernels
 from bnn_adapt.deploy.packed_inference import (
-    PackedBasicBlock, PackedBinaryConv2d, PackedBinaryLayer, load_packed_base, sign_interval, use_packed_kernels,
+    PackedBasicBlock,
+    PackedBinaryConv2d,
+    PackedBinaryLayer,
+    load_packed_base,
+    sign_interval,
+    use_packed_kernels,
     uses_packed_kernels,
 )  # fmt: skip
 from bnn_adapt.packed_base import repack, write_packed_base

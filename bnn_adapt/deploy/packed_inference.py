@@ -39,8 +39,19 @@ from bnn_adapt.bases.ste_resnet import BasicBlock
 from bnn_adapt.binary import BinaryConv2d, BinaryLinear, BinaryModule, sign
 from bnn_adapt.deploy import packed_kernels as kernels
 from bnn_adapt.deploy.packed_kernels import (
-    AFFINE, CLAMP_AFTER, CLAMP_BEFORE, OUT_BITS, REACT, RESIDUAL, SCALE,
-    ConvPlan, PackedSigns, channel_vector, fold_batch_norm, pack_signs, pack_weights, unpack_weights,
+    AFFINE,
+    CLAMP_AFTER,
+    CLAMP_BEFORE,
+    OUT_BITS,
+    REACT,
+    RESIDUAL,
+    SCALE,
+    ConvPlan,
+    channel_vector,
+    fold_batch_norm,
+    pack_signs,
+    pack_weights,
+    unpack_weights,
 )  # fmt: skip
 from bnn_adapt.errors import ExportError
 from bnn_adapt.packed_base import PackedScaledBinaryConv2d, parse_packed, read_packed_base, to_packed_modules
@@ -109,7 +120,8 @@ class PackedBinaryLayer(nn.Module, BinaryModule):
         """The state dict holds the +-1 weights, as the float layer's does (decoded on demand)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.is_meta:
-            destination[prefix + "weight"] = unpack_weights(self.weight_words, self.kernel_shape).reshape(self.weight.shape)
+            signs = unpack_weights(self.weight_words, self.kernel_shape)
+            destination[prefix + "weight"] = signs.reshape(self.weight.shape)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
@@ -136,7 +148,7 @@ class PackedBinaryLayer(nn.Module, BinaryModule):
         return ConvPlan(*self.packed_weight(), self.kernel_shape, self.step, self.pad, flags, **arrays)
 
     def plan(self, role: str, sources: tuple, epilogue: Callable[[], tuple[int, dict]]) -> ConvPlan:
-        """:meth:`conv_plan` with the epilogue ``epilogue()`` returns, rebuilt when the weights or ``sources`` change."""
+        """:meth:`conv_plan` with the epilogue ``epilogue()`` gives; rebuilt when the weights or ``sources`` change."""
 
         def build() -> ConvPlan:
             flags, arrays = epilogue()
@@ -166,7 +178,8 @@ class PackedBinaryConv2d(PackedBinaryLayer):
     def float_plan(self) -> ConvPlan:
         if self.scale is None:
             return self.plan("float", (), lambda: (0, {}))
-        return self.plan("float", (self.scale,), lambda: (SCALE, {"scale": channel_vector(self.scale, self.out_channels)}))
+        scale = self.scale
+        return self.plan("float", (scale,), lambda: (SCALE, {"scale": channel_vector(scale, self.out_channels)}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inference_only(x)
@@ -244,6 +257,13 @@ def is_unit_hardtanh(m: nn.Module) -> bool:
     return isinstance(m, nn.Hardtanh) and m.min_val == -1.0 and m.max_val == 1.0
 
 
+def plain_shortcut(shortcut: nn.Module) -> bool:
+    """The STE downsampling shortcut as built: a packed 1x1 conv, then BN."""
+    return (
+        len(shortcut) == 2 and isinstance(shortcut[0], PackedBinaryConv2d) and isinstance(shortcut[1], nn.BatchNorm2d)
+    )
+
+
 class PackedBasicBlock(BasicBlock):
     """The STE basic block with its binary convs on bits, fused as the module docstring says."""
 
@@ -256,10 +276,8 @@ class PackedBasicBlock(BasicBlock):
             and isinstance(self.bn2, nn.BatchNorm2d)
             and is_unit_hardtanh(self.act1)
             and is_unit_hardtanh(self.act2)
-            and (shortcut is None or (len(shortcut) == 2 and isinstance(shortcut[0], PackedBinaryConv2d)
-                                      and isinstance(shortcut[1], nn.BatchNorm2d)))  # fmt: skip
-            and runs_as_is(self, self.conv1, self.bn1, self.act1, self.conv2, self.bn2, self.act2,
-                           *(shortcut or ()))  # fmt: skip
+            and (shortcut is None or plain_shortcut(shortcut))
+            and runs_as_is(self, self.conv1, self.bn1, self.act1, self.conv2, self.bn2, self.act2, *(shortcut or ()))
         )
 
     def fused_plans(self) -> tuple[ConvPlan | None, ConvPlan, ConvPlan] | None:
@@ -309,8 +327,9 @@ class PackedReActBlock(ReActBlock):
             and all(isinstance(m, LearnableBias) for m in (self.move0, self.move1, self.move2))
             and isinstance(self.bn1, nn.BatchNorm2d)
             and isinstance(self.prelu, nn.PReLU)
-            and runs_as_is(self, self.move0, self.binarize, self.binary_conv, self.bn1, self.move1, self.prelu,
-                           self.move2)  # fmt: skip
+            and runs_as_is(
+                self, self.move0, self.binarize, self.binary_conv, self.bn1, self.move1, self.prelu, self.move2
+            )
         )
 
     def fused_plan(self) -> tuple[torch.Tensor, ConvPlan]:

@@ -85,9 +85,8 @@ def _load() -> ctypes.CDLL:
     lib.bnn_fold_bn.argtypes = [_P, _P, _P, _P, ctypes.c_float, _I, _P, _P]
     lib.bnn_isa_name.restype = ctypes.c_char_p
     wanted = os.environ.get("BNN_ADAPT_ISA")
-    if wanted:
-        if wanted not in ISAS or lib.bnn_set_isa(ISAS.index(wanted)) != 0:
-            raise OSError(f"BNN_ADAPT_ISA={wanted} is not available here (this CPU runs: {', '.join(supported(lib))})")
+    if wanted and (wanted not in ISAS or lib.bnn_set_isa(ISAS.index(wanted)) != 0):
+        raise OSError(f"BNN_ADAPT_ISA={wanted} is not available here (this CPU runs: {', '.join(supported(lib))})")
     return lib
 
 
@@ -228,7 +227,7 @@ def fold_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Te
 class PackedSigns:
     """Signs of an NCHW activation, packed (int32 words ``[n][h + 2 pad][w + 2 pad][cw]``)."""
 
-    __slots__ = ("words", "channels", "height", "width", "pad")
+    __slots__ = ("channels", "height", "pad", "width", "words")
 
     def __init__(self, words: torch.Tensor, channels: int, height: int, width: int, pad: int):
         self.words, self.channels, self.height, self.width, self.pad = words, channels, height, width, pad
@@ -302,7 +301,7 @@ class ConvPlan:
         """Float NCHW output (NHWC memory), or with ``OUT_BITS`` packed signs with ``out_pad``."""
         c_out, c_in = self.shape[:2]
         if x.channels != c_in or x.pad < self.pad:
-            raise ValueError(f"packed input of {x.channels} channels, pad {x.pad}; the conv wants {c_in}, pad {self.pad}")
+            raise ValueError(f"packed input: {x.channels} channels, pad {x.pad}; the conv wants {c_in}, pad {self.pad}")
         oh, ow = self.out_size(x.height, x.width)
         out = out_bits = None
         if self.flags & OUT_BITS:

@@ -158,7 +158,8 @@ def bench_layers(setup: Setup, float_base: nn.Module, packed_base: nn.Module, ba
         for case in cases:
             case["times"]["float"].append(timed(case["float"], rounds.min_time_s))
             case["times"]["packed"].append(timed(lambda c=case: c["plan"](c["bits"]), rounds.min_time_s))
-            case["times"]["pack"].append(timed(lambda c=case: kernels.pack_signs(c["signs"], c["pad"]), rounds.min_time_s))
+            pack = lambda c=case: kernels.pack_signs(c["signs"], c["pad"])
+            case["times"]["pack"].append(timed(pack, rounds.min_time_s))
     records, mhz = [], nominal_mhz()
     for case in cases:
         expected, got = case["float"](), case["plan"](case["bits"])
@@ -203,14 +204,15 @@ def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: in
     x = torch.randn(batch, 3, setup.image_size, setup.image_size, generator=torch.Generator().manual_seed(7))
     times = {"packed": [], "float": []}
     for bank in banks.values():
-        bank(x)  # warm-up: thresholds, folds, oneDNN primitives
+        bank.predict(x, k=5, batch_size=batch)  # warm-up: thresholds, folds, oneDNN primitives
     for _ in range(rounds.end_to_end[batch]):
         for path, bank in banks.items():
-            times[path].append(timed(lambda b=bank: b(x), rounds.min_time_s))
+            times[path].append(timed(lambda b=bank: b.predict(x, k=5, batch_size=batch), rounds.min_time_s))
     with kernels.kernel_time() as in_kernels:
         start = time.perf_counter()
-        logits = banks["packed"](x)
+        banks["packed"].predict(x, k=5, batch_size=batch)
         total = time.perf_counter() - start
+    logits = banks["packed"](x)
     expected = banks["float"](x)
     t = {k: statistics.median(v) for k, v in times.items()}
     record = {
@@ -274,7 +276,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
     for model in dict.fromkeys(r["model"] for r in records):
         for batch in dict.fromkeys(r["batch"] for r in records if r["model"] == model):
             layers = [r for r in records if r["model"] == model and r["batch"] == batch and r["layer"] != "end_to_end"]
-            e2e = next((r for r in records if (r["model"], r["batch"], r["layer"]) == (model, batch, "end_to_end")), None)
+            e2e = next((r for r in records if (r["model"], r["batch"], r["layer"]) == (model, batch, "end_to_end")),
+                       None)  # fmt: skip
             conv3 = [r["speedup"] for r in layers if r["kernel"] == "3x3"]
             conv1 = [r["speedup"] for r in layers if r["kernel"] == "1x1"]
             rows.append({
@@ -298,66 +301,95 @@ def _x(v) -> str:
     return "-" if v is None else f"{v:.1f}x"
 
 
-def markdown(records: list[dict], memory: list[dict], meta: dict) -> str:
-    m = meta["machine"]
-    rows = summary_rows(records)
-    lines = [
-        f"`{meta['command']}` at commit `{meta['commit']}` on {m['cpu']} ({m['cpu_cores']} cores, kernels: "
-        f"{meta['isa']}, OpenMP {'on' if meta['openmp'] else 'off'}), {m['torch_threads']} threads for both paths; "
-        f"torch {m['torch']}, {meta['date']}, {meta['elapsed_s'] / 60:.1f} min; load average "
-        f"{m['load_average'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end.",
-        "",
-        "| model | batch | 3x3 binary convs: median speed-up (min-max) | 3x3 MACs/cycle/core, packed / fp32 "
-        "| 1x1 convs | every layer exact | end to end fp32 (ms) | packed (ms) | speed-up | images/s fp32 / packed "
-        "| outside the kernels |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    header = ["model", "batch", "3x3 binary convs: median speed-up (min-max)", "3x3 MACs/cycle/core, packed / fp32",
+              "1x1 convs", "every layer exact", "end to end fp32 (ms)", "packed (ms)", "speed-up",
+              "images/s fp32 / packed", "outside the kernels"]  # fmt: skip
+    cells = []
     for r in rows:
         e = r["end_to_end"] or {}
-        per_cycle = "-"
-        if r.get("conv3x3_packed_macs_per_cycle") and r.get("conv3x3_float_macs_per_cycle"):
-            per_cycle = f"{r['conv3x3_packed_macs_per_cycle']:.0f} / {r['conv3x3_float_macs_per_cycle']:.1f}"
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {_x(r['conv3x3_median'])} ({_x(r['conv3x3_min'])}-{_x(r['conv3x3_max'])}) "
-            f"| {per_cycle} | {_x(r['conv1x1_median'])} | {'yes' if r['all_exact'] else 'NO'} | {_ms(e.get('float_s'))} "
-            f"| {_ms(e.get('packed_s'))} | {_x(e.get('speedup'))} "
-            f"| {e.get('images_per_s_float', 0):,.0f} / {e.get('images_per_s_packed', 0):,.0f} "
-            f"| {e.get('float_share_packed', 0):.0%} |"
-        )
-    lines += ["", "| target (issue #16) | goal | measured |", "|---|---|---|"]
+        packed, fp32 = r.get("conv3x3_packed_macs_per_cycle"), r.get("conv3x3_float_macs_per_cycle")
+        cells.append([
+            r["model"], str(r["batch"]),
+            f"{_x(r['conv3x3_median'])} ({_x(r['conv3x3_min'])}-{_x(r['conv3x3_max'])})",
+            f"{packed:.0f} / {fp32:.1f}" if packed and fp32 else "-",
+            _x(r["conv1x1_median"]), "yes" if r["all_exact"] else "NO",
+            _ms(e.get("float_s")), _ms(e.get("packed_s")), _x(e.get("speedup")),
+            f"{e.get('images_per_s_float', 0):,.0f} / {e.get('images_per_s_packed', 0):,.0f}",
+            f"{e.get('float_share_packed', 0):.0%}",
+        ])  # fmt: skip
+    return table(header, cells)
+
+
+def targets_table(rows: list[dict]) -> list[str]:
+    cells = []
     for r in rows:
-        value = r["conv3x3_median"]
-        if value is not None:
-            state = "met" if value >= TARGETS["conv3x3"] else "short"
-            lines.append(f"| {r['model']} batch {r['batch']}: median 3x3 per-layer speed-up | >= 4x | {value:.1f}x ({state}) |")
+        if r["conv3x3_median"] is not None:
+            goal, value = TARGETS["conv3x3"], r["conv3x3_median"]
+            state = "met" if value >= goal else "short"
+            cells.append([f"{r['model']} batch {r['batch']}: median 3x3 per-layer speed-up", f">= {goal:g}x",
+                          f"{value:.1f}x ({state})"])  # fmt: skip
     for r in rows:
         goal = TARGETS.get(("end_to_end", r["model"], r["batch"]))
         if goal and r["end_to_end"]:
             value = r["end_to_end"]["speedup"]
-            lines.append(f"| {r['model']} batch {r['batch']}: end to end | >= {goal:g}x | {value:.2f}x "
-                         f"({'met' if value >= goal else 'short'}) |")  # fmt: skip
-    if memory:
-        lines += ["", "| model | packed file | base tensors in memory, packed / fp32 | RSS growth loading the base, "
-                  "packed / fp32 | one more copy, packed / fp32 |", "|---|---|---|---|---|"]  # fmt: skip
-        mb = lambda n: f"{n / 2**20:,.2f} MiB"  # noqa: E731
-        for r in memory:
-            lines.append(
-                f"| {r['model']} | {mb(r['packed_file_bytes'])} | {mb(r['live_tensor_packed_bytes'])} / "
-                f"{mb(r['live_tensor_float_bytes'])} | {mb(r['rss_growth_packed_bytes'])} / {mb(r['rss_growth_float_bytes'])} "
-                f"| {mb(r['rss_growth_second_packed_bytes'])} / {mb(r['rss_growth_second_float_bytes'])} |"
-            )
-    lines += [
-        "",
-        f"Medians of {meta['rounds']['layer']} interleaved rounds per layer and of "
-        f"{', '.join(f'{v} (batch {k})' for k, v in meta['rounds']['end_to_end'].items())} end to end. Per layer: "
+            state = "met" if value >= goal else "short"
+            cells.append([f"{r['model']} batch {r['batch']}: end to end", f">= {goal:g}x", f"{value:.2f}x ({state})"])
+    return table(["target (issue #16)", "goal", "measured"], cells)
+
+
+def memory_table(memory: list[dict]) -> list[str]:
+    header = ["model", "packed file", "base tensors in memory, packed / fp32",
+              "RSS growth loading the base, packed / fp32", "one more copy, packed / fp32"]  # fmt: skip
+    cells = [
+        [r["model"], _mib(r["packed_file_bytes"]),
+         f"{_mib(r['live_tensor_packed_bytes'])} / {_mib(r['live_tensor_float_bytes'])}",
+         f"{_mib(r['rss_growth_packed_bytes'])} / {_mib(r['rss_growth_float_bytes'])}",
+         f"{_mib(r['rss_growth_second_packed_bytes'])} / {_mib(r['rss_growth_second_float_bytes'])}"]
+        for r in memory
+    ]  # fmt: skip
+    return table(header, cells)
+
+
+def markdown(records: list[dict], memory: list[dict], meta: dict) -> str:
+    m = meta["machine"]
+    rows = summary_rows(records)
+    rounds = ", ".join(f"{v} (batch {k})" for k, v in meta["rounds"]["end_to_end"].items())
+    where = (
+        f"`{meta['command']}` at commit `{meta['commit']}` on {m['cpu']} ({m['cpu_cores']} cores, kernels: "
+        f"{meta['isa']}, OpenMP {'on' if meta['openmp'] else 'off'}), {m['torch_threads']} threads for both paths; "
+        f"torch {m['torch']}, {meta['date']}, {meta['elapsed_s'] / 60:.1f} min; load average "
+        f"{m['load_average'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end."
+    )
+    notes = (
+        f"Medians of {meta['rounds']['layer']} interleaved rounds per layer and of {rounds} end to end. Per layer: "
         "torch's fp32 conv of +-1 inputs and weights against the kernel on packed inputs (packing an input costs "
         "`pack_s` more, once per block; `speedup_with_pack` in the JSON); MACs per cycle and core at the nominal "
         f"{meta['cpu_mhz'] or 0:.0f} MHz (the kernel's step, xor + popcount + add, covers 512 binary MACs; an "
-        "AVX-512 FMA 16 fp32 ones). End to end: a preprocessed batch to the "
-        "logits of one UDTA adapter (`BaseWithAdapters`); 'outside the kernels': the share of the packed time in "
-        "the float parts (stem, BN folds not fused, shortcuts of ReActNet, adapter, head) and Python. Memory: "
-        "fresh processes, resident set after `BaseWithAdapters.load` minus before (the first load also pays for "
-        "code paths used the first time), and for one more copy of the base.",
+        "AVX-512 FMA 16 fp32 ones). End to end: a preprocessed batch to the top-5 classes of one UDTA adapter "
+        "(`BaseWithAdapters.predict`); 'outside the kernels': the share of the packed time in the float parts "
+        "(stem, shortcuts of ReActNet, adapter, head) and Python. Memory: fresh processes, resident set after "
+        "`BaseWithAdapters.load` minus before (the first load also pays for code paths used the first time), "
+        "and for one more copy of the base."
+    )
+    lines = [
+        where,
+        "",
+        *summary_table(rows),
+        "",
+        *targets_table(rows),
+        *(["", *memory_table(memory)] if memory else []),
+        "",
+        notes,
     ]
     return "\n".join(lines)
 
@@ -381,6 +413,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,64)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both paths (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes (fresh processes)")
+    parser.add_argument("--isa", default=None, choices=kernels.ISAS, help="force a kernel level (default: the best)")
     parser.add_argument("--out", default="benchmarks", help="folder for inference.json / inference.md")
     parser.add_argument("--readme", default=None, help="README to update between the bench-infer markers")
     return parser.parse_args(argv)
@@ -392,6 +425,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if kernels.library() is None:
         raise SystemExit("the packed kernels are not built: install with a C compiler (make install)")
+    if args.isa:
+        kernels.set_isa(args.isa)
     allocator.keep_freed_memory()
     setups = TINY if args.tiny else FULL
     if args.models:
@@ -402,19 +437,22 @@ def main(argv=None) -> dict:
     if args.batches:
         batches = tuple(int(b) for b in args.batches.split(","))
         setups = tuple(Setup(s.name, s.width, s.image_size, s.num_classes, batches) for s in setups)
+    batches = sorted({b for s in setups for b in s.batches})
     if args.tiny:
-        rounds = Rounds(layer=2, end_to_end={b: 2 for s in setups for b in s.batches}, min_time_s=0.0)
+        rounds = Rounds(layer=2, end_to_end={b: 2 for b in batches}, min_time_s=0.0)
     elif args.quick:
-        rounds = Rounds(layer=3, end_to_end={b: 5 if b == 1 else 2 for s in setups for b in s.batches}, min_time_s=0.02)
+        rounds = Rounds(layer=3, end_to_end={b: 5 if b == 1 else 2 for b in batches}, min_time_s=0.02)
     else:
-        rounds = Rounds(layer=7, end_to_end={b: 15 if b == 1 else 4 for s in setups for b in s.batches}, min_time_s=0.05)
-    command = "python -m bnn_adapt.tools.bench_infer" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+        rounds = Rounds(layer=7, end_to_end={b: 15 if b == 1 else 4 for b in batches}, min_time_s=0.05)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m bnn_adapt.tools.bench_infer" + "".join(f" {a}" for a in given)
     meta = {
-        "command": command, "commit": git_commit(), "machine": machine(), "isa": kernels.isa(), "cpu_mhz": nominal_mhz(),
+        "command": command, "commit": git_commit(), "machine": machine(), "isa": kernels.isa(),
+        "cpu_mhz": nominal_mhz(),
         "openmp": kernels.openmp(), "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "rounds": {"layer": rounds.layer, "end_to_end": rounds.end_to_end}, "allocator": "keep_freed_memory",
     }  # fmt: skip
-    print(f"{command}: kernels {meta['isa']}, {torch.get_num_threads()} threads, load {meta['machine']['load_average']}")
+    print(f"{command}: kernels {meta['isa']}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
     started = time.perf_counter()
     records, memory = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -447,17 +485,16 @@ def main(argv=None) -> dict:
 
 
 def layer_table(records: list[dict]) -> str:
-    lines = ["| model | batch | layer | kernel | c_in -> c_out | input | fp32 (ms) | packed (ms) | pack (ms) "
-             "| speed-up | packed GMAC/s | exact |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in records:
-        if r["layer"] == "end_to_end":
-            continue
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['layer']} | {r['kernel']}/{r['stride']} | {r['c_in']} -> {r['c_out']} "
-            f"| {r['input_hw'][0]}x{r['input_hw'][1]} | {_ms(r['float_s'])} | {_ms(r['packed_s'])} | {_ms(r['pack_s'])} "
-            f"| {_x(r['speedup'])} | {r['packed_gmacs_per_s']:,.0f} | {'yes' if r['exact'] else 'NO'} |"
-        )
-    return "\n".join(lines)
+    header = ["model", "batch", "layer", "kernel/stride", "c_in -> c_out", "input", "fp32 (ms)", "packed (ms)",
+              "pack (ms)", "speed-up", "packed GMAC/s", "exact"]  # fmt: skip
+    cells = [
+        [r["model"], str(r["batch"]), r["layer"], f"{r['kernel']}/{r['stride']}", f"{r['c_in']} -> {r['c_out']}",
+         "x".join(map(str, r["input_hw"])), _ms(r["float_s"]), _ms(r["packed_s"]), _ms(r["pack_s"]),
+         _x(r["speedup"]), f"{r['packed_gmacs_per_s']:,.0f}", "yes" if r["exact"] else "NO"]
+        for r in records
+        if r["layer"] != "end_to_end"
+    ]  # fmt: skip
+    return "\n".join(table(header, cells))
 
 
 if __name__ == "__main__":
