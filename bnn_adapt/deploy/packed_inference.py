@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnn_adapt.bases import rebuild
@@ -358,12 +359,48 @@ class PackedReActBlock(ReActBlock):
         return tail(pack_signs(x, tail.pad, bias), residual)
 
 
+def conv_with_bn(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))`` as one fp32 conv: weights times BN's per-channel scale, BN's shift as the bias
+    (one pass less over the feature map; equal up to float rounding)."""
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
+        alpha, beta = fold_batch_norm(bn)
+        weight = conv.weight.detach().float() * alpha.view(-1, 1, 1, 1)
+        bias = beta if conv.bias is None else torch.addcmul(beta, alpha, conv.bias.detach().float())
+        return weight.contiguous(memory_format=torch.channels_last), bias
+
+    weight, bias = cached(owner, "conv+bn", (conv.weight, conv.bias, *bn_sources(bn)), fold)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and not torch.is_grad_enabled()
+
+
 class ChannelsLastStem(nn.Sequential):
-    """ReActNet's fp32 stem on channels-last maps: oneDNN's NHWC conv and max pool, 2.4x faster than
-    the NCHW conv at batch 1 here, and no layout copies before the kernels (which read any layout)."""
+    """ReActNet's fp32 stem on channels-last maps (oneDNN's NHWC conv and max pool: 2.4x faster than the
+    NCHW conv at batch 1 here; no layout copies before the kernels, which read any layout), BN folded
+    into the conv."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        conv, bn, *rest = self
+        if not (foldable(conv, bn) and runs_as_is(self, conv, bn)):
+            return super().forward(x)
+        x = conv_with_bn(self, conv, bn, x)
+        for module in rest:
+            x = module(x)
+        return x
+
+
+class FoldedDownsample(nn.Sequential):
+    """ReActNet's downsampling shortcut (average pool, fp32 1x1 conv, BN) with BN folded into the conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool, conv, bn = self
+        if not (foldable(conv, bn) and runs_as_is(self, pool, conv, bn)):
+            return super().forward(x)
+        return conv_with_bn(self, conv, bn, pool(x))
 
 
 class ChannelsLastOutMaxPool2d(ChannelsLastMaxPool2d):
@@ -396,8 +433,11 @@ def swap_blocks(base: nn.Module) -> nn.Module:
     for module in base.modules():
         if type(module) in PACKED_BLOCKS:
             module.__class__ = PACKED_BLOCKS[type(module)]
-    if isinstance(base, ReActNet18) and type(base.stem) is nn.Sequential:
+    if isinstance(base, ReActNet18) and type(base.stem) is nn.Sequential and len(base.stem) == 3:
         base.stem.__class__ = ChannelsLastStem
+    for module in base.modules():
+        if isinstance(module, ReActBlock) and type(module.downsample) is nn.Sequential and len(module.downsample) == 3:
+            module.downsample.__class__ = FoldedDownsample
     base.packed_kernels = True
     return base.eval().requires_grad_(False)
 
