@@ -33,7 +33,7 @@ def test_tiny_bench_writes_layer_end_to_end_and_memory_records(tmp_path):
     assert {r["kernel"] for r in records if r["layer"] != "end_to_end"} == {"3x3", "1x1"}
     e2e = [r for r in records if r["layer"] == "end_to_end"]
     assert [r["batch"] for r in e2e] == [1, 2]
-    assert all(r["same_top1"] and 0 <= r["float_share_packed"] <= 1 for r in e2e)
+    assert all(r["same_top1"] and 0 <= r["kernel_share_packed"] <= 1 and r["base_speedup"] > 0 for r in e2e)
     (memory,) = result["memory"]
     assert memory["packed_file_bytes"] > 0 and memory["live_tensor_packed_bytes"] < memory["live_tensor_float_bytes"]
     table = (out / "inference.md").read_text()

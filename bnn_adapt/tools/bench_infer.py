@@ -201,20 +201,28 @@ def make_bank(base: nn.Module, setup: Setup, folder: Path, packed: bool) -> Base
 
 def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: int, rounds: Rounds,
                      log=print) -> dict:  # fmt: skip
+    """``BaseWithAdapters.predict`` on a preprocessed batch, and the base alone (its stage outputs)."""
     x = torch.randn(batch, 3, setup.image_size, setup.image_size, generator=torch.Generator().manual_seed(7))
-    times = {"packed": [], "float": []}
-    for bank in banks.values():
-        bank.predict(x, k=5, batch_size=batch)  # warm-up: thresholds, folds, oneDNN primitives
-    for _ in range(rounds.end_to_end[batch]):
-        for path, bank in banks.items():
-            times[path].append(timed(lambda b=bank: b.predict(x, k=5, batch_size=batch), rounds.min_time_s))
-    with kernels.kernel_time() as in_kernels:
-        start = time.perf_counter()
-        banks["packed"].predict(x, k=5, batch_size=batch)
-        total = time.perf_counter() - start
-    logits = banks["packed"](x)
-    expected = banks["float"](x)
+    calls = {}
+    for path, bank in banks.items():
+        calls[path] = lambda b=bank: b.predict(x, k=5, batch_size=batch)
+        calls[f"base_{path}"] = lambda b=bank: b.base.stage_outputs(x)
+    times = {name: [] for name in calls}
+    with torch.no_grad():
+        for call in calls.values():
+            call()  # warm-up: thresholds, folds, oneDNN primitives
+        for _ in range(rounds.end_to_end[batch]):
+            for name, call in calls.items():
+                times[name].append(timed(call, rounds.min_time_s))
+        shares = []
+        for _ in range(3):
+            with kernels.kernel_time() as in_kernels:
+                start = time.perf_counter()
+                calls["packed"]()
+                shares.append(in_kernels[0] / (time.perf_counter() - start))
+        logits, expected = banks["packed"](x), banks["float"](x)
     t = {k: statistics.median(v) for k, v in times.items()}
+    kernel_share = statistics.median(shares)
     record = {
         "model": setup.name, "batch": batch, "layer": "end_to_end", "adapter": "udta (concat head)",
         "packed_s": t["packed"], "float_s": t["float"], "speedup": t["float"] / t["packed"],
@@ -222,10 +230,14 @@ def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: in
         "exact": bool(torch.equal(logits, expected)),
         "max_abs_logit_diff": float((logits - expected).abs().max()),
         "same_top1": bool(torch.equal(logits.argmax(1), expected.argmax(1))),
-        "kernel_share_packed": in_kernels[0] / total, "float_share_packed": 1 - in_kernels[0] / total,
+        "base_packed_s": t["base_packed"], "base_float_s": t["base_float"],
+        "base_speedup": t["base_float"] / t["base_packed"],
+        "kernel_share_packed": kernel_share, "float_share_packed": 1 - kernel_share,
+        "adapter_share_packed": max(0.0, 1 - t["base_packed"] / t["packed"]),
     }  # fmt: skip
     log(f"  {setup.name} b{batch} end to end: float {t['float'] * 1e3:.2f} ms, packed {t['packed'] * 1e3:.2f} ms, "
-        f"{record['speedup']:.2f}x; {record['float_share_packed']:.0%} of the packed time outside the kernels")
+        f"{record['speedup']:.2f}x (base alone {record['base_speedup']:.2f}x); packed time: "
+        f"{kernel_share:.0%} kernels, {record['adapter_share_packed']:.0%} adapter and head")
     return record
 
 
@@ -313,7 +325,7 @@ def _mib(n: int) -> str:
 def summary_table(rows: list[dict]) -> list[str]:
     header = ["model", "batch", "3x3 binary convs: median speed-up (min-max)", "3x3 MACs/cycle/core, packed / fp32",
               "1x1 convs", "every layer exact", "end to end fp32 (ms)", "packed (ms)", "speed-up",
-              "images/s fp32 / packed", "outside the kernels"]  # fmt: skip
+              "images/s fp32 / packed", "base alone: speed-up", "packed time: kernels / adapter + head"]  # fmt: skip
     cells = []
     for r in rows:
         e = r["end_to_end"] or {}
@@ -325,7 +337,8 @@ def summary_table(rows: list[dict]) -> list[str]:
             _x(r["conv1x1_median"]), "yes" if r["all_exact"] else "NO",
             _ms(e.get("float_s")), _ms(e.get("packed_s")), _x(e.get("speedup")),
             f"{e.get('images_per_s_float', 0):,.0f} / {e.get('images_per_s_packed', 0):,.0f}",
-            f"{e.get('float_share_packed', 0):.0%}",
+            _x(e.get("base_speedup")),
+            f"{e.get('kernel_share_packed', 0):.0%} / {e.get('adapter_share_packed', 0):.0%}",
         ])  # fmt: skip
     return table(header, cells)
 
@@ -376,8 +389,9 @@ def markdown(records: list[dict], memory: list[dict], meta: dict) -> str:
         "`pack_s` more, once per block; `speedup_with_pack` in the JSON); MACs per cycle and core at the nominal "
         f"{meta['cpu_mhz'] or 0:.0f} MHz (the kernel's step, xor + popcount + add, covers 512 binary MACs; an "
         "AVX-512 FMA 16 fp32 ones). End to end: a preprocessed batch to the top-5 classes of one UDTA adapter "
-        "(`BaseWithAdapters.predict`); 'outside the kernels': the share of the packed time in the float parts "
-        "(stem, shortcuts of ReActNet, adapter, head) and Python. Memory: fresh processes, resident set after "
+        "(`BaseWithAdapters.predict`); base alone: its stage outputs; of the packed end-to-end time, the share in "
+        "the kernels and in the (float) adapter and head; the rest is the base's float parts (stem, ReActNet's "
+        "shortcuts) and Python. Memory: fresh processes, resident set after "
         "`BaseWithAdapters.load` minus before (the first load also pays for code paths used the first time), "
         "and for one more copy of the base."
     )
