@@ -37,6 +37,7 @@ def config_hash(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=False)
     for key in NOT_HASHED:
         data.pop(key, None)
+    (data.get("predict") or {}).pop("packed", None)  # how task=predict runs the base, added after runs were hashed
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import open_dict
 
 from bnn_adapt import task
 from bnn_adapt.adapter_file import export_adapter
@@ -31,6 +32,7 @@ from bnn_adapt.deploy.packed_inference import (
 )  # fmt: skip
 from bnn_adapt.packed_base import repack, write_packed_base
 from bnn_adapt.predict import BaseWithAdapters
+from bnn_adapt.results import config_hash
 from bnn_adapt.strategies import STRATEGIES
 from tests.test_adapters import randomize_bn
 from tests.test_export import adapted, make_base, trained_like
@@ -317,6 +319,15 @@ def test_the_flag_forces_the_float_path(tmp_path):
     float_bank = BaseWithAdapters.load(tmp_path / "base.bnnpack", packed=False)
     assert not uses_packed_kernels(float_bank.base)
     assert not any(isinstance(m, PackedBinaryLayer) for m in float_bank.base.modules())
+
+
+def test_the_flag_leaves_config_hashes_as_they_were(make_cfg):
+    """predict.packed never changes what a run computes: finished runs stay complete."""
+    cfg = make_cfg()
+    with_flag = config_hash(cfg)
+    with open_dict(cfg):
+        del cfg.predict.packed
+    assert config_hash(cfg) == with_flag
 
 
 @needs_kernels
