@@ -10,9 +10,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import bnn_adapt.config  # noqa: F401 - our ${range:...} etc. must exist before Hydra snapshots the
-# OmegaConf resolvers for launcher workers (joblib, submitit), which restore that snapshot before every job
+# our ${range:...} etc. must exist before Hydra snapshots the OmegaConf resolvers for launcher
+# workers (joblib, submitit), which restore that snapshot before every job
 from bnn_adapt.errors import UserError
+from bnn_adapt.run.config import rename_deprecated_overrides
 
 # Lightning 2.6 asks torch's pytree a deprecated question on every step; nothing for our users to act on
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -27,13 +28,12 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
     """User errors print one line (``debug=true``: the traceback); in a sweep a
     failing run is recorded in its metrics.json and the sweep goes on. With
     ``optimized_metrics`` (hparams_search) the sweeper gets those values."""
-    from bnn_adapt.allocator import keep_freed_memory
-    from bnn_adapt.pareto import objective_values
-    from bnn_adapt.task import run  # imported here so --help stays fast
+    from bnn_adapt.run.task import run, sweeper_value  # imported here so --help stays fast
+    from bnn_adapt.training.allocator import keep_freed_memory
 
     keep_freed_memory()  # large activations reused, not re-faulted every step (allocator.py)
     try:
-        return objective_values(cfg, run(cfg))
+        return sweeper_value(cfg, run(cfg))
     except Exception as exc:
         if cfg.get("debug"):
             raise
@@ -47,4 +47,5 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = rename_deprecated_overrides(sys.argv[1:])  # 0.1's key names, with a note each
     main()

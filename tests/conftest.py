@@ -1,11 +1,11 @@
 """Shared fixtures: the real Hydra config, composed and shrunk for fast CPU runs.
 
-In the style of the lightning-hydra-template: ``hydra.initialize_config_dir`` +
-``compose(..., return_hydra_config=True)`` on the repository's ``conf/``, then
+In the style of the lightning-hydra-template: the project's one compose helper
+(:func:`bnn_adapt.run.config.compose`, Hydra's compose API on ``conf/``), then
 shrunk with ``open_dict`` (outputs, bases and data under ``tmp_path``, a tiny
 network, a few batches) and registered with ``HydraConfig`` so that
 ``${hydra:...}`` interpolations resolve. Tests then call the real
-:func:`bnn_adapt.task.run`.
+:func:`bnn_adapt.run.task.run`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from bnn_adapt.run.config import compose  # noqa: E402
 from tests.fake_data import write_cifar10, write_imagefolder  # noqa: E402
 
 torch.set_num_threads(1)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
 
 # What every test run shares: a tiny network, a few small batches, CPU, quiet.
 TINY_OVERRIDES = (
@@ -57,12 +55,7 @@ def compose_config(
     tiny: bool = True,
 ) -> DictConfig:
     """The real ``conf/config.yaml`` with ``overrides``, every path pointed into the test's folders."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[*(TINY_OVERRIDES if tiny else ()), *overrides],
-            return_hydra_config=True,
-        )
+    cfg = compose([*(TINY_OVERRIDES if tiny else ()), *overrides], return_hydra_config=True)
     root = Path(output_dir).parent
     with open_dict(cfg):
         cfg.paths.root_dir = str(root)
@@ -115,7 +108,7 @@ def pretrained_base(tmp_path_factory, data_dir, shared_base_dir) -> dict:
     ``base.save_to`` is the default ``base.checkpoint`` of the ``cifar5_5``
     adaptation configs, so they find it without being told.
     """
-    from bnn_adapt.task import run
+    from bnn_adapt.run.task import run
 
     out = tmp_path_factory.mktemp("pretrain") / "run"
     cfg = compose_config(

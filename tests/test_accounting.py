@@ -12,12 +12,12 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnn_adapt.accounting import layer_table, parameter_rows, size_percent, summarize, totals
+from bnn_adapt.adapters import FullFinetune, HeadOnly, Parallel, Serial
 from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
-from bnn_adapt.binary import BinaryConv2d, BinaryLinear
-from bnn_adapt.lit_module import Classifier
-from bnn_adapt.pruning import is_pruning_epoch, prune_now, pruning_callbacks
-from bnn_adapt.strategies import FullFinetune, HeadOnly, Parallel, Serial
+from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear
+from bnn_adapt.training.module import Classifier
+from bnn_adapt.training.pruning import PruningPlan, is_pruning_epoch
 
 C = 3  # target classes
 TINY = [8, 16, 32]  # STE channels at width 0.1
@@ -194,7 +194,7 @@ def assert_pruned(model: Parallel, dw_rate: float, pw_rate: float) -> tuple[int,
 def test_prune_now_counts_and_summary():
     model = Parallel(tiny_base(), C, head="concat")
     before = summarize(model)
-    prune_now(model, 0.5, 0.8)
+    PruningPlan(0.5, 0.8, (1,)).apply(model)
 
     dw_zeros, pw_zeros = assert_pruned(model, 0.5, 0.8)
     assert dw_zeros == 9 * (4 + 8 + 16)
@@ -220,7 +220,7 @@ def test_prune_now_counts_and_summary():
 def test_prune_now_grouped_and_zero_rates():
     model = Parallel(tiny_base(), C, head="adapter", groups=2)
     before = summarize(model)
-    prune_now(model, 0.0, 0.9)
+    PruningPlan(0.0, 0.9, (1,)).apply(model)
     dw_zeros, pw_zeros = assert_pruned(model, 0.0, 0.9)
     assert dw_zeros == 0
     assert pw_zeros == round(0.9 * 64) + round(0.9 * 256) + round(0.9 * 512)
@@ -240,7 +240,7 @@ def test_parameter_rows_count_an_active_mask():
 def test_pruning_callbacks_prune_once_like_prune_now():
     torch.manual_seed(2)
     model = Parallel(tiny_base(), C, head="concat")
-    callbacks = pruning_callbacks(model, 0.5, 0.8, at_epoch=1)
+    callbacks = PruningPlan(0.5, 0.8, (1,)).callbacks(model)
     # one ModelPruning per kind (structured depthwise, unstructured pointwise) + the resume guard
     assert sum(isinstance(c, ModelPruning) for c in callbacks) == 2
     assert [is_pruning_epoch(e, 2) for e in range(4)] == [False, True, False, False]
@@ -310,7 +310,7 @@ def test_layer_table_lists_every_introduced_parameter_and_the_size(make):
 
 def test_layer_table_after_pruning_shows_non_zero_counts():
     model = Parallel(tiny_base(), C)
-    prune_now(model, 0.5, 0.8)
+    PruningPlan(0.5, 0.8, (1,)).apply(model)
     table = layer_table(model)
     row = next(line for line in table.splitlines() if line.startswith("adapter.blocks.2.pointwise.weight "))
     assert row.split()[3] == f"{1024 - 819:,}"

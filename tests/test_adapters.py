@@ -8,13 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_adapt.adapters import UDTA, SerialAdapter, ThinBlock
+from bnn_adapt.adapters import (
+    STRATEGIES,
+    UDTA,
+    BitFit,
+    FullFinetune,
+    HeadOnly,
+    LoRA,
+    Parallel,
+    Serial,
+    SerialAdapter,
+    ThinBlock,
+    resolve_groups,
+)
 from bnn_adapt.adapters.udta import thin_block_shapes
 from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
-from bnn_adapt.binary import BinaryLinear
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.strategies import STRATEGIES, BitFit, FullFinetune, HeadOnly, LoRA, Parallel, Serial, resolve_groups
+from bnn_adapt.nn.layers import BinaryLinear
 
 
 def n_params(module: nn.Module) -> int:

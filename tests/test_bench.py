@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnn_adapt import bench
+from bnn_adapt.tools import bench
 
 REQUIRED = {
     "model": str,

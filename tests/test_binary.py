@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
-from bnn_adapt.binary import BinaryConv2d, BinaryLinear, BinaryModule, SignSTE, binarize, clamp_latent_weights, sign
-from bnn_adapt.lit_module import Classifier
+from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, BinaryModule, binarize, clamp_latent_weights, sign
+from bnn_adapt.nn.quantizers import SignSTE
+from bnn_adapt.training.module import Classifier
 
 
 def reference_sign(x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +247,8 @@ def test_stage_outputs_stay_real_valued_and_unchanged():
 
 def test_frozen_binary_weights_are_reused_and_follow_every_change():
     """The cached sign(W) of a frozen layer never goes stale (binary.frozen_binary_weight)."""
-    from bnn_adapt.bases.reactnet import ScaledBinaryConv2d, scaled_sign
+    from bnn_adapt.bases.reactnet import ScaledBinaryConv2d
+    from bnn_adapt.nn.layers import scaled_sign
 
     torch.manual_seed(0)
     x = torch.randn(2, 4, 6, 6)

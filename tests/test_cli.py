@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnn_adapt import task
+from bnn_adapt.run import builders, task
 from tests.fake_data import write_imagefolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -114,13 +114,13 @@ def test_summary_only_works_offline_for_every_experiment(experiment, make_cfg, t
     assert on_disk["base_binary_params"] > 0 and on_disk["base_fp32_params"] > 0
     assert 0 < on_disk["adapter_size_pct"] <= on_disk["size_pct"] or cfg.adapter.name == "head_only"
 
-    num_classes = task.target_num_classes(cfg)
+    num_classes = builders.target_num_classes(cfg)
     channels = stage_channels(cfg)
     rate = cfg.reduction.rate if cfg.reduction.name == "prune" else 0.0
     expected_adapter = {
         "head_only": 0,
-        "serial": serial_params(channels, cfg.adapter.get("stages", ()), cfg.reduction.groups),
-        "udta": udta_params(channels, rate, cfg.reduction.groups),
+        "serial": serial_params(channels, cfg.adapter.get("stages", ()), cfg.adapter.get("groups") or 1),
+        "udta": udta_params(channels, rate, cfg.adapter.get("groups") or 1),
     }
     if cfg.adapter.name in expected_adapter:
         assert on_disk["adapter_fp32_params"] == expected_adapter[cfg.adapter.name]
@@ -178,14 +178,14 @@ def test_cli_summary_only_multirun_reports_pruned_counts(tmp_path):
 def test_cli_bad_groups_value_is_one_error_line(tmp_path):
     run_dir = tmp_path / "run"
     result = cli(
-        tmp_path, "+experiment=cifar80_20_serial", "reduction=groups", "reduction.groups=7",
+        tmp_path, "+experiment=cifar80_20_serial", "adapter.groups=7",
         "summary_only=true", f"hydra.run.dir={run_dir}",
     )  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
-    assert "reduction.groups=7" in errors[0]
+    assert "adapter.groups=7" in errors[0]
     assert "valid values: [1, 2, 4, 5, 8, 10, 16, 20, 40, 80]" in errors[0] and "channels" in errors[0]
     assert not (run_dir / "summary.json").exists()
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from bnn_adapt import data as data_module
-from bnn_adapt.data import ClassSplitDataModule
 from bnn_adapt.errors import ConfigError, DataError
+from bnn_adapt.training import datasets as data_module
+from bnn_adapt.training.datamodule import ClassSplitDataModule
 from tests.fake_data import write_cifar10, write_cifar100, write_fashion_idx, write_imagefolder
 
 

@@ -13,17 +13,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from bnn_adapt import task
 from bnn_adapt.accounting import parameter_rows, summarize, totals
-from bnn_adapt.adapter_file import attach_adapter, export_adapter, read_adapter_file
+from bnn_adapt.adapters import STRATEGIES
+from bnn_adapt.adapters.file import attach_adapter, export_adapter, read_adapter_file
+from bnn_adapt.bases.fingerprint import fingerprint
 from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
+from bnn_adapt.deploy.export import BASE_FILE, formula_bytes
+from bnn_adapt.deploy.packed_base import pack_base, read_packed_base, repack, unpack_base, write_packed_base
 from bnn_adapt.errors import ExportError, FingerprintError
-from bnn_adapt.export import BASE_FILE, formula_bytes
-from bnn_adapt.head_pruning import make_head_prunable, prune_head_columns
-from bnn_adapt.packed_base import fingerprint, pack_base, read_packed_base, repack, unpack_base, write_packed_base
-from bnn_adapt.pruning import prune_now
-from bnn_adapt.strategies import STRATEGIES
+from bnn_adapt.run import builders, task
+from bnn_adapt.training.pruning import PruningPlan, make_head_prunable, prune_head_columns
 from tests.test_adapters import randomize_bn
 
 BASES = {
@@ -68,7 +68,7 @@ def adapted(strategy: str, base: nn.Module, variant: str = "plain") -> nn.Module
     if variant == "bn_drift":
         randomize_bn(base, 3)
     if variant == "pruned":
-        prune_now(model, 0.5, 0.9)
+        PruningPlan(0.5, 0.9, (1,)).apply(model)
         make_head_prunable(model)
         prune_head_columns(model, 0.5)
     return model.eval()
@@ -259,7 +259,7 @@ def test_task_export_from_runs_writes_files_and_a_truthful_manifest(pretrained_b
     for name, entry in on_disk["files"].items():
         assert entry["bytes"] == (out / name).stat().st_size
     base_entry = on_disk["files"][BASE_FILE]
-    stored_base = task.load_trained_base(runs["udta"])
+    stored_base = builders.load_trained_base(runs["udta"])
     fp32, binary = totals(parameter_rows(stored_base))
     assert base_entry["predicted_bytes"] == binary / 8 + 4 * fp32
     assert base_entry["fingerprint"] == fingerprint(stored_base) == on_disk["base_fingerprint"]
@@ -278,7 +278,7 @@ def test_task_export_from_runs_writes_files_and_a_truthful_manifest(pretrained_b
     base, _ = read_packed_base(out / BASE_FILE)
     for strategy, cfg in runs.items():
         adapter = attach_adapter(out / adapters[strategy][0], base)
-        datamodule = task.build_datamodule(cfg, "target")
+        datamodule = builders.build_datamodule(cfg, "target")
         datamodule.setup("fit")
         correct = total = 0
         with torch.no_grad():
@@ -296,7 +296,7 @@ def test_task_export_of_a_base_alone_and_its_errors(pretrained_base, make_cfg, t
     manifest = task.run(make_cfg("data=cifar5_5", "task=export", f"export.dir={out}", name="export"))
     assert list(manifest["files"]) == [BASE_FILE]
     loaded, _ = read_packed_base(out / BASE_FILE)
-    stored = task.load_trained_base(make_cfg("data=cifar5_5", name="x"))
+    stored = builders.load_trained_base(make_cfg("data=cifar5_5", name="x"))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(stored.eval()(x), loaded(x))

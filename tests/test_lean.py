@@ -1,9 +1,9 @@
-"""Memory-lean backprop (trainer.memory=lean, SPEC 7): gradients equal standard
+"""Memory-lean backprop (memory=lean, SPEC 7): gradients equal standard
 autograd's, and far fewer bytes are kept for backward.
 
 Tolerances: every lean path of an adaptation strategy (frozen base) and of
 ``low_precision=False`` is exact, to the bit (``torch.equal``). With
-``low_precision`` (trainer.memory=lean_fp16 in task=pretrain, full_finetune) BN (and ReActNet's approx-sign and
+``low_precision`` (memory=lean_fp16 in task=pretrain, full_finetune) BN (and ReActNet's approx-sign and
 trainable PReLU) inputs are stored in float16: each parameter's gradient is
 then within a relative L2 error of 5e-3 (STE net) / 1e-2 (ReActNet) of
 standard autograd's (parameters whose gradient is analytically zero, like a
@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnn_adapt import accounting
+from bnn_adapt.adapters import STRATEGIES, Serial
 from bnn_adapt.bases import ReActNet18, STEResNetCIFAR
 from bnn_adapt.bases.reactnet import ChannelsLastMaxPool2d
-from bnn_adapt.bench import SavedTensorMeter
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.lean import (
+from bnn_adapt.tools.bench import SavedTensorMeter
+from bnn_adapt.training.lean import (
     STANDARD_CLASSES,
     is_lean,
     make_lean,
@@ -35,7 +36,6 @@ from bnn_adapt.lean import (
     unpack_bits,
     unpack_signs,
 )
-from bnn_adapt.strategies import STRATEGIES, Serial
 
 LOW_PRECISION_RTOL = {"ste": 5e-3, "reactnet": 1e-2}
 BASES = {
@@ -136,7 +136,7 @@ def test_lean_gradients_equal_standard(base_kind, strategy):
 @pytest.mark.parametrize("base_kind", list(BASES))
 @pytest.mark.parametrize("strategy", ["full_finetune", "pretrain"])
 def test_lean_is_exact_when_the_base_trains(base_kind, strategy):
-    """trainer.memory=lean: no low precision, bit-identical training."""
+    """memory=lean: no low precision, bit-identical training."""
     standard, x, y = build(base_kind, strategy)
     lean = set_memory_mode(copy.deepcopy(standard), "lean")
     assert is_lean(lean) and not any(getattr(m, "lean_low_precision", False) for m in lean.modules())
@@ -235,7 +235,7 @@ def test_lean_pretraining_keeps_at_least_three_times_less(base_kind):
 
 
 def test_frozen_binary_conv_saves_no_input():
-    from bnn_adapt.binary import BinaryConv2d
+    from bnn_adapt.nn.layers import BinaryConv2d
 
     conv = make_lean(BinaryConv2d(8, 8, 3, padding=1, bias=False)).requires_grad_(False)
     x = (torch.rand(4, 8, 6, 6) * 2 - 1).requires_grad_()  # within [-1, 1]: the STE mask is all ones
@@ -297,7 +297,7 @@ def test_make_lean_keeps_state_dict_accounting_and_switches_back():
 
 
 def test_make_lean_leaves_unknown_subclasses_alone():
-    from bnn_adapt.binary import BinaryConv2d
+    from bnn_adapt.nn.layers import BinaryConv2d
 
     class Custom(BinaryConv2d):
         pass
@@ -307,23 +307,23 @@ def test_make_lean_leaves_unknown_subclasses_alone():
 
 
 def test_memory_mode_is_validated():
-    with pytest.raises(ConfigError, match="trainer.memory"):
+    with pytest.raises(ConfigError, match="memory"):
         set_memory_mode(nn.Linear(2, 2), "tiny")
 
 
 def test_lean_run_end_to_end(make_cfg, pretrained_base):
-    from bnn_adapt.task import run
+    from bnn_adapt.run.task import run
 
-    metrics = run(make_cfg("data=cifar5_5", "adapter=serial", "trainer.memory=lean", "trainer.max_epochs=1"))
+    metrics = run(make_cfg("data=cifar5_5", "adapter=serial", "memory=lean", "trainer.max_epochs=1"))
     assert metrics["status"] == "complete" and metrics["test_top1"] is not None
-    assert metrics["config"]["trainer"]["memory"] == "lean"
+    assert metrics["config"]["memory"] == "lean"
 
 
 def test_invalid_memory_setting_is_a_config_error(make_cfg):
-    from bnn_adapt.task import run
+    from bnn_adapt.run.task import run
 
-    with pytest.raises(ConfigError, match="trainer.memory"):
-        run(make_cfg("data=cifar5_5", "trainer.memory=half"))
+    with pytest.raises(ConfigError, match="memory"):
+        run(make_cfg("data=cifar5_5", "memory=half"))
 
 
 @pytest.mark.parametrize(

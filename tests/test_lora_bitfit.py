@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from bnn_adapt import task
 from bnn_adapt.accounting import summarize
+from bnn_adapt.adapters import BitFit, LoRA
 from bnn_adapt.adapters.bitfit import bitfit_parameter_names
 from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.strategies import BitFit, LoRA
+from bnn_adapt.run import task
 from tests.test_adapters import randomize_bn
 
 BASES = {

@@ -9,7 +9,8 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from bnn_adapt.pareto import objective_values, pareto_front
+from bnn_adapt.run.task import sweeper_value
+from bnn_adapt.tools.pareto import pareto_front
 from tests.test_tables import run_module
 
 # digits pretrain their base on the fly: no data to generate; smoke sizes, 2 quick epochs
@@ -21,11 +22,11 @@ SEARCH = (
 
 def test_objectives_are_what_the_search_optimises():
     metrics = {"test_top1": 0.75, "size_pct": 3.5, "status": "complete"}
-    assert objective_values(OmegaConf.create({}), metrics) is metrics
-    assert objective_values(OmegaConf.create({"optimized_metrics": ["test_top1", "size_pct"]}), metrics) == (0.75, 3.5)
-    assert objective_values(OmegaConf.create({"optimized_metrics": ["test_top1"]}), metrics) == 0.75
+    assert sweeper_value(OmegaConf.create({}), metrics) is metrics
+    assert sweeper_value(OmegaConf.create({"optimized_metrics": ["test_top1", "size_pct"]}), metrics) == (0.75, 3.5)
+    assert sweeper_value(OmegaConf.create({"optimized_metrics": ["test_top1"]}), metrics) == 0.75
     failed = {"status": "failed", "error": "x"}
-    assert objective_values(OmegaConf.create({"optimized_metrics": ["test_top1", "size_pct"]}), failed) is failed
+    assert sweeper_value(OmegaConf.create({"optimized_metrics": ["test_top1", "size_pct"]}), failed) is failed
 
 
 def test_pareto_front_keeps_the_non_dominated_points():

@@ -32,7 +32,7 @@ from bnn_adapt.deploy.packed_inference import (
 )  # fmt: skip
 from bnn_adapt.packed_base import repack, write_packed_base
 from bnn_adapt.predict import BaseWithAdapters
-from bnn_adapt.results import config_hash
+from bnn_adapt.run.results import config_hash
 from bnn_adapt.strategies import STRATEGIES
 from tests.test_adapters import randomize_bn
 from tests.test_export import adapted, make_base, trained_like

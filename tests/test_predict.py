@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import bnn_adapt.predict as predict_module
-from bnn_adapt import task
-from bnn_adapt.adapter_file import export_adapter
-from bnn_adapt.data import HALF
+import bnn_adapt.deploy.predict as predict_module
+from bnn_adapt.adapters.file import export_adapter
+from bnn_adapt.deploy.packed_base import write_packed_base
+from bnn_adapt.deploy.predict import BaseWithAdapters, eval_transform, image_files
 from bnn_adapt.errors import ConfigError, DataError, ExportError, FingerprintError
-from bnn_adapt.packed_base import write_packed_base
-from bnn_adapt.predict import BaseWithAdapters, eval_transform, image_files
+from bnn_adapt.run import task
+from bnn_adapt.training.datamodule import HALF
 from tests.test_export import adapted, make_base
 
 PREPROCESS = {"image_size": 32, "mean": list(HALF), "std": list(HALF)}

@@ -9,15 +9,23 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from bnn_adapt import task
 from bnn_adapt.accounting import summarize
+from bnn_adapt.adapters import HeadOnly, Parallel
+from bnn_adapt.adapters.file import read_adapter_file
+from bnn_adapt.adapters.file_codec import decode_tensors
+from bnn_adapt.adapters.strategy import ColumnPrunedLinear
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.head_pruning import ColumnPrunedLinear, make_head_prunable, prune_head_columns
-from bnn_adapt.pruning import cumulative_fraction, iterative_schedule, per_round_fraction, prune_now
-from bnn_adapt.strategies import HeadOnly, Parallel
+from bnn_adapt.run import task
+from bnn_adapt.training.pruning import (
+    PruningPlan,
+    cumulative_fraction,
+    iterative_schedule,
+    make_head_prunable,
+    per_round_fraction,
+    prune_head_columns,
+)
 
 
 def test_rounds_compound_to_the_rate():
@@ -45,7 +53,7 @@ def test_schedule_spreads_rounds_and_rejects_impossible_ones():
 def test_prune_now_in_rounds_reaches_the_rate_per_layer():
     torch.manual_seed(0)
     model = Parallel(STEResNetCIFAR(num_classes=5, width=0.25), num_classes=5)
-    prune_now(model, 0.75, 0.9, rounds=3)
+    PruningPlan(0.75, 0.9, tuple(range(1, 3 + 1))).apply(model)
     depthwise, pointwise = model.prune_targets()
     for m in pointwise:
         zeros = int((m.weight == 0).sum())
@@ -115,8 +123,8 @@ class RoundProbe(L.Callback):
 
 def run_with_probe(make_cfg, monkeypatch, *overrides, name="run"):
     probe = RoundProbe()
-    original = task.reduction_callbacks
-    monkeypatch.setattr(task, "reduction_callbacks", lambda *args: [*original(*args), probe])
+    original = PruningPlan.callbacks
+    monkeypatch.setattr(PruningPlan, "callbacks", lambda *args: [*original(*args), probe])
     cfg = make_cfg("data=cifar5_5", "adapter=udta", *overrides, name=name)
     metrics = task.run(cfg)
     return metrics, Path(cfg.paths.output_dir), probe
@@ -140,7 +148,8 @@ def test_iterative_rounds_reach_the_rate_and_counts_match_summary(pretrained_bas
     assert metrics["best_before_pruning_top1"] == pytest.approx(history[0]["val/acc"])
     assert metrics["best_test_top1"] == pytest.approx(max(h["val/acc"] for h in history[2:]))
 
-    saved = load_file(str(run_dir / "adapter.safetensors"))
+    arrays, meta = read_adapter_file(run_dir / "adapter.safetensors")
+    saved = decode_tensors(arrays, meta["tensors"])
     nonzero = sum(
         int(v.count_nonzero()) if k.endswith(("pointwise.weight", "depthwise.weight")) else v.numel()
         for k, v in saved.items()
@@ -148,7 +157,7 @@ def test_iterative_rounds_reach_the_rate_and_counts_match_summary(pretrained_bas
     )
     assert metrics["adapter_fp32_params"] == nonzero
     # the head: half of its 64 input columns (32 base + 32 adapter features) switched off
-    kept = saved["head.0.0.kept_columns"]
+    kept = saved["head.0.kept_columns"]
     assert int((~kept).sum()) == 32
     assert metrics["head_binary_params"] == 32 * 5 + 5
     summary = task.run(make_cfg("data=cifar5_5", "adapter=udta", *ITERATIVE, "reduction.head_rate=0.5",

@@ -6,17 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from bnn_adapt.bases.reactnet import (
-    ChannelsLastMaxPool2d,
-    ReActNet18,
-    ScaledBinaryConv2d,
-    approx_sign,
-    load_reactnet_checkpoint,
-    save_reactnet_checkpoint,
-)
+from bnn_adapt.bases.reactnet import ChannelsLastMaxPool2d, ReActNet18, ScaledBinaryConv2d
+from bnn_adapt.bases.reactnet_checkpoint import load_reactnet_checkpoint, save_reactnet_checkpoint
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
-from bnn_adapt.binary import BinaryModule
 from bnn_adapt.errors import CheckpointError
+from bnn_adapt.nn.layers import BinaryModule, approx_sign
 
 TINY = 0.125  # 8/16/32/64 channels
 

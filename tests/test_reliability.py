@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from bnn_adapt import task
-from bnn_adapt.data import EpochShuffle
 from bnn_adapt.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
-from bnn_adapt.results import file_sha256, write_json
+from bnn_adapt.run import task
+from bnn_adapt.run.config import without_hydra_node
+from bnn_adapt.run.results import config_hash, file_sha256, write_json
+from bnn_adapt.training.datamodule import EpochShuffle
 from tests.fake_data import write_cifar10, write_imagefolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +71,8 @@ BAD_CONFIGS = [
     (["base.bn=thawed"], ConfigError, ["base.bn", "frozen"]),
     (["adapter=serial", "adapter.stages=[4]"], ConfigError, ["stages", "1..3"]),
     (["adapter=serial", "adapter.stages=[]"], ConfigError, ["stages"]),
-    (["reduction=groups", "reduction.groups=3"], ConfigError, ["valid values", "channels"]),
-    (["reduction=groups", "reduction.groups=0"], ConfigError, ["valid values"]),
+    (["adapter.groups=3"], ConfigError, ["valid values", "channels"]),
+    (["adapter.groups=0"], ConfigError, ["valid values"]),
     (["reduction=prune", "reduction.rate=1.0"], ConfigError, ["[0, 1)"]),
     (["reduction=prune", "reduction.rate=-0.1"], ConfigError, ["[0, 1)"]),
     (["adapter.head=both"], ConfigError, ["concat", "adapter"]),
@@ -270,17 +271,17 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_bas
 
 
 def test_resume_finds_the_unfinished_single_run_by_config(make_cfg, tmp_path, pretrained_base):
-    from bnn_adapt import resume
+    from bnn_adapt.run import resume
 
     first = make_cfg("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=1", name="runs/first")
     task.run(first)
     # make it look killed: drop its results, keep its checkpoint
     (tmp_path / "runs" / "first" / "metrics.json").unlink()
-    first_hash = task.config_hash(task.without_hydra_node(first))
+    first_hash = config_hash(without_hydra_node(first))
     found = resume.find_resumable(tmp_path / "runs" / "second", tmp_path / "runs", first_hash)
     assert found == tmp_path / "runs" / "first"
     other = make_cfg("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=2", name="runs/third")
-    other_hash = task.config_hash(task.without_hydra_node(other))
+    other_hash = config_hash(without_hydra_node(other))
     assert resume.find_resumable(tmp_path / "runs" / "third", tmp_path / "runs", other_hash) is None
 
 
@@ -299,7 +300,7 @@ def test_rerun_skips_a_complete_run(make_cfg, pretrained_base):
 
 
 def test_diverging_run_is_recorded_as_failed(make_cfg, pretrained_base, monkeypatch):
-    from bnn_adapt.lit_module import Classifier
+    from bnn_adapt.training.module import Classifier
 
     step = Classifier._step
 
@@ -317,7 +318,7 @@ def test_diverging_run_is_recorded_as_failed(make_cfg, pretrained_base, monkeypa
 
 def test_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    done = cli(tmp_path, "--multirun", "summary_only=true", "reduction=groups", "reduction.groups=3,1",
+    done = cli(tmp_path, "--multirun", "summary_only=true", "adapter.groups=3,1",
                "base.width=0.1", f"hydra.sweep.dir={sweep}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "the sweep goes on" in done.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bnn_adapt import report
+from bnn_adapt.tools import report
 
 
 def write_pretrain_run(root, memory: str, seed: int, top1: float) -> None:

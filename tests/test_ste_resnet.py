@@ -9,7 +9,7 @@ from torch import nn
 
 from bnn_adapt.accounting import parameter_rows, totals
 from bnn_adapt.bases.ste_resnet import BasicBlock, STEResNetCIFAR
-from bnn_adapt.binary import BinaryConv2d, BinaryLinear
+from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torchvision
 
-from bnn_adapt import tables
+from bnn_adapt.adapters import Parallel
 from bnn_adapt.bases import BASES, ResNet18, ResNet18CIFAR
-from bnn_adapt.data import ClassSplitDataModule
-from bnn_adapt.results import read_json_or_none, write_json
-from bnn_adapt.strategies import Parallel
-from bnn_adapt.synthetic import write_smoke_data
+from bnn_adapt.run.results import read_json_or_none, write_json
+from bnn_adapt.tools import tables
+from bnn_adapt.tools.synthetic import write_smoke_data
+from bnn_adapt.training.datamodule import ClassSplitDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tap cache (adapter.cache_taps, SPEC 7): cached base features stand in for the
+"""Tap cache (tap_cache.enabled, SPEC 7): cached base features stand in for the
 frozen base exactly; the cache states its size first and refuses what does not fit."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnn_adapt.adapters import STRATEGIES, HeadOnly, Parallel
 from bnn_adapt.bases import ReActNet18, STEResNetCIFAR
-from bnn_adapt.data import ClassSplitDataModule
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.strategies import STRATEGIES, HeadOnly, Parallel
-from bnn_adapt.tap_cache import CachedFeatures, TapCacheDataModule, ViewBatches, estimate
+from bnn_adapt.training.datamodule import ClassSplitDataModule
+from bnn_adapt.training.tap_cache import CachedFeatures, TapCacheDataModule, ViewBatches, estimate
 
 
 def grads(model, inputs, y):
@@ -50,7 +50,7 @@ def test_cached_features_train_exactly_like_images(make_model):
 def test_strategies_whose_gradients_reach_the_base_cannot_cache(strategy):
     model = STRATEGIES[strategy](STEResNetCIFAR(5, width=0.1), 5)
     assert not model.can_cache_features()
-    with pytest.raises(ConfigError, match="cache_taps"):
+    with pytest.raises(ConfigError, match="tap_cache.enabled"):
         TapCacheDataModule(ClassSplitDataModule("digits", base_classes=[0, 1], target_classes=[5, 6]), model)
 
 
@@ -72,20 +72,20 @@ def digits(**kwargs) -> ClassSplitDataModule:
 
 def test_estimate_counts_every_view_and_eval_image():
     model = Parallel(STEResNetCIFAR(5, width=0.1), 5)
-    dm = digits(cached_views=3)
-    size = estimate(model, dm)
+    dm = digits()
+    size = estimate(model, dm, views=3)
     c = model.base.stage_channels
     per_image = 4 * (c[0] * 16 * 16 + c[1] * 8 * 8 + c[2] * 4 * 4 + c[2])  # taps + pre-classifier vector
     assert size.bytes_per_image == per_image
     assert size.total_bytes == (30 * 3 + 20) * per_image
     assert "30 train images x 3 view(s) + 20 eval images" in size.describe()
-    assert estimate(model, dm, max_gb=1e-9).fits is False
+    assert estimate(model, dm, views=3, max_gb=1e-9).fits is False
 
 
 def test_a_cache_that_does_not_fit_is_refused_before_building():
     model = Parallel(STEResNetCIFAR(5, width=0.1), 5)
     cache = TapCacheDataModule(digits(), model, max_gb=1e-6)
-    with pytest.raises(ConfigError, match="does not fit.*cached_views"):
+    with pytest.raises(ConfigError, match="does not fit.*tap_cache.views"):
         cache.setup("fit")
     assert cache.train_features is None
 
@@ -93,7 +93,7 @@ def test_a_cache_that_does_not_fit_is_refused_before_building():
 def test_cache_holds_every_view_and_serves_one_per_image_per_epoch():
     torch.manual_seed(0)
     model = HeadOnly(STEResNetCIFAR(5, width=0.1), 5)
-    cache = TapCacheDataModule(digits(cached_views=2), model)
+    cache = TapCacheDataModule(digits(), model, views=2)
     cache.setup("fit")
     train = cache.train_features
     assert train.images == 30 and train.features[0].shape[0] == 60
@@ -123,23 +123,23 @@ def test_view_batches_choose_views_in_range_and_cover_each_image_once():
 
 
 def test_cached_run_end_to_end(make_cfg, pretrained_base):
-    from bnn_adapt.task import run
+    from bnn_adapt.run.task import run
 
     metrics = run(
-        make_cfg("data=cifar5_5", "adapter=udta", "adapter.cache_taps=true", "data.cached_views=2",
-                 "trainer.memory=lean", "trainer.max_epochs=2")
+        make_cfg("data=cifar5_5", "adapter=udta", "tap_cache.enabled=true", "tap_cache.views=2",
+                 "memory=lean", "trainer.max_epochs=2")
     )  # fmt: skip
     assert metrics["status"] == "complete" and metrics["test_top1"] is not None
     assert metrics["epochs_run"] == 2
 
 
 def test_cache_with_one_view_and_no_augmentation_trains_like_the_images(make_cfg, pretrained_base):
-    """data.cached_views=1 is the un-augmented pipeline: the same batches, the same results."""
-    from bnn_adapt.task import run
+    """tap_cache.views=1 is the un-augmented pipeline: the same batches, the same results."""
+    from bnn_adapt.run.task import run
 
     common = ("data=cifar5_5", "adapter=udta", "data.augment=false", "trainer.max_epochs=2")
     plain = run(make_cfg(*common, name="plain"))
-    cached = run(make_cfg(*common, "adapter.cache_taps=true", name="cached"))
+    cached = run(make_cfg(*common, "tap_cache.enabled=true", name="cached"))
     for a, b in zip(plain["history"], cached["history"]):
         assert a["val/acc"] == pytest.approx(b["val/acc"], abs=1e-6)
         assert a["train/loss_epoch"] == pytest.approx(b["train/loss_epoch"], rel=1e-4)

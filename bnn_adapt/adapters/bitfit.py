@@ -14,7 +14,9 @@ import contextlib
 import torch
 from torch import nn
 
-from bnn_adapt.bases.reactnet import LearnableBias
+from bnn_adapt.adapters.strategy import AdaptedModel
+from bnn_adapt.bases.base import BaseNetwork
+from bnn_adapt.nn.layers import LearnableBias
 
 
 def bitfit_parameter_names(base: nn.Module) -> list[str]:
@@ -69,3 +71,20 @@ class BitFitAdapter(nn.Module):
 
     def overrides(self) -> dict[str, torch.Tensor]:
         return {n: self.tensors[n.replace(".", "/")] for n in self.names}
+
+
+class BitFit(AdaptedModel):
+    """Only the base's BN affine params, learnable biases and PReLU slopes train
+    (as a task-specific copy in the adapter), plus the new head (future work, SPEC 2)."""
+
+    strategy = "bitfit"
+
+    def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True):
+        super().__init__(base, num_classes, freeze_bn)
+        self.adapter = BitFitAdapter(base)
+        self.head = base.new_head(base.stage_channels[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with substituted(self.base, self.adapter.overrides()):
+            features = self.base.pre_classifier(self.base.stage_outputs(x)[-1])
+        return self.head(features)

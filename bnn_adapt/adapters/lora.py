@@ -9,12 +9,15 @@ serve many adapters and its state dict and parameter counts never change.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from bnn_adapt.binary import BinaryModule
+from bnn_adapt.adapters.strategy import AdaptedModel, chosen_stages
+from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.errors import ConfigError
+from bnn_adapt.nn.layers import BinaryModule
 
 
 class LoRABranch(nn.Module):
@@ -86,3 +89,51 @@ class LoRAAdapter(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@dataclass
+class LoRAOptions:
+    """:class:`LoRA`'s options: rank r, scale alpha / r, and the stages whose binary convs get branches."""
+
+    rank: int
+    alpha: float
+    stages: list[int]
+
+
+class LoRA(AdaptedModel):
+    """Low-rank fp32 branches beside the binary convs of the chosen stages (future work, SPEC 2).
+
+    The binary base is untouched (the branches hook in while this model runs);
+    gradients flow back through the frozen base from the first adapted stage.
+    """
+
+    strategy = "lora"
+
+    def __init__(
+        self,
+        base: BaseNetwork,
+        num_classes: int,
+        rank: int = 4,
+        alpha: float | None = None,
+        stages: list[int] | None = None,
+        freeze_bn: bool = True,
+    ):
+        super().__init__(base, num_classes, freeze_bn)
+        stages = chosen_stages(stages, len(base.stages))
+        alpha = float(rank if alpha is None else alpha)
+        self.stages = stages
+        self.config = LoRAOptions(rank, alpha, stages)
+        self.adapter = LoRAAdapter(base, stages, rank, alpha)
+        self.head = base.new_head(base.stage_channels[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.stages[0]
+        with torch.no_grad():  # nothing before the first adapted stage learns
+            x = self.base.stem(x)
+            for stage in self.base.stages[: first - 1]:
+                x = stage(x)
+        with self.adapter.injected(self.base):
+            for stage in self.base.stages[first - 1 :]:
+                x = stage(x)
+            features = self.base.pre_classifier(x)
+        return self.head(features)

@@ -4,9 +4,15 @@ run beside it, so the base never needs a backward pass."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from bnn_adapt.adapters.strategy import AdaptedModel, resolve_groups
+from bnn_adapt.bases.base import BaseNetwork
+from bnn_adapt.errors import ConfigError
 
 
 class ThinBlock(nn.Module):
@@ -65,3 +71,58 @@ class UDTA(nn.Module):
             else:
                 carried = y.mean(dim=(2, 3))
         return carried
+
+
+@dataclass
+class UDTAOptions:
+    """:class:`Parallel`'s options: what the classifier reads, groups of the thin blocks' 1x1 convs."""
+
+    head: str = "concat"
+    groups: int | str = 1
+
+
+class Parallel(AdaptedModel):
+    """UDTA thin blocks beside the frozen base (thesis chapters 6.4-6.7).
+
+    ``head="concat"`` classifies [base features ; adapter vector];
+    ``head="adapter"`` the adapter vector alone.
+    """
+
+    strategy = "udta"
+    feature_cache = True
+
+    def __init__(
+        self,
+        base: BaseNetwork,
+        num_classes: int,
+        head: str = "concat",
+        groups: int | str = 1,
+        freeze_bn: bool = True,
+    ):
+        super().__init__(base, num_classes, freeze_bn)
+        if head not in ("concat", "adapter"):
+            raise ConfigError(f"adapter.head={head!r} is invalid: use 'concat' or 'adapter'")
+        self.head_mode = head
+        self.config = UDTAOptions(head, groups)
+        shapes = thin_block_shapes(base.stage_channels)
+        self.adapter = UDTA(base.stage_channels, [resolve_groups(groups, ci, co) for ci, co in shapes])
+        in_features = self.adapter.out_features + (base.stage_channels[-1] if head == "concat" else 0)
+        self.head = base.new_head(in_features, num_classes)
+
+    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage output (the taps), then with ``head="concat"`` the base's
+        pre-classifier features; computed without autograd: no gradient ever
+        reaches the base, so nothing of it is kept for backward."""
+        with torch.no_grad():
+            features = self.base.stage_outputs(x)
+            if self.head_mode == "concat":
+                features.append(self.base.pre_classifier(features[-1]))
+        return features
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``x``: images, or what :meth:`frozen_features` returned for them (a tap cache)."""
+        features = list(x) if isinstance(x, (list, tuple)) else self.frozen_features(x)
+        vector = self.adapter(features[: len(self.base.stages)])
+        if self.head_mode == "concat":
+            vector = torch.cat([features[-1], vector], dim=1)
+        return self.head(vector)

@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 
+def scaled(channels: int, width: float) -> int:
+    """A layer's channels at width multiplier ``width`` (at least one)."""
+    return max(1, int(round(channels * width)))
+
+
 class BaseNetwork(nn.Module):
     """Interface shared by :class:`STEResNetCIFAR` and :class:`ReActNet18`."""
 

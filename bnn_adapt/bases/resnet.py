@@ -15,8 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from bnn_adapt.bases.base import BaseNetwork
-from bnn_adapt.bases.ste_resnet import scaled
+from bnn_adapt.bases.base import BaseNetwork, scaled
 
 
 class BasicBlock(nn.Module):

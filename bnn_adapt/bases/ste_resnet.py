@@ -9,14 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnn_adapt.bases.base import BaseNetwork
-from bnn_adapt.binary import BinaryConv2d, BinaryLinear
+from bnn_adapt.bases.base import BaseNetwork, scaled
 from bnn_adapt.errors import ConfigError
-
-
-def scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
+from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear
 
 #: ``block``: where the second hardtanh sits (SPEC 1.1)
 BLOCKS = ("thesis", "binarynet")

@@ -1,0 +1,1 @@
+"""Tools around the runs: thesis tables and figures, reports, Pareto plots, sizes, benchmarks, generated data."""

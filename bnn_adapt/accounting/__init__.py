@@ -1,0 +1,6 @@
+"""Parameter accounting and the size metric (SPEC sections 1.3 and 4)."""
+
+from bnn_adapt.accounting.parameters import LayerCount, parameter_rows, size_percent, totals
+from bnn_adapt.accounting.summary import layer_table, summarize
+
+__all__ = ["LayerCount", "layer_table", "parameter_rows", "size_percent", "summarize", "totals"]

@@ -1,0 +1,81 @@
+"""Base checkpoints: a pretrained base with the architecture it was built with.
+
+A checkpoint records ``arch`` and the constructor arguments (``arch_config``:
+block, width, classes) and the image size it was trained at; adaptation
+refuses a checkpoint of another architecture rather than loading it silently.
+ReActNet-18 also loads from the authors' own format
+(:mod:`bnn_adapt.bases.reactnet_checkpoint`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bnn_adapt.bases.base import BaseNetwork
+from bnn_adapt.bases.reactnet_checkpoint import load_reactnet_checkpoint
+from bnn_adapt.bases.registry import BASES
+from bnn_adapt.errors import CheckpointError
+
+#: what a checkpoint written before a constructor argument existed was built with
+LEGACY_ARCH_DEFAULTS = {"ste_resnet_cifar": {"block": "binarynet"}}
+
+
+#: the config key behind each recorded architecture value
+CONFIG_KEYS = {"block": "base.block={}", "width": "base.width={}", "image_size": "data.image_size={}"}
+
+
+def rebuild(arch: str, arch_config: dict) -> BaseNetwork:
+    """A fresh ``arch`` from the constructor arguments a checkpoint or packed file recorded."""
+    return BASES[arch](**{**LEGACY_ARCH_DEFAULTS.get(arch, {}), **arch_config})
+
+
+def describe(arch: str, config: dict) -> str:
+    return f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(config.items()))})"
+
+
+def save_base(base: BaseNetwork, path: str | Path, **meta) -> None:
+    """Store a pretrained base with what is needed to rebuild it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"arch": base.arch, "arch_config": base.arch_config(), "state_dict": base.state_dict(), **meta}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | None = None, **arch_config) -> BaseNetwork:
+    """Rebuild ``arch`` from ``path``; ReActNet also reads the authors' format.
+
+    ``expected``: the architecture the caller configured (constructor arguments,
+    plus ``image_size``); a checkpoint built otherwise is refused, so that a base
+    of another block, width or input size never loads silently.
+    """
+    path = Path(path)
+    if arch == "reactnet18":
+        return load_reactnet_checkpoint(path, **arch_config)
+    if not path.is_file():
+        raise CheckpointError(f"base checkpoint {path} does not exist; {how_to_get}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"base checkpoint {path} is unreadable ({exc}); {how_to_get}") from None
+    if not isinstance(payload, dict) or payload.get("arch") != arch:
+        found = payload.get("arch") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"base checkpoint {path} holds a {found!r} network, not {arch!r}; "
+            f"pick the matching base=... or another base.checkpoint"
+        )
+    stored = {**LEGACY_ARCH_DEFAULTS.get(arch, {}), **payload["arch_config"]}
+    trained_on = {**stored, "image_size": payload.get("image_size")}
+    differs = [k for k, v in (expected or {}).items() if trained_on.get(k) is not None and trained_on[k] != v]
+    if differs:
+        fixes = " and ".join(CONFIG_KEYS.get(k, k + "={}").format(trained_on[k]) for k in differs)
+        raise CheckpointError(
+            f"base checkpoint {path} holds {describe(arch, {k: trained_on[k] for k in expected})}, but the config "
+            f"asks for {describe(arch, expected)}; set {fixes}, or pretrain a base for this config ({how_to_get})"
+        )
+    base = rebuild(arch, stored)
+    base.load_state_dict(payload["state_dict"])
+    return base

@@ -1,0 +1,116 @@
+"""The ReActNet authors' checkpoint format (``model_best.pth.tar``, SPEC 1.2).
+
+Their training script saves a DataParallel model: a dict with ``state_dict``
+(keys prefixed ``module.``), ``epoch``, ``best_top1_acc`` and ``optimizer``.
+Module names inside the stem and the blocks of :class:`ReActNet18` follow the
+authors' code, so one small prefix table maps the keys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+from bnn_adapt.bases.reactnet import ReActNet18
+from bnn_adapt.errors import CheckpointError
+
+# our key prefix -> the authors' key prefix (stem modules share their names)
+_KEY_PREFIXES = (
+    ("stages.0.", "layer1."),
+    ("stages.1.", "layer2."),
+    ("stages.2.", "layer3."),
+    ("stages.3.", "layer4."),
+    ("classifier.", "fc."),
+    ("stem.", ""),
+)
+
+
+_CHECKPOINT_HELP = (
+    "The pretrained ReActNet-18 comes from the ReActNet authors' GitHub release "
+    "(github.com/liuzechun/ReActNet, the ResNet-18 based model, file model_best.pth.tar); "
+    "download it yourself and pass it with base.checkpoint=PATH (there is no automatic download)."
+)
+
+
+def _to_authors_key(key: str) -> str:
+    for ours, theirs in _KEY_PREFIXES:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    raise KeyError(key)
+
+
+def authors_state_dict(model: ReActNet18) -> "OrderedDict[str, torch.Tensor]":
+    """The model's state dict under the authors' key names (no ``module.`` prefix)."""
+    return OrderedDict((_to_authors_key(k), v) for k, v in model.state_dict().items())
+
+
+def save_reactnet_checkpoint(
+    model: ReActNet18, path: str, epoch: int = 0, best_top1_acc: float = 0.0
+) -> None:
+    """Write ``model`` as the authors' training script does (DataParallel keys)."""
+    state = OrderedDict(("module." + k, v.detach().cpu()) for k, v in authors_state_dict(model).items())
+    torch.save(
+        {
+            "epoch": epoch,
+            "state_dict": state,
+            "best_top1_acc": best_top1_acc,
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        path,
+    )
+
+
+def _few(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:5])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+
+def load_reactnet_checkpoint(path: str, num_classes: int = 1000, width: float = 1.0) -> ReActNet18:
+    """Build a :class:`ReActNet18` from the authors' ``model_best.pth.tar``.
+
+    Raises :class:`CheckpointError` if the file is missing, unreadable, or
+    holds another architecture (keys or shapes that do not match).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"ReActNet checkpoint file is missing: {path}. {_CHECKPOINT_HELP}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and torch errors alike
+        raise CheckpointError(f"cannot read ReActNet checkpoint {path}: {exc}. {_CHECKPOINT_HELP}") from exc
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(
+            f"{path} is not a ReActNet checkpoint: expected a dict with a 'state_dict' of tensors. "
+            + _CHECKPOINT_HELP
+        )
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+
+    model = ReActNet18(num_classes=num_classes, width=width)
+    expected = authors_state_dict(model)
+    # BN counters are absent from checkpoints of old PyTorch versions
+    missing = {k for k in expected.keys() - state.keys() if not k.endswith("num_batches_tracked")}
+    unexpected = state.keys() - expected.keys()
+    if missing or unexpected:
+        parts = [f"{path} does not hold a ReActNet-18 (num_classes={num_classes}, width={width})."]
+        if missing:
+            parts.append(f"Missing keys: {_few(missing)}.")
+        if unexpected:
+            parts.append(f"Unexpected keys: {_few(unexpected)}.")
+        raise CheckpointError(" ".join(parts))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path} has shapes of another ReActNet-18 (num_classes={num_classes}, width={width}): "
+            + _few(wrong)
+        )
+    ours = {k: state.get(_to_authors_key(k), v) for k, v in model.state_dict().items()}
+    model.load_state_dict(ours)
+    return model

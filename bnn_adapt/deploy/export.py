@@ -1,0 +1,185 @@
+"""``task=export``: deployable files of a base and its trained adapters, sizes measured.
+
+Writes into ``export.dir``:
+
+* ``base.bnnpack``: the base bit-packed (:mod:`bnn_adapt.packed_base`);
+* one ``<run label>.safetensors`` per ``export.adapter_run`` (a finished
+  adaptation run's directory): adapter + head (:mod:`bnn_adapt.adapter_file`);
+* ``manifest.json``: ``{"files": {name: {"bytes": on disk, "predicted_bytes":
+  n_bin / 8 + 4 * n_fp32 (SPEC 4), ...}}}``.
+
+The base comes from ``base.checkpoint``, or, when adapter runs are given,
+from the runs' own ``base.checkpoint`` (all of them must share it).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from bnn_adapt import accounting
+from bnn_adapt.adapters.bitfit import substituted
+from bnn_adapt.adapters.file import ADAPTER_FILE, attach_adapter, export_adapter, is_adapter_file
+from bnn_adapt.bases.fingerprint import fingerprint
+from bnn_adapt.deploy.packed_base import write_packed_base
+from bnn_adapt.errors import ExportError, FingerprintError
+from bnn_adapt.files import read_json, write_json
+from bnn_adapt.run import builders
+from bnn_adapt.run.labels import run_label
+
+log = logging.getLogger(__name__)
+
+BASE_FILE = "base.bnnpack"
+# adapters whose output is binarised again downstream: fp16/int8 rounding can flip signs there
+SIGN_SENSITIVE = ("serial", "lora", "bitfit")
+
+
+def formula_bytes(n_fp32: int, n_binary: int) -> float:
+    """The size metric's memory in bytes: 1 bit per binary, 32 per fp32 parameter (SPEC 4)."""
+    return n_binary / 8 + 4 * n_fp32
+
+
+@dataclass
+class TrainedRun:
+    """A finished adaptation run: its trained model on a base loaded from its ``base.checkpoint``."""
+
+    run_dir: Path
+    model: nn.Module
+    reference_base: nn.Module  # the base as stored at base.checkpoint, untouched by training
+    class_names: list[str]
+    preprocess: dict
+    label: str
+    config_hash: str | None
+    base_checkpoint: str | None
+    base_overrides: dict = field(default_factory=dict)  # base tensors the run changed (finetune, base.bn=adapt)
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    """The trained model of a run: its adapter file attached to its base, or, for a run written by
+    0.1 (no adapter file of today's format), rebuilt from its config and ``checkpoints/last.ckpt``."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise ExportError(
+            f"export.adapter_run={run_dir} holds no metrics.json: give a finished adaptation run's directory"
+        )
+    metrics = read_json(metrics_path)
+    if metrics.get("task") != "adapt" or "config" not in metrics:
+        raise ExportError(f"export.adapter_run={run_dir} is a {metrics.get('task')!r} run, not an adaptation run")
+    cfg = OmegaConf.create(metrics["config"])
+    reference = builders.load_trained_base(cfg)
+    label, source = run_label(metrics), (metrics.get("config_hash"), cfg.base.checkpoint)
+    if is_adapter_file(run_dir / ADAPTER_FILE):
+        attached = attach_adapter(run_dir / ADAPTER_FILE, copy.deepcopy(reference))
+        meta = attached.meta
+        return TrainedRun(run_dir, attached.model, reference, meta["class_names"], meta["preprocess"], label,
+                          *source, base_overrides=attached.base_overrides)  # fmt: skip
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise ExportError(
+            f"export.adapter_run={run_dir} has neither an {ADAPTER_FILE} nor checkpoints/last.ckpt to export the "
+            "trained weights from"
+        )
+    class_names = list(metrics["class_names"])
+    model = builders.build_adapted(cfg, builders.load_trained_base(cfg), len(class_names))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model.eval()
+    preprocess = builders.preprocessing(builders.build_datamodule(cfg, "target"))
+    return TrainedRun(run_dir, model, reference, class_names, preprocess, label, *source)
+
+
+def file_name(label: str, taken: set[str]) -> str:
+    """``udta head=concat prune 0.9`` -> ``udta_head_concat_prune_0.9.safetensors`` (unique in ``taken``)."""
+    stem = re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") or "adapter"
+    name, i = f"{stem}.safetensors", 2
+    while name in taken:
+        name, i = f"{stem}_{i}.safetensors", i + 1
+    return name
+
+
+def export_all(base: nn.Module, runs: list[TrainedRun], out: Path, dtype: str, base_meta: dict | None = None) -> dict:
+    """Write the packed base and every run's adapter into ``out``; returns the manifest."""
+    base_fp32, base_bin = accounting.totals(accounting.parameter_rows(base))
+    header = write_packed_base(base, out / BASE_FILE, meta=base_meta)
+    files = {
+        BASE_FILE: {
+            "kind": "base",
+            "bytes": (out / BASE_FILE).stat().st_size,
+            "predicted_bytes": formula_bytes(base_fp32, base_bin),
+            "binary_params": base_bin,
+            "fp32_params": base_fp32,
+            "arch": header["arch"],
+            "fingerprint": header["fingerprint"],
+        }
+    }
+    for run in runs:
+        name = file_name(run.label, set(files))
+        source = {"run_dir": str(run.run_dir), "config_hash": run.config_hash}
+        with substituted(run.model.base, run.base_overrides):  # what the run changed in its base travels along
+            meta = export_adapter(
+                run.model, out / name, reference_base=base, dtype=dtype, class_names=run.class_names,
+                preprocess=run.preprocess, source=source,
+            )  # fmt: skip
+        c = meta["counts"]
+        fp32 = c["adapter_fp32_params"] + c["head_fp32_params"]
+        binary = c["adapter_binary_params"] + c["head_binary_params"]
+        files[name] = {
+            "kind": "adapter",
+            "strategy": meta["strategy"],
+            "bytes": (out / name).stat().st_size,
+            "predicted_bytes": formula_bytes(fp32, binary),
+            "binary_params": binary,
+            "fp32_params": fp32,
+            "dtype": dtype,
+            "run_dir": str(run.run_dir),
+        }
+        if dtype != "fp32" and meta["strategy"] in SIGN_SENSITIVE:
+            log.warning(
+                "%s: a %s adapter's output is binarised again downstream, so %s rounding can flip signs "
+                "and change predictions; check them (task=predict) or export fp32", name, meta["strategy"], dtype,
+            )  # fmt: skip
+    manifest = {"base_fingerprint": header["fingerprint"], "dtype": dtype, "files": files}
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def size_table(manifest: dict) -> str:
+    lines = [f"{'file':<48} {'bytes':>12} {'formula':>12} {'ratio':>7}"]
+    for name, f in manifest["files"].items():
+        ratio = f["bytes"] / f["predicted_bytes"] if f["predicted_bytes"] else float("nan")
+        lines.append(f"{name:<48} {f['bytes']:>12,} {round(f['predicted_bytes']):>12,} {ratio:>7.3f}")
+    return "\n".join(lines)
+
+
+def run_export(cfg: DictConfig) -> dict:
+    """``task=export``: see the module docstring."""
+    out = Path(cfg.export.dir)
+    given = cfg.export.get("adapter_run")
+    run_dirs = list(given) if isinstance(given, (list, ListConfig)) else [given] if given else []
+    runs = [load_run(d) for d in run_dirs]
+    if runs:
+        base = runs[0].reference_base
+        ours = fingerprint(base)
+        for run in runs[1:]:
+            theirs = fingerprint(run.reference_base)
+            if theirs != ours:
+                raise FingerprintError(
+                    f"export.adapter_run {run.run_dir} was trained on the base with fingerprint {theirs}, "
+                    f"{runs[0].run_dir} on {ours}: export runs of one base together"
+                )
+        checkpoint = runs[0].base_checkpoint
+    else:
+        base = builders.load_trained_base(cfg)
+        checkpoint = cfg.base.checkpoint
+    manifest = export_all(base, runs, out, cfg.export.dtype, base_meta={"checkpoint": str(checkpoint)})
+    print(size_table(manifest))
+    print(f"exported to {out} (manifest.json lists bytes on disk next to the formula's)")
+    return {"task": "export", **manifest}

@@ -1,0 +1,219 @@
+"""Binary layers: convolutions and linears whose weights are stored as 1 bit each.
+
+Layers take their binarisation from :mod:`bnn_adapt.nn.quantizers`; every
+binary layer is a :class:`BinaryModule`, which tells accounting which of its
+parameters count as 1 bit and tells the optimiser hook which latent weights
+to clamp to [-1, 1] (BinaryNet). Also here: ReActNet's learnable bias and
+approx-sign activation, the deployed (packed) form of its scaled conv, and a
+linear layer whose input columns can be pruned.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnn_adapt.nn.quantizers import ScaledSignSTE, approx_sign, binarize, scaled_sign, sign
+
+
+def frozen_binary_weight(module: nn.Module, binarize_weight) -> torch.Tensor | None:
+    """``binarize_weight(module.weight)``, computed once and reused while the weight
+    neither needs a gradient nor changes; None when it needs a gradient.
+
+    A frozen base re-binarised all its weights on every forward pass (ReActNet-18:
+    11 M weights, several passes each). The cache holds the parameter itself, so
+    identity is reliable; any in-place change (optimiser step, clamping,
+    ``load_state_dict``) bumps its version, and a new tensor changes identity or
+    storage: each recomputes it. Pruned weights (plain tensors recomputed by a
+    hook) are never cached.
+    """
+    weight = module._parameters.get("weight")
+    if weight is None or (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    cached = module.__dict__.get("_frozen_binary_weight")
+    if cached is None or cached[0] is not weight or cached[1] != key:
+        with torch.no_grad():
+            cached = (weight, key, binarize_weight(weight))
+        module.__dict__["_frozen_binary_weight"] = cached
+    return cached[2]
+
+
+class BinaryModule:
+    """Marker for layers whose listed parameters are stored as 1 bit each.
+
+    Accounting (SPEC 1.3) reads ``binary_param_names``; the optimiser hook
+    reads ``clamp_latent`` to keep latent weights in [-1, 1].
+    """
+
+    binary_param_names: tuple[str, ...] = ("weight",)
+    clamp_latent: bool = True
+
+
+class BinaryConv2d(nn.Conv2d, BinaryModule):
+    """Conv with sign-binarised weights and (unless ``binarize_input=False``) inputs.
+
+    The STE net's stem keeps the real image input: ``binarize_input=False``.
+    """
+
+    def __init__(self, *args, binarize_input: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.binarize_input = binarize_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.binarize_input:
+            x = binarize(x)
+        weight = frozen_binary_weight(self, sign)
+        return self._conv_forward(x, binarize(self.weight) if weight is None else weight, self.bias)
+
+
+class BinaryLinear(nn.Linear, BinaryModule):
+    """Linear with sign-binarised inputs and weights; its bias counts as binary
+    (the thesis's accounting) but stays real-valued in the forward pass."""
+
+    binary_param_names = ("weight", "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(binarize(x), binarize(self.weight), self.bias)
+
+
+@torch.no_grad()
+def clamp_latent_weights(model: nn.Module) -> None:
+    """Clamp trainable latent parameters of binary layers to [-1, 1] (BinaryNet).
+
+    Every parameter a layer lists in ``binary_param_names`` is clamped: the
+    weights, and the binary linear's bias, which BinaryNet.pytorch clamps too
+    (it sets ``bias.org``) and which accounting counts as binary.
+    """
+    for module in model.modules():
+        if isinstance(module, BinaryModule) and module.clamp_latent:
+            for name in module.binary_param_names:
+                # a pruned layer keeps its latent weight as ``<name>_orig``
+                p = getattr(module, f"{name}_orig", None)
+                if not isinstance(p, nn.Parameter):
+                    p = getattr(module, name, None)
+                if isinstance(p, nn.Parameter) and p.requires_grad:
+                    p.clamp_(-1.0, 1.0)
+
+
+class ScaledBinaryConv2d(nn.Module, BinaryModule):
+    """Bias-free conv whose weights are sign(W) * mean|W| per output channel.
+
+    Its input is used as given: the block binarises it after a learnable bias.
+    Latent weights are not clamped (ReActNet trains them unclamped).
+    """
+
+    binary_param_names = ("weight",)
+    clamp_latent = False
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
+        super().__init__()
+        self.stride = stride
+        self.padding = padding
+        # the authors' initialisation: small positive uniform values
+        self.weight = nn.Parameter(torch.rand(c_out, c_in, kernel_size, kernel_size) * 1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = frozen_binary_weight(self, scaled_sign)
+        weight = ScaledSignSTE.apply(self.weight) if weight is None else weight
+        return F.conv2d(x, weight, stride=self.stride, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        c_out, c_in, k, _ = self.weight.shape
+        return f"{c_in}, {c_out}, kernel_size={k}, stride={self.stride}, padding={self.padding}"
+
+
+class ApproxSignActivation(nn.Module):
+    """:func:`approx_sign` as a layer, so lean training (bnn_adapt.lean) can swap it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return approx_sign(x)
+
+
+class LearnableBias(nn.Module):
+    """Per-channel shift (ReActNet's RSign/RPReLU thresholds), shape (1, C, 1, 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+class ChannelsLastMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that, when no gradient is needed on CPU, pools a channels-last copy.
+
+    A frozen base spent 12 % of its forward pass in the stem's max pool: the
+    NCHW CPU kernel (which also computes indices) took 60 ms for 16x64x112x112,
+    the NHWC one 5 ms, 37 ms with both layout copies. A max is exact, so the
+    output is identical; with autograd the NCHW kernel's backward is faster,
+    so training takes the usual path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or self.return_indices or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+class PackedScaledBinaryConv2d(ScaledBinaryConv2d):
+    """ReActNet's binary conv as deployed: ``scale * sign(W)`` with the scale stored.
+
+    Training recomputes ``scale = mean|W|`` from latent weights; a packed base
+    keeps only their signs, so the per-output-channel scale is a stored buffer
+    (c_out fp32 values) and the forward multiplies the same two tensors.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
+        super().__init__(c_in, c_out, kernel_size, stride, padding)
+        self.register_buffer("scale", torch.ones(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.scale.view(-1, 1, 1, 1) * sign(self.weight)
+        return F.conv2d(x, weight, stride=self.stride, padding=self.padding)
+
+
+class ColumnPrunedLinear(nn.Module):
+    """A linear layer whose input columns can be switched off by ``kept_columns``."""
+
+    binary = False
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.register_buffer("kept_columns", torch.ones(in_features, dtype=torch.bool))
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> ColumnPrunedLinear:
+        """The same layer (same parameter objects), now prunable by columns."""
+        kind = BinaryColumnPrunedLinear if isinstance(linear, BinaryLinear) else ColumnPrunedLinear
+        layer = kind(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.kept_columns.to(x.dtype)
+        if self.binary:
+            return F.linear(binarize(x), binarize(self.weight) * keep, self.bias)
+        return F.linear(x, self.weight * keep, self.bias)
+
+    def live_params(self, name: str) -> int:
+        """What accounting counts: a pruned column's weights are gone."""
+        if name == "weight":
+            return int(self.kept_columns.sum()) * self.out_features
+        return getattr(self, name).numel()
+
+    def extra_repr(self) -> str:
+        kept = int(self.kept_columns.sum())
+        return f"in_features={self.in_features} ({kept} kept), out_features={self.out_features}"
+
+
+class BinaryColumnPrunedLinear(ColumnPrunedLinear, BinaryModule):
+    """:class:`ColumnPrunedLinear` of a binary head (bias counted binary, as BinaryLinear's)."""
+
+    binary = True
+    binary_param_names = ("weight", "bias")

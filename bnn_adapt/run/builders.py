@@ -1,0 +1,122 @@
+"""One builder per object a run needs, from its config: base, adapted model, data, pruning plan, trainer.
+
+The task (:mod:`bnn_adapt.run.task`), export, ``make sizes`` and the benchmark
+all build through these, so a config means the same model everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bnn_adapt.bases import BaseNetwork, load_base
+from bnn_adapt.errors import ConfigError, UserError
+from bnn_adapt.training.callbacks import RunStats
+from bnn_adapt.training.pruning import PruningPlan
+
+
+def instantiate(config, *args, **kwargs):
+    """``hydra.utils.instantiate``, letting our own errors through unwrapped.
+
+    Hydra wraps whatever a ``_target_`` raises in an ``InstantiationException``;
+    a :class:`UserError` (a bad ``adapter.groups``, unknown class ids, ...)
+    must reach the command line as itself, to be shown as one ``error:`` line.
+    """
+    try:
+        return hydra_instantiate(config, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
+def build_base(cfg: DictConfig) -> BaseNetwork:
+    """A freshly initialised base of the configured architecture."""
+    return instantiate(cfg.base.net)
+
+
+def load_trained_base(cfg: DictConfig) -> BaseNetwork:
+    """The pretrained base at ``base.checkpoint``; refused when built for another architecture."""
+    from bnn_adapt.errors import CheckpointError  # noqa: PLC0415
+
+    how = cfg.base.how_to_get
+    if cfg.base.checkpoint is None:
+        raise CheckpointError(f"no base checkpoint given; {how}")
+    if cfg.base.name == "reactnet18":  # the authors' format: shapes tell width and classes
+        return load_base(cfg.base.name, cfg.base.checkpoint, how, num_classes=cfg.base.net.num_classes,
+                         width=cfg.base.width)  # fmt: skip
+    net = OmegaConf.to_container(cfg.base.net, resolve=True)
+    # the base's own classes do not matter here: adaptation replaces its classifier
+    expected = {k: v for k, v in net.items() if k not in ("_target_", "num_classes")} | {"image_size": cfg.data.image_size}
+    return load_base(cfg.base.name, cfg.base.checkpoint, how, expected=expected)
+
+
+def pruning_plan(cfg: DictConfig) -> PruningPlan | None:
+    """What ``reduction`` will prune, and when (None: nothing)."""
+    return PruningPlan.from_config(cfg.reduction, cfg.trainer.max_epochs)
+
+
+def build_adapted(cfg: DictConfig, base: BaseNetwork, num_classes: int):
+    """The configured strategy on ``base``, prepared for its pruning plan."""
+    model = instantiate(cfg.adapter.model, base=base, num_classes=num_classes, freeze_bn=cfg.base.bn == "frozen")
+    plan = pruning_plan(cfg)
+    if plan is not None:
+        plan.prepare(model)
+    return model
+
+
+def build_datamodule(cfg: DictConfig, split: str):
+    """The base (pretraining) or target (adaptation) classes of the configured dataset; reads nothing yet."""
+    datamodule = instantiate(cfg.data, split=split, _convert_="all")
+    if datamodule.num_classes < 2:
+        raise ConfigError(
+            f"the {split} split has {datamodule.num_classes} class; a classifier needs at least 2 "
+            f"(data.{split}_classes)"
+        )
+    return datamodule
+
+
+def target_num_classes(cfg: DictConfig) -> int:
+    """Known without reading data: the datamodule's constructor knows it."""
+    return build_datamodule(cfg, "target").num_classes
+
+
+def preprocessing(datamodule) -> dict:
+    """What an adapter file records to preprocess images as this run evaluated them."""
+    return {"image_size": datamodule.image_size, "mean": list(datamodule.mean), "std": list(datamodule.std)}
+
+
+def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, RunStats]:
+    """Lightning's trainer from ``cfg.trainer``, with the configured callbacks and loggers."""
+    stats = RunStats()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + extra_callbacks + [stats]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, MisconfigurationException):  # e.g. accelerator=gpu on a machine without one
+            raise ConfigError(f"trainer: {cause}") from None
+        raise
+    return trainer, stats
+
+
+def pretraining_config(cfg: DictConfig) -> DictConfig:
+    """The ``task=pretrain`` config that trains the base an adaptation config reads (``base.pretrain``)."""
+    sub = copy.deepcopy(cfg)
+    with open_dict(sub):
+        sub.task = "pretrain"
+        sub.trainer.max_epochs = cfg.base.pretrain.epochs
+        sub.optimizer.lr = cfg.base.pretrain.lr
+        sub.base.save_to = cfg.base.checkpoint
+        sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "base_pretrain")
+    return sub

@@ -1,0 +1,171 @@
+"""The config: where it lives, how to compose it, its resolvers, deprecated keys and the checks run before any work starts."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bnn_adapt.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"  # conf/config.yaml and its groups
+SWEEPS_DIR = REPO_ROOT / "sweeps"  # table sweeps and presets, primary configs that extend conf/config.yaml
+
+
+def classes_tag(classes) -> str:
+    """[0, 1, 2, 3, 4] -> '0-4' (a readable file-name part)."""
+    if classes is None:
+        return "all"
+    items = list(classes)
+    if items and all(isinstance(c, int) for c in items) and items == list(range(items[0], items[0] + len(items))):
+        return f"{items[0]}-{items[-1]}"
+    return "_".join(str(c) for c in items)
+
+
+def register_resolvers() -> None:
+    for name, fn in {
+        "range": lambda start, stop: list(range(int(start), int(stop))),
+        "len": lambda items: len(items) if items is not None else None,
+        "classes_tag": classes_tag,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+TASKS = ("pretrain", "adapt", "export", "predict")
+BN_MODES = ("frozen", "adapt")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the keys no constructor checks, each listed once where it is used."""
+    from bnn_adapt.adapters.file_codec import DTYPES  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
+    from bnn_adapt.training.lean import MEMORY_MODES  # noqa: PLC0415
+
+    return {"task": TASKS, "base.bn": BN_MODES, "memory": MEMORY_MODES, "export.dtype": DTYPES}
+
+
+# ----------------------------------------------------------------------------- renamed keys
+
+#: old key -> new key (0.2 gave the memory mode and the tap cache one node each, and groups to the adapter)
+DEPRECATED_KEYS = {
+    "trainer.memory": "memory",
+    "adapter.cache_taps": "tap_cache.enabled",
+    "adapter.cache_max_gb": "tap_cache.max_gb",
+    "data.cached_views": "tap_cache.views",
+    "reduction.groups": "adapter.groups",
+}
+
+
+def rename_deprecated_overrides(args: Sequence[str]) -> list[str]:
+    """Command-line overrides with renamed keys spelled the new way, one note each on stderr.
+
+    ``reduction=groups`` (0.1's way to group the 1x1 convs, g=10 by default) is
+    dropped: groups are ``adapter.groups`` now.
+    """
+    args = list(args)
+    renamed = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        prefix = key[: len(key) - len(key.lstrip("+~"))]
+        bare = key[len(prefix):]
+        if eq and bare in DEPRECATED_KEYS:
+            new = f"{prefix.replace('+', '')}{DEPRECATED_KEYS[bare]}={value}"
+            print(f"note: {bare} is deprecated, use {DEPRECATED_KEYS[bare]} (running with {new})", file=sys.stderr)
+            renamed.append(new)
+        elif eq and bare == "reduction" and value == "groups":
+            print("note: reduction=groups is deprecated: groups are adapter.groups=N (reduction=none)", file=sys.stderr)
+            if not any(a.partition("=")[0].lstrip("+~") in ("reduction.groups", "adapter.groups") for a in args):
+                renamed.append("adapter.groups=10")  # what reduction=groups meant alone
+        else:
+            renamed.append(arg)
+    return renamed
+
+
+# ----------------------------------------------------------------------------- composing
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Path = CONF_DIR,
+            return_hydra_config: bool = False, output_dir: str | Path | None = None) -> DictConfig:  # fmt: skip
+    """``conf/config.yaml`` (or a sweep of ``sweeps/``) composed with ``overrides``, as ``python -m bnn_adapt`` would.
+
+    With ``output_dir`` the config is that of a job running there (``${hydra:runtime.output_dir}``
+    resolves to it), ready for :func:`bnn_adapt.run.task.run` or the builders.
+    """
+    from hydra import compose as hydra_compose  # noqa: PLC0415
+    from hydra import initialize_config_dir  # noqa: PLC0415
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+
+    searchpath = [f"hydra.searchpath=[file://{CONF_DIR}]"] if Path(config_dir) != CONF_DIR else []
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=[*searchpath, *rename_deprecated_overrides(overrides)],
+                            return_hydra_config=return_hydra_config or output_dir is not None)  # fmt: skip
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.hydra.runtime.output_dir = str(output_dir)
+        HydraConfig().set_config(cfg)
+    return cfg
+
+
+def without_hydra_node(cfg: DictConfig) -> DictConfig:
+    """The experiment config alone, as ``@hydra.main`` passes it.
+
+    A config composed with ``compose(..., return_hydra_config=True)`` (tests,
+    notebooks) also carries Hydra's own runtime node, parts of which
+    (``hydra.sweep.subdir: ${hydra.job.num}``) cannot be resolved outside a
+    Hydra job: resolving it for metrics.json / the config hash would fail, and
+    it is no part of the experiment anyway.
+    """
+    if "hydra" not in cfg:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of values no constructor checks; raise ConfigError."""
+    for key, allowed in choices().items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is invalid: use one of {', '.join(allowed)}")
+    for key in ("trainer.max_epochs", "data.batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value!r} is invalid: it must be a positive integer")
+    for key in ("summary_only", "resume", "debug"):
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid: use true or false")
+    for key in ("optimizer.lr", "base.width"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key}={value!r} is invalid: it must be a positive number")
+    check_image_size(cfg)
+    for key in ("reduction.rate", "reduction.depthwise_rate", "reduction.pointwise_rate", "reduction.head_rate"):
+        value = OmegaConf.select(cfg, key, default=0.0)
+        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}={value!r} is invalid: a pruning rate must be in [0, 1)")
+
+
+def check_image_size(cfg: DictConfig) -> None:
+    from bnn_adapt.bases.registry import BASES  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
+
+    size, base = OmegaConf.select(cfg, "data.image_size"), BASES.get(OmegaConf.select(cfg, "base.name"))
+    smallest = getattr(base, "min_input_size", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size < smallest:
+        usual = getattr(base, "input_size", None)
+        raise ConfigError(
+            f"data.image_size={size!r} is too small for base={cfg.base.name}: it needs at least {smallest} "
+            f"pixels (it was designed for {usual})"
+        )

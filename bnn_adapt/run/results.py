@@ -1,0 +1,120 @@
+"""What a run's result files carry: package versions and the config hash, and when a run counts as complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bnn_adapt.files import file_sha256, read_json, read_json_or_none, write_json  # noqa: F401 - re-exported
+
+PACKAGES = ("bnn_adapt", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf")
+
+
+def package_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+#: keys that do not change what a run computes (``table``: a table sweep's own description)
+NOT_HASHED = ("paths", "resume", "debug", "table")
+
+#: options added since 0.1, at the value that computes what runs before them computed:
+#: left out of the hash at that value, so those runs still count as complete
+ADDED_SINCE_V1: dict[str, object] = {"predict.packed": True}
+
+#: ``_target_``s as 0.1 spelled them, before the package was split into subpackages
+V1_TARGETS = {
+    "bnn_adapt.adapters.HeadOnly": "bnn_adapt.strategies.HeadOnly",
+    "bnn_adapt.adapters.FullFinetune": "bnn_adapt.strategies.FullFinetune",
+    "bnn_adapt.adapters.Serial": "bnn_adapt.strategies.Serial",
+    "bnn_adapt.adapters.Parallel": "bnn_adapt.strategies.Parallel",
+    "bnn_adapt.adapters.LoRA": "bnn_adapt.strategies.LoRA",
+    "bnn_adapt.adapters.BitFit": "bnn_adapt.strategies.BitFit",
+    "bnn_adapt.training.datamodule.ClassSplitDataModule": "bnn_adapt.data.ClassSplitDataModule",
+}
+TAP_CACHE_ADAPTERS = ("head_only", "udta")  # the adapter configs that held the tap-cache keys in 0.1
+
+
+def v1_spelling(data: dict) -> dict:
+    """The config as 0.1 spelled it, from today's (a container, modified in place).
+
+    0.2 moved keys between groups (``trainer.memory`` -> ``memory``, the
+    tap-cache keys -> ``tap_cache``, ``reduction.groups`` -> ``adapter.groups``)
+    and modules (``_target_``s); hashing the old spelling keeps the hashes of
+    runs written before, so they are not run again.
+    """
+    adapter, reduction = data.get("adapter") or {}, data.get("reduction")
+    if "trainer" in data:
+        data["trainer"]["memory"] = data.pop("memory", "standard")
+    tap_cache = data.pop("tap_cache", None) or {}
+    if "data" in data:
+        data["data"]["cached_views"] = tap_cache.get("views", 1)
+    if adapter.get("name") in TAP_CACHE_ADAPTERS:
+        adapter["cache_taps"] = tap_cache.get("enabled", False)
+        adapter["cache_max_gb"] = tap_cache.get("max_gb")
+    groups = adapter.pop("groups", None)  # None: ungrouped
+    if isinstance(adapter.get("model"), dict) and "groups" in adapter["model"]:
+        adapter["model"]["groups"] = "${reduction.groups}"
+    if reduction is not None:
+        reduction["groups"] = 1 if groups is None else groups
+        if reduction.get("name") == "none" and groups is not None:
+            reduction["name"] = "groups"  # 0.1 grouped the 1x1 convs through reduction=groups
+    return _v1_targets(data)
+
+
+def _v1_targets(node):
+    if isinstance(node, dict):
+        return {k: V1_TARGETS.get(v, v) if k == "_target_" else _v1_targets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_v1_targets(v) for v in node]
+    return node
+
+
+def _drop_neutral(data: dict) -> None:
+    for key, neutral in ADDED_SINCE_V1.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+            del node[leaf]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Short hash of the config, without keys that do not change results.
+
+    Hashed unresolved, so the many values interpolated from ``paths.*`` (log
+    and checkpoint folders) do not make two identical runs look different;
+    in 0.1's spelling, without options added since at their neutral value,
+    so runs written before still count (``tests/data/config_hashes.json``).
+    """
+    data = OmegaConf.to_container(cfg, resolve=False)
+    for key in NOT_HASHED:
+        data.pop(key, None)
+    _drop_neutral(data)
+    data = v1_spelling(data)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def completed_metrics(run_dir: str | Path, cfg_hash: str, base_sha256: str | None = None) -> dict | None:
+    """The run's metrics if it finished with this exact config, else None.
+
+    An adaptation run also records the SHA-256 of the base checkpoint it
+    adapted (``base_checkpoint_sha256``): when the file at that path has since
+    changed (a base retrained in place) or gone, the run no longer counts.
+    """
+    metrics = read_json_or_none(Path(run_dir) / "metrics.json")
+    if not (metrics and metrics.get("status", "complete") == "complete" and metrics.get("config_hash") == cfg_hash):
+        return None
+    recorded = metrics.get("base_checkpoint_sha256")
+    return metrics if recorded is None or recorded == base_sha256 else None

@@ -1,0 +1,94 @@
+"""What users of 0.1 already have keeps working after the restructuring: renamed config keys
+(with a one-line note), the old module names, adapter files and run directories written before."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from safetensors.torch import save_file
+
+from bnn_adapt.errors import ExportError
+from bnn_adapt.run import task
+from bnn_adapt.run.config import rename_deprecated_overrides
+from tests.test_reliability import cli
+
+
+def test_renamed_keys_on_the_command_line_are_rewritten_with_a_note(capsys):
+    old = ["trainer.memory=lean", "+adapter.cache_taps=true", "data.cached_views=2", "adapter.cache_max_gb=3",
+           "reduction=groups", "reduction.groups=5", "seed=1", "--multirun"]  # fmt: skip
+    assert rename_deprecated_overrides(old) == [
+        "memory=lean", "tap_cache.enabled=true", "tap_cache.views=2", "tap_cache.max_gb=3", "adapter.groups=5",
+        "seed=1", "--multirun",
+    ]  # fmt: skip
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 6 and all(n.startswith("note: ") and "deprecated" in n for n in notes)
+    # reduction=groups alone meant 10 groups
+    assert rename_deprecated_overrides(["reduction=groups"]) == ["adapter.groups=10"]
+
+
+def test_renamed_keys_work_from_the_command_line(tmp_path):
+    done = cli(tmp_path, "summary_only=true", "base.width=0.1", "+experiment=digits5_5_serial", "reduction=groups",
+               "reduction.groups=2", "trainer.memory=lean")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: reduction.groups is deprecated, use adapter.groups" in done.stderr
+    assert "note: trainer.memory is deprecated, use memory" in done.stderr
+
+
+def test_renamed_keys_in_a_config_file_move_to_their_new_place(make_cfg, capsys):
+    cfg = make_cfg("data=cifar5_5", "adapter=udta")
+    with open_dict(cfg):  # as an experiment file written for 0.1 would set them
+        cfg.trainer.memory = "lean"
+        cfg.data.cached_views = 3
+    moved = task.move_deprecated_keys(cfg)
+    assert moved.memory == "lean" and moved.tap_cache.views == 3
+    assert "memory" not in moved.trainer and "cached_views" not in moved.data
+    assert capsys.readouterr().err.count("is deprecated") == 2
+
+
+def test_old_module_names_still_import_and_run():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from bnn_adapt.strategies import Parallel as Old  # noqa: PLC0415
+    from bnn_adapt.adapters import Parallel  # noqa: PLC0415
+
+    assert Old is Parallel  # the same class, not a copy
+    assert any("bnn_adapt.strategies moved to bnn_adapt.adapters" in str(w.message) for w in caught)
+
+
+def test_old_module_names_run_with_python_m(tmp_path):
+    from tests.test_tables import run_module  # noqa: PLC0415
+
+    result = run_module(tmp_path, "bnn_adapt.tables", "--list")
+    assert result.returncode == 0, result.stderr
+    assert "6.5" in result.stdout and "moved to bnn_adapt.tools.tables" in result.stderr
+
+
+def test_a_01_training_runs_adapter_file_is_refused_with_the_upgrade_command(tmp_path):
+    from bnn_adapt.adapters.file import read_adapter_file  # noqa: PLC0415
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_file({"head.0.weight": torch.zeros(2, 2)}, str(run_dir / "adapter.safetensors"), metadata={"strategy": "udta"})
+    with pytest.raises(ExportError) as err:
+        read_adapter_file(run_dir / "adapter.safetensors")
+    message = str(err.value)
+    assert f"task=export export.adapter_run=[{run_dir}]" in message and "\n" not in message
+
+
+def test_a_run_written_by_01_still_exports(pretrained_base, make_cfg, tmp_path):
+    """A 0.1 run has metrics.json, checkpoints/last.ckpt and an adapter.safetensors of the old training format."""
+    cfg = make_cfg("data=cifar5_5", "adapter=udta", "trainer.max_epochs=1", name="old_run")
+    metrics = task.run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    save_file({"head.0.0.weight": torch.zeros(5, 16)}, str(run_dir / "adapter.safetensors"), metadata={"strategy": "udta"})
+    out = tmp_path / "export"
+    export_cfg = make_cfg("task=export", f"export.adapter_run=[{run_dir}]", f"export.dir={out}", name="export")
+    manifest = task.run(export_cfg)
+    adapters = [f for f in manifest["files"].values() if f["kind"] == "adapter"]
+    assert len(adapters) == 1 and adapters[0]["fp32_params"] + adapters[0]["binary_params"] == (
+        metrics["introduced_fp32_params"] + metrics["introduced_binary_params"]
+    )
