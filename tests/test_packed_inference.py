@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
-from bnn_adapt import task
-from bnn_adapt.adapter_file import export_adapter
+from bnn_adapt.adapters import STRATEGIES
+from bnn_adapt.adapters.file import export_adapter
 from bnn_adapt.bases.ste_resnet import BasicBlock, STEResNetCIFAR
-from bnn_adapt.binary import sign
 from bnn_adapt.deploy import packed_kernels as kernels
+from bnn_adapt.deploy.packed_base import repack, write_packed_base
 from bnn_adapt.deploy.packed_inference import (
     PackedBasicBlock,
     PackedBinaryConv2d,
@@ -30,10 +30,10 @@ from bnn_adapt.deploy.packed_inference import (
     use_packed_kernels,
     uses_packed_kernels,
 )  # fmt: skip
-from bnn_adapt.packed_base import repack, write_packed_base
-from bnn_adapt.predict import BaseWithAdapters
+from bnn_adapt.deploy.predict import BaseWithAdapters
+from bnn_adapt.nn.quantizers import sign
+from bnn_adapt.run import task
 from bnn_adapt.run.results import config_hash
-from bnn_adapt.strategies import STRATEGIES
 from tests.test_adapters import randomize_bn
 from tests.test_export import adapted, make_base, trained_like
 from tests.test_predict import write_images

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnn_adapt.bases import rebuild
-from bnn_adapt.bases.reactnet import ApproxSignActivation, ChannelsLastMaxPool2d, LearnableBias, ReActBlock, ReActNet18
+from bnn_adapt.bases.reactnet import ReActBlock, ReActNet18
 from bnn_adapt.bases.ste_resnet import BasicBlock
-from bnn_adapt.binary import BinaryConv2d, BinaryLinear, BinaryModule, sign
 from bnn_adapt.deploy import packed_kernels as kernels
+from bnn_adapt.deploy.packed_base import parse_packed, read_packed_base, to_packed_modules
 from bnn_adapt.deploy.packed_kernels import (
     AFFINE,
     CLAMP_AFTER,
@@ -55,7 +55,16 @@ from bnn_adapt.deploy.packed_kernels import (
     unpack_weights,
 )  # fmt: skip
 from bnn_adapt.errors import ExportError
-from bnn_adapt.packed_base import PackedScaledBinaryConv2d, parse_packed, read_packed_base, to_packed_modules
+from bnn_adapt.nn.layers import (
+    ApproxSignActivation,
+    BinaryConv2d,
+    BinaryLinear,
+    BinaryModule,
+    ChannelsLastMaxPool2d,
+    LearnableBias,
+    PackedScaledBinaryConv2d,
+)  # fmt: skip
+from bnn_adapt.nn.quantizers import sign
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 

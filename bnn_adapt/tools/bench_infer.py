@@ -42,17 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_adapt import allocator
-from bnn_adapt.adapter_file import export_adapter
+from bnn_adapt.adapters import Parallel
+from bnn_adapt.adapters.file import export_adapter
 from bnn_adapt.bases import BASES
-from bnn_adapt.bases.reactnet import ScaledBinaryConv2d
-from bnn_adapt.bench import machine, update_readme
-from bnn_adapt.binary import BinaryConv2d
 from bnn_adapt.deploy import packed_kernels as kernels
+from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.packed_inference import PackedBinaryConv2d
-from bnn_adapt.packed_base import write_packed_base
-from bnn_adapt.predict import BaseWithAdapters
-from bnn_adapt.strategies import Parallel
+from bnn_adapt.deploy.predict import BaseWithAdapters
+from bnn_adapt.nn.layers import BinaryConv2d, ScaledBinaryConv2d
+from bnn_adapt.tools.bench import machine, update_readme
+from bnn_adapt.training import allocator
 
 README_START, README_END = "<!-- bench-infer:start -->", "<!-- bench-infer:end -->"
 TARGETS = {  # issue #16, on this repository's 2-core reference machine
@@ -243,7 +242,7 @@ def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: in
 
 def memory_probe(path: str, packed: bool) -> dict:
     """Resident-set growth of loading a packed base file (run in a fresh process)."""
-    from bnn_adapt.bench import _hwm_and_rss
+    from bnn_adapt.tools.bench import _hwm_and_rss
 
     def rss() -> int:
         gc.collect()
