@@ -21,15 +21,9 @@ from bnn_adapt.adapters.file import export_adapter
 from bnn_adapt.bases.ste_resnet import BasicBlock, STEResNetCIFAR
 from bnn_adapt.deploy import packed_kernels as kernels
 from bnn_adapt.deploy.packed_base import repack, write_packed_base
-from bnn_adapt.deploy.packed_inference import (
-    PackedBasicBlock,
-    PackedBinaryConv2d,
-    PackedBinaryLayer,
-    load_packed_base,
-    sign_interval,
-    use_packed_kernels,
-    uses_packed_kernels,
-)  # fmt: skip
+from bnn_adapt.deploy.packed_blocks import PackedBasicBlock, sign_interval
+from bnn_adapt.deploy.packed_inference import load_packed_base, use_packed_kernels, uses_packed_kernels
+from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer
 from bnn_adapt.deploy.predict import BaseWithAdapters
 from bnn_adapt.nn.quantizers import sign
 from bnn_adapt.run import task

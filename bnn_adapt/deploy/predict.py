@@ -1,6 +1,6 @@
 """One base, many adapters: load a packed base once, attach adapter files, switch, predict.
 
-    from bnn_adapt.predict import BaseWithAdapters
+    from bnn_adapt.deploy.predict import BaseWithAdapters
 
     bank = BaseWithAdapters.load("export/base.bnnpack")
     bank.attach("export/flowers.safetensors")

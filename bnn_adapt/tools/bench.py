@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnn_adapt.nn.layers import clamp_latent_weights
-from bnn_adapt.training import allocator
 from bnn_adapt.run.config import CONF_DIR, compose
+from bnn_adapt.training import allocator
 from bnn_adapt.training.lean import set_memory_mode
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"

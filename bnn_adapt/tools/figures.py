@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bnn_adapt.tools.table_runs import Row, Table, introduced_weights
 
+
 def _pyplot():
     import matplotlib
 
