@@ -18,6 +18,7 @@ from bnn_adapt.adapters import Parallel
 from bnn_adapt.bases import BASES, ResNet18, ResNet18CIFAR
 from bnn_adapt.run.results import read_json_or_none, write_json
 from bnn_adapt.tools import tables
+from bnn_adapt.tools.table_runs import expand_sweep
 from bnn_adapt.tools.synthetic import write_smoke_data
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 
@@ -26,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the thesis's rows per table (SPEC section 6)
 THESIS_ROWS = {
     "5.2": ["ReActNet-18", "ResNet-18, fp32 (torchvision)"],
-    "6.1": ["STE BNN (BinaryNet ResNet-18, CIFAR)", "ResNet-18, fp32 (CIFAR stem)"],
+    "6.1": ["STE BNN (BinaryNet ResNet-18, CIFAR)", "ResNet-18, fp32 (BinaryNet.pytorch CIFAR, 16/32/64 ch)"],
     "6.2": ["finetune", "head only", "serial stages 1,2,3 g=1", "serial stages 1,2,3 g=10",
             "serial stages 1,2,3 g=20", "serial stages 3", "serial stages 2", "serial stages 1"],
     "6.3": [f"serial stages 1,2,3 g={g}" for g in (1, 2, 5, 10, 20)],
@@ -89,8 +90,18 @@ def test_full_profile_keeps_the_thesis_settings(tmp_path, monkeypatch):
         assert (c.trainer.max_epochs, c.base.width, c.data.batch_size) == (75, 1.0, 64)
     assert by_label["finetune"].optimizer.lr == 1e-4 and by_label["udta head=concat g=10"].optimizer.lr == 1e-3
     assert all(c.scheduler is None for c in by_label.values())
-    (pretrain,) = [r.jobs[0].cfg for r in tables.table_rows(tables.TABLES["6.1"], "full") if "STE" in r.label]
-    assert pretrain.trainer.max_epochs == 200 and pretrain.task == "pretrain"
+    assert all(c.base.bn == "adapt" and c.base.epoch == "best" for c in by_label.values())  # the thesis's protocol
+    stes = {r.label: r.jobs[0].cfg for r in tables.table_rows(tables.TABLES["6.1"], "full")}
+    (pretrain,) = [c for label, c in stes.items() if "STE" in label]
+    # table 6.1: CIFAR-10 classes 0-4, 400 epochs: the very base table 6.2 adapts
+    assert pretrain.trainer.max_epochs == 400 and pretrain.task == "pretrain" and pretrain.data.name == "cifar10"
+    (adapt,) = [r.jobs[0].cfg for r in tables.table_rows(tables.TABLES["6.2"], "full") if r.label == "head only"]
+    assert pretrain.base.save_to == adapt.base.checkpoint
+    (cifar100,) = [j.cfg for r in tables.table_rows(tables.TABLES["6.5"], "full")[:1] for j in r.jobs]
+    bases = expand_sweep("bases", ["profile=full"])
+    assert ["experiment=cifar80_20_base", "profile=full"] in [sorted(b) for b in bases]
+    assert tables.TABLES["6.5"].needs == ("bases:experiment=cifar80_20_base",)
+    assert cifar100.base.checkpoint.endswith("ste_resnet_cifar_thesis_w1.0_cifar100_20-99.pt")
 
 
 # ------------------------------------------------------------------ generated data and the ResNet-18 reference

@@ -62,6 +62,7 @@ THESIS_TABLES = tuple(t for t in TABLES.values() if t.thesis)
 
 BASE_LABELS = {
     "ste_resnet_cifar": "STE BNN (BinaryNet ResNet-18, CIFAR)",
+    "resnet_cifar": "ResNet-18, fp32 (BinaryNet.pytorch CIFAR, 16/32/64 ch)",
     "resnet18_cifar": "ResNet-18, fp32 (CIFAR stem)",
     "reactnet18": "ReActNet-18",
     "resnet18": "ResNet-18, fp32 (torchvision)",
@@ -156,11 +157,22 @@ def expected_hash(cfg: DictConfig, run_dir: Path) -> str:
     return config_hash(without_hydra_node(cfg))
 
 
+def without_protocol(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` less any ``protocol=...``: the protocol is how a base is adapted, so pretraining
+    sweeps (bases, table 6.1) and count tables run and are found the same under every protocol."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "protocol"]
+
+
+def sweep_overrides(table: Table, overrides: Sequence[str]) -> list[str]:
+    """The overrides ``table``'s own sweep runs with (and its run directories are named after)."""
+    return list(overrides) if table.kind == "adapt" else without_protocol(overrides)
+
+
 def table_rows(table: Table, profile: str, overrides: Sequence[str] = ()) -> list[Row]:
     """The table's rows in sweep order, each with its run(s); seeds of one row are grouped."""
     rows: dict[tuple, Row] = {}
     result_file = "summary.json" if table.kind == "counts" else "metrics.json"
-    for job_overrides in expand_sweep(table.sweep, [f"profile={profile}", *overrides]):
+    for job_overrides in expand_sweep(table.sweep, [f"profile={profile}", *sweep_overrides(table, overrides)]):
         cfg = _compose(table.sweep, job_overrides)
         run_dir = Path(cfg.hydra.sweep.dir) / cfg.hydra.job.override_dirname
         key = tuple(o for o in job_overrides if not (table.seeds and o.split("=", 1)[0] == "seed"))
@@ -196,8 +208,10 @@ def run_sweeps(table: Table, profile: str, overrides: Sequence[str] = (), done: 
         if spec in done or name in done:
             continue
         print(f"== sweep {name} {part} (profile {profile})", flush=True)
+        # what a table needs first are base pretrainings: the same under every protocol
+        given = sweep_overrides(table, overrides) if spec == table.sweep else without_protocol(overrides)
         command = [sys.executable, "-m", "bnn_adapt", "--multirun", "--config-dir", "sweeps", "--config-name", name,
-                   f"profile={profile}", *([part] if part else []), *overrides]  # fmt: skip
+                   f"profile={profile}", *([part] if part else []), *given]  # fmt: skip
         if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
             print(f"== sweep {name} did not finish: its missing rows are marked in the table", flush=True)
         done.add(spec)

@@ -83,6 +83,7 @@ ADAPT_COLUMNS = (
     Column("epoch time (s)", _get("epoch_time_s"), ".2f"),
 )
 SPEEDUP_HEADER = "speed-up vs finetune"
+PROTOCOLS = ("thesis", "clean")  # conf/protocol/
 
 
 def columns_of(table: Table, rows: list[Row]) -> list[Column]:
@@ -281,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results", help="output folder (default results)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="an override the sweeps were also given (their run directories carry it)")  # fmt: skip
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="thesis",
+                        help="how bases are adapted: thesis (default: best base epoch, BN drifts) or clean (frozen "
+                             "BN, last epoch; adaptation runs in directories of their own)")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the tables and their sweeps")
     parser.add_argument("--run", action="store_true",
                         help="first run each table's sweeps (bases it needs first; finished runs are skipped)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.protocol != "thesis":  # the table sweeps' default protocol names no directory
+        args.override.append(f"protocol={args.protocol}")
     if args.list:
         for t in TABLES.values():
             print(f"{t.id:8} sweeps/{t.sweep}.yaml  {t.title}")
