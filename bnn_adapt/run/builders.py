@@ -67,8 +67,8 @@ def load_trained_base(cfg: DictConfig) -> BaseNetwork:
         return load_base(cfg.base.name, checkpoint, how, num_classes=cfg.base.net.num_classes,
                          width=cfg.base.width)  # fmt: skip
     if checkpoint != cfg.base.checkpoint and not Path(checkpoint).is_file() and Path(cfg.base.checkpoint).is_file():
-        how = (f"base.epoch=best reads the best-test-accuracy epoch that pretraining keeps beside its last one; "
-               f"pretrain this base again to write it, or set base.epoch=last")  # fmt: skip
+        how = ("base.epoch=best reads the best-test-accuracy epoch that pretraining keeps beside its last one; "
+               "pretrain this base again to write it, or set base.epoch=last")  # fmt: skip
     net = OmegaConf.to_container(cfg.base.net, resolve=True)
     # the base's own classes do not matter here: adaptation replaces its classifier
     expected = {k: v for k, v in net.items() if k not in ("_target_", "num_classes")} | {"image_size": cfg.data.image_size}

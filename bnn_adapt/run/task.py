@@ -132,10 +132,9 @@ def run_adapt(cfg: DictConfig) -> dict:
     datamodule = builders.build_datamodule(cfg, "target")
     # build on a fresh base first: config errors (and a pruning schedule that cannot fit) surface before training
     builders.build_adapted(cfg, builders.build_base(cfg), datamodule.num_classes)
-    checkpoint = builders.base_checkpoint_file(cfg)
-    if checkpoint and not Path(checkpoint).is_file() and cfg.base.get("pretrain"):
-        sub = builders.pretraining_config(cfg)
-        print(f"no base checkpoint at {checkpoint}: pretraining it first ({sub.trainer.max_epochs} epochs)")
+    if cfg.base.checkpoint and not Path(cfg.base.checkpoint).is_file() and cfg.base.get("pretrain"):
+        sub = builders.pretraining_config(cfg)  # writes the last epoch there, and the best beside it
+        print(f"no base checkpoint at {cfg.base.checkpoint}: pretraining it first ({sub.trainer.max_epochs} epochs)")
         run_pretrain(sub)
     base = builders.load_trained_base(cfg)
     model = builders.build_adapted(cfg, base, datamodule.num_classes)
