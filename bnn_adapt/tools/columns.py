@@ -40,7 +40,8 @@ class Column:
         text = format(self.mean(row), self.fmt)
         if seeds and len(set(found)) > 1:  # counts that do not vary with the seed get no "± 0"
             spread = statistics.stdev(found)
-            text += " ± " + format(round(spread) if self.fmt == "," else spread, self.fmt)
+            spec = self.fmt.lstrip("+")  # a spread has no sign
+            text += " ± " + format(round(spread) if spec == "," else spread, spec)
         return text, record
 
 

@@ -165,7 +165,7 @@ def render(table: Table, rows: list[Row], reference: Reference | None = None) ->
         "",
         f"Settings (from {s.pop('source')}): " + "; ".join(f"{k} {v}" for k, v in s.items()) + ".",
         f"{progress.capitalize()}. Sweep: `python -m bnn_adapt --multirun --config-dir sweeps "
-        f"--config-name {table.sweep} {' '.join(sweep_arguments(rows[0]))}`; run directories under "
+        f"--config-name {table.sweep} {' '.join(sweep_arguments(table, rows[0]))}`; run directories under "
         f"`{rows[0].jobs[0].run_dir.parent}`.",
         "",
     ]
@@ -181,10 +181,11 @@ def render(table: Table, rows: list[Row], reference: Reference | None = None) ->
     return Rendered(table, rows, markdown, records)
 
 
-def sweep_arguments(row: Row) -> list[str]:
+def sweep_arguments(table: Table, row: Row) -> list[str]:
     """What the sweep ran with beyond its own rows (profile, protocol=clean, extra overrides)."""
     swept = set(row.key.split(","))
-    return [o for o in row.jobs[0].overrides if o not in swept]
+    seeds = ("seed",) if table.seeds else ()
+    return [o for o in row.jobs[0].overrides if o not in swept and o.split("=", 1)[0] not in seeds]
 
 
 def adapt_notes(table: Table, own_finetune: bool) -> list[str]:
