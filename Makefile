@@ -26,16 +26,18 @@ demo: install
 # runs that already finished with the same config are not repeated, so an interrupted
 # reproduction continues where it stopped. Tables, CSVs and figures are rendered from the runs'
 # own files into $(RESULTS). ARGS: extra overrides for every run (e.g. ARGS="trainer=gpu
-# hydra/launcher=parallel" or ARGS=base.bn=adapt).
+# hydra/launcher=parallel"). PROTOCOL=clean: adapt the last base epoch with frozen BN (default
+# thesis: its best epoch, BN drifting), into run directories and $(RESULTS)/clean of its own.
 PROFILE ?= full
+PROTOCOL ?= thesis
 ARGS ?=
-RESULTS ?= $(if $(filter smoke,$(PROFILE)),results/smoke,results)
+RESULTS ?= $(if $(filter smoke,$(PROFILE)),results/smoke,results)$(if $(filter clean,$(PROTOCOL)),/clean)
 ifeq ($(PROFILE),smoke)
 export OMP_NUM_THREADS ?= 1   # tiny models: one torch thread per process is steadier on a shared CPU
 endif
 DATA_smoke := smoke-data
 DATA_fashion := $(if $(filter full,$(PROFILE)),fashion-data)
-TABLES = $(PY) -m bnn_adapt.tools.tables --profile $(PROFILE) --out $(RESULTS) $(foreach a,$(ARGS),--override $(a))
+TABLES = $(PY) -m bnn_adapt.tools.tables --profile $(PROFILE) --protocol $(PROTOCOL) --out $(RESULTS) $(foreach a,$(ARGS),--override $(a))
 
 reproduce-tables: install $(DATA_$(PROFILE))
 	$(TABLES) --run

@@ -18,6 +18,7 @@ from bnn_adapt.adapters import Parallel
 from bnn_adapt.bases import BASES, ResNet18, ResNet18CIFAR
 from bnn_adapt.run.results import read_json_or_none, write_json
 from bnn_adapt.tools import tables
+from bnn_adapt.tools.table_runs import expand_sweep
 from bnn_adapt.tools.synthetic import write_smoke_data
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 
@@ -26,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the thesis's rows per table (SPEC section 6)
 THESIS_ROWS = {
     "5.2": ["ReActNet-18", "ResNet-18, fp32 (torchvision)"],
-    "6.1": ["STE BNN (BinaryNet ResNet-18, CIFAR)", "ResNet-18, fp32 (CIFAR stem)"],
+    "6.1": ["STE BNN (BinaryNet ResNet-18, CIFAR)", "ResNet-18, fp32 (BinaryNet.pytorch CIFAR, 16/32/64 ch)"],
     "6.2": ["finetune", "head only", "serial stages 1,2,3 g=1", "serial stages 1,2,3 g=10",
             "serial stages 1,2,3 g=20", "serial stages 3", "serial stages 2", "serial stages 1"],
     "6.3": [f"serial stages 1,2,3 g={g}" for g in (1, 2, 5, 10, 20)],
@@ -89,8 +90,18 @@ def test_full_profile_keeps_the_thesis_settings(tmp_path, monkeypatch):
         assert (c.trainer.max_epochs, c.base.width, c.data.batch_size) == (75, 1.0, 64)
     assert by_label["finetune"].optimizer.lr == 1e-4 and by_label["udta head=concat g=10"].optimizer.lr == 1e-3
     assert all(c.scheduler is None for c in by_label.values())
-    (pretrain,) = [r.jobs[0].cfg for r in tables.table_rows(tables.TABLES["6.1"], "full") if "STE" in r.label]
-    assert pretrain.trainer.max_epochs == 200 and pretrain.task == "pretrain"
+    assert all(c.base.bn == "adapt" and c.base.epoch == "best" for c in by_label.values())  # the thesis's protocol
+    stes = {r.label: r.jobs[0].cfg for r in tables.table_rows(tables.TABLES["6.1"], "full")}
+    (pretrain,) = [c for label, c in stes.items() if "STE" in label]
+    # table 6.1: CIFAR-10 classes 0-4, 400 epochs: the very base table 6.2 adapts
+    assert pretrain.trainer.max_epochs == 400 and pretrain.task == "pretrain" and pretrain.data.name == "cifar10"
+    (adapt,) = [r.jobs[0].cfg for r in tables.table_rows(tables.TABLES["6.2"], "full") if r.label == "head only"]
+    assert pretrain.base.save_to == adapt.base.checkpoint
+    (cifar100,) = [j.cfg for r in tables.table_rows(tables.TABLES["6.5"], "full")[:1] for j in r.jobs]
+    bases = expand_sweep("bases", ["profile=full"])
+    assert ["experiment=cifar80_20_base", "profile=full"] in [sorted(b) for b in bases]
+    assert tables.TABLES["6.5"].needs == ("bases:experiment=cifar80_20_base",)
+    assert cifar100.base.checkpoint.endswith("ste_resnet_cifar_thesis_w1.0_cifar100_20-99.pt")
 
 
 # ------------------------------------------------------------------ generated data and the ResNet-18 reference
@@ -129,9 +140,10 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
     root = tmp_path
     result = run_module(root, "bnn_adapt.synthetic")
     assert result.returncode == 0, result.stderr[-2000:]
-    sweep(root, "bases", "experiment=cifar5_5_base", *QUICK)
+    sweep(root, "table_6_1", "base=ste_resnet_cifar", *QUICK)
     base = root / "outputs" / "bases" / "smoke" / "ste_resnet_cifar_thesis_w0.25_cifar10_0-4.pt"
-    assert base.is_file(), "the base pretraining did not write the base table 6.2 reads"
+    assert base.is_file(), "table 6.1's STE row did not write the base table 6.2 reads"
+    assert base.with_name(base.stem + "_best.pt").is_file(), "nor its best-test-accuracy epoch (the thesis's protocol)"
     sweep(root, "table_6_2", "row=head_only,serial_g10", *QUICK)
     sweep(root, "table_5_2")
 
@@ -146,24 +158,29 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
 
     md = (out / "table_6_2.md").read_text()
     assert md.startswith("# Table 6.2")
-    assert "profile smoke" in md and "epochs 2" in md and "seed 42" in md and "base.bn frozen" in md
+    assert "profile smoke" in md and "epochs 2" in md and "seed 42" in md and "base.bn adapt" in md
+    assert "protocol thesis" in md and "base.epoch best" in md
     assert "device cpu" in md
     rows = {r[0]: r for r in markdown_rows(out / "table_6_2.md")}
     assert list(rows) == THESIS_ROWS["6.2"]
     for label, cells in rows.items():
         if label in ("head only", "serial stages 1,2,3 g=10"):
-            assert cells[-1] == "complete" and 0.0 <= float(cells[1]) <= 1.0
+            assert cells[-1] == "complete" and 0.0 <= float(cells[1]) <= 100.0
         else:
             assert cells[-1] == "not run" and cells[1] == "-"
+        assert cells[2] == {"finetune": "96.06", "head only": "74.44", "serial stages 1,2,3 g=10": "83.56"}.get(
+            label, cells[2])  # the thesis's printed top-1 beside ours
     with (out / "table_6_2.csv").open() as f:
         records = list(csv.DictReader(f))
     assert [r["strategy"] for r in records] == THESIS_ROWS["6.2"]
     head = next(r for r in records if r["strategy"] == "head only")
     metrics = read_json_or_none(Path(head["run_dirs"]) / "metrics.json")
-    assert float(head["top-1 (final)"]) == metrics["test_top1"]  # the number comes from the run's own file
-    assert int(head["weights introduced"]) == metrics["introduced_fp32_params"] + metrics["introduced_binary_params"]
+    assert float(head["top-1 %"]) == 100 * metrics["test_top1"]  # the number comes from the run's own file
+    ours = metrics["introduced_fp32_params"] + metrics["introduced_binary_params"]
+    assert int(head["weights introduced (ours)"]) == ours and int(head["weights introduced (thesis conv.)"]) == 0
     for name in ("table_6_2_test_accuracy.png", "table_6_2_train_loss.png", "accuracy_vs_weights.png"):
         assert (out / name).stat().st_size > 1000
+    assert (out / "claims.md").read_text().startswith("# The thesis's conclusions, checked against the runs")
 
     counts = {r[0]: r for r in markdown_rows(out / "table_5_2.md")}
     assert counts["ReActNet-18"][1:3] == ["718,952", "10,985,472"]  # full width whatever the profile
@@ -187,7 +204,7 @@ def test_failed_unfinished_and_stale_rows_are_marked(tmp_path, monkeypatch):
     rendered = tables.render_tables(["6.4"], "smoke", tmp_path / "results")
     table = markdown_rows(tmp_path / "results" / "table_6_4.md")
     assert [r[-1] for r in table] == ["not run", "failed: CheckpointError: no base", "incomplete", "stale", "not run"]
-    assert table[3][1] == "0.5000"  # a stale run's numbers are shown, marked
+    assert table[3][1] == "50.00"  # a stale run's numbers are shown, marked
     assert "0 of 5 runs complete, 1 stale. Sweep:" in rendered[0].markdown
     assert "the sweep definition (no run has finished)" in rendered[0].markdown
 
@@ -217,3 +234,7 @@ def test_make_reproduce_tables_smoke_end_to_end(tmp_path):
             for figure in ("test_accuracy", "train_loss"):
                 assert (out / f"{table.stem}_{figure}.png").is_file()
     assert (out / "accuracy_vs_weights.png").is_file()
+    claims = (out / "claims.md").read_text()
+    assert claims.count("| 6.") >= 5 * 6  # every claim, every thesis adaptation table
+    header = (out / "table_6_5.md").read_text()
+    assert "| thesis top-1 % | Δ top-1 |" in header and "| thesis % | Δ % |" in header

@@ -2,7 +2,8 @@
 
 Introduced parameters (adapter + new head) are reported next to the base's,
 separately for the adapter and the head too (SPEC 4), and shown per layer in
-the manner of Larq's ``models.summary``.
+the manner of Larq's ``models.summary``. The thesis's own convention (SPEC 4b)
+rides along under ``thesis`` (:mod:`bnn_adapt.accounting.thesis`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnn_adapt.accounting.parameters import parameter_rows, size_percent, totals
+from bnn_adapt.accounting.thesis import thesis_counts
 
 
 def pruned_modules(model: nn.Module) -> list[nn.Module]:
@@ -42,6 +44,7 @@ def summarize(model: nn.Module) -> dict:
         "adapter_size_pct": size_percent(adapter_fp32, adapter_bin, base_fp32, base_bin),
         "head_size_pct": size_percent(head_fp32, head_bin, base_fp32, base_bin),
         "base_bits": 32 * base_fp32 + base_bin,
+        "thesis": thesis_counts(model, pruned),  # the thesis's own convention (SPEC 4b)
     }
 
 
@@ -70,5 +73,11 @@ def layer_table(model: nn.Module) -> str:
         f"introduced: adapter {s['adapter_binary_params']:,} binary + {s['adapter_fp32_params']:,} fp32, "
         f"head {s['head_binary_params']:,} binary + {s['head_fp32_params']:,} fp32 -> "
         f"size {s['size_pct']:.3f}% of the base (adapter alone {s['adapter_size_pct']:.3f}%)"
+    )
+    t = s["thesis"]
+    lines.append(
+        f"thesis convention (SPEC 4b): {t['introduced_binary_params']:,} binary + {t['introduced_fp32_params']:,} "
+        f"fp32 introduced against a base of {t['base_binary_params']:,} binary + {t['base_fp32_params']:,} fp32 "
+        f"-> {t['size_pct']:.3f}%"
     )
     return "\n".join(lines)

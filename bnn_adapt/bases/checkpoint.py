@@ -31,6 +31,12 @@ def rebuild(arch: str, arch_config: dict) -> BaseNetwork:
     return BASES[arch](**{**LEGACY_ARCH_DEFAULTS.get(arch, {}), **arch_config})
 
 
+def best_epoch_path(path: str | Path) -> Path:
+    """Where pretraining keeps its best-test-accuracy epoch, beside ``path`` (its last): ``<stem>_best<suffix>``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_best{path.suffix}")
+
+
 def describe(arch: str, config: dict) -> str:
     return f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(config.items()))})"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.bases.reactnet import ReActNet18
-from bnn_adapt.bases.resnet import ResNet18, ResNet18CIFAR
+from bnn_adapt.bases.resnet import ResNet18, ResNet18CIFAR, ResNetCIFAR
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 
 BASES: dict[str, type[BaseNetwork]] = {
-    cls.arch: cls for cls in (STEResNetCIFAR, ReActNet18, ResNet18CIFAR, ResNet18)
+    cls.arch: cls for cls in (STEResNetCIFAR, ReActNet18, ResNetCIFAR, ResNet18CIFAR, ResNet18)
 }

@@ -75,7 +75,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         raise ExportError(f"export.adapter_run={run_dir} is a {metrics.get('task')!r} run, not an adaptation run")
     cfg = OmegaConf.create(metrics["config"])
     reference = builders.load_trained_base(cfg)
-    label, source = run_label(metrics), (metrics.get("config_hash"), cfg.base.checkpoint)
+    label, source = run_label(metrics), (metrics.get("config_hash"), builders.base_checkpoint_file(cfg))
     if is_adapter_file(run_dir / ADAPTER_FILE):
         attached = attach_adapter(run_dir / ADAPTER_FILE, copy.deepcopy(reference))
         meta = attached.meta
@@ -178,7 +178,7 @@ def run_export(cfg: DictConfig) -> dict:
         checkpoint = runs[0].base_checkpoint
     else:
         base = builders.load_trained_base(cfg)
-        checkpoint = cfg.base.checkpoint
+        checkpoint = builders.base_checkpoint_file(cfg)
     manifest = export_all(base, runs, out, cfg.export.dtype, base_meta={"checkpoint": str(checkpoint)})
     print(size_table(manifest))
     print(f"exported to {out} (manifest.json lists bytes on disk next to the formula's)")

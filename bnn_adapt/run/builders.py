@@ -16,6 +16,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bnn_adapt.bases import BaseNetwork, load_base
+from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.training.callbacks import RunStats
 from bnn_adapt.training.pruning import PruningPlan
@@ -44,20 +45,34 @@ def build_base(cfg: DictConfig) -> BaseNetwork:
     return instantiate(cfg.base.net)
 
 
+def base_checkpoint_file(cfg: DictConfig) -> str | None:
+    """The file adaptation reads: ``base.checkpoint`` (its last epoch), or with ``base.epoch=best`` the
+    best-test-accuracy epoch pretraining kept beside it (the thesis's protocol). ReActNet's checkpoint is
+    the authors' ``model_best`` either way."""
+    checkpoint = cfg.base.checkpoint
+    if checkpoint is None or cfg.base.get("epoch", "last") == "last" or cfg.base.name == "reactnet18":
+        return checkpoint
+    return str(best_epoch_path(checkpoint))
+
+
 def load_trained_base(cfg: DictConfig) -> BaseNetwork:
-    """The pretrained base at ``base.checkpoint``; refused when built for another architecture."""
+    """The pretrained base at :func:`base_checkpoint_file`; refused when built for another architecture."""
     from bnn_adapt.errors import CheckpointError  # noqa: PLC0415
 
     how = cfg.base.how_to_get
-    if cfg.base.checkpoint is None:
+    checkpoint = base_checkpoint_file(cfg)
+    if checkpoint is None:
         raise CheckpointError(f"no base checkpoint given; {how}")
     if cfg.base.name == "reactnet18":  # the authors' format: shapes tell width and classes
-        return load_base(cfg.base.name, cfg.base.checkpoint, how, num_classes=cfg.base.net.num_classes,
+        return load_base(cfg.base.name, checkpoint, how, num_classes=cfg.base.net.num_classes,
                          width=cfg.base.width)  # fmt: skip
+    if checkpoint != cfg.base.checkpoint and not Path(checkpoint).is_file() and Path(cfg.base.checkpoint).is_file():
+        how = ("base.epoch=best reads the best-test-accuracy epoch that pretraining keeps beside its last one; "
+               "pretrain this base again to write it, or set base.epoch=last")  # fmt: skip
     net = OmegaConf.to_container(cfg.base.net, resolve=True)
     # the base's own classes do not matter here: adaptation replaces its classifier
     expected = {k: v for k, v in net.items() if k not in ("_target_", "num_classes")} | {"image_size": cfg.data.image_size}
-    return load_base(cfg.base.name, cfg.base.checkpoint, how, expected=expected)
+    return load_base(cfg.base.name, checkpoint, how, expected=expected)
 
 
 def pruning_plan(cfg: DictConfig) -> PruningPlan | None:

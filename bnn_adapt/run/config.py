@@ -40,6 +40,7 @@ register_resolvers()
 
 TASKS = ("pretrain", "adapt", "export", "predict")
 BN_MODES = ("frozen", "adapt")
+BASE_EPOCHS = ("last", "best")  # base.epoch: which pretraining epoch adaptation reads
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -47,7 +48,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     from bnn_adapt.adapters.file_codec import DTYPES  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
     from bnn_adapt.training.lean import MEMORY_MODES  # noqa: PLC0415
 
-    return {"task": TASKS, "base.bn": BN_MODES, "memory": MEMORY_MODES, "export.dtype": DTYPES}
+    return {"task": TASKS, "base.bn": BN_MODES, "base.epoch": BASE_EPOCHS, "memory": MEMORY_MODES,
+            "export.dtype": DTYPES}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- renamed keys

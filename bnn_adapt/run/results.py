@@ -25,12 +25,13 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-#: keys that do not change what a run computes (``table``: a table sweep's own description)
-NOT_HASHED = ("paths", "resume", "debug", "table")
+#: keys that do not change what a run computes (``table``: a table sweep's own description;
+#: ``protocol``: the name of a protocol, whose settings are ``base.*`` keys, hashed)
+NOT_HASHED = ("paths", "resume", "debug", "table", "protocol")
 
 #: options added since 0.1, at the value that computes what runs before them computed:
 #: left out of the hash at that value, so those runs still count as complete
-ADDED_SINCE_V1: dict[str, object] = {"predict.packed": True}
+ADDED_SINCE_V1: dict[str, object] = {"predict.packed": True, "base.epoch": "last"}
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages
 V1_TARGETS = {

@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bnn_adapt import accounting
 from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter
 from bnn_adapt.bases import save_base
+from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
 from bnn_adapt.run import builders, resume
 from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
 from bnn_adapt.run.results import completed_metrics, config_hash, package_versions
 from bnn_adapt.training import tap_cache
+from bnn_adapt.training.best_epoch import KeepBestEpoch
 from bnn_adapt.training.lean import set_memory_mode
 from bnn_adapt.training.module import Classifier
 
@@ -39,7 +41,8 @@ def run_summary(cfg: DictConfig) -> dict:
         fp32, binary = accounting.totals(accounting.parameter_rows(model))
         summary = {"base_binary_params": binary, "base_fp32_params": fp32}
     else:
-        have_checkpoint = cfg.base.checkpoint and Path(cfg.base.checkpoint).is_file()
+        checkpoint = builders.base_checkpoint_file(cfg)
+        have_checkpoint = checkpoint and Path(checkpoint).is_file()
         base = builders.load_trained_base(cfg) if have_checkpoint else builders.build_base(cfg)
         model = builders.build_adapted(cfg, base, builders.target_num_classes(cfg))
         plan = builders.pruning_plan(cfg)
@@ -52,12 +55,12 @@ def run_summary(cfg: DictConfig) -> dict:
     return summary
 
 
-def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None) -> dict:
+def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=()) -> dict:
     """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint."""
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
-    callbacks = plan.callbacks(model) if plan is not None else []
+    callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks]
     trainer, stats = builders.make_trainer(cfg, [*callbacks, resume.RNGState()])
     out = Path(cfg.paths.output_dir)
     checkpoint = out / resume.CHECKPOINT
@@ -114,11 +117,14 @@ def run_pretrain(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"base has {base.num_classes} classes but data.base_classes lists {datamodule.num_classes}"
         )
-    result = fit(cfg, base, datamodule.num_classes, datamodule)
-    save_base(base, cfg.base.save_to, base_classes=datamodule.class_names, top1=result.get("test_top1"),
-              image_size=cfg.data.image_size, config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+    meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
+            "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
+    best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta)  # the epoch the thesis adapted (base.epoch=best)
+    result = fit(cfg, base, datamodule.num_classes, datamodule, callbacks=[best])
+    save_base(base, cfg.base.save_to, **meta, top1=result.get("test_top1"), epoch=result.get("epochs_run", 0) - 1)
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
-    summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to)}
+    summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
+               "best_epoch_checkpoint": str(best.path), "best_epoch": best.epoch}  # fmt: skip
     return finish(cfg, result, summary)
 
 
@@ -127,7 +133,7 @@ def run_adapt(cfg: DictConfig) -> dict:
     # build on a fresh base first: config errors (and a pruning schedule that cannot fit) surface before training
     builders.build_adapted(cfg, builders.build_base(cfg), datamodule.num_classes)
     if cfg.base.checkpoint and not Path(cfg.base.checkpoint).is_file() and cfg.base.get("pretrain"):
-        sub = builders.pretraining_config(cfg)
+        sub = builders.pretraining_config(cfg)  # writes the last epoch there, and the best beside it
         print(f"no base checkpoint at {cfg.base.checkpoint}: pretraining it first ({sub.trainer.max_epochs} epochs)")
         run_pretrain(sub)
     base = builders.load_trained_base(cfg)
@@ -163,8 +169,14 @@ def choose_run_dir(cfg: DictConfig) -> DictConfig:
 
 
 def adapted_base_sha256(cfg: DictConfig) -> str | None:
-    """What an adaptation run records of its base: the checkpoint file's SHA-256."""
-    return file_sha256(cfg.base.get("checkpoint"))
+    """What an adaptation run records of its base: the SHA-256 of the checkpoint file it reads."""
+    return file_sha256(builders.base_checkpoint_file(cfg))
+
+
+def pretrained_files_missing(cfg: DictConfig) -> list[str]:
+    """What a finished pretraining run wrote and is gone (its base, last and best epoch): it runs again."""
+    last = Path(cfg.base.save_to)
+    return [str(p) for p in (last, best_epoch_path(last)) if not p.is_file()]
 
 
 def record_failure(cfg: DictConfig, exc: BaseException) -> None:
@@ -214,6 +226,10 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.summary_only:
         base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
         done = completed_metrics(cfg.paths.output_dir, config_hash(cfg), base_sha)
+        missing = pretrained_files_missing(cfg) if done is not None and cfg.task == "pretrain" else []
+        if missing:
+            print(f"the complete run in {cfg.paths.output_dir} left no {' or '.join(missing)}: running it again")
+            done = None
         if done is not None:
             print(f"already complete (config {done['config_hash']}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
             return done

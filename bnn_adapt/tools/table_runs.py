@@ -38,6 +38,10 @@ class Table:
     speedup_reference: str | None = None  # table whose finetune row times the speed-up, if not this one
     seeds: bool = False  # rows repeated over seeds: cells are mean ± std
     thesis: bool = True  # one of the thesis's tables
+    #: the thesis's printed values (bnn_adapt/tools/thesis_results.csv): this sweep's row (its swept
+    #: overrides, e.g. ``row=serial_g1``) -> the thesis's row name; empty: the thesis prints no values
+    thesis_rows: dict[str, str] = field(default_factory=dict)
+    thesis_note: str | None = None  # where the thesis's own bookkeeping slipped (SPEC 4b), and what we do
 
     @property
     def stem(self) -> str:
@@ -52,7 +56,8 @@ def find_tables(sweeps_dir: Path = SWEEPS_DIR) -> dict[str, Table]:
         if node is not None:
             meta = OmegaConf.to_container(node)
             found.append(Table(str(meta["id"]), path.stem, meta["title"], meta["kind"], tuple(meta.get("needs") or ()),
-                               meta.get("speedup_reference"), bool(meta.get("seeds")), bool(meta.get("thesis", True))))  # fmt: skip
+                               meta.get("speedup_reference"), bool(meta.get("seeds")), bool(meta.get("thesis", True)),
+                               dict(meta.get("thesis_rows") or {}), meta.get("thesis_note")))  # fmt: skip
     found.sort(key=lambda t: (not t.thesis, t.id))
     return {t.id: t for t in found}
 
@@ -62,6 +67,7 @@ THESIS_TABLES = tuple(t for t in TABLES.values() if t.thesis)
 
 BASE_LABELS = {
     "ste_resnet_cifar": "STE BNN (BinaryNet ResNet-18, CIFAR)",
+    "resnet_cifar": "ResNet-18, fp32 (BinaryNet.pytorch CIFAR, 16/32/64 ch)",
     "resnet18_cifar": "ResNet-18, fp32 (CIFAR stem)",
     "reactnet18": "ReActNet-18",
     "resnet18": "ResNet-18, fp32 (torchvision)",
@@ -105,6 +111,7 @@ class Job:
 class Row:
     label: str
     jobs: list[Job] = field(default_factory=list)
+    key: str = ""  # the row's swept overrides, e.g. ``row=serial_g1`` (a table's ``thesis_rows`` key)
 
     @property
     def runs(self) -> list[dict]:
@@ -156,15 +163,28 @@ def expected_hash(cfg: DictConfig, run_dir: Path) -> str:
     return config_hash(without_hydra_node(cfg))
 
 
+def without_protocol(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` less any ``protocol=...``: the protocol is how a base is adapted, so pretraining
+    sweeps (bases, table 6.1) and count tables run and are found the same under every protocol."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "protocol"]
+
+
+def sweep_overrides(table: Table, overrides: Sequence[str]) -> list[str]:
+    """The overrides ``table``'s own sweep runs with (and its run directories are named after)."""
+    return list(overrides) if table.kind == "adapt" else without_protocol(overrides)
+
+
 def table_rows(table: Table, profile: str, overrides: Sequence[str] = ()) -> list[Row]:
     """The table's rows in sweep order, each with its run(s); seeds of one row are grouped."""
     rows: dict[tuple, Row] = {}
     result_file = "summary.json" if table.kind == "counts" else "metrics.json"
-    for job_overrides in expand_sweep(table.sweep, [f"profile={profile}", *overrides]):
+    given = [f"profile={profile}", *sweep_overrides(table, overrides)]
+    for job_overrides in expand_sweep(table.sweep, given):
         cfg = _compose(table.sweep, job_overrides)
         run_dir = Path(cfg.hydra.sweep.dir) / cfg.hydra.job.override_dirname
         key = tuple(o for o in job_overrides if not (table.seeds and o.split("=", 1)[0] == "seed"))
-        row = rows.setdefault(key, Row(row_label(table, cfg)))
+        swept = ",".join(o for o in key if o not in given)
+        row = rows.setdefault(key, Row(row_label(table, cfg), key=swept))
         row.jobs.append(Job(tuple(job_overrides), cfg, run_dir, result_file, expected_hash(cfg, run_dir)))
     return list(rows.values())
 
@@ -196,8 +216,10 @@ def run_sweeps(table: Table, profile: str, overrides: Sequence[str] = (), done: 
         if spec in done or name in done:
             continue
         print(f"== sweep {name} {part} (profile {profile})", flush=True)
+        # what a table needs first are base pretrainings: the same under every protocol
+        given = sweep_overrides(table, overrides) if spec == table.sweep else without_protocol(overrides)
         command = [sys.executable, "-m", "bnn_adapt", "--multirun", "--config-dir", "sweeps", "--config-name", name,
-                   f"profile={profile}", *([part] if part else []), *overrides]  # fmt: skip
+                   f"profile={profile}", *([part] if part else []), *given]  # fmt: skip
         if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
             print(f"== sweep {name} did not finish: its missing rows are marked in the table", flush=True)
         done.add(spec)

@@ -20,38 +20,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from bnn_adapt.tools.claims import check_claims, claims_markdown
+from bnn_adapt.tools.columns import Column, Reference, comparison_columns, get, our_columns, unknown_column
 from bnn_adapt.tools.figures import plot_accuracy_vs_weights, plot_curves
-from bnn_adapt.tools.table_runs import (
-    STALE,
-    TABLES,
-    THESIS_TABLES,
-    Row,
-    Table,
-    introduced_weights,
-    run_sweeps,
-    table_rows,
-)
+from bnn_adapt.tools.table_runs import STALE, TABLES, THESIS_TABLES, Row, Table, run_sweeps, table_rows
 
 # ----------------------------------------------------------------------------- columns
-
-
-@dataclass(frozen=True)
-class Column:
-    header: str
-    value: Callable[[dict], float | int | None]
-    fmt: str  # format spec of one value
-
-
-def _get(key: str) -> Callable[[dict], float | int | None]:
-    return lambda m: m.get(key)
 
 
 def _base_bits(m: dict) -> int | None:
@@ -61,70 +42,29 @@ def _base_bits(m: dict) -> int | None:
 
 
 COUNT_COLUMNS = (
-    Column("fp32 params", _get("base_fp32_params"), ","),
-    Column("binary params", _get("base_binary_params"), ","),
+    Column("fp32 params", get("base_fp32_params"), ","),
+    Column("binary params", get("base_binary_params"), ","),
     Column("memory (bits)", _base_bits, ","),
     Column("memory (MB)", lambda m: None if _base_bits(m) is None else _base_bits(m) / 8e6, ".2f"),
 )
 PRETRAIN_COLUMNS = (
-    Column("top-1 (final)", _get("test_top1"), ".4f"),
-    Column("best top-1", _get("best_test_top1"), ".4f"),
+    Column("top-1 % (final)", get("test_top1", 100), ".2f"),
+    Column("best top-1 %", get("best_test_top1", 100), ".2f"),
+    Column("best epoch", lambda m: None if m.get("best_epoch") is None else m["best_epoch"] + 1, ","),
     *COUNT_COLUMNS,
-    Column("epoch time (s)", _get("epoch_time_s"), ".2f"),
+    Column("epoch time (s)", get("epoch_time_s"), ".2f"),
 )
-BEST_BEFORE_PRUNING = Column("best before pruning", _get("best_before_pruning_top1"), ".4f")
-ADAPT_COLUMNS = (
-    Column("top-1 (final)", _get("test_top1"), ".4f"),
-    Column("best top-1", _get("best_test_top1"), ".4f"),
-    Column("weights introduced", introduced_weights, ","),
-    Column("fp32 weights", _get("introduced_fp32_params"), ","),
-    Column("binary weights", _get("introduced_binary_params"), ","),
-    Column("% base memory", _get("size_pct"), ".3f"),
-    Column("epoch time (s)", _get("epoch_time_s"), ".2f"),
-)
-SPEEDUP_HEADER = "speed-up vs finetune"
+PROTOCOLS = ("thesis", "clean")  # conf/protocol/
 
 
-def columns_of(table: Table, rows: list[Row]) -> list[Column]:
-    if table.kind == "counts":
-        return list(COUNT_COLUMNS)
-    if table.kind == "pretrain":
-        return list(PRETRAIN_COLUMNS)
-    columns = list(ADAPT_COLUMNS)
-    if any(job.cfg.reduction.name == "prune" for row in rows for job in row.jobs):
-        columns.insert(2, BEST_BEFORE_PRUNING)
+def columns_of(table: Table, rows: list[Row], reference: Reference | None) -> list:
+    if table.kind == "adapt":
+        pruned = any(job.cfg.reduction.name.startswith("prune") for row in rows for job in row.jobs)
+        return [*comparison_columns(table, reference), *our_columns(reference, pruned)]
+    columns = list(COUNT_COLUMNS if table.kind == "counts" else PRETRAIN_COLUMNS)
+    if table.thesis:  # tables 5.1/6.1 and 5.2: images in the thesis text
+        columns.append(unknown_column("thesis's values", table))
     return columns
-
-
-def values(row: Row, column: Column) -> list[float]:
-    return [float(v) for v in (column.value(m) for m in row.runs) if v is not None]
-
-
-def cell(row: Row, column: Column, seeds: bool) -> str:
-    found = values(row, column)
-    if not found:
-        return "-"
-    mean = statistics.fmean(found)
-    if column.fmt == ",":
-        mean = round(mean)
-    text = format(mean, column.fmt)
-    if seeds and len(set(found)) > 1:  # counts that do not vary with the seed get no "± 0"
-        spread = statistics.stdev(found)
-        text += " ± " + format(round(spread) if column.fmt == "," else spread, column.fmt)
-    return text
-
-
-def finetune_epoch_time(rows: list[Row]) -> float | None:
-    for row in rows:
-        times = [m["epoch_time_s"] for m in row.runs if m.get("strategy") == "full_finetune" and m.get("epoch_time_s")]
-        if times:
-            return statistics.fmean(times)
-    return None
-
-
-def speedup(row: Row, reference: float | None) -> float | None:
-    times = [m["epoch_time_s"] for m in row.runs if m.get("epoch_time_s")]
-    return reference / statistics.fmean(times) if reference and times else None
 
 
 # ----------------------------------------------------------------------------- settings
@@ -152,17 +92,30 @@ def settings(rows: list[Row], counts_only: bool = False) -> dict[str, str]:
     if counts_only:
         return {**profile, "base width": f"{distinct('base.width')}, counted without data or training",
                 "source": source}  # fmt: skip
+    adapting = any(c.get("task") == "adapt" for c in configs)
+    protocol = {"protocol": protocol_of(distinct("protocol.name"), distinct("protocol.description"), adapting)}
     return {
         **profile,
+        **protocol,
         "epochs": distinct("trainer.max_epochs"),
         "seed": distinct("seed"),
-        "base.bn": distinct("base.bn"),
+        **({"base.bn": distinct("base.bn"), "base.epoch": distinct("base.epoch").replace("None", "last")}
+           if adapting else {}),  # fmt: skip
         "base width": distinct("base.width"),
         "batch size": distinct("data.batch_size"),
         "training images per class": distinct("data.limit_per_class").replace("None", "all"),
         "device": " / ".join(devices) if devices else f"trainer.accelerator={distinct('trainer.accelerator')}",
         "source": source,
     }
+
+
+def protocol_of(name: str, description: str, adapting: bool) -> str:
+    """The settings line's protocol: which one ran (conf/protocol/), or why none applies."""
+    if not adapting:
+        return "none (base pretraining: every protocol adapts these bases)"
+    if name == "None":
+        return "none chosen (base.bn and base.epoch below)"
+    return f"{name} ({description})"
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -182,27 +135,21 @@ class Rendered:
         return text + (f", {states.count(STALE)} {STALE}" if STALE in states else "")
 
 
-def render(table: Table, rows: list[Row], reference: float | None = None) -> Rendered:
-    columns = columns_of(table, rows)
-    show_speedup = table.kind == "adapt"
-    reference = finetune_epoch_time(rows) or reference
+def render(table: Table, rows: list[Row], reference: Reference | None = None) -> Rendered:
+    """``reference``: another table's finetuning row, for a table without one (6.3 and 6.4 use 6.5's)."""
+    own = Reference.of(rows, table.id)
+    reference = own or reference
+    columns = columns_of(table, rows, reference)
     first = "strategy" if table.kind == "adapt" else "network"
-    headers = [first, *(c.header for c in columns), *([SPEEDUP_HEADER] if show_speedup else []), "status"]
+    headers = [first, *(c.header for c in columns), "status"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     records = []
     for row in rows:
-        cells = [cell(row, c, table.seeds) for c in columns]
-        record = {first: row.label, "status": row.status, "runs": len(row.runs)}
+        cells, record = [], {first: row.label, "status": row.status, "runs": len(row.runs)}
         for c in columns:
-            found = values(row, c)
-            mean = statistics.fmean(found) if found else None
-            record[c.header] = round(mean) if mean is not None and c.fmt == "," else mean
-            if table.seeds:
-                record[c.header + " (std)"] = statistics.stdev(found) if len(found) > 1 else None
-        if show_speedup:
-            ratio = speedup(row, reference)
-            cells.append("-" if ratio is None else f"{ratio:.2f}")
-            record[SPEEDUP_HEADER] = ratio
+            text, found = c.render(row, table.seeds)
+            cells.append(text)
+            record.update(found)
         status = row.status
         if row.error:
             status += f": {row.error[:80]}"
@@ -218,17 +165,13 @@ def render(table: Table, rows: list[Row], reference: float | None = None) -> Ren
         "",
         f"Settings (from {s.pop('source')}): " + "; ".join(f"{k} {v}" for k, v in s.items()) + ".",
         f"{progress.capitalize()}. Sweep: `python -m bnn_adapt --multirun --config-dir sweeps "
-        f"--config-name {table.sweep} profile={rows[0].jobs[0].cfg.profile.name}`; run directories under "
+        f"--config-name {table.sweep} {' '.join(sweep_arguments(table, rows[0]))}`; run directories under "
         f"`{rows[0].jobs[0].run_dir.parent}`.",
         "",
     ]
     notes = []
-    if show_speedup:
-        where = "this table's" if finetune_epoch_time(rows) else f"table {table.speedup_reference}'s"
-        notes.append(f"Speed-up: {where} finetune epoch time / the row's (train + eval per epoch).")
     if table.kind == "adapt":
-        notes.append("Top-1 (final) is the last epoch's accuracy on the evaluation split: the headline; "
-                     "with pruning, best top-1 counts only epochs after pruning.")  # fmt: skip
+        notes += adapt_notes(table, own is not None)
     if table.seeds:
         notes.append("Cells: mean ± standard deviation over the seeds of each row.")
     if any(j.status == STALE for row in rows for j in row.jobs):
@@ -236,6 +179,35 @@ def render(table: Table, rows: list[Row], reference: float | None = None) -> Ren
                      "changed since); its numbers are shown, and running the sweep again replaces them.")  # fmt: skip
     markdown = "\n".join([*head, *lines, "", *notes]) + "\n"
     return Rendered(table, rows, markdown, records)
+
+
+def sweep_arguments(table: Table, row: Row) -> list[str]:
+    """What the sweep ran with beyond its own rows (profile, protocol=clean, extra overrides)."""
+    swept = set(row.key.split(","))
+    seeds = ("seed",) if table.seeds else ()
+    return [o for o in row.jobs[0].overrides if o not in swept and o.split("=", 1)[0] not in seeds]
+
+
+def adapt_notes(table: Table, own_finetune: bool) -> list[str]:
+    where = f"table {table.speedup_reference}'s" if table.speedup_reference and not own_finetune else "this table's"
+    notes = [
+        ("Top-1 % is the last epoch's accuracy on the evaluation split: the headline; with pruning, best top-1 "
+         f"counts only epochs after pruning. Gap to finetune: points above (+) or below (-) {where} finetuning row."),
+        ("Thesis convention (SPEC 4b, `metrics.json` `thesis`): % of the base as deployed for the task (backbone + a "
+         "plain target classifier of its kind); weights introduced = the adapter + the new head beyond a plain one "
+         "(the concat head's extra columns and their share of its bias, as the thesis printed half of that head; "
+         "finetuning: a whole base, 100 %). Ours: the whole new head, against the base with its own classifier."),
+        (f"Speed-up: the thesis's relative speed-up 2 - t/t_ft and ours t_ft/t, t = mean epoch time "
+         f"(train + eval), t_ft = {where} finetuning's."),
+    ]
+    if table.thesis and table.thesis_rows:
+        notes.append("Thesis columns: its printed values (`bnn_adapt/tools/thesis_results.csv`); Δ = ours - the "
+                     "thesis's; \"not printed\": the thesis leaves that cell empty.")  # fmt: skip
+    elif table.thesis:
+        notes.append("The thesis prints this table as an image: its values are unknown here.")
+    if table.thesis_note:
+        notes.append(table.thesis_note)
+    return notes
 
 
 def write_csv(path: Path, records: list[dict]) -> None:
@@ -263,15 +235,35 @@ def render_tables(ids: Sequence[str], profile: str, out: Path, overrides: Sequen
     rendered = []
     for table_id in ids:
         table = TABLES[table_id]
-        reference = finetune_epoch_time(all_rows[table.speedup_reference]) if table.speedup_reference else None
+        ref = table.speedup_reference
+        reference = Reference.of(all_rows[ref], ref) if ref else None
         r = render(table, all_rows[table_id], reference)
         (out / f"{table.stem}.md").write_text(r.markdown)
         write_csv(out / f"{table.stem}.csv", r.records)
         plot_curves(table, r.rows, out)
         rendered.append(r)
     others = [(t, table_rows(t, profile, overrides)) for t in TABLES.values() if t.id not in ids]
-    plot_accuracy_vs_weights([*((r.table, r.rows) for r in rendered), *others], out / "accuracy_vs_weights.png")
+    every = [*((r.table, r.rows) for r in rendered), *others]
+    plot_accuracy_vs_weights(every, out / "accuracy_vs_weights.png")
+    write_claims(every, out / "claims.md")
     return rendered
+
+
+def write_claims(tables: list[tuple[Table, list[Row]]], path: Path) -> None:
+    """``claims.md``: the thesis's conclusions checked against every adaptation table's runs."""
+    rows_of = dict((t.id, rows) for t, rows in tables)
+    checked = []
+    for table, rows in tables:
+        if table.kind != "adapt":
+            continue
+        ref = table.speedup_reference
+        other = Reference.of(rows_of[ref], ref) if ref in rows_of else None
+        checked.append((table, rows, Reference.of(rows, table.id) or other))
+    runs = [row for _, rows, _ in checked for row in rows if row.runs]
+    s = settings(runs) if runs else {"source": "no finished run"}
+    source = s.pop("source")
+    line = f"From the tables' runs ({source}): " + "; ".join(f"{k} {v}" for k, v in s.items()) + "."
+    path.write_text(claims_markdown(check_claims(checked), line))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,10 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results", help="output folder (default results)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="an override the sweeps were also given (their run directories carry it)")  # fmt: skip
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="thesis",
+                        help="how bases are adapted: thesis (default: best base epoch, BN drifts) or clean (frozen "
+                             "BN, last epoch; adaptation runs in directories of their own)")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the tables and their sweeps")
     parser.add_argument("--run", action="store_true",
                         help="first run each table's sweeps (bases it needs first; finished runs are skipped)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.protocol != "thesis":  # the table sweeps' default protocol names no directory
+        args.override.append(f"protocol={args.protocol}")
     if args.list:
         for t in TABLES.values():
             print(f"{t.id:8} sweeps/{t.sweep}.yaml  {t.title}")
