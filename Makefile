@@ -66,7 +66,7 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) -m bnn_adapt.tools.bench $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
 
-# pretrain the digits base with memory=standard|lean|lean_fp16, 3 seeds; compare final top-1
+# pretrain the digits base with memory=standard|lean|lean_fp16, 3 seeds; compare top-1, every step's loss and the final checkpoints
 lean-check: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name lean_pretrain
 	$(PY) -m bnn_adapt.tools.report outputs/lean_pretrain
