@@ -138,7 +138,9 @@ def test_resnet18_loads_torchvisions_weights_strictly_and_computes_the_same():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected, got = reference(x), ours(x)
-    assert torch.equal(got, expected), float((got - expected).abs().max())  # the same ops in the same order
+    # the same ops in the same order: identical on x86 CPUs (measured); a mapping or structure error moves
+    # logits by O(1), so allow only rounding in case another platform's pooling sums in another order
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
     assert BASES["resnet18"] is ResNet18 and BASES["resnet18_cifar"] is ResNet18CIFAR
     net = ResNet18CIFAR(num_classes=80, width=0.125)
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 80)
