@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,10 @@ def test_which_cases_run_the_base_forward(strategy, cache_taps, runs_base):
         assert isinstance(case.inputs[0], tuple)  # it trains from the base's features, not from images
 
 
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peaks read /proc/self/status")
+
+
+@LINUX
 def test_peaks_come_from_repeated_fresh_processes():
     spec = {"setup": STE.__dict__, "strategy": "udta", "memory": "lean", "cache_taps": False, "device": "cpu",
             "threads": 1, "steps": 1}  # fmt: skip
@@ -150,16 +155,15 @@ def test_a_peak_reset_that_fails_is_an_error(monkeypatch):
         return plain_write(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", refuse)
-    with pytest.raises(bench_memory.PeakResetError, match="clear_refs"):
-        with bench_memory.PeakMemory(CPU):
-            pass
+    with pytest.raises(bench_memory.PeakResetError, match="clear_refs"), bench_memory.PeakMemory(CPU):
+        pass
     monkeypatch.setattr(Path, "write_text", plain_write)
     monkeypatch.setattr(bench_memory, "_status_bytes", lambda *fields: (3 << 30, 1 << 30))  # VmHWM stays high
-    with pytest.raises(bench_memory.PeakResetError, match="did not reset"):
-        with bench_memory.PeakMemory(CPU):
-            pass
+    with pytest.raises(bench_memory.PeakResetError, match="did not reset"), bench_memory.PeakMemory(CPU):
+        pass
 
 
+@LINUX
 def test_peak_memory_sees_a_block_s_own_allocation():
     from bnn_adapt.training import allocator
 

@@ -148,7 +148,7 @@ def test_block_matches_the_papers_equations(c_in, c_out, stride):
         for name, p in [*block.named_parameters(), *block.named_buffers()]:
             if name.endswith("num_batches_tracked"):
                 continue
-            if name.endswith("running_var") or name.endswith("prelu.weight"):
+            if name.endswith(("running_var", "prelu.weight")):
                 p.copy_(torch.rand(p.shape, generator=generator) * 0.5 + 0.25)
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
