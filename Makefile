@@ -58,8 +58,8 @@ fashion-data:
 sizes: install
 	$(PY) -m bnn_adapt.tools.sizes
 
-# speed and memory of every strategy x trainer.memory, side by side in one process (README: Speed and
-# memory). Writes benchmarks/results.{json,md}; a full run also refreshes the README's table.
+# speed and memory of every strategy x trainer.memory, timed side by side in one process, peaks in fresh
+# processes (README: Speed and memory). Writes benchmarks/results.{json,md}; a full run also refreshes the README's tables.
 # QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda
 QUICK ?=
 BENCH_ARGS ?=
