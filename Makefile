@@ -60,8 +60,8 @@ fashion-data:
 sizes: install
 	$(PY) -m bnn_adapt.tools.sizes
 
-# speed and memory of every strategy x trainer.memory, side by side in one process (README: Speed and
-# memory). Writes benchmarks/results.{json,md}; a full run also refreshes the README's table.
+# speed and memory of every strategy x trainer.memory, timed side by side in one process, peaks in fresh
+# processes (README: Speed and memory). Writes benchmarks/results.{json,md}; a full run also refreshes the README's tables.
 # QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda
 QUICK ?=
 BENCH_ARGS ?=
@@ -78,7 +78,7 @@ bench-infer: $(if $(filter $(VENV)/bin/python,$(PY)),install)
 kernels:
 	$(PY) setup.py build_ext --inplace
 
-# pretrain the digits base with memory=standard|lean|lean_fp16, 3 seeds; compare final top-1
+# pretrain the digits base with memory=standard|lean|lean_fp16, 3 seeds; compare top-1, every step's loss and the final checkpoints
 lean-check: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name lean_pretrain
 	$(PY) -m bnn_adapt.tools.report outputs/lean_pretrain

@@ -194,29 +194,64 @@ def test_pruned_depthwise_filters_and_head_columns_are_physically_removed(tmp_pa
     assert (tmp_path / "pruned.safetensors").stat().st_size < (tmp_path / "dense.safetensors").stat().st_size
 
 
+def spread_predictions(model: nn.Module, x: torch.Tensor) -> None:
+    """Standardise each logit over ``x`` (the head's last layer: BN1d statistics, or a linear's bias),
+    so that predictions spread over the classes. Random tiny models otherwise predict one class for
+    every input, and any "same top-1" check passes whatever the export does."""
+    last = list(model.head.modules())[-1]
+    seen = []
+    handle = last.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        if isinstance(last, nn.BatchNorm1d):
+            last.running_mean.copy_(seen[0].mean(0))
+            last.running_var.copy_(seen[0].var(0))
+            last.weight.fill_(1.0)
+            last.bias.zero_()
+        else:
+            last.bias.sub_(last(seen[0]).mean(0))
+
+
+# lowest share of inputs whose top-1 an fp16 / int8 adapter keeps, on models whose predictions spread
+# (measured, 256 inputs, seeds 1-3: STE udta fp16 99.6-100 %, int8 97.7-98.8 %, head-only 100 %;
+# ReActNet fp16 94.5-98.8 %; ReActNet int8 45-88 %, so no claim: see README)
+TOP1_AGREEMENT = {"ste": {"fp16": 0.95, "int8": 0.95}, "reactnet": {"fp16": 0.9}}
+
+
+def exported_logits(model, base, dtype: str, x: torch.Tensor, folder) -> tuple[torch.Tensor, int]:
+    path = folder / f"{dtype}.safetensors"
+    export_adapter(model, path, reference_base=base, dtype=dtype)
+    with torch.no_grad():
+        return attach_adapter(path, repack(base)[0])(x), path.stat().st_size
+
+
 @pytest.mark.parametrize("name", list(BASES))
 @pytest.mark.parametrize("strategy", ["udta", "head_only"])
-def test_fp16_and_int8_stay_within_the_stated_tolerance(name, strategy, tmp_path):
-    """README, export dtypes: fp32 classifier (ReActNet): max |dlogit| <= 2e-3 (fp16) / 3e-2 (int8) x max|logit|.
-    Binary classifier (STE): it binarises its inputs, so rounding can flip one; top-1 agrees on >= 95%."""
+def test_fp16_and_int8_keep_top1_on_a_model_whose_predictions_spread(name, strategy, tmp_path):
+    """README, export dtypes: the share of inputs whose top-1 survives fp16 / int8 values; with an
+    fp32 classifier (ReActNet) also the logit error against the largest logit, as trained-like."""
     base, size = make_base(name, seed=1)
     model = adapted(strategy, base)
-    packed = repack(base)[0]
-    x = torch.randn(64, 3, size, size)
+    x = torch.randn(256, 3, size, size, generator=torch.Generator().manual_seed(1))
+    if name == "reactnet":
+        with torch.no_grad():
+            exact = model(x)
+        for dtype, bound in (("fp16", 2e-3), ("int8", 3e-2)):
+            approx, _ = exported_logits(model, base, dtype, x, tmp_path)
+            assert float((approx - exact).abs().max()) <= bound * float(exact.abs().max()), dtype
+    spread_predictions(model, x)
     with torch.no_grad():
         exact = model(x)
+    counts = exact.argmax(1).bincount(minlength=4)
+    assert int(counts.min()) >= 0.05 * len(x), counts  # every class is predicted: the check below can fail
     sizes = {}
-    for dtype, bound in (("fp16", 2e-3), ("int8", 3e-2)):
-        path = tmp_path / f"{dtype}.safetensors"
-        export_adapter(model, path, reference_base=base, dtype=dtype)
-        sizes[dtype] = path.stat().st_size
-        with torch.no_grad():
-            approx = attach_adapter(path, packed)(x)
+    for dtype in ("fp16", "int8"):
+        approx, sizes[dtype] = exported_logits(model, base, dtype, x, tmp_path)
         assert not torch.equal(approx, exact)
         agree = float((approx.argmax(1) == exact.argmax(1)).float().mean())
-        if name == "reactnet":
-            assert float((approx - exact).abs().max()) <= bound * float(exact.abs().max())
-        assert agree >= 0.95
+        if dtype in TOP1_AGREEMENT[name]:
+            assert agree >= TOP1_AGREEMENT[name][dtype], (dtype, agree)
     export_adapter(model, tmp_path / "fp32.safetensors", reference_base=base)
     if strategy == "udta":
         assert sizes["int8"] < sizes["fp16"] < (tmp_path / "fp32.safetensors").stat().st_size

@@ -9,18 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import bnn_adapt.deploy.predict as predict_module
 from bnn_adapt.adapters.file import export_adapter
 from bnn_adapt.deploy.packed_base import write_packed_base
-from bnn_adapt.deploy.predict import BaseWithAdapters, eval_transform, image_files
+from bnn_adapt.deploy.predict import BaseWithAdapters, image_files
 from bnn_adapt.errors import ConfigError, DataError, ExportError, FingerprintError
 from bnn_adapt.run import task
-from bnn_adapt.training.datamodule import HALF
 from tests.test_export import adapted, make_base
 
-PREPROCESS = {"image_size": 32, "mean": list(HALF), "std": list(HALF)}
+# CIFAR-10 0-4's statistics (SPEC 5): mean and std differ per channel and from each other
+PREPROCESS = {"image_size": 32, "mean": [0.4906, 0.4856, 0.4508], "std": [0.2454, 0.2415, 0.2620]}
 CLASSES = {"udta": ["ant", "bee", "cat", "dog"], "lora": ["elm", "fir", "oak", "yew"]}
 
 
@@ -38,17 +39,40 @@ def exported(tmp_path) -> dict:
     return {"base": tmp_path / "base.bnnpack", "models": models, "files": files}
 
 
+MODES = ("RGB", "RGB", "RGB", "L", "RGBA")  # grayscale and alpha too: each must become 3 channels
+
+
 def write_images(folder: Path, n: int = 5) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
         sub = folder / ("nested" if i % 2 else "")
         sub.mkdir(parents=True, exist_ok=True)
-        size = 32 if i < 3 else 20  # some need resizing
+        height, width = (32, 32) if i < 3 else (20 + 4 * i, 44 - 4 * i)  # some need resizing, not square
+        mode = MODES[i % len(MODES)]
+        shape = (height, width) if mode == "L" else (height, width, len(mode))
         paths.append(sub / f"img{i}.png")
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1])
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(paths[-1])
     (folder / "notes.txt").write_text("not an image")
     return sorted(paths)
+
+
+def preprocessed_independently(paths: list[Path], preprocess: dict) -> torch.Tensor:
+    """The eval preprocessing as the README states it (RGB, resize to image_size, scale to [0, 1],
+    normalise with the run's mean and std), written here with torchvision's functional API."""
+    size = preprocess["image_size"]
+    batch = []
+    for path in paths:
+        image = TF.pil_to_tensor(Image.open(path).convert("RGB"))
+        image = TF.resize(image, [size, size], antialias=True).float() / 255
+        batch.append(TF.normalize(image, preprocess["mean"], preprocess["std"]))
+    return torch.stack(batch)
+
+
+def reference_top_k(model, batch: torch.Tensor, names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    with torch.no_grad():
+        top = model(batch).softmax(1).topk(k, dim=1)
+    return [[(names[i], p) for p, i in zip(v.tolist(), ix.tolist())] for v, ix in zip(top.values, top.indices)]
 
 
 def test_api_switches_adapters_on_one_base_without_touching_it(exported):
@@ -76,17 +100,20 @@ def test_api_switches_adapters_on_one_base_without_touching_it(exported):
 
 
 def test_predict_from_files_uses_the_adapters_eval_preprocessing(exported, tmp_path):
+    """Files -> top-k: the same as the trained model (not the exported file) on images preprocessed
+    independently of bnn_adapt."""
     paths = write_images(tmp_path / "images")
     assert image_files(tmp_path / "images") == paths
     bank = BaseWithAdapters.load(exported["base"])
     bank.attach(exported["files"]["udta"])
-    transform = eval_transform(PREPROCESS)
-    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    batch = preprocessed_independently(paths, PREPROCESS)
     assert batch.shape == (5, 3, 32, 32)
-    with torch.no_grad():
-        probs = exported["models"]["udta"](batch).softmax(1)
+    assert torch.allclose(bank.preprocess(paths), batch, rtol=0, atol=1e-6)  # ToDtype multiplies by 1/255
+    expected = reference_top_k(exported["models"]["udta"], batch, CLASSES["udta"], 3)
     top = bank.predict(paths, k=3, batch_size=2)
-    assert [[c for c, _ in row] for row in top] == [[CLASSES["udta"][i] for i in p.topk(3).indices] for p in probs]
+    assert [[c for c, _ in row] for row in top] == [[c for c, _ in row] for row in expected]
+    for row, reference in zip(top, expected):
+        assert [p for _, p in row] == pytest.approx([p for _, p in reference], rel=1e-5)
 
 
 def test_task_predict_loads_the_base_once_and_writes_every_adapters_top_k(exported, make_cfg, tmp_path, monkeypatch):
@@ -104,16 +131,14 @@ def test_task_predict_loads_the_base_once_and_writes_every_adapters_top_k(export
     assert len(loads) == 1 and result["images"] == 5 and result["adapters"] == list(CLASSES)
     written = json.loads(out.read_text())
     assert set(written["predictions"]) == set(CLASSES)
-    bank = BaseWithAdapters.load(exported["base"])
+    batch = preprocessed_independently(paths, PREPROCESS)
     for strategy in CLASSES:
         rows = written["predictions"][strategy]
         assert list(rows) == [str(p) for p in paths]
-        bank.attach(exported["files"][strategy])
-        for path, row in zip(paths, bank.predict(paths, k=3)):
-            assert [r["class"] for r in rows[str(path)]] == [c for c, _ in row]
-            assert all(r["class"] in CLASSES[strategy] for r in rows[str(path)])
-            probs = [r["prob"] for r in rows[str(path)]]
-            assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
+        expected = reference_top_k(exported["models"][strategy], batch, CLASSES[strategy], 3)
+        for path, reference in zip(paths, expected):
+            assert [r["class"] for r in rows[str(path)]] == [c for c, _ in reference]
+            assert [r["prob"] for r in rows[str(path)]] == pytest.approx([p for _, p in reference], abs=1e-6)  # 6 decimals
 
 
 def test_task_predict_errors_are_clear(exported, make_cfg, tmp_path):

@@ -107,6 +107,60 @@ def test_backward_reaches_latent_weights_and_biases():
     assert block.move0.bias.grad is not None and block.move0.bias.grad.abs().sum() > 0
 
 
+def reactnet_block_by_the_paper(block, x: torch.Tensor) -> torch.Tensor:
+    """One ReActNet block (Liu et al. 2020, Bi-Real structure), from the paper's equations with plain
+    tensor ops, in eval mode:
+
+    RSign:  x_b = +1 if x >= -b0 else -1 (a learnable threshold per channel; sign(0) = +1)
+    conv:   z = conv3x3(x_b, mean|W| * sign(W) per output channel), stride s, padding 1, no bias
+    BN:     (z - mu) / sqrt(var + eps) * gamma + beta
+    add:    y = BN(z) + shortcut(x); shortcut = x, or BN(conv1x1(avgpool2x2(x))) when s = 2 or channels change
+    RPReLU: y' = y + b1; out = (y' if y' > 0 else slope * y') + b2
+    """
+
+    def bn(v, m):
+        shape = (1, -1, 1, 1)
+        scale = m.weight.view(shape) / torch.sqrt(m.running_var.view(shape) + m.eps)
+        return (v - m.running_mean.view(shape)) * scale + m.bias.view(shape)
+
+    w = block.binary_conv.weight
+    w_b = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(dim=(1, 2, 3), keepdim=True)
+    x_b = torch.where(x + block.move0.bias >= 0, 1.0, -1.0)
+    stride = block.binary_conv.stride
+    z = torch.nn.functional.conv2d(x_b, w_b, stride=stride, padding=1)
+    if block.downsample is None:
+        shortcut = x
+    else:
+        pooled = torch.nn.functional.avg_pool2d(x, 2, stride)
+        shortcut = bn(torch.nn.functional.conv2d(pooled, block.downsample[1].weight), block.downsample[2])
+    y = bn(z, block.bn1) + shortcut + block.move1.bias
+    slope = block.prelu.weight.view(1, -1, 1, 1)
+    return torch.where(y > 0, y, slope * y) + block.move2.bias
+
+
+@pytest.mark.parametrize("c_in, c_out, stride", [(8, 8, 1), (8, 16, 2)])
+def test_block_matches_the_papers_equations(c_in, c_out, stride):
+    from bnn_adapt.bases.reactnet import ReActBlock
+
+    block = ReActBlock(c_in, c_out, stride).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every parameter and statistic away from its initial value
+        for name, p in [*block.named_parameters(), *block.named_buffers()]:
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith(("running_var", "prelu.weight")):
+                p.copy_(torch.rand(p.shape, generator=generator) * 0.5 + 0.25)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    assert (block.downsample is not None) == (stride != 1 or c_in != c_out)
+    x = torch.randn(4, c_in, 12, 12, generator=generator)
+    with torch.no_grad():
+        out, expected = block(x), reactnet_block_by_the_paper(block, x)
+    assert out.shape == expected.shape == (4, c_out, 12 // stride, 12 // stride)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), float((out - expected).abs().max())
+    assert (out - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
 def test_approx_sign_gradient():
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0], requires_grad=True)
     y = approx_sign(x)

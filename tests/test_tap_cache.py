@@ -133,13 +133,67 @@ def test_cached_run_end_to_end(make_cfg, pretrained_base):
     assert metrics["epochs_run"] == 2
 
 
-def test_cache_with_one_view_and_no_augmentation_trains_like_the_images(make_cfg, pretrained_base):
-    """tap_cache.views=1 is the un-augmented pipeline: the same batches, the same results."""
-    from bnn_adapt.run.task import run
+def test_cache_with_one_view_and_no_augmentation_trains_like_the_images(make_cfg, pretrained_base, monkeypatch):
+    """tap_cache.views=1 is the un-augmented pipeline: the same batches, exactly the same results.
 
+    The cache is built through its real path in several batches (BUILD_BATCH shrunk to 7 images,
+    the last batch partial), and every epoch's record and the final top-1 are compared exactly.
+    """
+    from bnn_adapt.run.task import run
+    from bnn_adapt.training import tap_cache
+
+    monkeypatch.setattr(tap_cache, "BUILD_BATCH", 7)
+    built = []
+    real_build = tap_cache.build_features
+    monkeypatch.setattr(tap_cache, "build_features", lambda *a, **k: built.append(a[1]) or real_build(*a, **k))
     common = ("data=cifar5_5", "adapter=udta", "data.augment=false", "trainer.max_epochs=2")
     plain = run(make_cfg(*common, name="plain"))
     cached = run(make_cfg(*common, "tap_cache.enabled=true", name="cached"))
-    for a, b in zip(plain["history"], cached["history"]):
-        assert a["val/acc"] == pytest.approx(b["val/acc"], abs=1e-6)
-        assert a["train/loss_epoch"] == pytest.approx(b["train/loss_epoch"], rel=1e-4)
+    assert len(built) == 2 and all(len(subset) % 7 for subset in built)  # train and eval sets, partial last batches
+    assert plain["status"] == cached["status"] == "complete"
+    assert len(plain["history"]) == len(cached["history"]) == 2
+    assert plain["history"] == cached["history"]
+    assert plain["test_top1"] == cached["test_top1"] and plain["best_test_top1"] == cached["best_test_top1"]
+
+
+class Views(torch.utils.data.Dataset):
+    """``n`` images whose every pass yields a different, known view: image i, pass p = x_i + p."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self.labels, self.passes = images, list(range(len(images))), [0] * len(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        view = self.images[i] + self.passes[i]
+        self.passes[i] += 1
+        return view, self.labels[i]
+
+
+@pytest.mark.parametrize("make_model", [
+    lambda: Parallel(STEResNetCIFAR(5, width=0.1), 5, head="concat"),
+    lambda: HeadOnly(STEResNetCIFAR(5, width=0.1), 5),
+])  # fmt: skip
+def test_build_stores_every_view_view_major_in_batches(make_model, monkeypatch):
+    """build_features: pass v over the images fills rows v * n ... v * n + n - 1, batch by batch,
+    each row equal to the base's features of that view of that image. (Computed here for all ten
+    images at once: oneDNN's stem conv rounds differently for a batch of one, 2e-6 apart, and
+    identically for any batch of two or more.)"""
+    from bnn_adapt.training import tap_cache
+
+    monkeypatch.setattr(tap_cache, "BUILD_BATCH", 4)  # 10 images: batches of 4, 4 and 2
+    torch.manual_seed(0)
+    model = make_model().train()
+    images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    store, labels = tap_cache.build_features(model, Views(images), views=3, device=torch.device("cpu"))
+    assert model.training  # the build ran in eval mode and put the model back
+    assert torch.equal(labels, torch.arange(10))
+    model.eval()
+    for view in range(3):
+        with torch.no_grad():
+            expected = model.frozen_features(images + view)
+        assert len(store) == len(expected)
+        for kept, features in zip(store, expected):
+            assert kept.shape[0] == 30
+            assert torch.equal(kept[view * 10 : view * 10 + 10], features), view

@@ -50,7 +50,7 @@ from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d
 from bnn_adapt.deploy.predict import BaseWithAdapters
 from bnn_adapt.nn.layers import BinaryConv2d, ScaledBinaryConv2d
-from bnn_adapt.tools.bench import machine, update_readme
+from bnn_adapt.tools.bench_report import machine, update_readme
 from bnn_adapt.tools.bench_infer_report import README_END, README_START, layer_table, markdown, summary_rows
 from bnn_adapt.training import allocator
 
@@ -236,11 +236,11 @@ def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: in
 
 def memory_probe(path: str, packed: bool) -> dict:
     """Resident-set growth of loading a packed base file (run in a fresh process)."""
-    from bnn_adapt.tools.bench import _hwm_and_rss
+    from bnn_adapt.tools.bench_memory import resident_bytes
 
     def rss() -> int:
         gc.collect()
-        return _hwm_and_rss()[1]
+        return resident_bytes()
 
     kernels.library()
     before = rss()

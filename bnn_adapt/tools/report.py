@@ -4,12 +4,15 @@
 found under DIR: strategy, top-1, weights introduced, size %, epoch time and
 speed-up against full finetuning in the same set of runs. Base pretraining
 runs (``task=pretrain``, e.g. ``make lean-check``) get one row per
-``trainer.memory`` mode instead: top-1 per seed and the largest difference
-from standard autograd at the same seed.
+``trainer.memory`` mode instead, against standard autograd at the same seed:
+top-1 per seed, every per-step training loss (``csv/metrics.csv``) and every
+tensor of the final checkpoint (``checkpoints/last.ckpt``: weights, BN
+statistics, Adam's state), each as identical or by the largest difference.
 """
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -50,26 +53,106 @@ def strategy_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def step_losses(run_dir: str | Path) -> list[float] | None:
+    """The per-step training loss Lightning's CSV logger wrote (``train/loss_step``), in step order."""
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = [(int(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f) if r.get("train/loss_step")]
+    return [loss for _, loss in sorted(rows)]
+
+
+def checkpoint_tensors(run_dir: str | Path) -> dict | None:
+    """Every tensor of the run's final checkpoint (``checkpoints/last.ckpt``): weights, BN statistics
+    and the optimiser's state."""
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        return None
+    import torch
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    tensors = {f"state_dict.{k}": v for k, v in payload.get("state_dict", {}).items()}
+    for i, optimizer in enumerate(payload.get("optimizer_states", [])):
+        for param, state in optimizer.get("state", {}).items():
+            for key, value in state.items():
+                tensors[f"optimizer{i}.{param}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def compare_losses(losses: list[float] | None, reference: list[float] | None) -> tuple[int, int, float | None]:
+    """(steps whose loss is identical, steps compared, largest absolute difference)."""
+    if not losses or not reference:
+        return 0, 0, None
+    if len(losses) != len(reference):
+        return 0, max(len(losses), len(reference)), None
+    same = sum(a == b for a, b in zip(losses, reference))
+    return same, len(reference), max(abs(a - b) for a, b in zip(losses, reference))
+
+
+def compare_checkpoints(tensors: dict | None, reference: dict | None) -> tuple[bool, float | None]:
+    """(every tensor bit-identical, largest absolute difference of a floating-point value)."""
+    if tensors is None or reference is None or tensors.keys() != reference.keys():
+        return False, None
+    import torch
+
+    equal, largest = True, 0.0
+    for name, value in reference.items():
+        other = tensors[name]
+        if other.shape != value.shape:
+            return False, None
+        if not torch.equal(other, value):
+            equal = False
+            if value.is_floating_point():
+                largest = max(largest, float((other.double() - value.double()).abs().max()))
+    return equal, largest
+
+
 def memory_table(runs: list[dict]) -> str:
-    """Final top-1 of base pretraining per ``trainer.memory`` mode and seed, against standard's."""
-    by_mode: dict[str, dict[int, float | None]] = {}
+    """Base pretraining per ``trainer.memory`` mode and seed against standard's at the same seed:
+    final top-1, every per-step loss and every tensor of the final checkpoint."""
+    by_mode: dict[str, dict] = {}
     for r in runs:
         cfg = r.get("config", {})
-        by_mode.setdefault(cfg.get("trainer", {}).get("memory", "standard"), {})[cfg.get("seed")] = r.get("test_top1")
+        by_mode.setdefault(cfg.get("trainer", {}).get("memory", "standard"), {})[cfg.get("seed")] = r
     seeds = sorted({seed for results in by_mode.values() for seed in results}, key=str)
     standard = by_mode.get("standard", {})
+    reference = {s: (step_losses(r["run_dir"]), checkpoint_tensors(r["run_dir"])) for s, r in standard.items()}
     lines = [
-        "| trainer.memory | " + " | ".join(f"top-1 seed {s}" for s in seeds) + " | mean | max abs. difference from standard |",
-        "|---|" + "---|" * (len(seeds) + 2),
+        "| trainer.memory | " + " | ".join(f"top-1 seed {s}" for s in seeds)
+        + " | mean | max abs. difference from standard | per-step losses identical to standard "
+        "| max abs. loss difference | final checkpoint identical to standard | max abs. difference in it |",
+        "|---|" + "---|" * (len(seeds) + 6),
     ]
     order = ("standard", "lean", "lean_fp16")
     for mode, results in sorted(by_mode.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
-        values = [v for v in results.values() if v is not None]
-        diffs = [abs(v - standard[s]) for s, v in results.items() if v is not None and standard.get(s) is not None]
+        tops = {s: r.get("test_top1") for s, r in results.items()}
+        values = [v for v in tops.values() if v is not None]
+        diffs = [abs(v - standard[s]["test_top1"]) for s, v in tops.items()
+                 if v is not None and s in standard and standard[s].get("test_top1") is not None]  # fmt: skip
+        cells = ["-"] * 4
+        if mode != "standard":
+            same = total = identical = 0
+            loss_diffs, weight_diffs = [], []
+            for seed, r in results.items():
+                losses, tensors = reference.get(seed, (None, None))
+                equal, steps, largest = compare_losses(step_losses(r["run_dir"]), losses)
+                same, total = same + equal, total + steps
+                loss_diffs += [largest] if largest is not None else []
+                equal_ckpt, largest_w = compare_checkpoints(checkpoint_tensors(r["run_dir"]), tensors)
+                identical += equal_ckpt
+                weight_diffs += [largest_w] if largest_w is not None else []
+            cells = [
+                f"{same:,} of {total:,}" if total else "-",
+                fmt(max(loss_diffs) if loss_diffs else None, ".3g"),
+                f"{identical} of {len(results)} seeds",
+                fmt(max(weight_diffs) if weight_diffs else None, ".3g"),
+            ]
         lines.append(
-            f"| {mode} | " + " | ".join(fmt(results.get(s), ".4f") for s in seeds)
+            f"| {mode} | " + " | ".join(fmt(tops.get(s), ".4f") for s in seeds)
             + f" | {fmt(sum(values) / len(values) if values else None, '.4f')}"
-            + f" | {fmt(max(diffs) if diffs and mode != 'standard' else None, '.4f')} |"
+            + f" | {fmt(max(diffs) if diffs and mode != 'standard' else None, '.4f')} | "
+            + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 

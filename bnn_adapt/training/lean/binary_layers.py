@@ -14,7 +14,6 @@ from bnn_adapt.training.lean.packing import apply_mask, inside_mask, pack_bits, 
 STE, BINARY, REAL = "ste", "binary", "real"  # what a binary layer does to its input
 
 
-
 class _ConvOp:
     """conv2d with a module's geometry, and its backward (the aten kernel autograd uses)."""
 
@@ -35,13 +34,21 @@ class _ConvOp:
 
 
 class _LinearOp:
+    """linear, and its backward in autograd's own order.
+
+    ``F.linear`` runs ``addmm(bias, x, weight.t())``; autograd's ``mm_mat2_backward``
+    sees a transposed ``weight.t()`` and computes the weight gradient as
+    ``grad.t() @ x``. ``(x.t() @ grad).t()`` holds the same sums in another order:
+    identical at batch 6, different in the last bits at batch 64 (320 -> 5).
+    """
+
     def forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
     def backward(self, grad, x, weight, needs):
         return (
             grad.mm(weight) if needs[0] else None,
-            x.t().mm(grad).t() if needs[1] else None,
+            grad.t().mm(x) if needs[1] else None,
             grad.sum(0) if needs[2] else None,
         )
 

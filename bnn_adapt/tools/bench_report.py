@@ -1,0 +1,247 @@
+"""Reporting the benchmark (``make bench``): the machine and commit it ran on, the case
+table, the tap cache's costs, the targets, and the README section between the bench markers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+import bnn_adapt
+from bnn_adapt.files import atomic_output
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# (label, goal, strategy, cache_taps, memory, field): the goals of issue #6, as ratios from one run
+TARGETS = (
+    ("udta step vs full finetune", 2.5, "udta", False, "standard", "speedup_vs_finetune"),
+    ("udta + tap cache step vs full finetune", 8.0, "udta", True, "standard", "speedup_vs_finetune"),
+    ("serial step vs full finetune", 1.6, "serial", False, "standard", "speedup_vs_finetune"),
+    ("serial, lean: fewer saved bytes, all", 3.5, "serial", False, "lean", "activation_ratio_vs_standard"),
+    ("serial, lean: fewer saved bytes, base", 20.0, "serial", False, "lean", "activation_ratio_vs_standard_base"),
+    ("pretrain, lean: fewer saved bytes", 3.0, "pretrain", False, "lean", "activation_ratio_vs_standard"),
+    ("pretrain, lean_fp16: fewer saved bytes", 3.0, "pretrain", False, "lean_fp16", "activation_ratio_vs_standard"),
+)
+
+# The thesis's target sets (SPEC 5): which base reads them and how many images the cache holds.
+# (name, base, training images, evaluation images)
+THESIS_DATASETS = (
+    ("CIFAR-10 5-5 (labels 5-9)", "ste_resnet_cifar", 25_000, 5_000),
+    ("CIFAR-100 80-20 (labels 0-19)", "ste_resnet_cifar", 10_000, 2_000),
+    ("Flowers-102 (train / val)", "reactnet18", 1_020, 1_020),
+    ("Oxford-IIIT Pets (trainval / test)", "reactnet18", 3_680, 3_669),
+)
+CACHE_VIEWS = (1, 4)
+
+
+def machine() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    with contextlib.suppress(OSError):
+        info["load_average"] = list(os.getloadavg())
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), if it is a git checkout."""
+    root = Path(bnn_adapt.__file__).resolve().parent.parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+            return head.stdout.strip() + ("+dirty" if dirty else "")
+    return None
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def _x(n) -> str:
+    return "-" if n is None else f"{n:.2f}x"
+
+
+def _gb(n) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def label(record: dict) -> str:
+    return record["strategy"] + (" + tap cache" if record["cache_taps"] else "")
+
+
+def peak(record: dict):
+    return record.get("peak_gpu_bytes") or record.get("peak_rss_bytes")
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Ratios against full finetuning with standard memory, per model."""
+    rows = [
+        "| model | strategy | memory | step time (s) | speed-up vs finetune | saved activations (MiB) "
+        "| of which base (MiB) | fewer saved bytes than standard (all / base) | peak memory (MiB) "
+        "| step growth (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        rows.append(
+            f"| {r['model']} | {label(r)} | {r['memory']} | {r['step_time_s']:.3f} | {_x(r['speedup_vs_finetune'])} "
+            f"| {_mb(r['saved_activation_bytes'])} | {_mb(r['saved_activation_bytes_base'])} "
+            f"| {_x(r['activation_ratio_vs_standard'])} / {_x(r['activation_ratio_vs_standard_base'])} "
+            f"| {_mb(peak(r))} | {_mb(r.get('step_peak_bytes'))} |"
+        )
+    return "\n".join(rows)
+
+
+def tap_cache_table(records: list[dict]) -> str:
+    """What the tap cache costs and returns: build time, bytes, the speed-up amortised over (views, epochs)."""
+    cached = [r for r in records if r["cache_taps"] and r.get("amortized_speedup")]
+    if not cached:
+        return ""
+    keys = list(cached[0]["amortized_speedup"])
+    rows = [
+        "| model | memory | cached step (s) | speed-up per step | build (ms per image and view) "
+        "| features per image and view | " + " | ".join(f"amortised {k.replace('x', ' views x ')} epochs" for k in keys)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(keys),
+    ]
+    for r in cached:
+        rows.append(
+            f"| {r['model']} | {r['memory']} | {r['step_time_s']:.3f} | {_x(r['speedup_vs_finetune'])} "
+            f"| {r['cache_build_s_per_image'] * 1e3:.2f} | {r['cache_bytes_per_image'] / 1e3:,.1f} kB | "
+            + " | ".join(_x(r["amortized_speedup"][k]) for k in keys)
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def cache_memory_table(records: list[dict]) -> str:
+    """The cache's size for each thesis target set, from the measured bytes per image and view."""
+    per_image = {r["model"]: r["cache_bytes_per_image"] for r in records if r.get("cache_bytes_per_image")}
+    rows = [
+        "| target set | base | training images | eval images | per image and view | "
+        + " | ".join(f"cache, {v} view{'s' if v > 1 else ''}" for v in CACHE_VIEWS)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(CACHE_VIEWS),
+    ]
+    found = False
+    for name, model, train, held_out in THESIS_DATASETS:
+        if model not in per_image:
+            continue
+        found = True
+        size = per_image[model]
+        rows.append(
+            f"| {name} | {model} | {train:,} | {held_out:,} | {size / 1e3:,.1f} kB | "
+            + " | ".join(_gb((train * views + held_out) * size) for views in CACHE_VIEWS)
+            + " |"
+        )
+    return "\n".join(rows) if found else ""
+
+
+def targets_table(records: list[dict]) -> str:
+    models = list(dict.fromkeys(r["model"] for r in records))
+    rows = ["| target | goal | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for text, goal, strategy, cached, memory, key in TARGETS:
+        cells = []
+        for model in models:
+            found = [
+                r[key] for r in records
+                if (r["model"], r["strategy"], r["cache_taps"], r["memory"]) == (model, strategy, cached, memory)
+            ]  # fmt: skip
+            value = found[0] if found else None
+            cells.append("-" if value is None else f"{value:.2f}x " + ("(met)" if value >= goal else "(short)"))
+        rows.append(f"| {text} | >= {goal:g}x | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _baseline(records: list[dict]) -> str:
+    values = [r["baseline_rss_bytes"] for r in records if r.get("baseline_rss_bytes")]
+    if not values:
+        return ""
+    return (
+        f" Every CPU peak includes the worker process's baseline, {_mb(min(values))}-{_mb(max(values))} MiB "
+        "(Python, torch, bnn_adapt and Hydra loaded, one Adam step on one number taken, nothing built: "
+        "`baseline_rss_bytes`)."
+    )
+
+
+def report(records: list[dict], meta: dict) -> str:
+    m, options = meta["machine"], meta["options"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads"
+    load = m.get("load_average")
+    gpu = meta["device"].startswith("cuda")
+    peak_text = (
+        f"Peak memory: the minimum over {options['peak_repeats']} runs of the case, each in its own fresh process "
+        f"(`python -m bnn_adapt.tools.bench_memory`), of the peak over {options['memory_steps']} training steps"
+        + (
+            " (GPU allocations); step growth: that peak minus what was allocated before the steps (model, Adam's "
+            "state, batch)."
+            if gpu
+            else " (resident-set high-water mark, reset just before the steps, freed tensors returned to the OS); "
+            "step growth: that peak minus the resident set before the steps (Python, torch, the model, Adam's "
+            "state and the batch)." + _baseline(records)
+        )
+    )
+    lines = [
+        f"`{meta['command']}` on {where} ({meta['device']}); torch {m['torch']}, {meta['date']}"
+        + (f", commit {meta['commit']}" if meta.get("commit") else "")
+        + f", {meta['elapsed_s'] / 60:.1f} min"
+        + (f"; load average {load[0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end" if load else "")
+        + ".",
+        "",
+        markdown_table(records),
+        "",
+        targets_table(records),
+        "",
+        f"Step time: median over {options['rounds']} rounds x {options['steps_per_round']} steps after "
+        f"{options['warmup']} warm-up steps, cases interleaved, every case training on the same batch. "
+        "Saved activations: per-sample tensors autograd keeps for backward in one training step. "
+        + (peak_text if options["peak_repeats"] else "Peak memory: not measured (`--peak-repeats 0`).")
+        + " `pretrain` trains the bare base (task=pretrain); `tap cache` trains from cached base features "
+        "(tap_cache.enabled=true).",
+    ]
+    cache = tap_cache_table(records)
+    if cache:
+        lines += [
+            "",
+            cache,
+            "",
+            "Tap cache: building it is one base forward per training image and view without autograd "
+            "(`tap_cache.build_features`, the real build path: batches, view-major host storage), timed "
+            "round-robin with the steps under the same allocator setting; data loading and augmentation are "
+            "not included. Amortised speed-up over V views x E epochs = E x finetune step / (V x batch x build "
+            "time per image + E x cached step), training steps only (the eval set, cached once, is left out).",
+        ]
+    sizes = cache_memory_table(records)
+    if sizes:
+        lines += ["", sizes, "", "Cache size = (training images x views + eval images) x bytes per image and view."]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, text: str, start_marker: str = README_START, end_marker: str = README_END) -> None:
+    content = path.read_text()
+    start, end = content.find(start_marker), content.find(end_marker)
+    if start < 0 or end < start:
+        raise SystemExit(f"error: {path} has no {start_marker} ... {end_marker} section to fill; add the two markers")
+    with atomic_output(path) as tmp:
+        tmp.write_text(content[: start + len(start_marker)] + "\n" + text + "\n" + content[end:])
