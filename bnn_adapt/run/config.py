@@ -47,7 +47,9 @@ def choices() -> dict[str, tuple[str, ...]]:
     from bnn_adapt.adapters.file_codec import DTYPES  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
     from bnn_adapt.training.lean import MEMORY_MODES  # noqa: PLC0415
 
-    return {"task": TASKS, "base.bn": BN_MODES, "memory": MEMORY_MODES, "export.dtype": DTYPES}
+    from bnn_adapt.nn.quantizers import BITS  # noqa: PLC0415
+
+    return {"task": TASKS, "base.bn": BN_MODES, "memory": MEMORY_MODES, "export.dtype": DTYPES, "adapter.bits": BITS}
 
 
 # ----------------------------------------------------------------------------- renamed keys
