@@ -310,7 +310,8 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 class AttachedAdapter(nn.Module):
-    """An exported adapter rebuilt on a (shared) base; ``forward`` gives logits."""
+    """An exported adapter rebuilt on a (shared) base; ``forward`` gives logits. ``meta["records"]``
+    (format 2) says how each tensor was stored: codec, encoding and bytes."""
 
     def __init__(self, model: nn.Module, base_overrides: dict[str, torch.Tensor], meta: dict, name: str):
         super().__init__()
@@ -335,8 +336,12 @@ def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -
 
 
 def _read(cursor: Cursor, meta: dict, name: str, shape, default: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One record; what it was and how many bytes it took go to ``meta["records"]``."""
     entry = meta["encodings"].get(name, {})
-    return read_record(cursor, list(shape), entry.get("codec", default), entry.get("enc", "dense"), entry.get("nnz"))
+    codec, enc, start = entry.get("codec", default), entry.get("enc", "dense"), cursor.bytes_read()
+    found = read_record(cursor, list(shape), codec, enc, entry.get("nnz"))
+    meta.setdefault("records", {})[name] = {"codec": codec, "enc": enc, "bytes": cursor.bytes_read() - start}
+    return found
 
 
 @torch.no_grad()
@@ -421,3 +426,16 @@ def attach_adapter(path: str | Path, base: nn.Module, base_fingerprint: str | No
     model.pruned = bool(meta["pruned"])
     model.eval()
     return AttachedAdapter(model, base_tensors, meta, name or Path(path).stem)
+
+
+def stored_tensors(path: str | Path, base: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the file determines, at full shape, by name (``adapter.*``, ``head.*``, ``base.*``), as the
+    model attached from it holds them: a folded BN's weight and bias are its scale and shift (its running
+    statistics, 0 and 1, are not stored); a quantised weight is ``scale * code``."""
+    attached = attach_adapter(path, base)
+    out = {}
+    for prefix, part in (("adapter.", attached.model.adapter), ("head.", attached.model.head)):
+        for key, value in (part.state_dict() if part is not None else {}).items():
+            if (value.is_floating_point() or value.dtype == torch.bool) and not key.endswith(("running_mean", "running_var")):
+                out[prefix + key] = value
+    return out | {f"base.{k}": v for k, v in attached.base_overrides.items()}

@@ -117,6 +117,9 @@ class Cursor:
         self.arrays = arrays
         self.at = dict.fromkeys(("f32", "f16", "i8", "u8"), 0)
 
+    def bytes_read(self) -> int:
+        return sum(n * {"f32": 4, "f16": 2, "i8": 1, "u8": 1}[s] for s, n in self.at.items())
+
     def take(self, stream: str, count: int) -> np.ndarray:
         start = self.at[stream]
         found = self.arrays.get(stream, np.zeros(0))[start : start + count]

@@ -280,14 +280,21 @@ def _quantized_copy(layer: nn.Module, bits: int) -> nn.Module:
     return new
 
 
+def quantization_pays(layer: nn.Module, bits: int) -> bool:
+    """Whether ``bits`` per weight plus one fp32 scale per output channel take fewer bits than fp32 weights:
+    not for rows of one weight (a pointwise conv with as many groups as input channels)."""
+    row = layer.weight[0].numel()
+    return row * bits + 32 < 32 * row
+
+
 def quantize_weights(module: nn.Module, bits: int) -> nn.Module:
     """Every plain fp32 ``nn.Conv2d`` / ``nn.Linear`` in ``module`` (itself included) trained at ``bits`` bits from
-    now on (binary layers stay binary; BN and biases stay fp32). Returns ``module``, or its replacement when
-    ``module`` itself is such a layer; 32 bits changes nothing."""
+    now on, where that saves memory (:func:`quantization_pays`); binary layers stay binary, BN and biases fp32.
+    Returns ``module``, or its replacement when ``module`` itself is such a layer; 32 bits changes nothing."""
     if bits == 32:
         return module
     if type(module) in (nn.Conv2d, nn.Linear):
-        return _quantized_copy(module, bits)
+        return _quantized_copy(module, bits) if quantization_pays(module, bits) else module
     for name, child in list(module.named_children()):
         replacement = quantize_weights(child, bits)
         if replacement is not child:

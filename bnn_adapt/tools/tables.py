@@ -82,6 +82,7 @@ ADAPT_COLUMNS = (
     Column("% base memory", _get("size_pct"), ".3f"),
     Column("epoch time (s)", _get("epoch_time_s"), ".2f"),
 )
+QUANTIZED = Column("weights below 32 bits", _get("introduced_quantized_params"), ",")  # fp32 weights: with their scales
 SPEEDUP_HEADER = "speed-up vs finetune"
 
 
@@ -91,6 +92,8 @@ def columns_of(table: Table, rows: list[Row]) -> list[Column]:
     if table.kind == "pretrain":
         return list(PRETRAIN_COLUMNS)
     columns = list(ADAPT_COLUMNS)
+    if any(m.get("introduced_quantized_params") for row in rows for m in row.runs):  # adapter.bits below 32
+        columns.insert(columns.index(next(c for c in columns if c.header == "binary weights")) + 1, QUANTIZED)
     if any(job.cfg.reduction.name == "prune" for row in rows for job in row.jobs):
         columns.insert(2, BEST_BEFORE_PRUNING)
     return columns
