@@ -140,7 +140,7 @@ def validate(cfg: DictConfig) -> None:
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is invalid: use one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is invalid: use one of {', '.join(map(str, allowed))}")
     for key in ("trainer.max_epochs", "data.batch_size"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
