@@ -170,7 +170,8 @@ def test_pruned_weights_count_their_non_zero_codes_and_live_channels():
     torch.manual_seed(4)
     model = Parallel(STEResNetCIFAR(num_classes=10, width=0.1), 3, head="adapter", bits=2)
     PruningPlan(0.5, 0.9, (1,)).apply(model)
-    rows = {r.name: r for r in parameter_rows(model.adapter, pruned=model.prune_targets()[0] + model.prune_targets()[1])}
+    depthwise, pointwise = model.prune_targets()
+    rows = {r.name: r for r in parameter_rows(model.adapter, pruned=depthwise + pointwise)}
     for k, block in enumerate(model.adapter.blocks):
         for conv in ("depthwise", "pointwise"):
             layer = getattr(block, conv)
@@ -398,7 +399,8 @@ def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained
 
 def test_front_comparison_and_hypervolume_by_hand():
     front = [{"size_pct": 1.0, "test_top1": 0.6}, {"size_pct": 3.0, "test_top1": 0.8}]
-    baseline = [{"size_pct": 2.0, "test_top1": 0.55}, {"size_pct": 4.0, "test_top1": 0.8}, {"size_pct": 9.0, "test_top1": 0.9}]
+    baseline = [{"size_pct": 2.0, "test_top1": 0.55}, {"size_pct": 4.0, "test_top1": 0.8},
+                {"size_pct": 9.0, "test_top1": 0.9}]
     assert hypervolume(front) == pytest.approx(2 * 0.6 + 2 * 0.8)
     assert hypervolume(baseline) == pytest.approx(2 * 0.55 + 1 * 0.8)
     found = compare_fronts(front, baseline)

@@ -177,17 +177,21 @@ def test_pruned_depthwise_filters_and_head_columns_are_physically_removed(tmp_pa
         alive = int((block.depthwise.weight.flatten(1) != 0).any(dim=1).sum())
         assert alive < c
         mask = (c + 7) // 8  # one bit per filter says which are kept
-        assert records[f"adapter.blocks.{k}.depthwise.weight"] == {"codec": "f32", "enc": "rows", "bytes": mask + alive * 9 * 4}
+        depthwise = records[f"adapter.blocks.{k}.depthwise.weight"]
+        assert depthwise == {"codec": "f32", "enc": "rows", "bytes": mask + alive * 9 * 4}
         # the BN of a dead channel keeps only its shift: ReLU(shift) is that channel's constant
-        assert records[f"adapter.blocks.{k}.depthwise_norm.weight"] == {"codec": "f32", "enc": "rows", "bytes": mask + alive * 4}
+        norm_scale = records[f"adapter.blocks.{k}.depthwise_norm.weight"]
+        assert norm_scale == {"codec": "f32", "enc": "rows", "bytes": mask + alive * 4}
         assert records[f"adapter.blocks.{k}.depthwise_norm.bias"]["bytes"] == c * 4
         # the pointwise conv keeps every input column (the residual still carries x_i), stored sparse
         pointwise = records[f"adapter.blocks.{k}.pointwise.weight"]
         nnz = int(block.pointwise.weight.count_nonzero())
-        assert pointwise["enc"] in ("bitmask", "gaps") and nnz * 4 < pointwise["bytes"] < nnz * 4 + block.pointwise.weight.numel() / 8 + 8
+        assert pointwise["enc"] in ("bitmask", "gaps")
+        assert nnz * 4 < pointwise["bytes"] < nnz * 4 + block.pointwise.weight.numel() / 8 + 8
     head = pruned.head[0]
     kept = int(head.kept_columns.sum())
-    assert records["head.0.weight"] == {"codec": "sign", "enc": "columns", "bytes": (head.in_features + 7) // 8 + (kept * 4 + 7) // 8}
+    stored = (head.in_features + 7) // 8 + (kept * 4 + 7) // 8  # the kept-column bits, then their sign bits
+    assert records["head.0.weight"] == {"codec": "sign", "enc": "columns", "bytes": stored}
 
     def conv_bytes(found):
         return sum(r["bytes"] for k, r in found.items() if "wise.weight" in k)
@@ -319,5 +323,6 @@ def test_stored_arrays_hold_one_bit_per_binary_weight(tmp_path):
     with safe_open(str(tmp_path / "h.safetensors"), framework="np") as f:
         assert set(f.keys()) == {"f16", "u8"}  # the file's arrays are streams shared by all its tensors
     records = attach_adapter(tmp_path / "h.safetensors", repack(base)[0]).meta["records"]
-    assert records["head.0.weight"] == {"codec": "sign", "enc": "dense", "bytes": (model.head[0].weight.numel() + 7) // 8}
+    signs = (model.head[0].weight.numel() + 7) // 8
+    assert records["head.0.weight"] == {"codec": "sign", "enc": "dense", "bytes": signs}
     assert records["head.1.weight"] == {"codec": "f16", "enc": "dense", "bytes": 2 * 4}  # BN1d(4): folded scale

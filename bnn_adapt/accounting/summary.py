@@ -52,8 +52,8 @@ def summarize(model: nn.Module) -> dict:
 def quantized_counts(model: nn.Module, adapter_rows: list, head_rows: list) -> dict:
     """``adapter.bits`` and the weights trained at it (their fp32 scales count with the fp32 params)."""
     adapter, head = quantized_total(adapter_rows), quantized_total(head_rows)
-    return {"weight_bits": getattr(model, "bits", 32), "adapter_quantized_params": adapter, "head_quantized_params": head,
-            "introduced_quantized_params": adapter + head}  # fmt: skip
+    return {"weight_bits": getattr(model, "bits", 32), "adapter_quantized_params": adapter,
+            "head_quantized_params": head, "introduced_quantized_params": adapter + head}  # fmt: skip
 
 
 def layer_table(model: nn.Module) -> str:
@@ -78,11 +78,12 @@ def layer_table(model: nn.Module) -> str:
         f"base: {s['base_binary_params']:,} binary + {s['base_fp32_params']:,} fp32 params "
         f"({s['base_bits']:,} bits)"
     )
-    quantized = (f" + {s['adapter_quantized_params']:,} {s['weight_bits']}-bit" if s["adapter_quantized_params"] else "",
-                 f" + {s['head_quantized_params']:,} {s['weight_bits']}-bit" if s["head_quantized_params"] else "")  # fmt: skip
+    quantized = [f" + {s[k]:,} {s['weight_bits']}-bit" if s[k] else "" for k in ("adapter_quantized_params",
+                                                                                     "head_quantized_params")]
     lines.append(
         f"introduced: adapter {s['adapter_binary_params']:,} binary + {s['adapter_fp32_params']:,} fp32{quantized[0]}, "
         f"head {s['head_binary_params']:,} binary + {s['head_fp32_params']:,} fp32{quantized[1]} -> "
-        f"{s['introduced_bits']:,} bits, size {s['size_pct']:.3f}% of the base (adapter alone {s['adapter_size_pct']:.3f}%)"
+        f"{s['introduced_bits']:,} bits, size {s['size_pct']:.3f}% of the base "
+        f"(adapter alone {s['adapter_size_pct']:.3f}%)"
     )
     return "\n".join(lines)

@@ -39,7 +39,6 @@ from the defaults. Version-1 files (one array per tensor, BN unfolded) still loa
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 
@@ -50,15 +49,9 @@ from safetensors.numpy import save_file
 from torch import nn
 
 from bnn_adapt.adapters.bitfit import substituted
-from bnn_adapt.adapters.file_codec import (
-    DTYPES,
-    Cursor,
-    Streams,
-    choose_encoding,
-    decode_v1,
-    read_record,
-    write_record,
-)
+from bnn_adapt.adapters.file_codec import DTYPES, Cursor, Streams, choose_encoding, read_record, write_record
+from bnn_adapt.adapters.file_layout import default_codec, layout_hash, load_part, slots
+from bnn_adapt.adapters.file_v1 import attach_v1
 from bnn_adapt.adapters.strategy import make_head_prunable
 from bnn_adapt.adapters.udta import ThinBlock
 from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded, sign_weight_names
@@ -73,62 +66,6 @@ VERSION = 2
 METADATA_KEY = "bnn_adapt"
 ADAPTER_FILE = "adapter.safetensors"  # what an adaptation run writes in its directory
 PARTS = ("adapter", "head", "base")  # tensor name prefixes in a file
-
-
-# --------------------------------------------------------------------------- what each tensor is
-
-
-def slots(part: nn.Module, base: nn.Module) -> list[tuple[str, str, object]]:
-    """``(state-dict key, kind, detail)`` in state-dict order: the records a file holds for ``part``.
-
-    kinds: ``norm`` (a BatchNorm, at its weight's key: scale then shift; detail: the module's name),
-    ``pair`` (BitFit's copy of a base BN pair: detail ``(bias key, the base's BN)``), ``quantized``
-    (a weight below 32 bits: detail its bits), ``sign`` (a binary weight), ``mask`` (a bool buffer),
-    ``value`` (any other floating tensor). Integer buffers and what a pair or norm covers are skipped.
-    """
-    modules = dict(part.named_modules())
-    norms = {n for n, m in modules.items() if isinstance(m, BatchNorm)}
-    pairs = part.norm_pairs(base) if hasattr(part, "norm_pairs") else {}
-    covered = {bias for bias, _ in pairs.values()}
-    signs = sign_weight_names(part)
-    out = []
-    for key, value in part.state_dict().items():
-        owner, _, attr = key.rpartition(".")
-        if owner in norms:
-            if attr == "weight":
-                out.append((key, "norm", owner))
-        elif key in covered or not (value.is_floating_point() or value.dtype == torch.bool):
-            continue
-        elif key in pairs:
-            out.append((key, "pair", pairs[key]))
-        elif key in signs:
-            out.append((key, "sign", None))
-        elif attr == "weight" and weight_bits(modules[owner]):
-            out.append((key, "quantized", weight_bits(modules[owner])))
-        else:
-            out.append((key, "mask" if value.dtype == torch.bool else "value", None))
-    return out
-
-
-def default_codec(kind: str, dtype: str, ndim: int, detail=None) -> str:
-    """The codec a record has unless its file says otherwise (writer and reader alike)."""
-    if kind == "quantized":
-        return f"q{detail}"
-    if kind in ("sign", "mask"):
-        return "sign" if kind == "sign" else "bits"
-    if dtype == "fp32":
-        return "f32"
-    return "i8" if dtype == "int8" and ndim >= 2 and kind == "value" else "f16"
-
-
-def layout_hash(model: nn.Module) -> str:
-    """Hash of the records' order, kinds and shapes: a file only loads into the model it was written from."""
-    items = []
-    for prefix, part in (("adapter.", model.adapter), ("head.", model.head)):
-        if part is not None:
-            state = part.state_dict()
-            items += [[prefix + key, kind, list(state[key].shape)] for key, kind, _ in slots(part, model.base)]
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- writing
@@ -326,15 +263,6 @@ class AttachedAdapter(nn.Module):
             return self.model(x)
 
 
-def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ExportError(
-            f"the {what} in the file does not fit its strategy (missing {missing[:3]}, extra {unexpected[:3]})"
-        )
-
-
 def _read(cursor: Cursor, meta: dict, name: str, shape, default: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One record; what it was and how many bytes it took go to ``meta["records"]``."""
     entry = meta["encodings"].get(name, {})
@@ -364,27 +292,12 @@ def _read_part(cursor: Cursor, meta: dict, prefix: str, part: nn.Module, base: n
             tensors[key], scale = _read(cursor, meta, prefix + key, shape, default)
             if kind == "quantized":
                 scales[key.rpartition(".")[0]] = scale
-    _load_part(part, tensors, prefix.rstrip("."))
+    load_part(part, tensors, prefix.rstrip("."))
     for m in modules.values():
         if isinstance(m, BatchNorm):
             m.eps = 0.0
     for owner, scale in scales.items():
         modules[owner].weight_quantizer = ChannelQuantizer(weight_bits(modules[owner]), scale=scale)
-
-
-def _attach_v1(model: nn.Module, arrays: dict, meta: dict, path: Path) -> dict[str, torch.Tensor]:
-    """Load a version-1 file (BN unfolded) into ``model``; returns its base tensors."""
-    tensors = decode_v1(arrays, meta["tensors"])
-    parts = {p: {k[len(p) + 1 :]: t for k, t in tensors.items() if k.startswith(p + ".")} for p in PARTS}
-    if norms_folded(model.base) and (parts["base"] or model.strategy == "bitfit"):
-        raise ExportError(
-            f"{path} was written before BatchNorms were folded and cannot change this packed base's norms; "
-            f"export it again: python -m bnn_adapt task=export export.adapter_run=[RUN_DIR]"
-        )
-    if model.adapter is not None:
-        _load_part(model.adapter, parts["adapter"], "adapter")
-    _load_part(model.head, parts["head"], "head")
-    return parts["base"]
 
 
 def attach_adapter(path: str | Path, base: nn.Module, base_fingerprint: str | None = None, name: str | None = None
@@ -408,7 +321,7 @@ def attach_adapter(path: str | Path, base: nn.Module, base_fingerprint: str | No
     if meta["head_columns"]:
         make_head_prunable(model)
     if meta.get("version", 1) < 2:
-        base_tensors = _attach_v1(model, arrays, meta, Path(path))
+        base_tensors = attach_v1(model, arrays, meta, Path(path))
     else:
         if meta["layout"] != layout_hash(model):
             raise ExportError(f"adapter {path} does not fit the {meta['strategy']} adapter this version builds from "
@@ -436,6 +349,7 @@ def stored_tensors(path: str | Path, base: nn.Module) -> dict[str, torch.Tensor]
     out = {}
     for prefix, part in (("adapter.", attached.model.adapter), ("head.", attached.model.head)):
         for key, value in (part.state_dict() if part is not None else {}).items():
-            if (value.is_floating_point() or value.dtype == torch.bool) and not key.endswith(("running_mean", "running_var")):
+            stored = value.is_floating_point() or value.dtype == torch.bool
+            if stored and not key.endswith(("running_mean", "running_var")):
                 out[prefix + key] = value
     return out | {f"base.{k}": v for k, v in attached.base_overrides.items()}

@@ -98,7 +98,8 @@ def fingerprint_bytes(binary_section: bytes) -> str:
 def fingerprint(model: nn.Module) -> str:
     """Hash of the packed binary weights: the identity adapters check."""
     signs = sign_weight_names(model)
-    return fingerprint_bytes(pack_sign_bits([t.detach().cpu() >= 0 for k, t in model.state_dict().items() if k in signs]))
+    bits = [t.detach().cpu() >= 0 for k, t in model.state_dict().items() if k in signs]
+    return fingerprint_bytes(pack_sign_bits(bits))
 
 
 def norms_folded(model: nn.Module) -> bool:

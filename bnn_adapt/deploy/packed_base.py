@@ -172,8 +172,8 @@ def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict
             if kind == "threshold":
                 direction = torch.tensor([1.0 if c == "+" else -1.0 for c in entry[3]])
                 found = torch.stack([direction, -direction * found[0]])
-            state.update({f"{name}.weight": found[0], f"{name}.bias": found[1],
-                          f"{name}.running_mean": torch.zeros(shape), f"{name}.running_var": torch.ones(shape)})  # fmt: skip
+            state.update({f"{name}.weight": found[0], f"{name}.bias": found[1], f"{name}.running_mean":
+                          torch.zeros(shape), f"{name}.running_var": torch.ones(shape)})  # fmt: skip
             base.get_submodule(name).eps = 0.0
     expected = {k for k, t in base.state_dict().items() if t.is_floating_point()}
     if set(state) != expected:

@@ -201,7 +201,7 @@ class ColumnPrunedLinear(nn.Module):
     weight_quantizer: ChannelQuantizer | None = None
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight with switched-off columns zeroed (then quantised, below 32 bits): what an fp32 head multiplies by."""
+        """The weight with switched-off columns zeroed (then quantised, below 32 bits): what an fp32 head uses."""
         weight = self.weight * self.kept_columns.to(self.weight.dtype)
         return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 

@@ -31,7 +31,8 @@ NOT_HASHED = ("paths", "resume", "debug", "table")
 #: options added since 0.1, at the value that computes what runs before them computed:
 #: left out of the hash at that value, so those runs still count as complete
 ADDED_SINCE_V1: dict[str, object] = {
-    "adapter.bits": 32,  # weights below 32 bits (issue #13); hashed unresolved, so the strategy's own key is the interpolation
+    # weights below 32 bits (issue #13); hashed unresolved, so the strategy's own key is the interpolation
+    "adapter.bits": 32,
     "adapter.model.bits": "${adapter.bits}",
 }
 

@@ -170,7 +170,8 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
         ax.scatter([p["size_pct"] for p in front], [p["test_top1"] for p in front], facecolor="none",
                    edgecolor="tab:red", s=90, zorder=3, label="Pareto front")  # fmt: skip
     only32 = pareto_front([p for p in points if int(p.get("bits", 32)) == 32]) if len(widths) > 1 else []
-    for other, label, style in ((only32, "front of the 32-bit trials", ":"), (baseline or [], "baseline search's front", "--")):
+    others = ((only32, "front of the 32-bit trials", ":"), (baseline or [], "baseline search's front", "--"))
+    for other, label, style in others:
         if other:
             ax.step([p["size_pct"] for p in other], [p["test_top1"] for p in other], where="post", color="black",
                     linestyle=style, label=label)  # fmt: skip
@@ -208,7 +209,8 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
              "plot": sweep_dir / "pareto_front.png", "comparison": sweep_dir / "comparison.json"}  # fmt: skip
     write_points(files["trials"], points)
     write_points(files["front"], front)
-    comparison = {"front_vs_own_32_bit_trials": compare_fronts(front, pareto_front([p for p in points if p["bits"] == 32]))}
+    own32 = pareto_front([p for p in points if p["bits"] == 32])
+    comparison = {"front_vs_own_32_bit_trials": compare_fronts(front, own32)}
     if baseline is not None:
         comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline)}
     files["comparison"].write_text(json.dumps(comparison, indent=1) + "\n")
