@@ -174,7 +174,7 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
     for other, label, style in others:
         if other:
             ax.step([p["size_pct"] for p in other], [p["test_top1"] for p in other], where="post", color="black",
-                    linestyle=style, label=label)  # fmt: skip
+                    linestyle=style, marker="s", markersize=4, fillstyle="none", label=label)  # fmt: skip
     if thesis:
         ax.scatter([p["size_pct"] for p in thesis], [p["test_top1"] for p in thesis], marker="*", s=110,
                    facecolor="none", edgecolor="black", label="thesis table configurations")  # fmt: skip
