@@ -189,7 +189,7 @@ def test_bits_shrink_the_size_and_never_the_binary_or_bn_counts():
         s = summarize(Parallel(STEResNetCIFAR(num_classes=10, width=0.25), 5, bits=bits))
         sizes[bits] = s["size_pct"]
         assert s["introduced_binary_params"] == 805 and s["head_fp32_params"] == 10
-    assert [sizes[b] for b in BITS] == sorted(sizes.values(), reverse=True)
+    assert all(sizes[a] > sizes[b] for a, b in zip(BITS, BITS[1:]))  # strictly smaller at each step down
 
 
 # ------------------------------------------------------------------ BN folding and thresholds
@@ -309,7 +309,7 @@ def test_fewer_bits_make_smaller_files(strategy, tmp_path):
         path = tmp_path / f"{bits}.safetensors"
         export_adapter(trained(strategy, base, bits), path, reference_base=base)
         sizes.append(path.stat().st_size)
-    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0] / 3
+    assert all(a > b for a, b in zip(sizes, sizes[1:])) and sizes[-1] < sizes[0] / 3
 
 
 def test_attaching_onto_an_unfolded_base_folds_a_copy(tmp_path):
