@@ -65,7 +65,6 @@ FORMAT = "bnn_adapt.adapter"
 VERSION = 2
 METADATA_KEY = "bnn_adapt"
 ADAPTER_FILE = "adapter.safetensors"  # what an adaptation run writes in its directory
-PARTS = ("adapter", "head", "base")  # tensor name prefixes in a file
 
 
 # --------------------------------------------------------------------------- writing

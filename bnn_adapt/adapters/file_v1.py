@@ -17,7 +17,7 @@ from bnn_adapt.adapters.file_layout import load_part
 from bnn_adapt.bases.fingerprint import norms_folded
 from bnn_adapt.errors import ExportError
 
-PARTS = ("adapter", "head", "base")  # tensor name prefixes in a file
+PARTS = ("adapter", "head", "base")  # tensor name prefixes in a format-1 file
 
 
 
