@@ -187,7 +187,9 @@ class Rendered:
 
 def render(table: Table, rows: list[Row], reference: float | None = None) -> Rendered:
     columns = columns_of(table, rows)
-    show_speedup = table.kind == "adapt"
+    has_finetune = any(m.get("strategy") == "full_finetune" for row in rows for m in row.runs) or any(
+        job.cfg.adapter.name == "full_finetune" for row in rows for job in row.jobs)  # fmt: skip
+    show_speedup = table.kind == "adapt" and (has_finetune or table.speedup_reference is not None)
     reference = finetune_epoch_time(rows) or reference
     first = "strategy" if table.kind == "adapt" else "network"
     headers = [first, *(c.header for c in columns), *([SPEEDUP_HEADER] if show_speedup else []), "status"]
@@ -232,6 +234,9 @@ def render(table: Table, rows: list[Row], reference: float | None = None) -> Ren
     if table.kind == "adapt":
         notes.append("Top-1 (final) is the last epoch's accuracy on the evaluation split: the headline; "
                      "with pruning, best top-1 counts only epochs after pruning.")  # fmt: skip
+    if QUANTIZED in columns:
+        notes.append("Below 32 bits (adapter.bits), fp32 weights include one fp32 scale per output channel of the "
+                     "quantised weights, and % base memory counts every weight at its width.")  # fmt: skip
     if table.seeds:
         notes.append("Cells: mean ± standard deviation over the seeds of each row.")
     if any(j.status == STALE for row in rows for j in row.jobs):
