@@ -92,6 +92,11 @@ def expected_summary(model, adapter_fp32, adapter_bin, head_fp32, head_bin, base
         ),
         "head_size_pct": pytest.approx(100 * (32 * head_fp32 + head_bin) / (32 * base_fp32 + base_bin), rel=1e-12),
         "base_bits": 32 * base_fp32 + base_bin,
+        "weight_bits": 32,
+        "adapter_quantized_params": 0,
+        "head_quantized_params": 0,
+        "introduced_quantized_params": 0,
+        "introduced_bits": 32 * n_fp32 + n_bin,
         "thesis": ANY,  # the thesis's own convention: tests/test_thesis_accounting.py
     }
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from bnn_adapt.adapters.file import read_adapter_file
-from bnn_adapt.adapters.file_codec import decode_tensors
+from bnn_adapt.adapters.file import stored_tensors
 from bnn_adapt.bases import load_base
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.run import builders, task
@@ -124,8 +124,8 @@ def test_pretrain_writes_base_checkpoint_and_metrics(pretrained_base):
 
 def saved_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     """The run's adapter file, every stored tensor decoded at full shape (``adapter.*``, ``head.*``, ``base.*``)."""
-    arrays, meta = read_adapter_file(run_dir / "adapter.safetensors")
-    return decode_tensors(arrays, meta["tensors"])
+    cfg = OmegaConf.create(read_json(run_dir / "metrics.json")["config"])
+    return stored_tensors(run_dir / "adapter.safetensors", builders.load_trained_base(cfg))
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from bnn_adapt.accounting import summarize
 from bnn_adapt.adapters import BitFit, LoRA
 from bnn_adapt.adapters.bitfit import bitfit_parameter_names
+from bnn_adapt.adapters.file import attach_adapter
 from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.run import task
+from bnn_adapt.run import builders, task
 from tests.test_adapters import randomize_bn
 
 BASES = {
@@ -186,8 +186,8 @@ def test_adapt_end_to_end(adapter, extra, pretrained_base, make_cfg):
         expected = 2 * (8 + 4 * 8 + 5 * 16 + 5 * 32) + 2 * 32  # width 0.1: 8/16/32 channels
     assert metrics["adapter_fp32_params"] == on_disk["adapter_fp32_params"] == expected
     assert metrics["adapter_binary_params"] == 0
-    saved = load_file(str(run_dir / "adapter.safetensors"))
-    assert sum(v.numel() for k, v in saved.items() if k.startswith("adapter.")) == expected
+    records = attach_adapter(run_dir / "adapter.safetensors", builders.load_trained_base(cfg)).meta["records"]
+    assert sum(r["bytes"] for k, r in records.items() if k.startswith("adapter.")) == 4 * expected  # fp32 each
     # the frozen base is bit-identical in the checkpoint
     stored = torch.load(pretrained_base["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]

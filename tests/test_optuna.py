@@ -4,6 +4,7 @@ Hydra's Optuna sweeper, SQLite storage that a second run continues, the front as
 from __future__ import annotations
 
 import csv
+import json
 
 import optuna
 import pytest
@@ -54,8 +55,11 @@ def test_search_runs_stores_trials_in_sqlite_continues_and_plots(tmp_path):
     assert len(trials) == len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) >= 1
     stored = sorted(v for t in study.trials if t.values for v in t.values)  # objectives = the runs' metrics
     assert sorted(float(t[k]) for t in trials for k in ("test_top1", "size_pct")) == pytest.approx(stored)
-    for t in trials:
+    for t in trials:  # adapter.bits is one of the searched dimensions, and the size counts real bits
         assert t["adapter"] in ("serial", "udta") and t["overrides"]
+        assert f"adapter.bits={t['bits']}" in t["overrides"] and int(t["bits"]) in (32, 16, 8, 4, 2, 1)
+    comparison = json.loads((sweep_dir / "comparison.json").read_text())["front_vs_own_32_bit_trials"]
+    assert comparison["limit_pct"] == 5.0 and "hypervolume" in comparison
     with (sweep_dir / "pareto_front.csv").open() as f:
         front = list(csv.DictReader(f))
     assert 1 <= len(front) <= len(trials) and all(t["on_front"] == "True" for t in front)

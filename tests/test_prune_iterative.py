@@ -12,12 +12,11 @@ import torch
 
 from bnn_adapt.accounting import summarize
 from bnn_adapt.adapters import HeadOnly, Parallel
-from bnn_adapt.adapters.file import read_adapter_file
-from bnn_adapt.adapters.file_codec import decode_tensors
+from bnn_adapt.adapters.file import stored_tensors
 from bnn_adapt.adapters.strategy import ColumnPrunedLinear
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.run import task
+from bnn_adapt.run import builders, task
 from bnn_adapt.training.pruning import (
     PruningPlan,
     cumulative_fraction,
@@ -148,8 +147,7 @@ def test_iterative_rounds_reach_the_rate_and_counts_match_summary(pretrained_bas
     assert metrics["best_before_pruning_top1"] == pytest.approx(history[0]["val/acc"])
     assert metrics["best_test_top1"] == pytest.approx(max(h["val/acc"] for h in history[2:]))
 
-    arrays, meta = read_adapter_file(run_dir / "adapter.safetensors")
-    saved = decode_tensors(arrays, meta["tensors"])
+    saved = stored_tensors(run_dir / "adapter.safetensors", builders.load_trained_base(make_cfg("data=cifar5_5", name="b")))
     nonzero = sum(
         int(v.count_nonzero()) if k.endswith(("pointwise.weight", "depthwise.weight")) else v.numel()
         for k, v in saved.items()

@@ -64,7 +64,7 @@ def markdown_rows(path: Path) -> list[list[str]]:
 # ------------------------------------------------------------------ the sweeps express the thesis rows
 
 
-@pytest.mark.parametrize("table_id", [*THESIS_ROWS, "fashion"])
+@pytest.mark.parametrize("table_id", [*THESIS_ROWS, "fashion", "fashion_bits"])
 def test_each_table_sweep_expands_to_exactly_its_rows(table_id, tmp_path, monkeypatch):
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path))
     rows = tables.table_rows(tables.TABLES[table_id], "smoke")
@@ -72,6 +72,10 @@ def test_each_table_sweep_expands_to_exactly_its_rows(table_id, tmp_path, monkey
     if table_id == "fashion":
         assert len(rows) == 8 and all(len(row.jobs) == 3 for row in rows)  # 3 seeds each
         assert {"head only", "finetune", "bitfit"} <= set(labels) and any(lb.startswith("lora") for lb in labels)
+    elif table_id == "fashion_bits":
+        assert all(len(row.jobs) == 3 for row in rows)  # 3 seeds each
+        widths = ("", " 8-bit", " 4-bit", " 2-bit", " 1-bit")
+        assert labels == [f"{a}{w}" for a in ("serial stages 1,2,3 g=1", "udta head=concat g=1") for w in widths]
     else:
         assert labels == THESIS_ROWS[table_id]
     run_dirs = [job.run_dir for row in rows for job in row.jobs]

@@ -1,6 +1,16 @@
 """Parameter accounting and the size metric (SPEC sections 1.3 and 4)."""
 
-from bnn_adapt.accounting.parameters import LayerCount, parameter_rows, size_percent, totals
+from bnn_adapt.accounting.parameters import (
+    LayerCount,
+    parameter_rows,
+    quantized_total,
+    size_percent,
+    total_bits,
+    totals,
+)
 from bnn_adapt.accounting.summary import layer_table, summarize
 
-__all__ = ["LayerCount", "layer_table", "parameter_rows", "size_percent", "summarize", "totals"]
+__all__ = [
+    "LayerCount", "layer_table", "parameter_rows", "quantized_total", "size_percent", "summarize", "total_bits",
+    "totals",
+]  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnn_adapt.accounting.parameters import parameter_rows, size_percent, totals
+from bnn_adapt.accounting.parameters import parameter_rows, quantized_total, total_bits, totals
 from bnn_adapt.accounting.thesis import thesis_counts
 
 
@@ -30,6 +30,8 @@ def summarize(model: nn.Module) -> dict:
     head_rows = [r for m in introduced["head"] for r in parameter_rows(m, pruned=pruned)]
     adapter_fp32, adapter_bin = totals(adapter_rows)
     head_fp32, head_bin = totals(head_rows)
+    base_bits = 32 * base_fp32 + base_bin
+    adapter_bits, head_bits = total_bits(adapter_rows), total_bits(head_rows)  # each weight at its real width
     return {
         "strategy": model.strategy,
         "base_binary_params": base_bin,
@@ -40,12 +42,21 @@ def summarize(model: nn.Module) -> dict:
         "head_binary_params": head_bin,
         "introduced_fp32_params": adapter_fp32 + head_fp32,
         "introduced_binary_params": adapter_bin + head_bin,
-        "size_pct": size_percent(adapter_fp32 + head_fp32, adapter_bin + head_bin, base_fp32, base_bin),
-        "adapter_size_pct": size_percent(adapter_fp32, adapter_bin, base_fp32, base_bin),
-        "head_size_pct": size_percent(head_fp32, head_bin, base_fp32, base_bin),
-        "base_bits": 32 * base_fp32 + base_bin,
+        **quantized_counts(model, adapter_rows, head_rows),
+        "size_pct": 100.0 * (adapter_bits + head_bits) / base_bits,
+        "adapter_size_pct": 100.0 * adapter_bits / base_bits,
+        "head_size_pct": 100.0 * head_bits / base_bits,
+        "base_bits": base_bits,
+        "introduced_bits": adapter_bits + head_bits,
         "thesis": thesis_counts(model, pruned),  # the thesis's own convention (SPEC 4b)
     }
+
+
+def quantized_counts(model: nn.Module, adapter_rows: list, head_rows: list) -> dict:
+    """``adapter.bits`` and the weights trained at it (their fp32 scales count with the fp32 params)."""
+    adapter, head = quantized_total(adapter_rows), quantized_total(head_rows)
+    return {"weight_bits": getattr(model, "bits", 32), "adapter_quantized_params": adapter,
+            "head_quantized_params": head, "introduced_quantized_params": adapter + head}  # fmt: skip
 
 
 def layer_table(model: nn.Module) -> str:
@@ -53,12 +64,13 @@ def layer_table(model: nn.Module) -> str:
     is_adapted = hasattr(model, "introduced_modules")
     introduced = model.introduced_modules() if is_adapted else {"base": [model]}
     named = {id(m): n for n, m in model.named_modules()}
-    lines = [f"{'layer':<48} {'part':<8} {'kind':<7} {'params':>12} {'bits':>14}"]
+    lines = [f"{'layer':<48} {'part':<8} {'kind':<9} {'params':>12} {'bits':>14}"]
     lines.append("-" * len(lines[0]))
     for part, modules in introduced.items():
         for m in modules:
             for row in parameter_rows(m, prefix=named.get(id(m)) or part, pruned=pruned_modules(model) if is_adapted else ()):
-                lines.append(f"{row.name:<48} {part:<8} {row.kind:<7} {row.params:>12,} {row.bits:>14,}")
+                kind = f"{row.width}-bit" if row.kind == "quantized" else row.kind
+                lines.append(f"{row.name:<48} {part:<8} {kind:<9} {row.params:>12,} {row.bits:>14,}")
     lines.append("-" * len(lines[0]))
     if not is_adapted:
         fp32, binary = totals(parameter_rows(model))
@@ -69,10 +81,13 @@ def layer_table(model: nn.Module) -> str:
         f"base: {s['base_binary_params']:,} binary + {s['base_fp32_params']:,} fp32 params "
         f"({s['base_bits']:,} bits)"
     )
+    quantized = [f" + {s[k]:,} {s['weight_bits']}-bit" if s[k] else "" for k in ("adapter_quantized_params",
+                                                                                     "head_quantized_params")]
     lines.append(
-        f"introduced: adapter {s['adapter_binary_params']:,} binary + {s['adapter_fp32_params']:,} fp32, "
-        f"head {s['head_binary_params']:,} binary + {s['head_fp32_params']:,} fp32 -> "
-        f"size {s['size_pct']:.3f}% of the base (adapter alone {s['adapter_size_pct']:.3f}%)"
+        f"introduced: adapter {s['adapter_binary_params']:,} binary + {s['adapter_fp32_params']:,} fp32{quantized[0]}, "
+        f"head {s['head_binary_params']:,} binary + {s['head_fp32_params']:,} fp32{quantized[1]} -> "
+        f"{s['introduced_bits']:,} bits, size {s['size_pct']:.3f}% of the base "
+        f"(adapter alone {s['adapter_size_pct']:.3f}%)"
     )
     t = s["thesis"]
     lines.append(

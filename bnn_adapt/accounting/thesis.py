@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnn_adapt.accounting.parameters import LayerCount, parameter_rows, size_percent, totals
+from bnn_adapt.accounting.parameters import LayerCount, parameter_rows, quantized_total, size_percent, total_bits, totals
 
 #: what ``thesis_counts`` returns, in this order
-KEYS = ("base_fp32_params", "base_binary_params", "introduced_fp32_params", "introduced_binary_params", "size_pct")
+KEYS = ("base_fp32_params", "base_binary_params", "introduced_fp32_params", "introduced_binary_params", "size_pct",
+        "introduced_quantized_params")
 
 
 def plain_head(model: nn.Module) -> nn.Module:
@@ -55,31 +56,43 @@ def _linear_rows(rows: list[LayerCount], head: nn.Module) -> tuple[LayerCount | 
     return found.get("weight"), found.get("bias")
 
 
-def head_beyond_plain(model: nn.Module, pruned=()) -> tuple[int, int]:
-    """(fp32, binary) of the new head beyond a plain one, with the bias's share of the extra columns."""
+def head_beyond_plain(model: nn.Module, pruned=()) -> tuple[int, int, int, int]:
+    """(fp32, binary, quantised params, quantised bits) of the new head beyond a plain one, with the bias's
+    share of the extra columns. A head trained below 32 bits (``adapter.bits``) has its extra columns at
+    that width: they count as quantised weights, the plain head's weights being fp32."""
     new_rows = parameter_rows(model.head, pruned=pruned)
     plain = plain_head(model)
     plain_rows = parameter_rows(plain)
     new_fp32, new_bin = totals(new_rows)
     plain_fp32, plain_bin = totals(plain_rows)
-    extra = {"fp32": max(0, new_fp32 - plain_fp32), "binary": max(0, new_bin - plain_bin)}
     weight, bias = _linear_rows(new_rows, model.head)
     plain_weight, _ = _linear_rows(plain_rows, plain)
+    quantized, quantized_bits = 0, 0
+    if weight is not None and weight.kind == "quantized" and plain_weight is not None:
+        plain_fp32 -= plain_weight.params  # the plain weights sit among the new head's quantised ones
+        quantized = max(0, weight.params - plain_weight.params)
+        quantized_bits = quantized * weight.width
+    extra = {"fp32": max(0, new_fp32 - plain_fp32), "binary": max(0, new_bin - plain_bin)}
     if weight is not None and bias is not None and plain_weight is not None and weight.params > plain_weight.params:
         extra[bias.kind] += bias.params * (weight.params - plain_weight.params) // weight.params
-    return extra["fp32"], extra["binary"]
+    return extra["fp32"], extra["binary"], quantized, quantized_bits
 
 
 def thesis_counts(model: nn.Module, pruned=()) -> dict:
     """The thesis's N, introduced counts and size % for an adapted model (``pruned``: modules
-    whose weights count their non-zeros, as in :func:`bnn_adapt.accounting.summarize`)."""
+    whose weights count their non-zeros, as in :func:`bnn_adapt.accounting.summarize`). Weights
+    trained below 32 bits count at their width in ``size_pct``."""
     n_fp32, n_bin = deployed_base(model)
+    quantized, quantized_bits = 0, 0
     if getattr(model, "trains_base", False):  # full finetuning: a whole new base for the task
         fp32, binary = n_fp32, n_bin
     else:
         adapter = [r for m in model.introduced_modules()["adapter"] for r in parameter_rows(m, pruned=pruned)]
         adapter_fp32, adapter_bin = totals(adapter)
-        head_fp32, head_bin = head_beyond_plain(model, pruned)
+        head_fp32, head_bin, head_q, head_q_bits = head_beyond_plain(model, pruned)
         fp32, binary = adapter_fp32 + head_fp32, adapter_bin + head_bin
-    values = (n_fp32, n_bin, fp32, binary, size_percent(fp32, binary, n_fp32, n_bin))
+        adapter_q = [r for r in adapter if r.kind == "quantized"]
+        quantized = quantized_total(adapter_q) + head_q
+        quantized_bits = total_bits(adapter_q) + head_q_bits
+    values = (n_fp32, n_bin, fp32, binary, size_percent(fp32, binary, n_fp32, n_bin, quantized_bits), quantized)
     return dict(zip(KEYS, values))

@@ -10,6 +10,7 @@ changes and many BitFit adapters can share it.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,6 +73,25 @@ class BitFitAdapter(nn.Module):
     def overrides(self) -> dict[str, torch.Tensor]:
         return {n: self.tensors[n.replace(".", "/")] for n in self.names}
 
+    def norm_pairs(self, base: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+        """State-dict keys of the copied BN affine pairs: ``{weight key: (bias key, the base's BN)}``.
+        An adapter file stores each pair folded with that BN's running statistics."""
+        pairs = {}
+        for name in self.names:
+            owner, _, attr = name.rpartition(".")
+            module = base.get_submodule(owner)
+            if attr == "weight" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                key = "tensors." + owner.replace(".", "/")
+                pairs[f"{key}/weight"] = (f"{key}/bias", module)
+        return pairs
+
+
+@dataclass
+class BitFitOptions:
+    """:class:`BitFit`'s options: the bits of the new head's weights (where it is fp32: ReActNet's)."""
+
+    bits: int = 32
+
 
 class BitFit(AdaptedModel):
     """Only the base's BN affine params, learnable biases and PReLU slopes train
@@ -79,10 +99,12 @@ class BitFit(AdaptedModel):
 
     strategy = "bitfit"
 
-    def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True):
+    def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True, bits: int = 32):
         super().__init__(base, num_classes, freeze_bn)
         self.adapter = BitFitAdapter(base)
         self.head = base.new_head(base.stage_channels[-1], num_classes)
+        self.config = BitFitOptions(bits)
+        self.train_at_bits(bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with substituted(self.base, self.adapter.overrides()):

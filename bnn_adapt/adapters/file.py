@@ -1,108 +1,151 @@
 """Adapter files: one adapter + its head as a small ``.safetensors`` file.
 
-What goes in (each tensor under ``adapter.``, ``head.`` or ``base.``):
+What goes in: the adapter's and the head's tensors, and ``base.*``: base
+tensors the adapted model no longer shares with the stored base (every body
+tensor for ``full_finetune``; the drifted BN statistics of a ``base.bn=adapt``
+run; nothing otherwise), applied while this adapter runs. As the model holds
+them for inference:
 
-* the adapter's and the head's state dicts; binary weights (a binary head's)
-  as one bit each; other values as ``export.dtype`` says: ``fp32`` (exact),
-  ``fp16``, or ``int8`` (every >= 2-D weight as int8 with one fp32 scale per
-  output channel; 1-D tensors such as BN parameters as fp16);
-* ``base.*``: base tensors the adapted model no longer shares with the
-  stored base (every body tensor for ``full_finetune``; the drifted BN
-  statistics of a ``base.bn=adapt`` run; nothing otherwise), applied while
-  this adapter runs.
+* a weight trained below 32 bits (``adapter.bits``) at that width, bit-packed,
+  with its fp32 scale per output channel: the very values training computed
+  with; binary weights (a binary head's) as one bit each;
+* every BatchNorm folded (:mod:`bnn_adapt.nn.folding`): one scale and one shift
+  per channel, rebuilt as running mean 0, variance 1, eps 0 with bit-identical
+  outputs (BitFit's copies of the base's BN pairs are folded with the base's
+  statistics, and attach onto a base whose norms are folded too);
+* other values as ``export.dtype`` says: ``fp32`` (exact), ``fp16``, or
+  ``int8`` (every >= 2-D weight as int8 with one fp32 scale per output channel,
+  where that pays; 1-D tensors as fp16). Weights trained below 32 bits and
+  their scales keep their own width.
 
 Pruned weights are stored compactly, whichever is smallest: dense, a bitmask
 plus the kept values, or the gaps between kept positions plus the values.
 Structured pruning is physically removed:
 
 * a pruned depthwise filter of a UDTA thin block (thesis 6.4) goes with its BN
-  entries. Its channel still carries the residual: ``h_i = ReLU(BN(0)_i) + x_i``,
-  so the pointwise conv keeps input column i, and the constant ``ReLU(BN(0)_i)``
-  is stored instead (one value for 9 weights + 4 BN values). Loading rebuilds
-  the block with that channel's BN as gamma=0, beta=the constant, mean=0, var=1,
-  which yields the very same value: fp32 predictions are bit-identical;
+  scale. Its channel still carries the residual: ``h_i = ReLU(BN(0)_i) + x_i =
+  ReLU(shift_i) + x_i``, so the pointwise conv keeps input column i and the
+  folded shift stays (one value for 9 weights + 2 BN parameters);
 * a pruned classifier column (``reduction.head_rate``) is not stored at all.
 
-A JSON block in the safetensors metadata (key ``bnn_adapt``) says how to
-rebuild: strategy and its options, class names, the preprocessing, the base's
-fingerprint (loading onto another base is refused), per-tensor encodings.
+The values of all tensors share a few arrays (:mod:`.file_codec`), in the
+order of the state dicts of the model that the metadata rebuilds: a JSON block
+in the safetensors metadata (key ``bnn_adapt``) with the strategy and its
+options, class names, the preprocessing, the base's fingerprint (loading onto
+another base is refused), a hash of that order, and the encodings that differ
+from the defaults. Version-1 files (one array per tensor, BN unfolded) still load.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
 from bnn_adapt.adapters.bitfit import substituted
-from bnn_adapt.adapters.file_codec import DTYPES, Writer, choose_codec, decode_tensors
+from bnn_adapt.adapters.file_codec import DTYPES, Cursor, Streams, choose_encoding, read_record, write_record
+from bnn_adapt.adapters.file_layout import default_codec, layout_hash, load_part, slots
+from bnn_adapt.adapters.file_v1 import attach_v1
 from bnn_adapt.adapters.strategy import make_head_prunable
 from bnn_adapt.adapters.udta import ThinBlock
-from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, sign_weight_names
+from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded, sign_weight_names
 from bnn_adapt.errors import ConfigError, ExportError, FingerprintError
 from bnn_adapt.files import atomic_output
-from bnn_adapt.nn.layers import ColumnPrunedLinear
+from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm
+from bnn_adapt.nn.layers import ColumnPrunedLinear, quantized_weight, weight_bits
+from bnn_adapt.nn.quantizers import ChannelQuantizer
 
 FORMAT = "bnn_adapt.adapter"
-VERSION = 1
+VERSION = 2
 METADATA_KEY = "bnn_adapt"
 ADAPTER_FILE = "adapter.safetensors"  # what an adaptation run writes in its directory
-PARTS = ("adapter", "head", "base")  # tensor name prefixes in a file
-# --------------------------------------------------------------------------- values
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def _dead_channel_output(block: ThinBlock, dead: torch.Tensor) -> torch.Tensor:
-    """``ReLU(BN(0))`` of the dead channels, by the very kernel the block's eval forward uses."""
-    bn = block.depthwise_norm
-    zeros = torch.zeros(1, bn.num_features, 1, 1)
-    out = F.batch_norm(zeros, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-    return F.relu(out).reshape(-1)[dead]
+def _int8_pays(t: torch.Tensor) -> bool:
+    """int8 values (1 byte) plus an fp32 scale per row beat fp16 (2 bytes) only with > 4 values a row."""
+    return int(t.count_nonzero()) > 4 * t.shape[0]
+
+
+class _Records:
+    """Writes records into streams, noting the encodings that differ from the defaults."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.streams = Streams()
+        self.encodings: dict[str, dict] = {}
+
+    def add(self, name: str, t: torch.Tensor, default: str, scale=None, keep=None, enc: str | None = None) -> None:
+        """``enc``: ``rows``/``columns`` (with ``keep``), ``dense``, or None: the smallest of dense and sparse."""
+        codec = default
+        if codec == "i8" and not _int8_pays(t):
+            codec = "f16"
+        if codec == "sign":
+            t = t >= 0
+        if enc in ("rows", "columns"):
+            kept = t[keep] if enc == "rows" else t[:, keep]
+            if keep.all() or (codec == "q1" and bool((kept == 0).any())):  # a 1-bit code cannot hold a zero
+                enc = None
+        if enc is None:
+            enc, keep = choose_encoding(t, codec), None
+        extra = write_record(self.streams, t, codec, enc, scale, keep)
+        entry = {**({"codec": codec} if codec != default else {}), **({"enc": enc} if enc != "dense" else {}), **extra}
+        if entry:
+            self.encodings[name] = entry
+
+
+def _dead_rows(part: nn.Module) -> dict[str, torch.Tensor]:
+    """Kept-row masks by module name: a UDTA thin block's depthwise conv and BN lose their dead filters."""
+    found = {}
+    for name, m in part.named_modules():
+        if isinstance(m, ThinBlock):
+            dead = (m.depthwise.weight.detach().flatten(1) == 0).all(dim=1)
+            if dead.any():
+                at = f"{name}." if name else ""
+                found[f"{at}depthwise"] = found[f"{at}depthwise_norm"] = ~dead
+    return found
 
 
 @torch.no_grad()
-def _write_module(writer: Writer, prefix: str, module: nn.Module, dtype: str) -> None:
-    """``module``'s state dict under ``prefix``, dead thin-block filters and pruned head columns removed."""
-    state = {k: v for k, v in module.state_dict().items() if v.is_floating_point() or v.dtype == torch.bool}
-    signs = sign_weight_names(module)
-
-    def codec(key: str) -> str:
-        return choose_codec(state[key], key in signs, dtype)
-
-    for name, m in module.named_modules():
-        at = f"{name}." if name else ""
-        if isinstance(m, ThinBlock):
-            dead = (m.depthwise.weight.flatten(1) == 0).all(dim=1)
-            if not dead.any():
-                continue
-            kept, constant = f"{prefix}{at}depthwise.kept", f"{prefix}{at}depthwise_norm.dead_output"
-            writer.add(kept, ~dead, "bits", aux=True)
-            out = _dead_channel_output(m, dead)
-            writer.add(constant, out, choose_codec(out, False, dtype), aux=True)
-            key = f"{at}depthwise.weight"
-            writer.add(prefix + key, state[key], codec(key), "rows", kept, 0.0)
-            del state[key]
-            for t, fill in (("weight", 0.0), ("bias", constant), ("running_mean", 0.0), ("running_var", 1.0)):
-                key = f"{at}depthwise_norm.{t}"
-                writer.add(prefix + key, state[key], codec(key), "rows", kept, fill)
-                del state[key]
-        elif isinstance(m, ColumnPrunedLinear) and not m.kept_columns.all():
-            kept, key = f"{at}kept_columns", f"{at}weight"
-            writer.add(prefix + kept, state.pop(kept), "bits")
-            # zero the switched-off columns first, so they cannot inflate an int8 scale
-            weight = state[key] * m.kept_columns.to(state[key].dtype)
-            writer.add(prefix + key, weight, codec(key), "columns", prefix + kept, 0.0)
-            del state[key]
-    for key in state:
-        writer.add(prefix + key, state[key], codec(key))
+def _write_part(records: _Records, prefix: str, part: nn.Module, base: nn.Module) -> None:
+    state, modules = part.state_dict(), dict(part.named_modules())
+    kept_rows = _dead_rows(part)
+    for key, kind, detail in slots(part, base):
+        owner = key.rpartition(".")[0]
+        value = state[key]
+        default = default_codec(kind, records.dtype, value.dim(), detail)
+        if kind == "norm":
+            scale, shift = fold_batch_norm(modules[detail])
+            rows = kept_rows.get(detail)
+            records.add(prefix + key, scale, default, keep=rows, enc="dense" if rows is None else "rows")
+            records.add(f"{prefix}{detail + '.' if detail else ''}bias", shift, default, enc="dense")
+        elif kind == "pair":
+            bias_key, bn = detail
+            scale, shift = fold_batch_norm(bn, weight=value, bias=state[bias_key])
+            records.add(prefix + key, scale, default, enc="dense")
+            records.add(prefix + bias_key, shift, default, enc="dense")
+        else:
+            module = modules[owner]
+            columns = module.kept_columns if isinstance(module, ColumnPrunedLinear) and key.endswith("weight") else None
+            scale = None
+            if kind == "quantized":
+                value, scale = quantized_weight(module)
+            elif columns is not None and kind == "value":
+                value = value * columns.to(value.dtype)  # zero the switched-off columns: no int8 scale inflated by them
+            if columns is not None and not columns.all():
+                records.add(prefix + key, value, default, scale=scale, keep=columns, enc="columns")
+            elif owner in kept_rows:
+                records.add(prefix + key, value, default, scale=scale, keep=kept_rows[owner], enc="rows")
+            else:
+                records.add(prefix + key, value, default, scale=scale)
 
 
 def base_differences(base: nn.Module, reference: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,19 +177,17 @@ def export_adapter(
     ``reference_base`` is the base the file will be attached to (as stored,
     e.g. from ``base.checkpoint``); None: ``model.base`` itself.
     """
-    from bnn_adapt.accounting import summarize  # noqa: PLC0415 - accounting imports nothing of ours back
-
     if dtype not in DTYPES:
         raise ConfigError(f"export.dtype={dtype!r} is invalid: use one of {', '.join(DTYPES)}")
     reference = model.base if reference_base is None else reference_base
-    writer = Writer()
-    if model.adapter is not None:
-        _write_module(writer, "adapter.", model.adapter, dtype)
-    _write_module(writer, "head.", model.head, dtype)
-    for name, t in base_differences(model.base, reference).items():
-        sign_only = name in sign_weight_names(model.base) and t.abs().eq(1).all()
-        writer.add(f"base.{name}", t, choose_codec(t, bool(sign_only), dtype))
-    counts = summarize(model)
+    records = _Records(dtype)
+    for prefix, part in (("adapter.", model.adapter), ("head.", model.head)):
+        if part is not None:
+            _write_part(records, prefix, part, model.base)
+    differences = base_differences(model.base, reference)
+    signs = sign_weight_names(model.base)
+    for name, t in differences.items():
+        records.add(f"base.{name}", t, default_codec("sign" if name in signs else "value", dtype, t.dim()))
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -159,13 +200,13 @@ def export_adapter(
         "base": {"arch": reference.arch, "arch_config": reference.arch_config(), "fingerprint": fingerprint(reference)},
         "dtype": dtype,
         "preprocess": preprocess,
-        "counts": {k: counts[k] for k in ("adapter_fp32_params", "adapter_binary_params", "head_fp32_params",
-                                           "head_binary_params", "size_pct")},  # fmt: skip
         "source": source or {},
-        "tensors": writer.listed(),  # arrays not listed: dense, at their stored shape and dtype
+        "layout": layout_hash(model),
+        "base_tensors": list(differences),
+        "encodings": records.encodings,  # records not listed: dense, at their default codec
     }
     with atomic_output(path) as tmp:
-        save_file(writer.arrays, str(tmp), metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+        save_file(records.streams.arrays(), str(tmp), metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
     return meta
 
 
@@ -205,7 +246,8 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 class AttachedAdapter(nn.Module):
-    """An exported adapter rebuilt on a (shared) base; ``forward`` gives logits."""
+    """An exported adapter rebuilt on a (shared) base; ``forward`` gives logits. ``meta["records"]``
+    (format 2) says how each tensor was stored: codec, encoding and bytes."""
 
     def __init__(self, model: nn.Module, base_overrides: dict[str, torch.Tensor], meta: dict, name: str):
         super().__init__()
@@ -220,13 +262,41 @@ class AttachedAdapter(nn.Module):
             return self.model(x)
 
 
-def _load_part(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ExportError(
-            f"the {what} in the file does not fit its strategy (missing {missing[:3]}, extra {unexpected[:3]})"
-        )
+def _read(cursor: Cursor, meta: dict, name: str, shape, default: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One record; what it was and how many bytes it took go to ``meta["records"]``."""
+    entry = meta["encodings"].get(name, {})
+    codec, enc, start = entry.get("codec", default), entry.get("enc", "dense"), cursor.bytes_read()
+    found = read_record(cursor, list(shape), codec, enc, entry.get("nnz"))
+    meta.setdefault("records", {})[name] = {"codec": codec, "enc": enc, "bytes": cursor.bytes_read() - start}
+    return found
+
+
+@torch.no_grad()
+def _read_part(cursor: Cursor, meta: dict, prefix: str, part: nn.Module, base: nn.Module) -> None:
+    """Load ``part`` from its records: folded norms (eps 0), quantised weights with their stored scales."""
+    state, modules, dtype = part.state_dict(), dict(part.named_modules()), meta["dtype"]
+    tensors, scales = {}, {}
+    for key, kind, detail in slots(part, base):
+        default = default_codec(kind, dtype, state[key].dim(), detail)
+        shape = state[key].shape
+        if kind == "norm":
+            at = f"{detail}." if detail else ""
+            tensors[key] = _read(cursor, meta, prefix + key, shape, default)[0]
+            tensors[f"{at}bias"] = _read(cursor, meta, f"{prefix}{at}bias", shape, default)[0]
+            tensors[f"{at}running_mean"], tensors[f"{at}running_var"] = torch.zeros(shape), torch.ones(shape)
+        elif kind == "pair":
+            tensors[key] = _read(cursor, meta, prefix + key, shape, default)[0]
+            tensors[detail[0]] = _read(cursor, meta, prefix + detail[0], shape, default)[0]
+        else:
+            tensors[key], scale = _read(cursor, meta, prefix + key, shape, default)
+            if kind == "quantized":
+                scales[key.rpartition(".")[0]] = scale
+    load_part(part, tensors, prefix.rstrip("."))
+    for m in modules.values():
+        if isinstance(m, BatchNorm):
+            m.eps = 0.0
+    for owner, scale in scales.items():
+        modules[owner].weight_quantizer = ChannelQuantizer(weight_bits(modules[owner]), scale=scale)
 
 
 def attach_adapter(path: str | Path, base: nn.Module, base_fingerprint: str | None = None, name: str | None = None
@@ -244,14 +314,41 @@ def attach_adapter(path: str | Path, base: nn.Module, base_fingerprint: str | No
         )
     if meta["strategy"] not in STRATEGIES:
         raise ExportError(f"adapter {path} uses strategy {meta['strategy']!r}, unknown to this version")
+    if meta.get("version", 1) >= 2 and not norms_folded(base):
+        base = fold_norms(copy.deepcopy(base))  # the file's BN values are folded ones (identical outputs)
     model = STRATEGIES[meta["strategy"]](base, meta["num_classes"], freeze_bn=True, **meta["options"])
     if meta["head_columns"]:
         make_head_prunable(model)
-    tensors = decode_tensors(arrays, meta["tensors"])
-    parts = {p: {k[len(p) + 1 :]: t for k, t in tensors.items() if k.startswith(p + ".")} for p in PARTS}
-    if model.adapter is not None:
-        _load_part(model.adapter, parts["adapter"], "adapter")
-    _load_part(model.head, parts["head"], "head")
+    if meta.get("version", 1) < 2:
+        base_tensors = attach_v1(model, arrays, meta, Path(path))
+    else:
+        if meta["layout"] != layout_hash(model):
+            raise ExportError(f"adapter {path} does not fit the {meta['strategy']} adapter this version builds from "
+                              "its options; export it again with the version that trained it")  # fmt: skip
+        cursor = Cursor(arrays)
+        for prefix, part in (("adapter.", model.adapter), ("head.", model.head)):
+            if part is not None:
+                _read_part(cursor, meta, prefix, part, base)
+        canonical = {n: (k, t.shape) for n, k, t in canonical_tensors(base)}
+        base_tensors = {}
+        for name in meta["base_tensors"]:
+            kind, shape = canonical[name]
+            default = default_codec("sign" if kind == "bits" else "value", meta["dtype"], len(shape))
+            base_tensors[name] = _read(cursor, meta, f"base.{name}", shape, default)[0]
     model.pruned = bool(meta["pruned"])
     model.eval()
-    return AttachedAdapter(model, parts["base"], meta, name or Path(path).stem)
+    return AttachedAdapter(model, base_tensors, meta, name or Path(path).stem)
+
+
+def stored_tensors(path: str | Path, base: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the file determines, at full shape, by name (``adapter.*``, ``head.*``, ``base.*``), as the
+    model attached from it holds them: a folded BN's weight and bias are its scale and shift (its running
+    statistics, 0 and 1, are not stored); a quantised weight is ``scale * code``."""
+    attached = attach_adapter(path, base)
+    out = {}
+    for prefix, part in (("adapter.", attached.model.adapter), ("head.", attached.model.head)):
+        for key, value in (part.state_dict() if part is not None else {}).items():
+            stored = value.is_floating_point() or value.dtype == torch.bool
+            if stored and not key.endswith(("running_mean", "running_var")):
+                out[prefix + key] = value
+    return out | {f"base.{k}": v for k, v in attached.base_overrides.items()}

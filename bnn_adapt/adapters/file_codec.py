@@ -1,11 +1,26 @@
-"""How an adapter file stores each tensor: precision, sparsity and pruned rows or columns.
+"""How an adapter file stores each tensor: precision, bit-packing, sparsity and pruned rows or columns.
 
-Values are ``fp32`` (exact), ``fp16``, or ``int8`` (every >= 2-D weight as int8
-with one fp32 scale per output channel, where that pays; 1-D tensors as
-fp16); binary weights as one bit each (``sign``), masks as bits. Pruned
-weights are stored whichever way is smallest: dense, a bitmask plus the kept
-values, or the gaps between kept positions plus the values; whole pruned rows
-(filters) or columns are dropped and filled back on reading.
+Every tensor is one *record* written into a few shared streams (the file's
+only arrays: ``f32``, ``f16``, ``i8`` and ``u8``; a separate array and header
+entry per tensor cost more than the smallest adapters' values). A record's
+*codec* says how its values are stored:
+
+* ``f32`` (exact) or ``f16`` values;
+* ``q1`` ... ``q16``: a weight trained at that many bits (``adapter.bits``): its
+  integer codes bit-packed at that width (offset binary; at 1 bit the sign,
+  zeros being pruned weights and stored as such), then one fp32 scale per output
+  channel that keeps any weight (:class:`~bnn_adapt.nn.quantizers.ChannelQuantizer`);
+* ``i8``: post-training int8 (``export.dtype=int8``), one fp32 scale per row;
+* ``sign``: a binary weight, one bit (1 = +1); ``bits``: a boolean mask.
+
+Its *encoding* says which values are there: ``dense``; ``bitmask`` (a bit per
+position, then the non-zeros) or ``gaps`` (the distances between non-zero
+positions, one byte each, 255 meaning "255 further, continue"), whichever is
+smallest for a pruned tensor; ``rows`` or ``columns`` (a bit per row or column,
+then the kept ones) for structured pruning. Bit-packed parts start on a byte.
+The reader needs the shape, codec and encoding of each record, in order; the
+file lists only those that differ from the defaults its writer and reader
+derive alike from the model (:mod:`bnn_adapt.adapters.file`).
 """
 
 from __future__ import annotations
@@ -14,172 +29,206 @@ import numpy as np
 import torch
 
 DTYPES = ("fp32", "fp16", "int8")
+ENCODINGS = ("dense", "bitmask", "gaps", "rows", "columns")
 
 
-VALUE_BYTES = {"f32": 4, "f16": 2, "i8": 1, "sign": 1 / 8, "bits": 1 / 8}
+def value_bits(codec: str) -> int:
+    if codec in ("sign", "bits", "q1"):
+        return 1
+    if codec.startswith("q"):
+        return int(codec[1:])
+    return {"f32": 32, "f16": 16, "i8": 8}[codec]
 
 
-
-def choose_codec(tensor: torch.Tensor, sign_only: bool, dtype: str) -> str:
-    if tensor.dtype == torch.bool:
-        return "bits"
-    if sign_only:
-        return "sign"
-    if dtype == "fp16" or (dtype == "int8" and tensor.dim() < 2):
-        return "f16"
-    return "i8" if dtype == "int8" else "f32"
+def scaled(codec: str) -> bool:
+    return codec == "i8" or codec.startswith("q")
 
 
-def _quantize_rows(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with one scale per output channel (dim 0)."""
-    scale = t.abs().flatten(1).amax(dim=1) / 127.0
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Integer codes in [-L, L] (L = 2**(bits-1) - 1) as ``bits`` bits each, offset binary, little-endian bits;
+    at 1 bit the sign (1 = positive)."""
+    if bits == 1:
+        return np.packbits(codes.reshape(-1) > 0, bitorder="little")
+    unsigned = (codes.reshape(-1).astype(np.int64) + 2 ** (bits - 1) - 1).astype(np.uint32)
+    planes = (unsigned[:, None] >> np.arange(bits, dtype=np.uint32)) & 1
+    return np.packbits(planes.astype(bool).reshape(-1), bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
+    flat = np.unpackbits(packed, count=count * bits, bitorder="little")
+    if bits == 1:
+        return np.where(flat.astype(bool), 1.0, -1.0).astype(np.float32)
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    unsigned = (flat.reshape(count, bits).astype(np.int64) * weights).sum(axis=1)
+    return (unsigned - (2 ** (bits - 1) - 1)).astype(np.float32)
+
+
+def gap_bytes(nonzero: np.ndarray) -> np.ndarray:
+    """Escape-coded distances between the positions of ``nonzero`` (flat), from position 0."""
+    index = np.flatnonzero(nonzero.reshape(-1))
+    gaps = np.diff(index, prepend=0)
+    full, rest = np.divmod(gaps, 255)
+    out = np.full(int(full.sum() + len(gaps)), 255, dtype=np.uint8)
+    ends = np.cumsum(full + 1) - 1
+    out[ends] = rest
+    return out
+
+
+def int8_rows(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per output channel (dim 0): post-training (``export.dtype=int8``)."""
+    scale = t.abs().reshape(t.shape[0], -1).amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).view(-1, *[1] * (t.dim() - 1))
-    q = torch.round(t / safe).clamp(-127, 127).to(torch.int8)
-    return q.numpy(), scale.numpy().astype(np.float32)
+    q = torch.round(t / safe).clamp(-127, 127)
+    return q.numpy().astype(np.int8), scale.numpy().astype(np.float32)
 
 
-def _values(t: torch.Tensor, codec: str) -> tuple[np.ndarray, np.ndarray | None]:
-    t = t.detach().cpu()
-    if codec == "sign":
-        return (t >= 0).numpy(), None
-    if codec == "bits":
-        return t.bool().numpy(), None
-    if codec == "i8":
-        return _quantize_rows(t.float())
-    return t.to(torch.float16 if codec == "f16" else torch.float32).numpy(), None
-
-
-def _gaps(mask: np.ndarray) -> np.ndarray:
-    index = np.flatnonzero(mask)
-    gaps = np.diff(index, prepend=0) if index.size else index
-    kind = np.uint8 if gaps.max(initial=0) < 2**8 else np.uint16 if gaps.max(initial=0) < 2**16 else np.uint32
-    return gaps.astype(kind)
-
-
-class Writer:
-    """Collects stored arrays and their encodings."""
+class Streams:
+    """What a writer appends records to; :meth:`arrays` are the file's tensors."""
 
     def __init__(self):
-        self.arrays: dict[str, np.ndarray] = {}
-        self.entries: dict[str, dict] = {}
+        self.f32: list[np.ndarray] = []
+        self.f16: list[np.ndarray] = []
+        self.i8: list[np.ndarray] = []
+        self.u8: list[np.ndarray] = []
 
-    def _store(self, name: str, values: np.ndarray) -> None:
-        if values.dtype == bool:
-            values = np.packbits(values.reshape(-1), bitorder="little")
-        self.arrays[name] = np.ascontiguousarray(values)
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, dtype in (("f32", np.float32), ("f16", np.float16), ("i8", np.int8), ("u8", np.uint8)):
+            parts = getattr(self, name)
+            if parts:
+                out[name] = np.ascontiguousarray(np.concatenate([p.reshape(-1).astype(dtype) for p in parts]))
+        return out
 
-    def add(self, name: str, t: torch.Tensor, codec: str, structure: str | None = None, mask: str | None = None,
-            fill=None, aux: bool = False) -> None:  # fmt: skip
-        if codec == "i8" and not self._int8_pays(t, structure, mask):
-            codec = "f16"
-        full, scale = _values(t, codec)
-        entry = {"enc": "dense", "codec": codec, "shape": list(t.shape)}
-        if structure in ("rows", "columns"):
-            keep = self._mask_of(mask)
-            kept = full[keep] if structure == "rows" else full[:, keep]
-            entry.update(enc=structure, mask=mask, fill=fill)
-            self._store(name, kept)
+    def values(self, values: np.ndarray, codec: str) -> None:
+        if codec in ("f32", "f16"):
+            getattr(self, codec).append(values)
+        elif codec == "i8":
+            self.i8.append(values)
+        elif codec in ("sign", "bits"):
+            self.u8.append(np.packbits(values.reshape(-1).astype(bool), bitorder="little"))
         else:
-            entry["enc"] = self._sparse_choice(t, codec)
-            if entry["enc"] == "dense":
-                self._store(name, full)
-            else:
-                nonzero = (t.detach().cpu() != 0).numpy()
-                if entry["enc"] == "bitmask":
-                    self.arrays[f"{name}:index"] = np.packbits(nonzero.reshape(-1), bitorder="little")
-                else:
-                    self.arrays[f"{name}:index"] = _gaps(nonzero)
-                self._store(name, full[nonzero])
-        if scale is not None:
-            self.arrays[f"{name}:scale"] = scale
-        if aux:
-            entry["aux"] = True
-        self.entries[name] = entry
-
-    def listed(self) -> dict[str, dict]:
-        """The encodings to record: a dense fp32/fp16 tensor stored at its own shape needs none."""
-        return {n: e for n, e in self.entries.items() if not (e["enc"] == "dense" and e["codec"] in ("f32", "f16"))
-                or e.get("aux")}  # fmt: skip
-
-    def _mask_of(self, name: str) -> np.ndarray:
-        entry = self.entries[name]
-        return np.unpackbits(self.arrays[name], count=int(np.prod(entry["shape"])), bitorder="little").astype(bool)
-
-    def _int8_pays(self, t: torch.Tensor, structure: str | None, mask: str | None) -> bool:
-        """int8 values (1 byte) plus an fp32 scale per row beat fp16 (2 bytes) only with > 4 values a row."""
-        if structure == "rows":
-            kept = int(self._mask_of(mask).sum()) * (t[0].numel() if t.dim() else 1)
-        elif structure == "columns":
-            kept = int(self._mask_of(mask).sum()) * t.shape[0]
-        else:
-            kept = int(t.count_nonzero())
-        return kept > 4 * t.shape[0]
-
-    @staticmethod
-    def _sparse_choice(t: torch.Tensor, codec: str) -> str:
-        """dense, bitmask or gaps: whichever stores ``t`` in fewest bytes (zeros are pruned weights)."""
-        if codec in ("sign", "bits") or t.numel() < 2:
-            return "dense"  # a zero binary weight still means +1
-        nonzero = (t.detach().cpu() != 0).numpy()
-        nnz, numel, b = int(nonzero.sum()), t.numel(), VALUE_BYTES[codec]
-        costs = {
-            "dense": numel * b,
-            "bitmask": (numel + 7) // 8 + nnz * b,
-            "gaps": nnz * (_gaps(nonzero).itemsize + b),
-        }
-        return min(costs, key=lambda k: (costs[k], k != "dense"))
+            self.u8.append(pack_codes(values, value_bits(codec)))
 
 
-def _decode_one(name: str, entry: dict, arrays: dict[str, np.ndarray], done: dict[str, torch.Tensor]) -> torch.Tensor:
-    shape, codec, enc = entry["shape"], entry["codec"], entry["enc"]
-    stored = arrays[name]
-    full = np.zeros(shape, dtype=bool if codec in ("sign", "bits") else stored.dtype)
-    mask = None
+class Cursor:
+    """Reads records back from the file's arrays, in the order they were written."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.at = dict.fromkeys(("f32", "f16", "i8", "u8"), 0)
+
+    def bytes_read(self) -> int:
+        return sum(n * {"f32": 4, "f16": 2, "i8": 1, "u8": 1}[s] for s, n in self.at.items())
+
+    def take(self, stream: str, count: int) -> np.ndarray:
+        start = self.at[stream]
+        found = self.arrays.get(stream, np.zeros(0))[start : start + count]
+        if len(found) != count:
+            raise ValueError(f"the file's {stream} array ends early")
+        self.at[stream] = start + count
+        return found
+
+    def bits(self, count: int) -> np.ndarray:
+        packed = self.take("u8", (count + 7) // 8)
+        return np.unpackbits(packed, count=count, bitorder="little").astype(bool)
+
+    def values(self, count: int, codec: str) -> np.ndarray:
+        if codec in ("f32", "f16", "i8"):
+            return self.take(codec, count).astype(np.float32)
+        if codec == "sign":
+            return np.where(self.bits(count), 1.0, -1.0).astype(np.float32)
+        if codec == "bits":
+            return self.bits(count)
+        width = value_bits(codec)
+        return unpack_codes(self.take("u8", (count * width + 7) // 8), count, width)
+
+    def gaps(self, nnz: int) -> np.ndarray:
+        """Positions of ``nnz`` non-zeros from escape-coded gaps."""
+        stream, start = self.arrays.get("u8", np.zeros(0, np.uint8)), self.at["u8"]
+        ends = np.flatnonzero(stream[start:] != 255)[:nnz] if nnz else np.zeros(0, np.int64)
+        used = int(ends[-1]) + 1 if nnz else 0
+        chunk = self.take("u8", used).astype(np.int64)
+        return np.cumsum(chunk)[chunk != 255] if nnz else np.zeros(0, np.int64)
+
+
+def _cost(codec: str, count: int) -> float:
+    return count * value_bits(codec) / 8
+
+
+def choose_encoding(values: torch.Tensor, codec: str) -> str:
+    """dense, bitmask or gaps: whichever stores ``values`` in fewest bytes (zeros are pruned weights; a
+    1-bit code cannot hold a zero, so a ``q1`` tensor with zeros is never dense)."""
+    if codec in ("sign", "bits") or values.numel() < 2:
+        return "dense"  # a zero binary weight still means +1
+    nonzero = (values.detach().cpu() != 0).numpy()
+    nnz, numel = int(nonzero.sum()), values.numel()
+    costs = {"bitmask": (numel + 7) // 8 + _cost(codec, nnz), "gaps": len(gap_bytes(nonzero)) + _cost(codec, nnz)}
+    if not (codec == "q1" and nnz < numel):
+        costs["dense"] = _cost(codec, numel)
+    return min(costs, key=lambda k: (costs[k], k != "dense"))
+
+
+def write_record(streams: Streams, t: torch.Tensor, codec: str, enc: str = "dense", scale: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> dict:  # fmt: skip
+    """Append ``t`` (for ``q*`` codecs: its integer codes, with ``scale``) to ``streams``; returns the
+    record's extra fields (``nnz`` for gaps). ``keep``: the kept rows or columns (``rows``/``columns``)."""
+    t = t.detach().cpu()
+    flat_scale = None
+    if codec == "i8":
+        values, flat_scale = int8_rows(t.float())
+        t = torch.from_numpy(values.astype(np.float32))
+    elif codec.startswith("q"):
+        flat_scale = scale.detach().cpu().float().numpy()
+    full = t.numpy() if t.dtype == torch.bool else t.float().numpy()
+    extra = {}
     if enc in ("rows", "columns"):
-        mask = done[entry["mask"]].numpy()
-        row = int(np.prod(shape[1:])) if enc == "rows" else shape[0]
-        count = int(mask.sum()) * row
+        keep_np = keep.cpu().numpy().astype(bool)
+        streams.values(keep_np, "bits")
+        kept = full[keep_np] if enc == "rows" else full[:, keep_np]
+        streams.values(kept, codec)
     elif enc == "dense":
-        count = full.size
+        streams.values(full, codec)
     else:
-        index = arrays[f"{name}:index"]
+        nonzero = full != 0
         if enc == "bitmask":
-            index = np.flatnonzero(np.unpackbits(index, count=full.size, bitorder="little"))
+            streams.values(nonzero, "bits")
         else:
-            index = np.cumsum(index.astype(np.int64))
-        count = index.size
-    values = np.unpackbits(stored, count=count, bitorder="little").astype(bool) if full.dtype == bool else stored
-    if enc == "dense":
-        full = values.reshape(shape)
-    elif enc == "rows":
-        full[mask] = values.reshape(-1, *shape[1:])
-    elif enc == "columns":
-        full[:, mask] = values.reshape(shape[0], -1)
+            streams.u8.append(gap_bytes(nonzero))
+            extra["nnz"] = int(nonzero.sum())
+        streams.values(full[nonzero], codec)
+    if flat_scale is not None:
+        rows = full.reshape(full.shape[0], -1) if full.ndim else full.reshape(1, -1)
+        live = (rows != 0).any(axis=1) if codec.startswith("q") else np.ones(len(rows), bool)
+        streams.values(flat_scale[live], "f32")
+    return extra
+
+
+def read_record(cursor: Cursor, shape: list[int], codec: str, enc: str = "dense", nnz: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The tensor a record holds (fp32, or bool for ``bits``; ``q*``: ``scale * code``), and its scales (``q*``)."""
+    numel = int(np.prod(shape)) if shape else 1
+    full = np.zeros(numel, dtype=bool if codec == "bits" else np.float32)
+    if enc in ("rows", "columns"):
+        keep = cursor.bits(shape[0] if enc == "rows" else shape[1])
+        full = full.reshape(shape)
+        per = int(np.prod(shape[1:])) if enc == "rows" else shape[0]
+        values = cursor.values(int(keep.sum()) * per, codec)
+        if enc == "rows":
+            full[keep] = values.reshape(-1, *shape[1:])
+        else:
+            full[:, keep] = values.reshape(shape[0], -1)
+    elif enc == "dense":
+        full = cursor.values(numel, codec)
     else:
-        full.reshape(-1)[index] = values
-    t = torch.from_numpy(np.array(full))
-    if codec == "sign":
-        t = torch.where(t, 1.0, -1.0)
-    elif codec == "i8":
-        t = t.float() * torch.from_numpy(arrays[f"{name}:scale"].copy()).view(-1, *[1] * (len(shape) - 1))
-    elif codec != "bits":
-        t = t.float()
-    if mask is not None:
-        fill = entry["fill"]
-        gone = ~torch.from_numpy(mask)
-        index = (gone,) if enc == "rows" else (slice(None), gone)
-        t[index] = done[fill].to(t.dtype) if isinstance(fill, str) else fill
-    return t
+        index = np.flatnonzero(cursor.bits(numel)) if enc == "bitmask" else cursor.gaps(int(nnz))
+        full[index] = cursor.values(len(index), codec)
+    codes = torch.from_numpy(np.array(full).reshape(shape))
+    if not scaled(codec):
+        return codes, None
+    rows = codes.reshape(codes.shape[0], -1) if codes.dim() else codes.reshape(1, -1)
+    live = (rows != 0).any(dim=1) if codec.startswith("q") else torch.ones(len(rows), dtype=torch.bool)
+    scale = torch.zeros(len(rows))
+    scale[live] = torch.from_numpy(cursor.values(int(live.sum()), "f32").copy())
+    from bnn_adapt.nn.quantizers import dequantize  # noqa: PLC0415 - the one place scale * code is computed
 
-
-def decode_tensors(arrays: dict[str, np.ndarray], entries: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Every stored logical tensor at full shape (fp32, or bool for masks); aux entries dropped."""
-    done: dict[str, torch.Tensor] = {
-        name: torch.from_numpy(array.copy()).float()
-        for name, array in arrays.items()
-        if name not in entries and ":" not in name  # dense fp32/fp16
-    }
-    structured = [n for n, e in entries.items() if e["enc"] in ("rows", "columns")]
-    for name in [n for n in entries if n not in structured] + structured:
-        done[name] = _decode_one(name, entries[name], arrays, done)
-    return {n: t for n, t in done.items() if not entries.get(n, {}).get("aux")}
+    return dequantize(codes, scale), scale

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from bnn_adapt.adapters.strategy import AdaptedModel
 from bnn_adapt.bases.base import BaseNetwork
+from bnn_adapt.errors import ConfigError
+
+
+@dataclass
+class HeadOnlyOptions:
+    """:class:`HeadOnly`'s options: the bits of the new head's weights (where it is fp32: ReActNet's)."""
+
+    bits: int = 32
 
 
 class HeadOnly(AdaptedModel):
@@ -15,9 +25,17 @@ class HeadOnly(AdaptedModel):
     strategy = "head_only"
     feature_cache = True
 
-    def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True):
+    def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True, bits: int = 32):
+        if self.trains_base and bits != 32:
+            raise ConfigError(
+                f"adapter.bits={bits!r} is invalid for {self.strategy}: it trains the base at its own precision; "
+                "use adapter.bits=32"
+            )
         super().__init__(base, num_classes, freeze_bn)
         self.head = base.new_head(base.stage_channels[-1], num_classes)
+        if not self.trains_base:
+            self.config = HeadOnlyOptions(bits)
+            self.train_at_bits(bits)
 
     def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """What the head reads from the base: [pre-classifier features]."""

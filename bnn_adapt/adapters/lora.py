@@ -93,11 +93,12 @@ class LoRAAdapter(nn.Module):
 
 @dataclass
 class LoRAOptions:
-    """:class:`LoRA`'s options: rank r, scale alpha / r, and the stages whose binary convs get branches."""
+    """:class:`LoRA`'s options: rank r, scale alpha / r, the stages whose binary convs get branches, weight bits."""
 
     rank: int
     alpha: float
     stages: list[int]
+    bits: int = 32
 
 
 class LoRA(AdaptedModel):
@@ -117,14 +118,16 @@ class LoRA(AdaptedModel):
         alpha: float | None = None,
         stages: list[int] | None = None,
         freeze_bn: bool = True,
+        bits: int = 32,
     ):
         super().__init__(base, num_classes, freeze_bn)
         stages = chosen_stages(stages, len(base.stages))
         alpha = float(rank if alpha is None else alpha)
         self.stages = stages
-        self.config = LoRAOptions(rank, alpha, stages)
+        self.config = LoRAOptions(rank, alpha, stages, bits)
         self.adapter = LoRAAdapter(base, stages, rank, alpha)
         self.head = base.new_head(base.stage_channels[-1], num_classes)
+        self.train_at_bits(bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.stages[0]

@@ -33,10 +33,11 @@ class SerialAdapter(nn.Module):
 
 @dataclass
 class SerialOptions:
-    """:class:`Serial`'s options: where the adapters go (1-based stages), groups of their 1x1 convs."""
+    """:class:`Serial`'s options: where the adapters go (1-based stages), groups of their 1x1 convs, weight bits."""
 
     stages: list[int]
     groups: int | str = 1
+    bits: int = 32
 
 
 class Serial(AdaptedModel):
@@ -51,6 +52,7 @@ class Serial(AdaptedModel):
         stages: list[int] = (1, 2, 3),
         groups: int | str = 1,
         freeze_bn: bool = True,
+        bits: int = 32,
     ):
         super().__init__(base, num_classes, freeze_bn)
         n = len(base.stage_channels)
@@ -58,7 +60,7 @@ class Serial(AdaptedModel):
         if not stages or any(s < 1 or s > n for s in stages):
             raise ConfigError(f"adapter.stages={stages} is invalid: this base has stages 1..{n}")
         self.stages = stages
-        self.config = SerialOptions(stages, groups)
+        self.config = SerialOptions(stages, groups, bits)
         self.adapter = nn.ModuleDict(
             {
                 str(s): SerialAdapter(c, resolve_groups(groups, c, c))
@@ -66,6 +68,7 @@ class Serial(AdaptedModel):
             }
         )
         self.head = base.new_head(base.stage_channels[-1], num_classes)
+        self.train_at_bits(bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.stages[0]

@@ -19,7 +19,8 @@ from torch import nn
 
 from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.nn.layers import ColumnPrunedLinear
+from bnn_adapt.nn.layers import ColumnPrunedLinear, quantize_weights
+from bnn_adapt.nn.quantizers import check_bits
 
 
 def divisors_of_all(*numbers: int) -> list[int]:
@@ -62,6 +63,7 @@ class AdaptedModel(nn.Module):
         self.adapter: nn.Module | None = None
         self.config = None  # a strategy's options dataclass, where it has options
         self.pruned = False  # set by a PruningPlan: the adapter's prune targets count their non-zeros
+        self.bits = 32  # adapter.bits: the width its conv and linear weights train and are stored at
         if not self.trains_base:
             base.requires_grad_(False)
 
@@ -69,6 +71,15 @@ class AdaptedModel(nn.Module):
     def options(self) -> dict:
         """Constructor arguments beyond (base, num_classes, freeze_bn): an adapter file rebuilds from them."""
         return {} if self.config is None else dataclasses.asdict(self.config)
+
+    def train_at_bits(self, bits: int) -> None:
+        """``adapter.bits``: the adapter's and the new head's plain fp32 conv and linear weights train
+        quantisation-aware at ``bits`` bits from now on (:func:`~bnn_adapt.nn.layers.quantize_weights`);
+        binary layers, BN parameters and biases keep their own precision. Strategies call it last."""
+        self.bits = check_bits(bits)
+        if self.adapter is not None:
+            self.adapter = quantize_weights(self.adapter, self.bits)
+        self.head = quantize_weights(self.head, self.bits)
 
     def base_frozen_in_eval(self) -> bool:
         return not self.trains_base and self.freeze_bn

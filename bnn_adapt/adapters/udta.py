@@ -75,10 +75,11 @@ class UDTA(nn.Module):
 
 @dataclass
 class UDTAOptions:
-    """:class:`Parallel`'s options: what the classifier reads, groups of the thin blocks' 1x1 convs."""
+    """:class:`Parallel`'s options: what the classifier reads, groups of the thin blocks' 1x1 convs, weight bits."""
 
     head: str = "concat"
     groups: int | str = 1
+    bits: int = 32
 
 
 class Parallel(AdaptedModel):
@@ -98,16 +99,18 @@ class Parallel(AdaptedModel):
         head: str = "concat",
         groups: int | str = 1,
         freeze_bn: bool = True,
+        bits: int = 32,
     ):
         super().__init__(base, num_classes, freeze_bn)
         if head not in ("concat", "adapter"):
             raise ConfigError(f"adapter.head={head!r} is invalid: use 'concat' or 'adapter'")
         self.head_mode = head
-        self.config = UDTAOptions(head, groups)
+        self.config = UDTAOptions(head, groups, bits)
         shapes = thin_block_shapes(base.stage_channels)
         self.adapter = UDTA(base.stage_channels, [resolve_groups(groups, ci, co) for ci, co in shapes])
         in_features = self.adapter.out_features + (base.stage_channels[-1] if head == "concat" else 0)
         self.head = base.new_head(in_features, num_classes)
+        self.train_at_bits(bits)
 
     def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage output (the taps), then with ``head="concat"`` the base's

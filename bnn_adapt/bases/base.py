@@ -26,6 +26,9 @@ class BaseNetwork(nn.Module):
     min_input_size: int
     #: name used in configs and checkpoints
     arch: str
+    #: BatchNorms whose output only ever reaches a sign function, whatever adapter runs: a packed
+    #: base stores each as an exact per-channel threshold (:mod:`bnn_adapt.bases.fingerprint`)
+    sign_only_norms: tuple[str, ...] = ()
 
     stem: nn.Module
     stages: nn.ModuleList

@@ -2,9 +2,14 @@
 
 A binary layer's forward only reads ``sign(W)`` (BinaryNet) or
 ``mean|W| * sign(W)`` per output channel (ReActNet), so a base is its weights'
-signs, ReActNet's per-channel scales and its other (fp32) tensors. The
-fingerprint hashes the signs: an adapter file records it and refuses to attach
-to any other base.
+signs, ReActNet's per-channel scales and its other (fp32) tensors, each
+BatchNorm folded into one scale and one shift per channel
+(:mod:`bnn_adapt.nn.folding`: bit-identical outputs). A BatchNorm whose output
+only ever reaches a sign function (``sign_only_norms`` of the base: the STE
+net's pre-classifier BN, read only by its binary classifiers) becomes an
+exact per-channel threshold, ``direction * (x - t) >= 0``. The fingerprint
+hashes the signs: an adapter file records it and refuses to attach to any
+other base.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, is_folded, load_folded, sign_threshold
 from bnn_adapt.nn.layers import BinaryModule, PackedScaledBinaryConv2d, ScaledBinaryConv2d
 from bnn_adapt.nn.quantizers import ScaledSignSTE
 
@@ -37,22 +43,40 @@ def sign_weight_names(model: nn.Module) -> set[str]:
     }
 
 
+def folded_norm(model: nn.Module, name: str, bn: BatchNorm) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """``(kind, weight, bias)`` of ``bn`` as a packed base stores it (running mean 0, variance 1, eps 0):
+    kind ``bn``, its folded scale and shift; kind ``threshold`` (a sign-only norm), direction +-1 and
+    ``-direction * threshold``."""
+    scale, shift = fold_batch_norm(bn)
+    if name not in getattr(model, "sign_only_norms", ()):
+        return "bn", scale, shift
+    direction, threshold = sign_threshold(scale, shift)
+    return "threshold", direction, -direction * threshold
+
+
 def canonical_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     """``(name, kind, tensor)`` for everything a packed file stores, in state-dict order.
 
     kind ``bits``: a binary weight, as ``W >= 0`` (the sign, BinaryNet's sign(0) = +1);
     kind ``fp32``: any other floating tensor. ReActNet binary convs add their
-    ``<conv>.scale``. Integer buffers (BN's ``num_batches_tracked``) are left
-    out: an eval-mode forward never reads them.
+    ``<conv>.scale``. A BatchNorm is its folded ``weight`` and ``bias``
+    (:func:`folded_norm`); its running statistics and integer buffers (BN's
+    ``num_batches_tracked``) are left out: an eval-mode forward of the folded
+    norm never reads them.
     """
     signs = sign_weight_names(model)
     modules = dict(model.named_modules())
+    norms = {n: m for n, m in modules.items() if isinstance(m, BatchNorm)}
     out = []
     for key, value in model.state_dict().items():
-        if not value.is_floating_point():
+        owner, _, attr = key.rpartition(".")
+        if not value.is_floating_point() or (owner in norms and attr in ("running_mean", "running_var", "bias")):
             continue
         value = value.detach().cpu()
-        if key in signs:
+        if owner in norms:  # its weight: the folded pair
+            _, weight, bias = folded_norm(model, owner, norms[owner])
+            out += [(key, "fp32", weight), (f"{owner}.bias", "fp32", bias)]
+        elif key in signs:
             out.append((key, "bits", value >= 0))
             owner = modules[key.rpartition(".")[0]]
             if isinstance(owner, ScaledBinaryConv2d) and not isinstance(owner, PackedScaledBinaryConv2d):
@@ -73,4 +97,22 @@ def fingerprint_bytes(binary_section: bytes) -> str:
 
 def fingerprint(model: nn.Module) -> str:
     """Hash of the packed binary weights: the identity adapters check."""
-    return fingerprint_bytes(pack_sign_bits([t for _, kind, t in canonical_tensors(model) if kind == "bits"]))
+    signs = sign_weight_names(model)
+    bits = [t.detach().cpu() >= 0 for k, t in model.state_dict().items() if k in signs]
+    return fingerprint_bytes(pack_sign_bits(bits))
+
+
+def norms_folded(model: nn.Module) -> bool:
+    """Whether every BatchNorm of ``model`` is folded (as a packed base rebuilds it)."""
+    return all(is_folded(m) for m in model.modules() if isinstance(m, BatchNorm))
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm of ``model`` in place, as a packed base stores it: outputs stay identical
+    (a sign-only norm's real outputs change, their signs do not)."""
+    for name, m in model.named_modules():
+        if isinstance(m, BatchNorm):
+            _, weight, bias = folded_norm(model, name, m)
+            load_folded(m, weight, bias)
+    return model

@@ -57,6 +57,9 @@ class STEResNetCIFAR(BaseNetwork):
 
     arch = "ste_resnet_cifar"
     input_size = 32
+    # BN1d -> hardtanh feeds only binary classifiers (every head of this base binarises its input). The
+    # blocks' bn1 -> hardtanh -> conv2 is not listed: LoRA's branch beside conv2 reads the real values.
+    sign_only_norms = ("feature_norm",)
     min_input_size = 4  # stages 2 and 3 halve the resolution
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 2, block: str = "thesis"):

@@ -128,16 +128,16 @@ def export_all(base: nn.Module, runs: list[TrainedRun], out: Path, dtype: str, b
                 run.model, out / name, reference_base=base, dtype=dtype, class_names=run.class_names,
                 preprocess=run.preprocess, source=source,
             )  # fmt: skip
-        c = meta["counts"]
-        fp32 = c["adapter_fp32_params"] + c["head_fp32_params"]
-        binary = c["adapter_binary_params"] + c["head_binary_params"]
+        c = accounting.summarize(run.model)
         files[name] = {
             "kind": "adapter",
             "strategy": meta["strategy"],
             "bytes": (out / name).stat().st_size,
-            "predicted_bytes": formula_bytes(fp32, binary),
-            "binary_params": binary,
-            "fp32_params": fp32,
+            "predicted_bytes": c["introduced_bits"] / 8,  # every weight at its real width (SPEC 4)
+            "binary_params": c["introduced_binary_params"],
+            "fp32_params": c["introduced_fp32_params"],
+            "quantized_params": c["introduced_quantized_params"],
+            "weight_bits": c["weight_bits"],
             "dtype": dtype,
             "run_dir": str(run.run_dir),
         }

@@ -1,11 +1,11 @@
-"""The deployable base: every binary weight as one bit, everything else fp32.
+"""The deployable base: every binary weight as one bit, every BatchNorm folded, everything else fp32.
 
 The size metric (SPEC 4) charges a base ``n_bin / 8 + 4 * n_fp32`` bytes; this
 file format makes that real. Layout (little-endian)::
 
-    8 bytes   magic b"BNNPACK1"
+    8 bytes   magic b"BNNPACK2"
     4 bytes   header length n (uint32)
-    n bytes   JSON header: arch, arch_config, fingerprint, tensor layout
+    n bytes   zlib-compressed JSON header: arch, arch_config, fingerprint, tensor layout
     ...       binary section: the sign bits of every binary weight (1 = +1),
               concatenated in layout order, np.packbits(bitorder="little")
     ...       fp32 section: every other floating tensor, in layout order
@@ -13,18 +13,23 @@ file format makes that real. Layout (little-endian)::
 A binary layer's forward only reads ``sign(W)`` (BinaryNet) or
 ``mean|W| * sign(W)`` per output channel (ReActNet), so one bit per weight
 (plus, for ReActNet, the per-channel scale as fp32) rebuilds a model whose
-outputs are identical to the trained one. BN running statistics are stored
-too: they are buffers, not parameters, so the size formula leaves them out;
-they are most of the few-% gap between bytes on disk and the formula.
+outputs are identical to the trained one. Each BatchNorm is stored folded
+(:mod:`bnn_adapt.nn.folding`): one scale and one shift per channel, exactly
+what the formula charges for its affine parameters, rebuilt as running mean
+0, variance 1, eps 0 with bit-identical outputs; a norm whose output only
+reaches a sign function (``sign_only_norms``) is one threshold per channel
+(its directions in the header). Files written before (``BNNPACK1``: plain JSON
+header, the four BN tensors) still load.
 
 The fingerprint is a hash of the binary section: adapters record it and
-refuse to attach to any other base (:mod:`bnn_adapt.adapter_file`).
+refuse to attach to any other base (:mod:`bnn_adapt.adapters.file`).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +38,15 @@ from torch import nn
 
 from bnn_adapt.bases import BASES, BaseNetwork, rebuild
 from bnn_adapt.bases.fingerprint import binary_scale, canonical_tensors, fingerprint_bytes, pack_sign_bits
+from bnn_adapt.nn.folding import BatchNorm
 from bnn_adapt.errors import ExportError
 from bnn_adapt.files import atomic_output
 from bnn_adapt.nn.layers import PackedScaledBinaryConv2d, ScaledBinaryConv2d
 
-MAGIC = b"BNNPACK1"
+MAGIC = b"BNNPACK2"
+MAGIC_V1 = b"BNNPACK1"  # plain JSON header, BatchNorms as their four tensors (layout kind "bn")
 FORMAT = "bnn_adapt.packed_base"
-VERSION = 1
+VERSION = 2
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -57,33 +64,39 @@ def to_packed_modules(model: nn.Module) -> nn.Module:
     return model
 
 
-def _layout(tensors: list[tuple[str, str, torch.Tensor]], model: nn.Module) -> list[list]:
-    """``[name, kind, shape]`` entries; a BatchNorm's four tensors collapse into one ``bn`` entry."""
-    bn_modules = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    layout, i = [], 0
+def _layout(tensors: list[tuple[str, str, torch.Tensor]], model: nn.Module) -> tuple[list[list], list[torch.Tensor]]:
+    """``[name, kind, shape]`` entries and the fp32 values in their order: a folded BatchNorm's pair is one
+    ``bnfold`` entry (scale, then shift), a sign-only norm's one ``threshold`` entry (its thresholds; the
+    directions, +-1 per channel, as a string of ``+`` and ``-`` in the entry)."""
+    norms = {n for n, m in model.named_modules() if isinstance(m, BatchNorm)}
+    sign_only = set(getattr(model, "sign_only_norms", ()))
+    layout, values, i = [], [], 0
     while i < len(tensors):
         name, kind, t = tensors[i]
         owner = name.rpartition(".")[0]
-        group = tensors[i : i + len(BN_TENSORS)]
-        if (
-            owner in bn_modules
-            and [n for n, _, _ in group] == [f"{owner}.{s}" for s in BN_TENSORS]
-            and all(k == "fp32" and g.shape == t.shape for _, k, g in group)
-        ):
-            layout.append([owner, "bn", list(t.shape)])
-            i += len(BN_TENSORS)
-        else:
-            layout.append([name, kind, list(t.shape)])
-            i += 1
-    return layout
+        if owner in norms and name == f"{owner}.weight":
+            bias = tensors[i + 1][2]
+            if owner in sign_only:  # weight = direction, bias = -direction * threshold
+                layout.append([owner, "threshold", list(t.shape), "".join("+" if d > 0 else "-" for d in t.tolist())])
+                values.append(-t * bias)
+            else:
+                layout.append([owner, "bnfold", list(t.shape)])
+                values += [t, bias]
+            i += 2
+            continue
+        layout.append([name, kind, list(t.shape)])
+        if kind == "fp32":
+            values.append(t)
+        i += 1
+    return layout, values
 
 
 def pack_base(base: BaseNetwork, meta: dict | None = None) -> tuple[bytes, dict]:
     """The packed file's bytes and its header."""
     tensors = canonical_tensors(base)
     binary = pack_sign_bits([t for _, kind, t in tensors if kind == "bits"])
-    fp32 = [t.reshape(-1) for _, kind, t in tensors if kind == "fp32"]
-    values = torch.cat(fp32).numpy().astype("<f4") if fp32 else np.zeros(0, "<f4")
+    layout, fp32 = _layout(tensors, base)
+    values = torch.cat([t.reshape(-1) for t in fp32]).numpy().astype("<f4") if fp32 else np.zeros(0, "<f4")
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -92,10 +105,10 @@ def pack_base(base: BaseNetwork, meta: dict | None = None) -> tuple[bytes, dict]
         "fingerprint": fingerprint_bytes(binary),
         "binary_bits": int(sum(t.numel() for _, kind, t in tensors if kind == "bits")),
         "fp32_values": int(values.size),
-        "layout": _layout(tensors, base),
+        "layout": layout,
         "meta": meta or {},
     }
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     return MAGIC + struct.pack("<I", len(head)) + head + binary + values.tobytes(), header
 
 
@@ -107,32 +120,28 @@ def write_packed_base(base: BaseNetwork, path: str | Path, meta: dict | None = N
     return header
 
 
-def _expand(layout: list[list]) -> list[tuple[str, str, list[int]]]:
-    out = []
-    for name, kind, shape in layout:
-        if kind == "bn":
-            out += [(f"{name}.{s}", "fp32", shape) for s in BN_TENSORS]
-        else:
-            out.append((name, kind, shape))
-    return out
-
-
-def parse_packed(data: bytes, source: str = "<bytes>") -> tuple[dict, list[tuple], bytes, torch.Tensor]:
-    """A packed file's checked parts: header, ``(name, kind, shape)`` per tensor, binary section, fp32 values."""
-    problem = f"{source} is not a packed base written by task=export"
-    if data[: len(MAGIC)] != MAGIC or len(data) < len(MAGIC) + 4:
+def _read_header(data: bytes, problem: str) -> tuple[dict, int]:
+    """The header and where the binary section starts."""
+    magic = data[: len(MAGIC)]
+    if magic not in (MAGIC, MAGIC_V1) or len(data) < len(MAGIC) + 4:
         raise ExportError(f"{problem} (no {MAGIC!r} magic)")
     (n,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
     start = len(MAGIC) + 4
     try:
-        header = json.loads(data[start : start + n])
-    except ValueError as exc:
+        raw = data[start : start + n]
+        header = json.loads(zlib.decompress(raw) if magic == MAGIC else raw)
+    except (ValueError, zlib.error) as exc:
         raise ExportError(f"{problem} (unreadable header: {exc})") from None
     if header.get("format") != FORMAT or header.get("arch") not in BASES:
         raise ExportError(f"{problem} (format {header.get('format')!r}, arch {header.get('arch')!r})")
-    entries = _expand(header["layout"])
+    return header, start + n
+
+
+def parse_packed(data: bytes, source: str = "<bytes>") -> tuple[dict, bytes, torch.Tensor]:
+    """A packed file's checked parts: header, binary section (sign bits) and fp32 values."""
+    problem = f"{source} is not a packed base written by task=export"
+    header, bin_start = _read_header(data, problem)
     n_bits, n_values = header["binary_bits"], header["fp32_values"]
-    bin_start = start + n
     bin_end = bin_start + (n_bits + 7) // 8
     if len(data) != bin_end + 4 * n_values:
         raise ExportError(f"{problem} (truncated: {len(data)} bytes, expected {bin_end + 4 * n_values})")
@@ -140,25 +149,52 @@ def parse_packed(data: bytes, source: str = "<bytes>") -> tuple[dict, list[tuple
     if fingerprint_bytes(binary) != header["fingerprint"]:
         raise ExportError(f"{problem}: its binary weights do not match its fingerprint (the file is corrupt)")
     values = torch.from_numpy(np.frombuffer(data, "<f4", count=n_values, offset=bin_end).copy())
-    return header, entries, binary, values
+    return header, binary, values
+
+
+def decode_layout(header: dict, values: torch.Tensor) -> tuple[dict, list[tuple[str, list[int], int]], list[str]]:
+    """The file's layout decoded: ``(float state, [(weight name, shape, first bit)], folded norms)``.
+
+    Float state holds every fp32 tensor, BatchNorms rebuilt from their folded scale and shift (or
+    threshold) as running mean 0, variance 1; the folded norms need ``eps = 0`` to compute the same."""
+    state, binary, folded, b, v = {}, [], [], 0, 0
+    for entry in header["layout"]:
+        name, kind, shape = entry[:3]
+        count = int(np.prod(shape)) if shape else 1
+        if kind == "bits":
+            binary.append((name, shape, b))
+            b += count
+            continue
+        n_tensors = {"bn": 4, "bnfold": 2, "threshold": 1}.get(kind, 1)
+        found = values[v : v + n_tensors * count].reshape(n_tensors, *shape)
+        v += n_tensors * count
+        if kind == "fp32":
+            state[name] = found[0]
+        elif kind == "bn":  # BNNPACK1
+            state.update({f"{name}.{t}": found[k] for k, t in enumerate(BN_TENSORS)})
+        else:
+            if kind == "threshold":
+                direction = torch.tensor([1.0 if c == "+" else -1.0 for c in entry[3]])
+                found = torch.stack([direction, -direction * found[0]])
+            state.update({f"{name}.weight": found[0], f"{name}.bias": found[1], f"{name}.running_mean":
+                          torch.zeros(shape), f"{name}.running_var": torch.ones(shape)})  # fmt: skip
+            folded.append(name)
+    return state, binary, folded
 
 
 def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict]:
-    """Rebuild the base (in eval mode, packed modules) from a packed file's bytes."""
-    header, entries, binary, values = parse_packed(data, source)
+    """Rebuild the base (in eval mode, packed modules, BatchNorms folded) from a packed file's bytes."""
     problem = f"{source} is not a packed base written by task=export"
+    header, binary, values = parse_packed(data, source)
     bits = np.unpackbits(np.frombuffer(binary, np.uint8), count=header["binary_bits"], bitorder="little")
     bits = torch.from_numpy(bits.astype(bool))
     base = to_packed_modules(rebuild(header["arch"], header["arch_config"]))
-    state, b, v = {}, 0, 0
-    for name, kind, shape in entries:
+    state, binary_entries, folded = decode_layout(header, values)
+    for name, shape, first in binary_entries:
         count = int(np.prod(shape)) if shape else 1
-        if kind == "bits":
-            state[name] = torch.where(bits[b : b + count], 1.0, -1.0).reshape(shape)
-            b += count
-        else:
-            state[name] = values[v : v + count].reshape(shape)
-            v += count
+        state[name] = torch.where(bits[first : first + count], 1.0, -1.0).reshape(shape)
+    for name in folded:
+        base.get_submodule(name).eps = 0.0
     expected = {k for k, t in base.state_dict().items() if t.is_floating_point()}
     if set(state) != expected:
         wrong = sorted(set(state) ^ expected)[:5]

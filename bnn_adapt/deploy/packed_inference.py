@@ -35,7 +35,7 @@ from torch import nn
 from bnn_adapt.bases import rebuild
 from bnn_adapt.bases.reactnet import ReActBlock, ReActNet18
 from bnn_adapt.deploy import packed_kernels as kernels
-from bnn_adapt.deploy.packed_base import parse_packed, read_packed_base, to_packed_modules
+from bnn_adapt.deploy.packed_base import decode_layout, parse_packed, read_packed_base, to_packed_modules
 from bnn_adapt.deploy.packed_blocks import PACKED_BLOCKS, ChannelsLastStem, FoldedDownsample
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear
 from bnn_adapt.errors import ExportError
@@ -105,20 +105,17 @@ def load_packed_base(path: str | Path) -> tuple[nn.Module, dict]:
     path = Path(path)
     if not path.is_file():
         return read_packed_base(path)  # its error message
-    header, entries, binary, values = parse_packed(path.read_bytes(), str(path))
+    header, binary, values = parse_packed(path.read_bytes(), str(path))
     with torch.device("meta"):
         base = to_packed_modules(rebuild(header["arch"], header["arch_config"]))
     bits = np.frombuffer(binary, np.uint8)
-    state, b, v = {}, 0, 0
-    for name, kind, shape in entries:
+    state, binary_entries, folded = decode_layout(header, values)
+    for name in folded:
+        base.get_submodule(name).eps = 0.0
+    for name, shape, b in binary_entries:
         count = int(np.prod(shape)) if shape else 1
-        if kind == "fp32":
-            state[name] = values[v : v + count].reshape(shape)
-            v += count
-            continue
         chunk = np.unpackbits(bits[b // 8 : (b + count + 7) // 8 + 1], bitorder="little")[b % 8 : b % 8 + count]
         signs = torch.from_numpy(chunk.astype(bool)).reshape(shape)
-        b += count
         owner, _, _ = name.rpartition(".")
         packed = packed_layer(base.get_submodule(owner), signs)
         if packed is None:  # a binary layer that stays float: the STE stem

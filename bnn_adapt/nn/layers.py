@@ -4,8 +4,10 @@ Layers take their binarisation from :mod:`bnn_adapt.nn.quantizers`; every
 binary layer is a :class:`BinaryModule`, which tells accounting which of its
 parameters count as 1 bit and tells the optimiser hook which latent weights
 to clamp to [-1, 1] (BinaryNet). Also here: ReActNet's learnable bias and
-approx-sign activation, the deployed (packed) form of its scaled conv, and a
-linear layer whose input columns can be pruned.
+approx-sign activation, the deployed (packed) form of its scaled conv, a
+linear layer whose input columns can be pruned, and the adapters' conv and
+linear layers trained below 32 bits (:class:`QuantConv2d`, :class:`QuantLinear`:
+Larq's ``QuantConv2D`` with a ``kernel_quantizer``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_adapt.nn.quantizers import ScaledSignSTE, approx_sign, binarize, scaled_sign, sign
+from bnn_adapt.nn.quantizers import ChannelQuantizer, ScaledSignSTE, approx_sign, binarize, scaled_sign, sign
 
 
 def frozen_binary_weight(module: nn.Module, binarize_weight) -> torch.Tensor | None:
@@ -189,17 +191,24 @@ class ColumnPrunedLinear(nn.Module):
 
     @classmethod
     def wrap(cls, linear: nn.Linear) -> ColumnPrunedLinear:
-        """The same layer (same parameter objects), now prunable by columns."""
+        """The same layer (same parameter objects and weight quantizer), now prunable by columns."""
         kind = BinaryColumnPrunedLinear if isinstance(linear, BinaryLinear) else ColumnPrunedLinear
         layer = kind(linear.in_features, linear.out_features, bias=linear.bias is not None)
         layer.weight, layer.bias = linear.weight, linear.bias
+        layer.weight_quantizer = getattr(linear, "weight_quantizer", None)
         return layer
 
+    weight_quantizer: ChannelQuantizer | None = None
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight with switched-off columns zeroed (then quantised, below 32 bits): what an fp32 head uses."""
+        weight = self.weight * self.kept_columns.to(self.weight.dtype)
+        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.kept_columns.to(x.dtype)
         if self.binary:
-            return F.linear(binarize(x), binarize(self.weight) * keep, self.bias)
-        return F.linear(x, self.weight * keep, self.bias)
+            return F.linear(binarize(x), binarize(self.weight) * self.kept_columns.to(x.dtype), self.bias)
+        return F.linear(x, self.effective_weight(), self.bias)
 
     def live_params(self, name: str) -> int:
         """What accounting counts: a pruned column's weights are gone."""
@@ -217,3 +226,91 @@ class BinaryColumnPrunedLinear(ColumnPrunedLinear, BinaryModule):
 
     binary = True
     binary_param_names = ("weight", "bias")
+
+
+# --------------------------------------------------------------------------- weights below 32 bits
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight goes through ``weight_quantizer`` (a :class:`ChannelQuantizer`) in
+    every forward pass: trained quantisation-aware, stored at ``weight_quantizer.bits`` (``adapter.bits``)."""
+
+    def __init__(self, *args, weight_quantizer: ChannelQuantizer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = weight_quantizer
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weight_quantizer={self.weight_quantizer}"
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` counterpart of :class:`QuantConv2d` (an fp32 head trained below 32 bits)."""
+
+    def __init__(self, *args, weight_quantizer: ChannelQuantizer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = weight_quantizer
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weight_quantizer={self.weight_quantizer}"
+
+
+def _quantized_copy(layer: nn.Module, bits: int) -> nn.Module:
+    quantizer = ChannelQuantizer(bits)
+    if type(layer) is nn.Conv2d:
+        new = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+                          weight_quantizer=quantizer, device="meta")  # fmt: skip
+    else:
+        new = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, weight_quantizer=quantizer,
+                          device="meta")  # fmt: skip
+    new.weight, new.bias = layer.weight, layer.bias  # the same parameter objects
+    new.train(layer.training)
+    return new
+
+
+def quantization_pays(layer: nn.Module, bits: int) -> bool:
+    """Whether ``bits`` per weight plus one fp32 scale per output channel take fewer bits than fp32 weights:
+    not for rows of one weight (a pointwise conv with as many groups as input channels)."""
+    row = layer.weight[0].numel()
+    return row * bits + 32 < 32 * row
+
+
+def quantize_weights(module: nn.Module, bits: int) -> nn.Module:
+    """Every plain fp32 ``nn.Conv2d`` / ``nn.Linear`` in ``module`` (itself included) trained at ``bits`` bits from
+    now on, where that saves memory (:func:`quantization_pays`); binary layers stay binary, BN and biases fp32.
+    Returns ``module``, or its replacement when ``module`` itself is such a layer; 32 bits changes nothing."""
+    if bits == 32:
+        return module
+    if type(module) in (nn.Conv2d, nn.Linear):
+        return _quantized_copy(module, bits) if quantization_pays(module, bits) else module
+    for name, child in list(module.named_children()):
+        replacement = quantize_weights(child, bits)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
+
+
+def weight_bits(module: nn.Module) -> int:
+    """The width ``module.weight`` is stored at below 32 bits (0: not quantised)."""
+    quantizer = getattr(module, "weight_quantizer", None)
+    return quantizer.bits if quantizer is not None else 0
+
+
+def quantized_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scale)`` of a quantised layer's weight as its forward uses it (pruned columns zeroed)."""
+    weight = module.weight
+    if isinstance(module, ColumnPrunedLinear):
+        weight = weight * module.kept_columns.to(weight.dtype)
+    return module.weight_quantizer.encode(weight)

@@ -88,3 +88,112 @@ class ScaledSignSTE(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         (w,) = ctx.saved_tensors
         return grad_output * (w.abs() <= 1).to(grad_output.dtype)
+
+
+# --------------------------------------------------------------------------- weights below 32 bits (adapter.bits)
+
+#: the weight widths an adapter trains at (``adapter.bits``); 32 means plain fp32 layers
+BITS = (32, 16, 8, 4, 2, 1)
+#: clipping ratios searched for the per-channel scale of >= 2-bit codes (1.0 = the channel's max |W|)
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(17))  # 1.0 ... 0.2
+
+
+def check_bits(bits) -> int:
+    """``bits`` as an int, or a ConfigError naming the allowed widths."""
+    from bnn_adapt.errors import ConfigError  # noqa: PLC0415 - errors imports nothing of ours
+
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits not in BITS:
+        raise ConfigError(f"adapter.bits={bits!r} is invalid: use one of {', '.join(map(str, BITS))}")
+    return int(bits)
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+def _per_row(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scale.view(-1, *[1] * (like.dim() - 1))
+
+
+class ChannelQuantizer:
+    """Symmetric ``bits``-bit weights with one fp32 scale per output channel (dim 0).
+
+    ``W ~ scale * code``: at 1 bit ``code = sign(W)`` and ``scale = mean |W|`` over the
+    channel's non-zero weights (XNOR-Net, Rastegari et al. 2016); at b >= 2 bits
+    ``code = clamp(round(W / scale), -L, L)``, ``L = 2**(b-1) - 1``, with the scale
+    ``r * max|W| / L`` whose clipping ratio ``r`` (:data:`CLIP_RATIOS`) gives the
+    smallest squared error (so that 2 bits are ternary weights with a sensible
+    threshold, as TWN's, Li et al. 2016). A zero weight always has code 0: pruned
+    weights stay exactly zero, also at 1 bit. Calling it gives ``scale * code``
+    with a straight-through gradient (Bengio et al. 2013); :meth:`encode` gives the
+    integer codes and scales an adapter file stores, the very values training used.
+
+    ``scale`` given: the weights already hold ``scale * code`` (an adapter loaded
+    from its file); calling returns them as they are and :meth:`encode` recovers
+    the codes exactly.
+    """
+
+    def __init__(self, bits: int, scale: torch.Tensor | None = None):
+        self.bits = check_bits(bits)
+        if self.bits == 32:
+            raise ValueError("a 32-bit weight needs no quantizer")
+        self.levels = max(1, 2 ** (self.bits - 1) - 1)
+        self.scale = scale
+
+    def __repr__(self) -> str:
+        return f"ChannelQuantizer(bits={self.bits}{', stored' if self.scale is not None else ''})"
+
+    @torch.no_grad()
+    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scale)``: integer-valued codes (float tensor, shape of ``w``) and fp32 scales (dim 0)."""
+        w = w.detach().float()
+        if self.scale is not None:
+            scale = self.scale.to(w.device)
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            codes = torch.round(w / _per_row(safe, w)).clamp_(-self.levels, self.levels)
+            return codes * _per_row(scale > 0, w), scale
+        rows = _rows(w)
+        if self.bits == 1:
+            codes = torch.sign(w)
+            count = (rows != 0).sum(dim=1)
+            total = rows.abs().double().sum(dim=1)  # double: the same scale whatever the summation order
+            scale = torch.where(count > 0, total / count.clamp_min(1), 0.0).float()
+            return codes, scale
+        amax = rows.abs().amax(dim=1)
+        best_err = best_scale = None
+        for ratio in CLIP_RATIOS:
+            scale = amax * ratio / self.levels
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.round(rows / safe[:, None]).clamp_(-self.levels, self.levels)
+            err = (q * scale[:, None] - rows).double().pow_(2).sum(dim=1)
+            if best_err is None:
+                best_err, best_scale = err, scale
+            else:
+                better = err < best_err
+                best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+        safe = torch.where(best_scale > 0, best_scale, torch.ones_like(best_scale))
+        codes = torch.round(w / _per_row(safe, w)).clamp_(-self.levels, self.levels)
+        return codes, best_scale
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            return w
+        return QuantizeSTE.apply(w, self)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * codes`` per output channel: what a quantised layer computes with (one place, so it is bit-exact)."""
+    return codes * _per_row(scale, codes)
+
+
+class QuantizeSTE(torch.autograd.Function):
+    """:meth:`ChannelQuantizer.encode` forward (as ``scale * code``); the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, quantizer: ChannelQuantizer) -> torch.Tensor:
+        codes, scale = quantizer.encode(w)
+        return dequantize(codes, scale).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None

@@ -48,8 +48,10 @@ def choices() -> dict[str, tuple[str, ...]]:
     from bnn_adapt.adapters.file_codec import DTYPES  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
     from bnn_adapt.training.lean import MEMORY_MODES  # noqa: PLC0415
 
+    from bnn_adapt.nn.quantizers import BITS  # noqa: PLC0415
+
     return {"task": TASKS, "base.bn": BN_MODES, "base.epoch": BASE_EPOCHS, "memory": MEMORY_MODES,
-            "export.dtype": DTYPES}  # fmt: skip
+            "export.dtype": DTYPES, "adapter.bits": BITS}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- renamed keys
@@ -140,7 +142,7 @@ def validate(cfg: DictConfig) -> None:
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is invalid: use one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is invalid: use one of {', '.join(map(str, allowed))}")
     for key in ("trainer.max_epochs", "data.batch_size"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -26,4 +26,6 @@ def run_label(metrics: dict) -> str:
         label += f" prune {reduction.get('rate')} in {reduction.get('rounds')} rounds{rewind}"
     if reduction.get("head_rate"):
         label += f" head columns {reduction.get('head_rate')}"
+    if adapter.get("bits", 32) != 32:
+        label += f" {adapter['bits']}-bit"
     return label

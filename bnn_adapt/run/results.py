@@ -31,7 +31,13 @@ NOT_HASHED = ("paths", "resume", "debug", "table", "protocol")
 
 #: options added since 0.1, at the value that computes what runs before them computed:
 #: left out of the hash at that value, so those runs still count as complete
-ADDED_SINCE_V1: dict[str, object] = {"predict.packed": True, "base.epoch": "last"}
+ADDED_SINCE_V1: dict[str, object] = {
+    "predict.packed": True,
+    "base.epoch": "last",
+    # weights below 32 bits (issue #13); hashed unresolved, so the strategy's own key is the interpolation
+    "adapter.bits": 32,
+    "adapter.model.bits": "${adapter.bits}",
+}
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages
 V1_TARGETS = {

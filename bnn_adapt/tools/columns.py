@@ -61,7 +61,7 @@ def thesis_convention(key: str) -> Callable[[dict], float | int | None]:
 def thesis_weights(m: dict) -> int | None:
     t = m.get("thesis") or {}
     fp32, binary = t.get("introduced_fp32_params"), t.get("introduced_binary_params")
-    return None if fp32 is None or binary is None else fp32 + binary
+    return None if fp32 is None or binary is None else fp32 + binary + t.get("introduced_quantized_params", 0)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,25 @@
 """Size-vs-accuracy Pareto search (``hparams_search=size_vs_accuracy``) and its report.
 
 Hydra's Optuna sweeper runs NSGA-II with two objectives, maximise the final test
-top-1 and minimise the size % of the base (conf/hparams_search/size_vs_accuracy.yaml);
-the task's metrics are turned into those values by :func:`bnn_adapt.run.task.sweeper_value`. When the
-search ends, :class:`ParetoFrontReport` (a Hydra callback) writes, from the trials' own
-``metrics.json`` files, ``trials.csv`` (every trial), ``pareto_front.csv`` (the
-non-dominated ones) and ``pareto_front.png`` (every trial, the front highlighted, and
-the thesis table configurations on the same data and base marked when those runs exist).
+top-1 and minimise the size % of the base at real bits (conf/hparams_search/size_vs_accuracy.yaml;
+``adapter.bits`` is one of the dimensions); the task's metrics are turned into those values by
+:func:`bnn_adapt.run.task.sweeper_value`. When the search ends, :class:`ParetoFrontReport` (a
+Hydra callback) writes, from the trials' own ``metrics.json`` files, ``trials.csv`` (every
+trial), ``pareto_front.csv`` (the non-dominated ones) and ``pareto_front.png`` (every trial
+coloured by its weight bits and marked by strategy, the front and the front of the 32-bit
+trials alone, and the thesis table configurations on the same data and base when those runs
+exist).
 
-    python -m bnn_adapt.tools.pareto SWEEP_DIR       # the same report again, e.g. for a search run elsewhere
+    python -m bnn_adapt.tools.pareto SWEEP_DIR                       # the same report again
+    python -m bnn_adapt.tools.pareto SWEEP_DIR --baseline OTHER_DIR  # + compare with another search's front
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -31,6 +36,7 @@ from bnn_adapt.tools.report import run_label
 log = logging.getLogger(__name__)
 
 OBJECTIVES = (("test_top1", "maximize"), ("size_pct", "minimize"))
+SMALL = 5.0  # % of the base: where the bits are meant to help (issue #13's goal)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +89,8 @@ def trial_points(sweep_dir: Path) -> list[dict]:
                 "size_pct": metrics["size_pct"],
                 "adapter": adapter.get("name"),
                 "stages": ",".join(str(s) for s in adapter.get("stages", []) or []),
-                "groups": reduction.get("groups"),
+                "groups": adapter.get("groups", reduction.get("groups")),
+                "bits": adapter.get("bits", 32),
                 "rate": reduction.get("rate"),
                 "lr": adapter.get("lr"),
                 "overrides": " ".join(overrides),
@@ -116,7 +123,32 @@ def write_points(path: Path, points: list[dict]) -> None:
         writer.writerows(points)
 
 
-def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[dict], title: str) -> None:
+def hypervolume(front: list[dict], limit: float = SMALL) -> float:
+    """Area (size % x top-1) a front dominates below ``limit`` % of the base, from top-1 0: larger is better."""
+    area, points = 0.0, sorted((p for p in front if p["size_pct"] < limit), key=lambda p: p["size_pct"])
+    for k, p in enumerate(points):
+        right = points[k + 1]["size_pct"] if k + 1 < len(points) else limit
+        area += (right - p["size_pct"]) * max(q["test_top1"] for q in points[: k + 1])
+    return area
+
+
+def dominates(a: dict, b: dict) -> bool:
+    no_worse = a["test_top1"] >= b["test_top1"] and a["size_pct"] <= b["size_pct"]
+    return no_worse and (a["test_top1"] > b["test_top1"] or a["size_pct"] < b["size_pct"])
+
+
+def compare_fronts(front: list[dict], baseline: list[dict], limit: float = SMALL) -> dict:
+    """How ``front`` stands against ``baseline`` below ``limit`` % of the base: the baseline points it
+    dominates, and both hypervolumes."""
+    small = [p for p in baseline if p["size_pct"] < limit]
+    beaten = [p for p in small if any(dominates(q, p) for q in front)]
+    return {"limit_pct": limit, "baseline_points": len(small), "baseline_points_dominated": len(beaten),
+            "dominates": bool(small) and len(beaten) == len(small),
+            "hypervolume": hypervolume(front, limit), "baseline_hypervolume": hypervolume(baseline, limit)}  # fmt: skip
+
+
+def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[dict], title: str,
+               baseline: list[dict] | None = None) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,34 +156,47 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = {"serial": "o", "udta": "^"}
+    widths = sorted({int(p.get("bits", 32)) for p in points}, reverse=True)
+    colours = dict(zip(widths, plt.get_cmap("viridis")([i / max(1, len(widths) - 1) for i in range(len(widths))])))
     for strategy in sorted({p["adapter"] for p in points}, key=str):
-        chosen = [p for p in points if p["adapter"] == strategy]
-        marker = markers.get(strategy, "x")
-        ax.scatter([p["size_pct"] for p in chosen], [p["test_top1"] for p in chosen], marker=marker, alpha=0.45,
-                   color="grey", label=f"trials: {strategy}")  # fmt: skip
+        for width in widths:
+            chosen = [p for p in points if p["adapter"] == strategy and int(p.get("bits", 32)) == width]
+            if chosen:
+                ax.scatter([p["size_pct"] for p in chosen], [p["test_top1"] for p in chosen],
+                           marker=markers.get(strategy, "x"), alpha=0.6, color=colours[width],
+                           label=f"{strategy}, {width}-bit")  # fmt: skip
     if front:
         ax.step([p["size_pct"] for p in front], [p["test_top1"] for p in front], where="post", color="tab:red")
-        ax.scatter([p["size_pct"] for p in front], [p["test_top1"] for p in front], color="tab:red", zorder=3,
-                   label="Pareto front")  # fmt: skip
+        ax.scatter([p["size_pct"] for p in front], [p["test_top1"] for p in front], facecolor="none",
+                   edgecolor="tab:red", s=90, zorder=3, label="Pareto front")  # fmt: skip
+    only32 = pareto_front([p for p in points if int(p.get("bits", 32)) == 32]) if len(widths) > 1 else []
+    others = ((only32, "front of the 32-bit trials", ":"), (baseline or [], "baseline search's front", "--"))
+    for other, label, style in others:
+        if other:
+            ax.step([p["size_pct"] for p in other], [p["test_top1"] for p in other], where="post", color="black",
+                    linestyle=style, marker="s", markersize=4, fillstyle="none", label=label)  # fmt: skip
     if thesis:
         ax.scatter([p["size_pct"] for p in thesis], [p["test_top1"] for p in thesis], marker="*", s=110,
                    facecolor="none", edgecolor="black", label="thesis table configurations")  # fmt: skip
         for p in thesis:
             ax.annotate(p["label"], (p["size_pct"], p["test_top1"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
+    ax.axvline(SMALL, color="grey", linewidth=0.8, alpha=0.5)
     ax.set_xscale("log")
-    ax.set_xlabel("size (% of the base's memory, log scale)")
+    ax.set_xlabel("size (% of the base's memory at real bits, log scale)")
     ax.set_ylabel("test top-1 (final)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | None = None) -> dict[str, Path]:
-    """trials.csv, pareto_front.csv and pareto_front.png in ``sweep_dir``."""
+def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | None = None,
+                 baseline_dir: Path | None = None) -> dict[str, Path]:  # fmt: skip
+    """trials.csv, pareto_front.csv, pareto_front.png and comparison.json in ``sweep_dir``: the front against
+    the front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below 5 % of the base."""
     sweep_dir = Path(sweep_dir)
     points = trial_points(sweep_dir)
     front = pareto_front(points)
@@ -159,12 +204,18 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
     for p in points:
         p["on_front"] = p["run_dir"] in on_front
     thesis = thesis_points(tables_dir, like or {}) if tables_dir is not None and tables_dir.is_dir() else []
+    baseline = pareto_front(trial_points(baseline_dir)) if baseline_dir is not None else None
     files = {"trials": sweep_dir / "trials.csv", "front": sweep_dir / "pareto_front.csv",
-             "plot": sweep_dir / "pareto_front.png"}  # fmt: skip
+             "plot": sweep_dir / "pareto_front.png", "comparison": sweep_dir / "comparison.json"}  # fmt: skip
     write_points(files["trials"], points)
     write_points(files["front"], front)
+    own32 = pareto_front([p for p in points if p["bits"] == 32])
+    comparison = {"front_vs_own_32_bit_trials": compare_fronts(front, own32)}
+    if baseline is not None:
+        comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline)}
+    files["comparison"].write_text(json.dumps(comparison, indent=1) + "\n")
     title = f"{sweep_dir.name}: {len(points)} trials, {len(front)} on the front"
-    plot_front(files["plot"], points, front, thesis, title)
+    plot_front(files["plot"], points, front, thesis, title, baseline)
     return files
 
 
@@ -185,12 +236,13 @@ class ParetoFrontReport(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bnn_adapt.tools.pareto SWEEP_DIR", file=sys.stderr)
-        return 2
-    files = write_report(Path(argv[0]))
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.pareto", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", help="a search's sweep directory (its trials' run directories inside)")
+    parser.add_argument("--baseline", help="another search's sweep directory (e.g. 32-bit only) to compare with")
+    args = parser.parse_args(argv)
+    files = write_report(Path(args.sweep_dir), baseline_dir=Path(args.baseline) if args.baseline else None)
     print(f"wrote {', '.join(str(f) for f in files.values())}")
+    print(files["comparison"].read_text())
     return 0
 
 

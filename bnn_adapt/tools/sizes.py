@@ -1,19 +1,27 @@
 """Bytes on disk at the thesis configurations: ``python -m bnn_adapt.tools.sizes`` (``make sizes``).
 
 Builds every base and adapter strategy from the real experiment configs (full
-width, random weights: sizes do not depend on the values; pruned rows are
-pruned at their configured rates), exports them with :mod:`bnn_adapt.deploy.export`
-into a temporary folder and prints Markdown tables: the fp32 state dict next to
-the bit-packed base, and each adapter file (fp32 / fp16 / int8) next to the
-size formula ``n_bin / 8 + 4 * n_fp32`` (SPEC 4).
+width unless a row says otherwise, random weights: sizes do not depend on the
+values; pruned rows are pruned at their configured rates), exports them with
+the code ``task=export`` uses into a temporary folder and prints Markdown tables:
+the fp32 state dict next to the bit-packed base, and each adapter file at every
+``adapter.bits`` next to the size formula at real bits (SPEC 4: each weight at
+its width, ``n_bin / 8 + 4 * n_fp32`` bytes at 32 bits), with the post-training
+fp16 / int8 exports of the 32-bit adapters.
+
+    python -m bnn_adapt.tools.sizes            # every table (a few minutes on 2 CPU cores)
+    python -m bnn_adapt.tools.sizes --json F   # also the numbers, one record per file
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import io
+import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,13 +31,19 @@ from bnn_adapt import accounting
 from bnn_adapt.adapters.file import export_adapter
 from bnn_adapt.deploy.export import formula_bytes
 from bnn_adapt.deploy.packed_base import write_packed_base
+from bnn_adapt.nn.quantizers import BITS
 from bnn_adapt.run import builders
 from bnn_adapt.run.config import compose
+
+#: the file-size targets (issue #13): packed base and adapter files against the formula at real bits
+BASE_TARGET, ADAPTER_TARGET = 1.02, 1.10
 
 BASES = [
     ("STE ResNet, CIFAR-10 5-5 base (5 classes)", ["+experiment=cifar5_5_head_only"]),
     ("STE ResNet, CIFAR-100 80-20 base (80 classes)", ["+experiment=cifar80_20_head_only"]),
     ("ReActNet-18, ImageNet (1000 classes)", ["+experiment=flowers102_head_only"]),
+    ("STE ResNet width 0.25, digits 0-4 base (the demo's)", ["+experiment=digits5_5_head_only", "base.width=0.25"]),
+    ("ReActNet-18 width 0.25 (102 classes)", ["+experiment=flowers102_head_only", "base.width=0.25"]),
 ]
 C100 = ["+experiment=cifar80_20_udta"]
 FLOWERS = ["+experiment=flowers102_udta"]
@@ -57,6 +71,25 @@ ADAPTERS = [
 ]  # fmt: skip
 
 
+@dataclass
+class AdapterFile:
+    """One exported adapter file next to its formula."""
+
+    data: str
+    label: str
+    bits: int
+    dtype: str
+    fp32: int
+    quantized: int
+    binary: int
+    formula: float  # bytes: every parameter at its width
+    file: int  # bytes on disk
+
+    @property
+    def ratio(self) -> float:
+        return self.file / self.formula
+
+
 @torch.no_grad()
 def like_trained(module: nn.Module, seed: int) -> None:
     """Non-zero, non-default values everywhere (fresh BN is all 0/1, LoRA's up-projection all 0),
@@ -73,12 +106,8 @@ def like_trained(module: nn.Module, seed: int) -> None:
             t.add_(torch.randn(t.shape, generator=gen) * 1e-3)
 
 
-def base_rows(tmp: Path) -> list[str]:
-    lines = [
-        "| base | binary params | fp32 params | fp32 state dict (torch.save) | packed base | formula "
-        "| packed / formula |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def base_records(tmp: Path) -> list[dict]:
+    records = []
     for i, (label, overrides) in enumerate(BASES):
         base = builders.build_base(compose(overrides, output_dir=tmp / "cfg"))
         like_trained(base, i)
@@ -87,61 +116,99 @@ def base_rows(tmp: Path) -> list[str]:
         torch.save(base.state_dict(), buffer)
         path = tmp / f"base{i}.bnnpack"
         write_packed_base(base, path)
-        packed, formula = path.stat().st_size, formula_bytes(fp32, binary)
-        lines.append(
-            f"| {label} | {binary:,} | {fp32:,} | {len(buffer.getvalue()):,} | {packed:,} | {round(formula):,} "
-            f"| {packed / formula:.3f} |"
-        )
-    return lines
+        records.append({"label": label, "binary": binary, "fp32": fp32, "state_dict": len(buffer.getvalue()),
+                        "file": path.stat().st_size, "formula": formula_bytes(fp32, binary)})  # fmt: skip
+    return records
 
 
-def adapter_rows(tmp: Path) -> list[str]:
+def adapter_files(tmp: Path, configs=ADAPTERS, bits=BITS) -> list[AdapterFile]:
+    """Every configuration at every width it trains at (full finetuning: 32 only), plus fp16 / int8 at 32."""
+    found, bases = [], {}
+    for i, (data, label, overrides) in enumerate(configs):
+        for width in bits:
+            cfg = compose([*overrides, f"adapter.bits={width}"], output_dir=tmp / "cfg")
+            if width != 32 and cfg.adapter.name == "full_finetune":
+                continue
+            key = (cfg.base.name, str(cfg.base.net.num_classes), cfg.base.width)
+            if key not in bases:
+                bases[key] = builders.build_base(cfg)
+                like_trained(bases[key], 100 + len(bases))
+            reference = bases[key]
+            base = copy.deepcopy(reference) if cfg.adapter.name == "full_finetune" else reference
+            torch.manual_seed(i)
+            model = builders.build_adapted(cfg, base, builders.target_num_classes(cfg))
+            for part in [model.adapter, model.head] + ([base] if base is not reference else []):
+                if part is not None:
+                    like_trained(part, i)
+            plan = builders.pruning_plan(cfg)
+            if plan is not None:
+                plan.apply(model)
+            model.eval()
+            s = accounting.summarize(model)
+            if width != 32 and not s["introduced_quantized_params"]:
+                continue  # nothing below 32 bits here (an STE head is binary already)
+            for dtype in ("fp32", "fp16", "int8") if width == 32 else ("fp32",):
+                path = tmp / f"adapter{i}_{width}_{dtype}.safetensors"
+                export_adapter(model, path, reference_base=reference, dtype=dtype)
+                found.append(AdapterFile(data, label, width, dtype, s["introduced_fp32_params"],
+                                         s["introduced_quantized_params"], s["introduced_binary_params"],
+                                         s["introduced_bits"] / 8, path.stat().st_size))  # fmt: skip
+    return found
+
+
+def base_table(records: list[dict]) -> list[str]:
     lines = [
-        "| data | strategy | fp32 / binary params introduced | formula | fp32 file | fp32 / formula | fp16 file "
-        "| int8 file |",
-        "|---|---|---|---|---|---|---|---|",
+        "| base | binary params | fp32 params | fp32 state dict (torch.save) | packed base | formula "
+        "| packed / formula |",
+        "|---|---|---|---|---|---|---|",
     ]
-    bases: dict[tuple, nn.Module] = {}
-    for i, (data, label, overrides) in enumerate(ADAPTERS):
-        cfg = compose(overrides, output_dir=tmp / "cfg")
-        key = (cfg.base.name, str(cfg.base.net.num_classes))
-        if key not in bases:
-            bases[key] = builders.build_base(cfg)
-            like_trained(bases[key], 100 + len(bases))
-        reference = bases[key]
-        base = copy.deepcopy(reference) if cfg.adapter.name == "full_finetune" else reference
-        model = builders.build_adapted(cfg, base, builders.target_num_classes(cfg))
-        for part in [model.adapter, model.head] + ([base] if base is not reference else []):
-            if part is not None:
-                like_trained(part, i)
-        plan = builders.pruning_plan(cfg)
-        if plan is not None:
-            plan.apply(model)
-        model.eval()
-        s = accounting.summarize(model)
-        fp32 = s["adapter_fp32_params"] + s["head_fp32_params"]
-        binary = s["adapter_binary_params"] + s["head_binary_params"]
-        sizes = {}
-        for dtype in ("fp32", "fp16", "int8"):
-            path = tmp / f"adapter{i}_{dtype}.safetensors"
-            export_adapter(model, path, reference_base=reference, dtype=dtype)
-            sizes[dtype] = path.stat().st_size
-        formula = formula_bytes(fp32, binary)
-        lines.append(
-            f"| {data} | {label} | {fp32:,} / {binary:,} | {round(formula):,} | {sizes['fp32']:,} "
-            f"| {sizes['fp32'] / formula:.3f} | {sizes['fp16']:,} | {sizes['int8']:,} |"
-        )
+    for r in records:
+        lines.append(f"| {r['label']} | {r['binary']:,} | {r['fp32']:,} | {r['state_dict']:,} | {r['file']:,} "
+                     f"| {round(r['formula']):,} | {r['file'] / r['formula']:.3f} |")  # fmt: skip
     return lines
 
 
-def main() -> None:
+def adapter_table(files: list[AdapterFile], bits=BITS) -> list[str]:
+    """One row per configuration: bytes at 32 and 1 bits, file / formula at every width, post-training exports."""
+    rows: dict[tuple[str, str], dict] = {}
+    for f in files:
+        rows.setdefault((f.data, f.label), {})[(f.bits, f.dtype)] = f
+    widths = " | ".join(f"{b}" for b in bits)
+    lines = [
+        f"| data | strategy | formula at 32 bits | file | file / formula at {widths} bits | formula at 1 bit | file "
+        "| post-training fp16 / int8 of the 32-bit file |",
+        "|---|---|---|---|" + "---|" * len(bits) + "---|---|---|",
+    ]
+    for (data, label), by in rows.items():
+        f32, f1 = by[(32, "fp32")], by.get((1, "fp32"))
+        ratios = " | ".join(f"{by[(b, 'fp32')].ratio:.3f}" if (b, "fp32") in by else "-" for b in bits)
+        one = f"{round(f1.formula):,} | {f1.file:,}" if f1 else "- | -"
+        lines.append(f"| {data} | {label} | {round(f32.formula):,} | {f32.file:,} | {ratios} | {one} "
+                     f"| {by[(32, 'fp16')].file:,} / {by[(32, 'int8')].file:,} |")  # fmt: skip
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.sizes", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="also write every measured file as JSON records here")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        print("\n".join(base_rows(Path(tmp))))
-        print()
-        print("\n".join(adapter_rows(Path(tmp))))
+        bases = base_records(Path(tmp))
+        files = adapter_files(Path(tmp))
+    print("\n".join(base_table(bases)))
+    print()
+    print("\n".join(adapter_table(files)))
+    over = [f for f in files if f.dtype == "fp32" and f.ratio > ADAPTER_TARGET]
+    print(f"\nadapter files above {ADAPTER_TARGET} x the formula: {len(over)} of "
+          f"{sum(f.dtype == 'fp32' for f in files)}")  # fmt: skip
+    for f in over:
+        print(f"  {f.data}, {f.label}, {f.bits} bits: {f.file:,} bytes, formula {round(f.formula):,} ({f.ratio:.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bases": bases, "adapters": [vars(f) for f in files]}, indent=1))
     sys.stdout.flush()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -199,9 +199,9 @@ def row_label(table: Table, cfg: DictConfig) -> str:
 
 
 def introduced_weights(metrics: dict) -> int | None:
-    """fp32 + binary parameters a run introduced (adapter + head)."""
+    """fp32 + binary + below-32-bit parameters a run introduced (adapter + head)."""
     fp32, binary = metrics.get("introduced_fp32_params"), metrics.get("introduced_binary_params")
-    return None if fp32 is None or binary is None else fp32 + binary
+    return None if fp32 is None or binary is None else fp32 + binary + metrics.get("introduced_quantized_params", 0)
 
 
 def run_sweeps(table: Table, profile: str, overrides: Sequence[str] = (), done: set[str] | None = None) -> None:

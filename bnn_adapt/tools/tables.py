@@ -55,12 +55,16 @@ PRETRAIN_COLUMNS = (
     Column("epoch time (s)", get("epoch_time_s"), ".2f"),
 )
 PROTOCOLS = ("thesis", "clean")  # conf/protocol/
+QUANTIZED = Column("weights below 32 bits", get("introduced_quantized_params"), ",")  # fp32 weights: with their scales
 
 
 def columns_of(table: Table, rows: list[Row], reference: Reference | None) -> list:
     if table.kind == "adapt":
         pruned = any(job.cfg.reduction.name.startswith("prune") for row in rows for job in row.jobs)
-        return [*comparison_columns(table, reference), *our_columns(reference, pruned)]
+        columns = [*comparison_columns(table, reference), *our_columns(reference, pruned)]
+        if any(m.get("introduced_quantized_params") for row in rows for m in row.runs):  # adapter.bits below 32
+            columns.insert(next(i for i, c in enumerate(columns) if c.header == "binary weights") + 1, QUANTIZED)
+        return columns
     columns = list(COUNT_COLUMNS if table.kind == "counts" else PRETRAIN_COLUMNS)
     if table.thesis:  # tables 5.1/6.1 and 5.2: images in the thesis text
         columns.append(unknown_column("thesis's values", table))
@@ -172,6 +176,9 @@ def render(table: Table, rows: list[Row], reference: Reference | None = None) ->
     notes = []
     if table.kind == "adapt":
         notes += adapt_notes(table, own is not None)
+    if QUANTIZED in columns:
+        notes.append("Below 32 bits (adapter.bits), fp32 weights include one fp32 scale per output channel of the "
+                     "quantised weights, and % base memory counts every weight at its width.")  # fmt: skip
     if table.seeds:
         notes.append("Cells: mean ± standard deviation over the seeds of each row.")
     if any(j.status == STALE for row in rows for j in row.jobs):
