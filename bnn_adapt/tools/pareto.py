@@ -24,8 +24,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bnn_adapt.files import atomic_output
 from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc. in the configs read here
 from bnn_adapt.run.results import read_json_or_none
+from bnn_adapt.tools import search_trials
 from bnn_adapt.tools.report import run_label
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,14 @@ def serial_stages(cfg: DictConfig, trial) -> None:
     n = _stage_count(cfg.base.name)
     options = [list(range(1, n + 1)), [n - 1, n], [n]]
     trial.suggest_categorical("adapter.stages", [str(o).replace(" ", "") for o in options])
+
+
+def search_space(cfg: DictConfig, trial) -> None:
+    """The sweeper's hook for each new trial (``custom_search_space``): record who runs it, so that a
+    search killed meanwhile leaves no phantom RUNNING trial (:mod:`bnn_adapt.tools.search_trials`),
+    then the conditional part of the space."""
+    search_trials.watch(trial)
+    serial_stages(cfg, trial)
 
 
 # ----------------------------------------------------------------------------- the front
@@ -110,7 +120,7 @@ def thesis_points(tables_dir: Path, like: dict) -> list[dict]:
 
 def write_points(path: Path, points: list[dict]) -> None:
     keys = list(dict.fromkeys(k for p in points for k in p)) or ["test_top1", "size_pct"]
-    with path.open("w", newline="") as f:
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(points)
@@ -151,7 +161,8 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
 
 
 def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | None = None) -> dict[str, Path]:
-    """trials.csv, pareto_front.csv and pareto_front.png in ``sweep_dir``."""
+    """trials.csv, pareto_front.csv and pareto_front.png in ``sweep_dir``, of finished trials only
+    (a trial directory with complete results; a killed or failed trial has none)."""
     sweep_dir = Path(sweep_dir)
     points = trial_points(sweep_dir)
     front = pareto_front(points)
@@ -163,7 +174,7 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
              "plot": sweep_dir / "pareto_front.png"}  # fmt: skip
     write_points(files["trials"], points)
     write_points(files["front"], front)
-    title = f"{sweep_dir.name}: {len(points)} trials, {len(front)} on the front"
+    title = f"{sweep_dir.name}: {len(points)} finished trials, {len(front)} on the front"
     plot_front(files["plot"], points, front, thesis, title)
     return files
 
@@ -174,6 +185,9 @@ class ParetoFrontReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        sweeper = config.hydra.sweeper
+        for line in search_trials.fail_stale_trials(str(sweeper.storage), str(sweeper.study_name)):
+            print(f"note: marked failed, {line}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         profile = OmegaConf.select(config, "profile.name", default=None)
@@ -181,7 +195,9 @@ class ParetoFrontReport(Callback):
         like = {key: OmegaConf.select(config, key) for key in ("data.name", "base.name", "base.width")}
         like["data.target_classes"] = OmegaConf.to_container(config.data, resolve=True).get("target_classes")
         files = write_report(Path(config.hydra.sweep.dir), tables_dir, like)
-        log.info("Pareto front: %s, %s", files["front"], files["plot"])
+        counts = search_trials.trial_counts(str(config.hydra.sweeper.storage), str(config.hydra.sweeper.study_name))
+        log.info("study: %s; Pareto front of the finished ones: %s, %s",
+                 ", ".join(f"{n} {state.lower()}" for state, n in counts.items()), files["front"], files["plot"])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
