@@ -160,7 +160,8 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: PLC0415
     from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415
 
-    params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=False)
+    node = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
     task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
     if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_")):
         searched = [str(k) for k in params]

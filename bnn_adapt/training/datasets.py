@@ -273,13 +273,14 @@ def _load_cifar(cls: type[tvd.CIFAR10], root: str, download: bool) -> tuple[Labe
 
 #: what torchvision's Flowers-102 and Pets readers need under root, and where they download from
 LAYOUTS = {
-    "flowers102": ("flowers-102", ("jpg", "imagelabels.mat", "setid.mat"), tvd.Flowers102._download_url_prefix),
-    "pets": ("oxford-iiit-pet", ("images", "annotations"), tvd.OxfordIIITPet._RESOURCES[0][0]),
-}
+    "flowers102": ("Flowers-102", "flowers-102", ("jpg", "imagelabels.mat", "setid.mat"),
+                   tvd.Flowers102._download_url_prefix),
+    "pets": ("Oxford-IIIT Pets", "oxford-iiit-pet", ("images", "annotations"), tvd.OxfordIIITPet._RESOURCES[0][0]),
+}  # fmt: skip
 
 
 def _layout_missing(name: str, root: str) -> str | None:
-    folder, parts, _ = LAYOUTS[name]
+    _, folder, parts, _ = LAYOUTS[name]
     missing = [p for p in parts if not (Path(root) / folder / p).exists()]
     return f"{Path(root) / folder} lacks {', '.join(missing)} (expected {', '.join(parts)})" if missing else None
 
@@ -288,8 +289,7 @@ def _load_torchvision_split(
     cls: type, splits: tuple[str, str], name: str, root: str, download: bool
 ) -> tuple[LabelledSet, LabelledSet]:
     """Flowers-102 / Oxford-IIIT Pets: torchvision's reader for the (train, eval) splits."""
-    folder, parts, url = LAYOUTS[name]
-    title = cls.__name__.removeprefix("ExistingFiles")
+    title, folder, parts, url = LAYOUTS[name]
     if download and _layout_missing(name, root):
         fetch_dataset(title, url, root, f"put {Path(root) / folder}/ ({', '.join(parts)}) there",
                  lambda: cls(root, split=splits[0], download=True))  # fmt: skip
