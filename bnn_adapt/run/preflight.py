@@ -26,6 +26,8 @@ from bnn_adapt.run.config import CONF_DIR, compose, validate
 #: override keys that change neither the base nor the data a job needs (the rest are composed to check)
 INERT = ("adapter", "reduction", "optimizer", "scheduler", "trainer", "seed", "memory", "tap_cache", "logger",
          "callbacks", "resume", "debug", "export", "predict", "hydra")  # fmt: skip
+#: bases whose checkpoint comes from elsewhere (the authors' ReActNet-18), never pretrained here
+DOWNLOADED_BASES = ("reactnet18",)
 #: what a base pretraining command must repeat of an adaptation config to write the base it reads
 BASE_SHAPING = ("base.width", "base.block", "data.base_classes", "data.image_size", "data.root", "paths.base_dir")
 
@@ -101,12 +103,14 @@ def base_problem(cfg: DictConfig, choices: dict | None = None) -> str | None:
     command = None
     if not checkpoint:
         line = f"no base checkpoint given (base.checkpoint=null); {how}"
+    elif cfg.base.name in DOWNLOADED_BASES:
+        line = f"base checkpoint {checkpoint} does not exist; {how}"
     elif not managed_checkpoint(cfg):
         line = (f"base.checkpoint={checkpoint} does not exist; check the path, or pretrain a base there first "
                 f"(task=pretrain base.save_to={checkpoint}): a missing base is pretrained automatically only at "
                 f"its default place under paths.base_dir={cfg.paths.base_dir}")  # fmt: skip
     else:
-        command = pretraining_command(cfg, choices) if cfg.base.name != "reactnet18" else None
+        command = pretraining_command(cfg, choices)
         line = f"base checkpoint {checkpoint} does not exist; " + (
             f"pretrain it first with `{command}`" if command else how
         )
