@@ -195,7 +195,7 @@ def test_the_same_sweep_started_twice_runs_each_row_once(tmp_path, digits_base):
     args = [sys.executable, "-m", "bnn_adapt", "--multirun", "+experiment=digits5_5", "base.width=0.1",
             f"base.checkpoint={digits_base}", "adapter=head_only,udta", "trainer.max_epochs=6",
             "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.override_dirname}"]  # fmt: skip
+            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${adapter.name}"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -208,7 +208,7 @@ def test_the_same_sweep_started_twice_runs_each_row_once(tmp_path, digits_base):
     assert stdout.count("already complete") == 2, stdout  # and found complete by the other
     assert "is held by pid" in stdout  # the second waited for a row the first was running
     rows = sorted(p.parent.name for p in sweep_dir.glob("*/metrics.json"))
-    assert rows == ["adapter=head_only", "adapter=udta"]
+    assert rows == ["head_only", "udta"]
     for row in rows:
         assert json.loads((sweep_dir / row / "metrics.json").read_text())["status"] == "complete"
         assert not (sweep_dir / row / claims.RUN_LOCK).exists()
