@@ -6,8 +6,8 @@ base is pretrained automatically (``base.pretrain``) only at its default,
 managed place: a path the user gave that does not exist is an error, never a
 new base. A multirun checks every job first (:class:`SweepPreflight`, a Hydra
 callback in ``conf/hydra/default.yaml``): when none of them can run, it stops
-before the first with one line, leaving nothing on disk; when only some
-cannot, it says so once and goes on (their failures are recorded as usual).
+before the first with one line, leaving nothing on disk; as soon as one can,
+the sweep goes on (jobs that cannot run fail and are recorded as usual).
 """
 
 from __future__ import annotations
@@ -175,8 +175,8 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
 
 
 class SweepPreflight(Callback):
-    """Before a multirun's first job: compose every job (one per distinct base- or data-shaping
-    override set) and stop with one line when none can run."""
+    """Before a multirun's first job: compose its jobs (one per distinct base- or data-shaping
+    override set) until one can run; when none can, stop with one line."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
@@ -186,28 +186,22 @@ class SweepPreflight(Callback):
             if jobs is None:
                 return
             loader = GlobalHydra.instance().config_loader()
-            checked: dict[tuple, str | None] = {}
-            problems = []
+            problems: dict[tuple, str] = {}
             for overrides in jobs:
                 key = tuple(o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] not in INERT)
-                if key not in checked:
-                    checked[key] = job_problem(loader.load_sweep_config(config, list(overrides)) if overrides
-                                               else config)  # fmt: skip
-                problems.append(checked[key])
+                if key in problems:
+                    continue
+                problem = job_problem(loader.load_sweep_config(config, list(overrides)) if overrides else config)
+                if problem is None:
+                    return  # a job that can run: the sweep goes on (jobs that cannot fail and are recorded)
+                problems[key] = problem
         except Exception as exc:  # noqa: BLE001 - the check must never be why a sweep cannot start
             print(f"note: could not check the jobs before starting ({type(exc).__name__}: {exc})", file=sys.stderr)
             return
-        failing = [p for p in problems if p]
-        if not failing:
-            return
         kind = "trial" if "optuna" in str(config.hydra.sweeper.get("_target_")).lower() else "job"
-        distinct = list(dict.fromkeys(failing))
+        distinct = list(dict.fromkeys(problems.values()))
         reason = distinct[0] + (f" (and {len(distinct) - 1} other problems)" if len(distinct) > 1 else "")
-        if len(failing) < len(problems):
-            print(f"note: {len(failing)} of the {len(problems)} jobs of this multirun cannot run: {reason}",
-                  file=sys.stderr)  # fmt: skip
-            return
-        every = "every trial" if kind == "trial" else f"each of its {len(problems)} jobs"
+        every = "every trial" if kind == "trial" else f"each of its {len(jobs)} jobs"
         print(f"error: this multirun cannot succeed, so it stops before the first {kind}: {every} would fail "
               f"with: {reason}", file=sys.stderr)  # fmt: skip
         sys.exit(2)
