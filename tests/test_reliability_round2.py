@@ -174,6 +174,14 @@ def test_a_claim_is_exclusive_and_taken_over_only_when_its_owner_is_gone(tmp_pat
         os.utime(lock, (old, old))
         assert claim.try_acquire() is None  # another machine, silent for too long: stale
         claim.release()
+        lock.write_text("{garbled")
+        old = time.time() - claims.RECOVERY_STALE_S - 10
+        os.utime(lock, (old, old))
+        assert claim.try_acquire() is not None  # unreadable, not yet silent for long: waited for
+        old = time.time() - claims.STALE_AFTER_S - 10
+        os.utime(lock, (old, old))
+        assert claim.try_acquire() is None
+        claim.release()
     finally:
         other.kill()
         other.wait()

@@ -157,7 +157,7 @@ class Claim:
                 }:
                     raise RuntimeError(f"{self.what} is already claimed by this process ({self.path})")
                 if not owner_gone(held, age, self.stale_after_s):
-                    return held
+                    return held or {"pid": "?", "host": "?", "since": time.time() - age}  # garbled: wait it out
                 self._take_over(held)
                 continue
             with os.fdopen(fd, "w") as f:
