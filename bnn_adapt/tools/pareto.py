@@ -186,8 +186,9 @@ class ParetoFrontReport(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         sweeper = config.hydra.sweeper
-        for line in search_trials.fail_stale_trials(str(sweeper.storage), str(sweeper.study_name)):
-            print(f"note: marked failed, {line}", file=sys.stderr)
+        if sweeper.get("storage"):  # a stored study that this search continues
+            for line in search_trials.fail_stale_trials(str(sweeper.storage), str(sweeper.study_name)):
+                print(f"note: marked failed, {line}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         profile = OmegaConf.select(config, "profile.name", default=None)
@@ -195,7 +196,8 @@ class ParetoFrontReport(Callback):
         like = {key: OmegaConf.select(config, key) for key in ("data.name", "base.name", "base.width")}
         like["data.target_classes"] = OmegaConf.to_container(config.data, resolve=True).get("target_classes")
         files = write_report(Path(config.hydra.sweep.dir), tables_dir, like)
-        counts = search_trials.trial_counts(str(config.hydra.sweeper.storage), str(config.hydra.sweeper.study_name))
+        storage = config.hydra.sweeper.get("storage")
+        counts = search_trials.trial_counts(str(storage), str(config.hydra.sweeper.study_name)) if storage else {}
         log.info("study: %s; Pareto front of the finished ones: %s, %s",
                  ", ".join(f"{n} {state.lower()}" for state, n in counts.items()), files["front"], files["plot"])  # fmt: skip
 
