@@ -198,8 +198,8 @@ class ParetoFrontReport(Callback):
         files = write_report(Path(config.hydra.sweep.dir), tables_dir, like)
         storage = config.hydra.sweeper.get("storage")
         counts = search_trials.trial_counts(str(storage), str(config.hydra.sweeper.study_name)) if storage else {}
-        log.info("study: %s; Pareto front of the finished ones: %s, %s",
-                 ", ".join(f"{n} {state.lower()}" for state, n in counts.items()), files["front"], files["plot"])  # fmt: skip
+        states = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) or "not stored"
+        log.info("study: %s; Pareto front of the finished trials: %s, %s", states, files["front"], files["plot"])
 
 
 def main(argv: list[str] | None = None) -> int:
