@@ -20,7 +20,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 
 from bnn_adapt.errors import CheckpointError, DataError, ExportError
 from bnn_adapt.files import atomic_output, write_json
@@ -193,7 +192,8 @@ def digits_base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits_base")
     base = root / "base.pt"
     done = run_module(root, "bnn_adapt", "+experiment=digits5_5_base", "base.width=0.1", f"base.save_to={base}",
-                      "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false")  # fmt: skip
+                      "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                      "trainer.enable_progress_bar=false")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return base
 
