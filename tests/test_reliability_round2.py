@@ -186,6 +186,29 @@ def test_a_claim_is_exclusive_and_taken_over_only_when_its_owner_is_gone(tmp_pat
         other.wait()
 
 
+def test_a_row_that_failed_in_the_invocation_holding_it_is_not_run_again(make_cfg, pretrained_base):
+    from bnn_adapt.errors import UserError
+    from bnn_adapt.run.config import without_hydra_node
+    from bnn_adapt.run.results import config_hash
+
+    cfg = make_cfg("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=1")
+    run_dir = Path(cfg.paths.output_dir)
+    failed = {"status": "failed", "error": "DataError: boom", "config_hash": config_hash(without_hydra_node(cfg))}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from bnn_adapt.run import claims; from bnn_adapt.files import write_json\n"
+        f"with claims.run_claim({str(run_dir)!r}):\n"
+        "    print('held', flush=True); time.sleep(2)\n"
+        f"    write_json({str(run_dir / 'metrics.json')!r}, {failed!r})\n"
+    )], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="failed in the process that held .*DataError: boom; not running it again"):
+            task.run(cfg)
+    finally:
+        holder.wait(timeout=60)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / claims.RUN_LOCK).exists()
+
+
 @pytest.fixture(scope="module")
 def digits_base(tmp_path_factory) -> Path:
     """A tiny digits base at an explicit path, so that the sweeps below only adapt."""
