@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 # our ${range:...} etc. must exist before Hydra snapshots the OmegaConf resolvers for launcher
 # workers (joblib, submitit), which restore that snapshot before every job
 from bnn_adapt.errors import UserError
-from bnn_adapt.run.config import rename_deprecated_overrides
+from bnn_adapt.run.config import quote_path_overrides, rename_deprecated_overrides
 
 # Lightning 2.6 asks torch's pytree a deprecated question on every step; nothing for our users to act on
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -48,4 +48,5 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
 
 if __name__ == "__main__":
     sys.argv[1:] = rename_deprecated_overrides(sys.argv[1:])  # 0.1's key names, with a note each
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run directories (row=...) as paths, unquoted
     main()

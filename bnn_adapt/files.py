@@ -16,16 +16,33 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
     A rename within one folder is atomic, so a reader (or a run killed
     mid-write) sees the old file or the new one, never half of one. On error
-    the temporary file is removed and ``path`` is untouched.
+    the temporary file is removed and ``path`` is untouched. The file gets the
+    mode a plain ``open(path, "w")`` would give it (0o666 less the umask):
+    writers of the temporary file (safetensors, ``tempfile``) may create it
+    private (0600), and a rename keeps that mode.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

@@ -310,7 +310,8 @@ def test_prune_zeroes_the_configured_fraction_and_keeps_it(pretrained_base, make
 
 @pytest.mark.parametrize(
     ("experiment", "hint"),
-    [("cifar5_5_head_only", "task=pretrain"), ("flowers102_udta", "liuzechun/ReActNet")],
+    [("cifar5_5_head_only", r"pretrain it first with `python -m bnn_adapt \+experiment=cifar5_5_base "),
+     ("flowers102_udta", "liuzechun/ReActNet")],  # fmt: skip
 )
 def test_missing_base_checkpoint_is_a_clear_error(experiment, hint, make_cfg, tmp_path):
     cfg = make_cfg(f"+experiment={experiment}", "base.width=0.1", base_dir=tmp_path / "no_bases")

@@ -17,6 +17,7 @@ from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.bases.reactnet_checkpoint import load_reactnet_checkpoint
 from bnn_adapt.bases.registry import BASES
 from bnn_adapt.errors import CheckpointError
+from bnn_adapt.files import atomic_output
 
 #: what a checkpoint written before a constructor argument existed was built with
 LEGACY_ARCH_DEFAULTS = {"ste_resnet_cifar": {"block": "binarynet"}}
@@ -43,12 +44,9 @@ def describe(arch: str, config: dict) -> str:
 
 def save_base(base: BaseNetwork, path: str | Path, **meta) -> None:
     """Store a pretrained base with what is needed to rebuild it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"arch": base.arch, "arch_config": base.arch_config(), "state_dict": base.state_dict(), **meta}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | None = None, **arch_config) -> BaseNetwork:

@@ -15,6 +15,7 @@ import torch
 
 from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.errors import CheckpointError
+from bnn_adapt.files import atomic_output
 
 # our key prefix -> the authors' key prefix (stem modules share their names)
 _KEY_PREFIXES = (
@@ -51,15 +52,14 @@ def save_reactnet_checkpoint(
 ) -> None:
     """Write ``model`` as the authors' training script does (DataParallel keys)."""
     state = OrderedDict(("module." + k, v.detach().cpu()) for k, v in authors_state_dict(model).items())
-    torch.save(
-        {
-            "epoch": epoch,
-            "state_dict": state,
-            "best_top1_acc": best_top1_acc,
-            "optimizer": {"state": {}, "param_groups": []},
-        },
-        path,
-    )
+    payload = {
+        "epoch": epoch,
+        "state_dict": state,
+        "best_top1_acc": best_top1_acc,
+        "optimizer": {"state": {}, "param_groups": []},
+    }
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _few(keys) -> str:

@@ -4,7 +4,8 @@ Writes into ``export.dir``:
 
 * ``base.bnnpack``: the base bit-packed (:mod:`bnn_adapt.packed_base`);
 * one ``<run label>.safetensors`` per ``export.adapter_run`` (a finished
-  adaptation run's directory): adapter + head (:mod:`bnn_adapt.adapter_file`);
+  adaptation run's directory, or a sweep directory: each of its finished
+  adaptation runs): adapter + head (:mod:`bnn_adapt.adapter_file`);
 * ``manifest.json``: ``{"files": {name: {"bytes": on disk, "predicted_bytes":
   n_bin / 8 + 4 * n_fp32 (SPEC 4), ...}}}``.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from bnn_adapt.adapters.file import ADAPTER_FILE, attach_adapter, export_adapter
 from bnn_adapt.bases.fingerprint import fingerprint
 from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.errors import ExportError, FingerprintError
-from bnn_adapt.files import read_json, write_json
+from bnn_adapt.files import read_json, read_json_or_none, write_json
 from bnn_adapt.run import builders
 from bnn_adapt.run.labels import run_label
 
@@ -71,6 +73,9 @@ def load_run(run_dir: str | Path) -> TrainedRun:
             f"export.adapter_run={run_dir} holds no metrics.json: give a finished adaptation run's directory"
         )
     metrics = read_json(metrics_path)
+    if metrics.get("status", "complete") != "complete":
+        raise ExportError(f"export.adapter_run={run_dir} did not finish (status {metrics.get('status')}: "
+                          f"{metrics.get('error', '-')}); export finished runs only")  # fmt: skip
     if metrics.get("task") != "adapt" or "config" not in metrics:
         raise ExportError(f"export.adapter_run={run_dir} is a {metrics.get('task')!r} run, not an adaptation run")
     cfg = OmegaConf.create(metrics["config"])
@@ -159,11 +164,38 @@ def size_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _finished_adaptation(metrics: dict) -> bool:
+    return metrics.get("task") == "adapt" and metrics.get("status", "complete") == "complete"
+
+
+def adapter_run_dirs(given: list) -> list[Path]:
+    """The runs to export: each given run directory, and every finished adaptation run directly inside
+    a given sweep directory (a table's, ``outputs/tables/<profile>/table_6_5``, or a search's), in name order."""
+    found = []
+    for folder in map(Path, given):
+        if (folder / "metrics.json").is_file() or not folder.is_dir():
+            found.append(folder)  # a run directory (load_run says what is wrong with it, if anything)
+            continue
+        rows = sorted(path.parent for path in folder.glob("*/metrics.json"))
+        usable = [row for row in rows if _finished_adaptation(read_json_or_none(row / "metrics.json") or {})]
+        if not usable:
+            raise ExportError(
+                f"export.adapter_run={folder} holds no metrics.json, nor run directories of finished adaptation "
+                "runs: give a finished adaptation run's directory or a sweep directory"
+            )
+        skipped = [row.name for row in rows if row not in usable]
+        if skipped:
+            print(f"note: export.adapter_run={folder}: exporting its {len(usable)} finished adaptation runs; "
+                  f"not {', '.join(skipped)} (unfinished, failed or not adaptation runs)", file=sys.stderr)  # fmt: skip
+        found += usable
+    return found
+
+
 def run_export(cfg: DictConfig) -> dict:
     """``task=export``: see the module docstring."""
     out = Path(cfg.export.dir)
     given = cfg.export.get("adapter_run")
-    run_dirs = list(given) if isinstance(given, (list, ListConfig)) else [given] if given else []
+    run_dirs = adapter_run_dirs(list(given) if isinstance(given, (list, ListConfig)) else [given] if given else [])
     runs = [load_run(d) for d in run_dirs]
     if runs:
         base = runs[0].reference_base

@@ -91,6 +91,42 @@ def rename_deprecated_overrides(args: Sequence[str]) -> list[str]:
     return renamed
 
 
+#: keys whose values are paths (or lists of them): run directories are named ``row=...``, which
+#: Hydra's override grammar does not take unquoted
+PATH_KEYS = ("export.adapter_run", "adapters", "inputs", "base.checkpoint", "base.file", "base.save_to", "data.root")
+
+
+def quote_path_overrides(args: Sequence[str]) -> list[str]:
+    """Overrides of path keys whose values hold ``=`` (run directories such as ``row=udta_g20``) quoted,
+    so that ``export.adapter_run=[outputs/tables/full/table_6_5/row=udta_g20]`` works as typed.
+
+    A value Hydra could not parse anyway is the only one changed. In a list, commas inside a
+    directory name (``row=lora,seed=2``) are told from separators by what exists on disk.
+    """
+    quoted = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not (eq and key.lstrip("+~") in PATH_KEYS and "=" in value and value[:1] not in "'\""):
+            quoted.append(arg)
+            continue
+        if value.startswith("[") and value.endswith("]"):
+            items: list[str] = []
+            for piece in value[1:-1].split(","):
+                if items and not Path(items[-1]).exists() and "/" not in piece:
+                    items[-1] += "," + piece  # part of the previous name
+                else:
+                    items.append(piece)
+            value = "[" + ",".join(_quoted(i) for i in items) + "]"
+        else:
+            value = _quoted(value)
+        quoted.append(f"{key}={value}")
+    return quoted
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace('"', '\\"') + '"' if "'" in text else f"'{text}'"
+
+
 # ----------------------------------------------------------------------------- composing
 
 
@@ -99,16 +135,26 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", config_d
     """``conf/config.yaml`` (or a sweep of ``sweeps/``) composed with ``overrides``, as ``python -m bnn_adapt`` would.
 
     With ``output_dir`` the config is that of a job running there (``${hydra:runtime.output_dir}``
-    resolves to it), ready for :func:`bnn_adapt.run.task.run` or the builders.
+    resolves to it), ready for :func:`bnn_adapt.run.task.run` or the builders. Works inside a
+    running Hydra app too (a job, a sweep callback), whose own Hydra is set aside meanwhile.
     """
     from hydra import compose as hydra_compose  # noqa: PLC0415
     from hydra import initialize_config_dir  # noqa: PLC0415
+    from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
 
     searchpath = [f"hydra.searchpath=[file://{CONF_DIR}]"] if Path(config_dir) != CONF_DIR else []
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=[*searchpath, *rename_deprecated_overrides(overrides)],
-                            return_hydra_config=return_hydra_config or output_dir is not None)  # fmt: skip
+    running = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name,
+                                overrides=[*searchpath, *quote_path_overrides(rename_deprecated_overrides(overrides))],
+                                return_hydra_config=return_hydra_config or output_dir is not None)  # fmt: skip
+    finally:
+        if running is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(running)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)

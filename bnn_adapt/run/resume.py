@@ -17,6 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from bnn_adapt.files import atomic_output
+from bnn_adapt.run.claims import held_by_another
 from bnn_adapt.run.results import read_json_or_none
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -59,7 +61,8 @@ def find_resumable(output_dir: Path, runs_root: Path, cfg_hash: str) -> Path | N
         return output_dir
     if not runs_root.is_dir():
         return None
-    candidates = [d for d in runs_root.iterdir() if d.is_dir() and d != output_dir and unfinished(d, cfg_hash)]
+    candidates = [d for d in runs_root.iterdir()
+                  if d.is_dir() and d != output_dir and unfinished(d, cfg_hash) and not held_by_another(d)]  # fmt: skip
     return max(candidates, key=lambda d: (d / CHECKPOINT).stat().st_mtime, default=None)
 
 
@@ -83,10 +86,8 @@ def merge_resumed_csv(kept: Path, csv_dir: Path, resumed_epoch: int) -> None:
         with new_path.open(newline="") as f:
             new_rows = list(csv.DictReader(f))
     fields = sorted({k for row in old_rows + new_rows for k in row})
-    tmp = csv_dir / ".metrics.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with atomic_output(new_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(old_rows + new_rows)
-    tmp.replace(new_path)
     kept.unlink()

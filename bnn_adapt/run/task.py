@@ -11,6 +11,7 @@ read. ``task=export`` (bit-packed base + adapter files) and ``task=predict``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ from bnn_adapt import accounting
 from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter
 from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
-from bnn_adapt.errors import ConfigError
+from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
-from bnn_adapt.run import builders, resume
+from bnn_adapt.run import builders, claims, preflight, resume
 from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
 from bnn_adapt.run.results import completed_metrics, config_hash, package_versions
 from bnn_adapt.training import tap_cache
@@ -132,10 +133,14 @@ def run_adapt(cfg: DictConfig) -> dict:
     datamodule = builders.build_datamodule(cfg, "target")
     # build on a fresh base first: config errors (and a pruning schedule that cannot fit) surface before training
     builders.build_adapted(cfg, builders.build_base(cfg), datamodule.num_classes)
-    if cfg.base.checkpoint and not Path(cfg.base.checkpoint).is_file() and cfg.base.get("pretrain"):
-        sub = builders.pretraining_config(cfg)  # writes the last epoch there, and the best beside it
-        print(f"no base checkpoint at {cfg.base.checkpoint}: pretraining it first ({sub.trainer.max_epochs} epochs)")
-        run_pretrain(sub)
+    preflight.check_base(cfg)  # a missing base: one line naming the command that makes it
+    if preflight.pretrains_missing_base(cfg):  # its default place only; one run pretrains it, others wait
+        with claims.file_claim(cfg.base.checkpoint, f"base checkpoint {cfg.base.checkpoint}"):
+            if not Path(cfg.base.checkpoint).is_file():
+                sub = builders.pretraining_config(cfg)
+                print(f"no base checkpoint at {cfg.base.checkpoint}: pretraining it first "
+                      f"({sub.trainer.max_epochs} epochs)")  # fmt: skip
+                run_pretrain(sub)
     base = builders.load_trained_base(cfg)
     model = builders.build_adapted(cfg, base, datamodule.num_classes)
     plan = builders.pruning_plan(cfg)
@@ -223,30 +228,52 @@ def run(cfg: DictConfig) -> dict:
 
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         return run_export(cfg) if cfg.task == "export" else run_predict(cfg)
-    if not cfg.summary_only:
-        base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
-        done = completed_metrics(cfg.paths.output_dir, config_hash(cfg), base_sha)
-        missing = pretrained_files_missing(cfg) if done is not None and cfg.task == "pretrain" else []
-        if missing:
-            print(f"the complete run in {cfg.paths.output_dir} left no {' or '.join(missing)}: running it again")
-            done = None
-        if done is not None:
-            print(f"already complete (config {done['config_hash']}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
-            return done
-        earlier = read_json_or_none(Path(cfg.paths.output_dir) / "metrics.json") or {}
-        if earlier.get("status") == "complete" and earlier.get("config_hash") == config_hash(cfg):
-            print(f"base checkpoint {cfg.base.checkpoint} changed since the complete run in "
-                  f"{cfg.paths.output_dir}: running it again")  # fmt: skip
-        cfg = choose_run_dir(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.summary_only:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         return run_summary(cfg)
-    try:
-        return run_pretrain(cfg) if cfg.task == "pretrain" else run_adapt(cfg)
-    except Exception as exc:
-        record_failure(cfg, exc)
-        raise
+    with contextlib.ExitStack() as held:  # the run directory is ours while this runs (claims.py)
+        claim = held.enter_context(claims.run_claim(cfg.paths.output_dir))
+        done = skip_or_rerun(cfg, waited=claim.waited)
+        if done is not None:
+            return done
+        chosen = choose_run_dir(cfg)
+        if chosen.paths.output_dir != cfg.paths.output_dir:
+            held.enter_context(claims.run_claim(chosen.paths.output_dir))
+        cfg = chosen
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            return run_pretrain(cfg) if cfg.task == "pretrain" else run_adapt(cfg)
+        except Exception as exc:
+            record_failure(cfg, exc)
+            raise
+
+
+def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
+    """The complete results of this config already in its directory (the run is skipped), else None.
+
+    ``waited``: another process held the directory until now; if it failed there, this one does
+    not run the same config again (two invocations of one sweep run each row once).
+    """
+    base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
+    done = completed_metrics(cfg.paths.output_dir, config_hash(cfg), base_sha)
+    missing = pretrained_files_missing(cfg) if done is not None and cfg.task == "pretrain" else []
+    if missing:
+        print(f"the complete run in {cfg.paths.output_dir} left no {' or '.join(missing)}: running it again")
+        return None
+    if done is not None:
+        print(f"already complete (config {done['config_hash']}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
+        return done
+    earlier = read_json_or_none(Path(cfg.paths.output_dir) / "metrics.json") or {}
+    same_config = earlier.get("config_hash") == config_hash(cfg)
+    if waited and same_config and earlier.get("status") == "failed":
+        raise UserError(f"this run failed in the process that held {cfg.paths.output_dir} until now: "
+                        f"{earlier.get('error')}; not running it again")  # fmt: skip
+    if earlier.get("status") == "complete" and same_config:
+        print(f"base checkpoint {cfg.base.checkpoint} changed since the complete run in "
+              f"{cfg.paths.output_dir}: running it again")  # fmt: skip
+    return None
 
 
 def sweeper_value(cfg: DictConfig, metrics: dict) -> Any:

@@ -29,8 +29,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bnn_adapt.files import atomic_output
 from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc. in the configs read here
 from bnn_adapt.run.results import read_json_or_none
+from bnn_adapt.tools import search_trials
 from bnn_adapt.tools.report import run_label
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,14 @@ def serial_stages(cfg: DictConfig, trial) -> None:
     n = _stage_count(cfg.base.name)
     options = [list(range(1, n + 1)), [n - 1, n], [n]]
     trial.suggest_categorical("adapter.stages", [str(o).replace(" ", "") for o in options])
+
+
+def search_space(cfg: DictConfig, trial) -> None:
+    """The sweeper's hook for each new trial (``custom_search_space``): record who runs it, so that a
+    search killed meanwhile leaves no phantom RUNNING trial (:mod:`bnn_adapt.tools.search_trials`),
+    then the conditional part of the space."""
+    search_trials.watch(trial)
+    serial_stages(cfg, trial)
 
 
 # ----------------------------------------------------------------------------- the front
@@ -117,7 +127,7 @@ def thesis_points(tables_dir: Path, like: dict) -> list[dict]:
 
 def write_points(path: Path, points: list[dict]) -> None:
     keys = list(dict.fromkeys(k for p in points for k in p)) or ["test_top1", "size_pct"]
-    with path.open("w", newline="") as f:
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(points)
@@ -195,8 +205,9 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
 
 def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | None = None,
                  baseline_dir: Path | None = None) -> dict[str, Path]:  # fmt: skip
-    """trials.csv, pareto_front.csv, pareto_front.png and comparison.json in ``sweep_dir``: the front against
-    the front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below 5 % of the base."""
+    """trials.csv, pareto_front.csv, pareto_front.png and comparison.json in ``sweep_dir``, of finished trials
+    only (a trial directory with complete results; a killed or failed trial has none): the front against the
+    front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below 5 % of the base."""
     sweep_dir = Path(sweep_dir)
     points = trial_points(sweep_dir)
     front = pareto_front(points)
@@ -214,7 +225,7 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
     if baseline is not None:
         comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline)}
     files["comparison"].write_text(json.dumps(comparison, indent=1) + "\n")
-    title = f"{sweep_dir.name}: {len(points)} trials, {len(front)} on the front"
+    title = f"{sweep_dir.name}: {len(points)} finished trials, {len(front)} on the front"
     plot_front(files["plot"], points, front, thesis, title, baseline)
     return files
 
@@ -225,6 +236,10 @@ class ParetoFrontReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        sweeper = config.hydra.sweeper
+        if sweeper.get("storage"):  # a stored study that this search continues
+            for line in search_trials.fail_stale_trials(str(sweeper.storage), str(sweeper.study_name)):
+                print(f"note: marked failed, {line}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         profile = OmegaConf.select(config, "profile.name", default=None)
@@ -232,7 +247,10 @@ class ParetoFrontReport(Callback):
         like = {key: OmegaConf.select(config, key) for key in ("data.name", "base.name", "base.width")}
         like["data.target_classes"] = OmegaConf.to_container(config.data, resolve=True).get("target_classes")
         files = write_report(Path(config.hydra.sweep.dir), tables_dir, like)
-        log.info("Pareto front: %s, %s", files["front"], files["plot"])
+        storage = config.hydra.sweeper.get("storage")
+        counts = search_trials.trial_counts(str(storage), str(config.hydra.sweeper.study_name)) if storage else {}
+        states = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) or "not stored"
+        log.info("study: %s; Pareto front of the finished trials: %s, %s", states, files["front"], files["plot"])
 
 
 def main(argv: list[str] | None = None) -> int:

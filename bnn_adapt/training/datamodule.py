@@ -214,6 +214,10 @@ class ClassSplitDataModule(L.LightningDataModule):
         with dataset_errors(problem):
             return find_classes(str(folder))[0]
 
+    def missing_files(self) -> str | None:
+        """What the dataset lacks on disk, reading no data (None: nothing, or ``download`` fetches it)."""
+        return None if self.download else self.spec.missing(self.root)
+
     @property
     def num_classes(self) -> int:
         return len(self.served_classes())

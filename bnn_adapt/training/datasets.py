@@ -14,10 +14,11 @@ import gzip
 import logging
 import pickle
 import shutil
+import tarfile
 import tempfile
 import urllib.error
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -113,6 +114,41 @@ def dataset_errors(problem: str):
         raise DataError(f"{problem} ({type(err).__name__}: {err})") from err
 
 
+def _why_download_failed(err: BaseException) -> str:
+    """``no network: ...`` or what the server said, in a few words."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"the server answered HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return f"no network: {err.reason}"
+    if isinstance(err, TimeoutError):
+        return "no network: the connection timed out"
+    text = str(err)
+    if "urlopen error" in text:  # torchvision's MNIST readers wrap the URLError of every mirror in a RuntimeError
+        return "no network: " + text.rsplit("urlopen error", 1)[1].split(">", 1)[0].strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def fetch_dataset(title: str, url: str, root: str, where: str, fetch: Callable[[], object]) -> None:
+    """Run a torchvision download; a failure is one DataError saying so, naming the URL and where the
+    files must go, and what the attempt created under ``root`` is removed again."""
+    folder = Path(root)
+    before = set(folder.rglob("*")) if folder.is_dir() else None
+    try:
+        fetch()
+    except (OSError, RuntimeError, EOFError, ValueError, tarfile.TarError) as err:
+        created = sorted(set(folder.rglob("*")) - (before or set()), reverse=True) if folder.is_dir() else []
+        for path in created:  # deepest first: files, then the folders the attempt made
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+        if before is None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise DataError(
+            f"downloading {title} from {url} failed ({_why_download_failed(err)}); download it where there is "
+            f"network and {where}"
+        ) from err
+
+
 def _load_digits(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
     """scikit-learn's bundled 8x8 digits, scaled to [0, 1]; a stratified 25% is held out."""
     from sklearn.datasets import load_digits
@@ -131,7 +167,7 @@ def _load_digits(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
 
 def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """Read an IDX file with torchvision's reader, which opens only uncompressed files."""
-    with dataset_errors(f"{path} is not a readable IDX file; replace it or set data.download=true"):
+    with dataset_errors(f"{path} is not a readable IDX file; replace it"):
         if path.suffix != ".gz":
             return reader(str(path))
         with gzip.open(path) as packed, tempfile.NamedTemporaryFile(suffix=".idx") as plain:
@@ -153,19 +189,24 @@ def _fashion_files(root: str) -> dict[str, Path] | None:
     return None
 
 
+def _fashion_missing(root: str) -> str | None:
+    if _fashion_files(root) is not None:
+        return None
+    names = ", ".join(s for pair in FASHION_FILES.values() for s in pair)
+    return f"Fashion-MNIST not found in {root} or {root}/FashionMNIST/raw: need {names} (plain or .gz)"
+
+
 def _load_fashion(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
     """Fashion-MNIST from the standard IDX files: in root, root/FashionMNIST/raw/ or the Debian folder."""
-    if download:
-        with dataset_errors(f"downloading Fashion-MNIST into {root} failed; are you online?"):
-            tvd.FashionMNIST(root, train=True, download=True)
+    names = ", ".join(s for pair in FASHION_FILES.values() for s in pair)
+    if download and _fashion_files(root) is None:
+        fetch_dataset("Fashion-MNIST", tvd.FashionMNIST.mirrors[0], root,
+                 f"put {names} (plain or .gz) into {root}, or apt-get install dataset-fashion-mnist",
+                 lambda: tvd.FashionMNIST(root, train=True, download=True))  # fmt: skip
     files = _fashion_files(root)
     if files is None:
-        names = ", ".join(s for pair in FASHION_FILES.values() for s in pair)
-        raise DataError(
-            f"Fashion-MNIST not found in {root} or {root}/FashionMNIST/raw: need {names} (plain or .gz); "
-            f"set data.root={DEBIAN_FASHION_DIR} (apt-get install dataset-fashion-mnist) "
-            "or data.download=true."
-        )
+        raise DataError(_fashion_missing(root) + f"; set data.root={DEBIAN_FASHION_DIR} (apt-get install "
+                        "dataset-fashion-mnist) or data.download=true.")  # fmt: skip
     parts = []
     for image_stem, label_stem in FASHION_FILES.values():
         images = _read_idx(files[image_stem], read_image_file)
@@ -173,7 +214,7 @@ def _load_fashion(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
         if len(images) != len(labels):
             raise DataError(
                 f"{files[image_stem]} holds {len(images)} images but {files[label_stem]} "
-                f"{len(labels)} labels; replace the files or set data.download=true."
+                f"{len(labels)} labels; replace the files."
             )
         parts.append((TensorDataset(images.unsqueeze(1), labels), labels.tolist()))
     return tuple(parts)  # type: ignore[return-value]
@@ -206,32 +247,58 @@ class ExistingFilesFlowers102(tvd.Flowers102):
     _file_dict = {key: (name, None) for key, (name, _) in tvd.Flowers102._file_dict.items()}
 
 
-def _load_cifar(cls: type[tvd.CIFAR10], root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
-    """CIFAR-10/100 in the python-pickle format under root/<base_folder>/; eval = test set."""
+def _cifar_missing(cls: type[tvd.CIFAR10], root: str) -> str | None:
     folder = Path(root) / cls.base_folder
     expected = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     missing = [name for name in expected if not (folder / name).is_file()]
-    if missing and not download:
-        raise DataError(
-            f"{folder} lacks {', '.join(missing)} (expected {', '.join(expected)}); "
-            f"set data.root to the folder holding {cls.base_folder}/ or data.download=true."
-        )
-    with dataset_errors(f"cannot read {folder}; replace the files or set data.download=true"):
-        train = cls(root, train=True, download=download)
+    if not folder.is_dir():
+        return f"{folder} does not exist (it must hold {', '.join(expected)})"
+    return f"{folder} lacks {', '.join(missing)} (expected {', '.join(expected)})" if missing else None
+
+
+def _load_cifar(cls: type[tvd.CIFAR10], root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
+    """CIFAR-10/100 in the python-pickle format under root/<base_folder>/; eval = test set."""
+    folder, missing = Path(root) / cls.base_folder, _cifar_missing(cls, root)
+    if missing and download:
+        title = cls.__name__.removeprefix("ExistingFiles").replace("CIFAR", "CIFAR-")
+        fetch_dataset(title, cls.url, root, f"unpack {cls.filename} into {root}, so that {folder}/ holds its files",
+                 lambda: cls(root, train=True, download=True))  # fmt: skip
+    elif missing:
+        raise DataError(f"{missing}; set data.root to the folder holding {cls.base_folder}/ or data.download=true.")
+    with dataset_errors(f"cannot read {folder}; replace the files"):
+        train = cls(root, train=True)
         test = cls(root, train=False)
     return (train, train.targets), (test, test.targets)
 
 
+#: what torchvision's Flowers-102 and Pets readers need under root, and where they download from
+LAYOUTS = {
+    "flowers102": ("Flowers-102", "flowers-102", ("jpg", "imagelabels.mat", "setid.mat"),
+                   tvd.Flowers102._download_url_prefix),
+    "pets": ("Oxford-IIIT Pets", "oxford-iiit-pet", ("images", "annotations"), tvd.OxfordIIITPet._RESOURCES[0][0]),
+}  # fmt: skip
+
+
+def _layout_missing(name: str, root: str) -> str | None:
+    _, folder, parts, _ = LAYOUTS[name]
+    missing = [p for p in parts if not (Path(root) / folder / p).exists()]
+    return f"{Path(root) / folder} lacks {', '.join(missing)} (expected {', '.join(parts)})" if missing else None
+
+
 def _load_torchvision_split(
-    cls: type, splits: tuple[str, str], layout: str, root: str, download: bool
+    cls: type, splits: tuple[str, str], name: str, root: str, download: bool
 ) -> tuple[LabelledSet, LabelledSet]:
     """Flowers-102 / Oxford-IIIT Pets: torchvision's reader for the (train, eval) splits."""
+    title, folder, parts, url = LAYOUTS[name]
+    if download and _layout_missing(name, root):
+        fetch_dataset(title, url, root, f"put {Path(root) / folder}/ ({', '.join(parts)}) there",
+                 lambda: cls(root, split=splits[0], download=True))  # fmt: skip
     problem = (
-        f"{cls.__name__.removeprefix('ExistingFiles')} not found: expected {Path(root) / layout}; "
+        f"{title} not found: expected {Path(root) / folder}/{{{','.join(parts)}}}; "
         "set data.root=... or data.download=true"
     )
     with dataset_errors(problem):
-        train, held_out = (cls(root, split=split, download=download) for split in splits)
+        train, held_out = (cls(root, split=split) for split in splits)
     return (train, train._labels), (held_out, held_out._labels)
 
 
@@ -252,6 +319,11 @@ def imagefolder_dir(root: str, part: str) -> Path:
             "set data.root=... to such a folder."
         )
     return folder
+
+
+def _imagefolder_missing(root: str) -> str | None:
+    missing = [part for part in ("train", "test") if not (Path(root) / part).is_dir()]
+    return f"{root} lacks {' and '.join(p + '/<class>/' for p in missing)}" if missing else None
 
 
 def _load_imagefolder(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
@@ -276,6 +348,7 @@ class DatasetSpec:
     std: tuple[float, ...] | None
     large: bool | None  # 224-px pipeline (rotation, resized crop, flips); None: by image size
     hflip: bool = False  # horizontal flips in the small-image pipeline (CIFAR)
+    missing: Callable[[str], str | None] = field(default=lambda root: None)  # what root lacks (reads nothing)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -283,27 +356,31 @@ DATASETS: dict[str, DatasetSpec] = {
         "scikit-learn digits", _load_digits, tuple(str(d) for d in range(10)), HALF, HALF, False
     ),
     "fashion_mnist": DatasetSpec(
-        "Fashion-MNIST", _load_fashion, tuple(tvd.FashionMNIST.classes), HALF, HALF, False
-    ),
+        "Fashion-MNIST", _load_fashion, tuple(tvd.FashionMNIST.classes), HALF, HALF, False,
+        missing=_fashion_missing,
+    ),  # fmt: skip
     "cifar10": DatasetSpec(
         "CIFAR-10", partial(_load_cifar, ExistingFilesCIFAR10), CIFAR10_CLASSES,
         CIFAR10_BASE_MEAN, CIFAR10_BASE_STD, False, hflip=True,
+        missing=partial(_cifar_missing, ExistingFilesCIFAR10),
     ),  # fmt: skip
     "cifar100": DatasetSpec(
         "CIFAR-100", partial(_load_cifar, ExistingFilesCIFAR100), CIFAR100_CLASSES,
         CIFAR100_BASE_MEAN, CIFAR100_BASE_STD, False, hflip=True,
+        missing=partial(_cifar_missing, ExistingFilesCIFAR100),
     ),  # fmt: skip
     "flowers102": DatasetSpec(
         "Flowers-102",
-        partial(_load_torchvision_split, ExistingFilesFlowers102, ("train", "val"),
-                "flowers-102/{jpg/,imagelabels.mat,setid.mat}"),
+        partial(_load_torchvision_split, ExistingFilesFlowers102, ("train", "val"), "flowers102"),
         tuple(tvd.Flowers102.classes), IMAGENET_MEAN, IMAGENET_STD, True,
+        missing=partial(_layout_missing, "flowers102"),
     ),  # fmt: skip
     "pets": DatasetSpec(
         "Oxford-IIIT Pets",
-        partial(_load_torchvision_split, tvd.OxfordIIITPet, ("trainval", "test"),
-                "oxford-iiit-pet/{images/,annotations/}"),
-        PETS_CLASSES, IMAGENET_MEAN, IMAGENET_STD, True,
+        partial(_load_torchvision_split, tvd.OxfordIIITPet, ("trainval", "test"), "pets"),
+        PETS_CLASSES, IMAGENET_MEAN, IMAGENET_STD, True, missing=partial(_layout_missing, "pets"),
     ),  # fmt: skip
-    "imagefolder": DatasetSpec("imagefolder", _load_imagefolder, None, None, None, None),
+    "imagefolder": DatasetSpec(
+        "imagefolder", _load_imagefolder, None, None, None, None, missing=_imagefolder_missing
+    ),
 }
