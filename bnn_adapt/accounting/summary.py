@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from bnn_adapt.accounting.operations import operation_counts
 from bnn_adapt.accounting.parameters import parameter_rows, size_percent, totals
 
 
@@ -20,8 +21,9 @@ def pruned_modules(model: nn.Module) -> list[nn.Module]:
     return depthwise + pointwise
 
 
-def summarize(model: nn.Module) -> dict:
-    """Counts for an adapted model (see :mod:`bnn_adapt.adapters`)."""
+def summarize(model: nn.Module, image_size: int | None = None) -> dict:
+    """Counts for an adapted model (see :mod:`bnn_adapt.adapters`); with ``image_size``
+    also its MACs for one image of that size (:mod:`bnn_adapt.accounting.operations`)."""
     base_fp32, base_bin = totals(parameter_rows(model.base))
     introduced, pruned = model.introduced_modules(), pruned_modules(model)
     adapter_rows = [r for m in introduced["adapter"] for r in parameter_rows(m, pruned=pruned)]
@@ -30,6 +32,7 @@ def summarize(model: nn.Module) -> dict:
     head_fp32, head_bin = totals(head_rows)
     return {
         "strategy": model.strategy,
+        **(operation_counts(model, image_size, pruned) if image_size else {}),
         "base_binary_params": base_bin,
         "base_fp32_params": base_fp32,
         "adapter_fp32_params": adapter_fp32,

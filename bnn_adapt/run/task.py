@@ -18,13 +18,15 @@ from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from bnn_adapt import accounting
+from bnn_adapt.accounting.operations import mac_table, operation_counts
 from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter
 from bnn_adapt.bases import save_base
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
-from bnn_adapt.run import builders, resume
+from bnn_adapt.run import builders, resume, tracking
 from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
 from bnn_adapt.run.results import completed_metrics, config_hash, package_versions
 from bnn_adapt.training import tap_cache
@@ -32,21 +34,28 @@ from bnn_adapt.training.lean import set_memory_mode
 from bnn_adapt.training.module import Classifier
 
 
-def run_summary(cfg: DictConfig) -> dict:
-    """Build the configured model, print its per-layer table, write summary.json."""
+def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
+    """The configured model, built without data, and its counts as the run will leave them
+    (parameters, size, MACs for one image of ``data.image_size``)."""
     if cfg.task == "pretrain":
         model = builders.build_base(cfg)
         fp32, binary = accounting.totals(accounting.parameter_rows(model))
-        summary = {"base_binary_params": binary, "base_fp32_params": fp32}
-    else:
-        have_checkpoint = cfg.base.checkpoint and Path(cfg.base.checkpoint).is_file()
-        base = builders.load_trained_base(cfg) if have_checkpoint else builders.build_base(cfg)
-        model = builders.build_adapted(cfg, base, builders.target_num_classes(cfg))
-        plan = builders.pruning_plan(cfg)
-        if plan is not None:
-            plan.apply(model)  # the counts the run will leave
-        summary = accounting.summarize(model)
+        return model, {"base_binary_params": binary, "base_fp32_params": fp32,
+                       **operation_counts(model, cfg.data.image_size)}  # fmt: skip
+    have_checkpoint = cfg.base.checkpoint and Path(cfg.base.checkpoint).is_file()
+    base = builders.load_trained_base(cfg) if have_checkpoint else builders.build_base(cfg)
+    model = builders.build_adapted(cfg, base, builders.target_num_classes(cfg))
+    plan = builders.pruning_plan(cfg)
+    if plan is not None:
+        plan.apply(model)  # the counts the run will leave
+    return model, accounting.summarize(model, cfg.data.image_size)
+
+
+def run_summary(cfg: DictConfig) -> dict:
+    """Build the configured model, print its per-layer tables (parameters, MACs), write summary.json."""
+    model, summary = configured_counts(cfg)
     print(accounting.layer_table(model))
+    print(mac_table(summary))
     summary.update(task=cfg.task, config_hash=config_hash(cfg))
     write_json(Path(cfg.paths.output_dir) / "summary.json", summary)
     return summary
@@ -57,8 +66,10 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None) -> dict
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
-    callbacks = plan.callbacks(model) if plan is not None else []
-    trainer, stats = builders.make_trainer(cfg, [*callbacks, resume.RNGState()])
+    callbacks = [*(plan.callbacks(model) if plan is not None else []), resume.RNGState()]
+    if any(name != "csv" for name in tracking.logger_configs(cfg)):  # trackers get the config and the counts
+        callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, configured_counts(cfg)[1])))
+    trainer, stats = builders.make_trainer(cfg, callbacks)
     out = Path(cfg.paths.output_dir)
     checkpoint = out / resume.CHECKPOINT
     resuming = bool(cfg.get("resume")) and resume.unfinished(out, config_hash(cfg))
@@ -118,7 +129,8 @@ def run_pretrain(cfg: DictConfig) -> dict:
     save_base(base, cfg.base.save_to, base_classes=datamodule.class_names, top1=result.get("test_top1"),
               image_size=cfg.data.image_size, config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
-    summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to)}
+    summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
+               **operation_counts(base, cfg.data.image_size)}  # fmt: skip
     return finish(cfg, result, summary)
 
 
@@ -142,7 +154,7 @@ def run_adapt(cfg: DictConfig) -> dict:
     export_adapter(model, Path(cfg.paths.output_dir) / ADAPTER_FILE, reference_base=builders.load_trained_base(cfg),
                    class_names=datamodule.class_names, preprocess=builders.preprocessing(datamodule),
                    source={"run_dir": str(cfg.paths.output_dir), "config_hash": config_hash(cfg)})  # fmt: skip
-    summary = accounting.summarize(model)
+    summary = accounting.summarize(model, cfg.data.image_size)
     summary["class_names"] = datamodule.class_names
     return finish(cfg, result, summary)
 
@@ -212,6 +224,7 @@ def run(cfg: DictConfig) -> dict:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         return run_export(cfg) if cfg.task == "export" else run_predict(cfg)
     if not cfg.summary_only:
+        tracking.check_installed(cfg)  # a tracker's missing package stops the run before any work
         base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
         done = completed_metrics(cfg.paths.output_dir, config_hash(cfg), base_sha)
         if done is not None:

@@ -80,6 +80,7 @@ ADAPT_COLUMNS = (
     Column("fp32 weights", _get("introduced_fp32_params"), ","),
     Column("binary weights", _get("introduced_binary_params"), ","),
     Column("% base memory", _get("size_pct"), ".3f"),
+    Column("adapter MACs", _get("adapter_macs"), ","),  # per image (bnn_adapt.accounting.operations)
     Column("epoch time (s)", _get("epoch_time_s"), ".2f"),
 )
 SPEEDUP_HEADER = "speed-up vs finetune"
