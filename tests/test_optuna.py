@@ -56,6 +56,7 @@ def test_search_runs_stores_trials_in_sqlite_continues_and_plots(tmp_path):
     assert sorted(float(t[k]) for t in trials for k in ("test_top1", "size_pct")) == pytest.approx(stored)
     for t in trials:
         assert t["adapter"] in ("serial", "udta") and t["overrides"]
+        assert int(t["adapter_macs"]) > 0  # compute beside size and accuracy
     with (sweep_dir / "pareto_front.csv").open() as f:
         front = list(csv.DictReader(f))
     assert 1 <= len(front) <= len(trials) and all(t["on_front"] == "True" for t in front)

@@ -162,6 +162,9 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
     metrics = read_json_or_none(Path(head["run_dirs"]) / "metrics.json")
     assert float(head["top-1 (final)"]) == metrics["test_top1"]  # the number comes from the run's own file
     assert int(head["weights introduced"]) == metrics["introduced_fp32_params"] + metrics["introduced_binary_params"]
+    serial = next(r for r in records if r["strategy"] == "serial stages 1,2,3 g=10")
+    macs = read_json_or_none(Path(serial["run_dirs"]) / "metrics.json")["adapter_macs"]
+    assert int(serial["adapter MACs"]) == macs > 0 and int(head["adapter MACs"]) == 0
     for name in ("table_6_2_test_accuracy.png", "table_6_2_train_loss.png", "accuracy_vs_weights.png"):
         assert (out / name).stat().st_size > 1000
 
