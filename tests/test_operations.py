@@ -171,3 +171,34 @@ def test_summary_only_reports_operation_counts(make_cfg):
     assert summary["mac_image_size"] == cfg.data.image_size
     table = mac_table(summary)
     assert re.search(r"MACs per \d+x\d+ image: .* binary \+ .* fp32 \(\d+\.\d% binary\)", table)
+
+
+ADAPTER_ROWS = {  # the README's table of what the thesis adapters add, by its (data, configuration) cells
+    ("CIFAR-10 5-5", "head only"): ["+experiment=cifar5_5_head_only"],
+    ("CIFAR-10 5-5", "serial, stages 1-3, g=1"): ["+experiment=cifar5_5_serial", "adapter.groups=1"],
+    ("CIFAR-10 5-5", "serial, stages 1-3, g=20"): ["+experiment=cifar5_5_serial", "adapter.groups=20"],
+    ("CIFAR-100 80-20", "udta concat, g=1"): ["+experiment=cifar80_20_udta"],
+    ("CIFAR-100 80-20", "udta concat, g=channels"): ["+experiment=cifar80_20_udta", "adapter.groups=channels"],
+    ("CIFAR-100 80-20", "udta concat, prune 0.9"): ["+experiment=cifar80_20_udta", "reduction=prune",
+                                                    "reduction.rate=0.9"],
+    ("CIFAR-100 80-20", "lora, rank 4, all stages"): ["+experiment=cifar80_20_udta", "adapter=lora"],
+    ("Flowers-102 (ReActNet)", "head only"): ["+experiment=flowers102_head_only"],
+    ("Flowers-102 (ReActNet)", "udta concat"): ["+experiment=flowers102_udta"],
+    ("Flowers-102 (ReActNet)", "udta adapter head, prune 0.9"): ["+experiment=flowers102_udta", "adapter.head=adapter",
+                                                                "reduction=prune", "reduction.rate=0.9"],
+}  # fmt: skip
+
+
+def test_readme_adapter_macs_are_what_summary_only_counts(tmp_path):
+    from bnn_adapt.run.config import compose
+    from bnn_adapt.run.task import configured_counts
+
+    cells = [line.strip("|").split("|") for line in README.read_text().splitlines()
+             if line.startswith("| ") and line.count("|") == 7]  # fmt: skip
+    rows = {(c[0].strip(), c[1].strip()): [v.strip() for v in c[2:]] for c in cells}
+    for key, overrides in ADAPTER_ROWS.items():
+        cfg = compose([*overrides, f"paths.base_dir={tmp_path}"], output_dir=tmp_path / "run")  # no base: random init
+        _, s = configured_counts(cfg)
+        expected = [f"{s['adapter_macs']:,}", f"{s['head_macs']:,}", f"{100 * s['binary_mac_share']:.2f} %",
+                    f"{s['size_pct']:.3f}"]  # fmt: skip
+        assert rows.get(key) == expected, f"README row {key}"
