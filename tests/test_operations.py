@@ -117,7 +117,9 @@ def test_pruned_weights_do_no_work():
     c, h = base.stage_channels, stage_sizes(base)
     blocks = [(c[0], c[1], h[0]), (c[1], c[2], h[1]), (c[2], c[2], h[2])]
     # half the depthwise filters gone (9 MACs per position each), half the 1x1 weights zero; BNs still run
-    expected = sum(s * s * (9 * (ci - round(0.5 * ci)) + ci + (ci * co - round(0.5 * ci * co)) + co) for ci, co, s in blocks)
+    expected = sum(
+        s * s * (9 * (ci - round(0.5 * ci)) + ci + (ci * co - round(0.5 * ci * co)) + co) for ci, co, s in blocks
+    )
     assert pruned["adapter_macs"] == expected < dense
 
 
@@ -149,7 +151,8 @@ def test_full_width_bases_as_the_readme_reports_them():
     # BN: the stem's, one per block, one per downsample shortcut (stages 2-4)
     bn = 64 * 112 * 112 + sum(c * s * s * (4 + (c > 64)) for c, s in ((64, 56), (128, 28), (256, 14), (512, 7)))
     binary = sum(4 * s * s * c * c * 9 for c, s in ((64, 56), (128, 28), (256, 14), (512, 7))) - sum(
-        s * s * c * (c // 2) * 9 for c, s in ((128, 28), (256, 14), (512, 7)))  # first block of stages 2-4: c/2 in
+        s * s * c * (c // 2) * 9 for c, s in ((128, 28), (256, 14), (512, 7))
+    )  # first block of stages 2-4: c/2 in
     assert react["macs_binary"] == binary
     assert react["macs_fp32"] == stem + downsample + bn + 512 * 1000  # + the fp32 head
     assert (react["macs_binary"], react["macs_fp32"]) == FULL_WIDTH["reactnet18"]

@@ -72,7 +72,9 @@ class MacSummary(L.Callback):
             rows.append((name, type(module).__name__, human(_params(module)), human(_params(module, trainable=True)),
                          human(done["binary"]), human(done["fp32"])))  # fmt: skip
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = [" | ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            " | ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))) for r in rows
+        ]
         rule = "-" * len(lines[0])
         footer = f"{human(_params(model, trainable=True))} trainable of {human(_params(model))} params; "
         return "\n".join([lines[0], rule, *lines[1:], rule, footer + operations.totals_line(counts)])
