@@ -27,6 +27,7 @@ from tests.conftest import compose_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = [name for name in ("tensorboard", "mlflow", "wandb") if importlib.util.find_spec(name)]
 EXTRA = 'not installed: pip install -e ".[tracking]"'
+NONE = f"tensorboard, mlflow and wandb {EXTRA}"
 
 
 def needs(package: str) -> None:
@@ -38,7 +39,7 @@ def needs(package: str) -> None:
 def tracked_run(tmp_path_factory, data_dir, shared_base_dir, pretrained_base) -> tuple[dict, Path]:
     """One tiny UDTA adaptation logged to CSV and every installed tracker at once."""
     if not INSTALLED:
-        pytest.skip(f"no tracker {EXTRA}")
+        pytest.skip(NONE)
     out = tmp_path_factory.mktemp("tracked") / "run"
     cfg = compose_config(["data=cifar5_5", "adapter=udta", f"logger=[csv,{','.join(INSTALLED)}]"], out, data_dir,
                          shared_base_dir)  # fmt: skip
@@ -138,7 +139,7 @@ def test_a_multirun_groups_its_runs_and_the_console_prints_each_line_once(tmp_pa
     """Two digits jobs (the first pretrains the base in a sub-run): one TensorBoard folder, one MLflow
     experiment and one W&B group for the sweep; Lightning's lines once each; our MACs, no FLOPs."""
     if not INSTALLED:
-        pytest.skip(f"no tracker {EXTRA}")
+        pytest.skip(NONE)
     result = cli(tmp_path, "--multirun", "adapter=head_only,udta", f"logger=[csv,{','.join(INSTALLED)}]",
                  "hydra.sweep.dir=${paths.log_dir}/sweeps/trackers", "base.width=0.1", "base.pretrain.epochs=1",
                  "trainer.max_epochs=2", "data.limit_per_class=16", "trainer.enable_progress_bar=false")  # fmt: skip
