@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard bnn_adapt/deploy/csrc/*)
 	touch $(STAMP)
 
 # digits comparison: base pretraining if needed, then five strategies, one table
+# (ARGS: extra overrides, e.g. `make demo ARGS=logger=[csv,tensorboard]`)
 demo: install
-	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name demo
+	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name demo $(ARGS)
 	$(PY) -m bnn_adapt.tools.report outputs/demo
 
 # ---------------------------------------------------------------- thesis tables (README: Reproducing the thesis)

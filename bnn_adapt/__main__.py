@@ -28,9 +28,11 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
     """User errors print one line (``debug=true``: the traceback); in a sweep a
     failing run is recorded in its metrics.json and the sweep goes on. With
     ``optimized_metrics`` (hparams_search) the sweeper gets those values."""
+    from bnn_adapt.run.console import one_line_per_message
     from bnn_adapt.run.task import run, sweeper_value  # imported here so --help stays fast
     from bnn_adapt.training.allocator import keep_freed_memory
 
+    one_line_per_message()  # Lightning's messages through Hydra's logging only, not twice
     keep_freed_memory()  # large activations reused, not re-faulted every step (allocator.py)
     try:
         return sweeper_value(cfg, run(cfg))

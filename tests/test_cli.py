@@ -26,8 +26,9 @@ EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*
 ADAPT_SUMMARY_KEYS = {
     "base_binary_params", "base_fp32_params", "adapter_fp32_params", "adapter_binary_params",
     "head_fp32_params", "head_binary_params", "size_pct", "adapter_size_pct", "task", "config_hash",
+    "macs_binary", "macs_fp32", "binary_mac_share", "adapter_macs", "macs_per_layer",
 }  # fmt: skip
-PRETRAIN_SUMMARY_KEYS = {"base_binary_params", "base_fp32_params", "task", "config_hash"}
+PRETRAIN_SUMMARY_KEYS = {"base_binary_params", "base_fp32_params", "task", "config_hash", "macs_binary", "macs_fp32"}
 
 
 def cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -58,6 +58,7 @@ def test_search_runs_stores_trials_in_sqlite_continues_and_plots(tmp_path):
     for t in trials:  # adapter.bits is one of the searched dimensions, and the size counts real bits
         assert t["adapter"] in ("serial", "udta") and t["overrides"]
         assert f"adapter.bits={t['bits']}" in t["overrides"] and int(t["bits"]) in (32, 16, 8, 4, 2, 1)
+        assert int(t["adapter_macs"]) > 0  # compute beside size and accuracy
     comparison = json.loads((sweep_dir / "comparison.json").read_text())["front_vs_own_32_bit_trials"]
     assert comparison["limit_pct"] == 5.0 and "hypervolume" in comparison
     with (sweep_dir / "pareto_front.csv").open() as f:

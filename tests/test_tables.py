@@ -208,6 +208,9 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
     assert float(head["top-1 %"]) == 100 * metrics["test_top1"]  # the number comes from the run's own file
     ours = metrics["introduced_fp32_params"] + metrics["introduced_binary_params"]
     assert int(head["weights introduced (ours)"]) == ours and int(head["weights introduced (thesis conv.)"]) == 0
+    serial = next(r for r in records if r["strategy"] == "serial stages 1,2,3 g=10")
+    macs = read_json_or_none(Path(serial["run_dirs"]) / "metrics.json")["adapter_macs"]
+    assert int(serial["adapter MACs"]) == macs > 0 and int(head["adapter MACs"]) == 0
     for name in ("table_6_2_test_accuracy.png", "table_6_2_train_loss.png", "accuracy_vs_weights.png"):
         assert (out / name).stat().st_size > 1000
     assert (out / "claims.md").read_text().startswith("# The thesis's conclusions, checked against the runs")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from bnn_adapt.accounting.operations import operation_counts
 from bnn_adapt.accounting.parameters import parameter_rows, quantized_total, total_bits, totals
 from bnn_adapt.accounting.thesis import thesis_counts
 
@@ -22,8 +23,9 @@ def pruned_modules(model: nn.Module) -> list[nn.Module]:
     return depthwise + pointwise
 
 
-def summarize(model: nn.Module) -> dict:
-    """Counts for an adapted model (see :mod:`bnn_adapt.adapters`)."""
+def summarize(model: nn.Module, image_size: int | None = None) -> dict:
+    """Counts for an adapted model (see :mod:`bnn_adapt.adapters`); with ``image_size``
+    also its MACs for one image of that size (:mod:`bnn_adapt.accounting.operations`)."""
     base_fp32, base_bin = totals(parameter_rows(model.base))
     introduced, pruned = model.introduced_modules(), pruned_modules(model)
     adapter_rows = [r for m in introduced["adapter"] for r in parameter_rows(m, pruned=pruned)]
@@ -34,6 +36,7 @@ def summarize(model: nn.Module) -> dict:
     adapter_bits, head_bits = total_bits(adapter_rows), total_bits(head_rows)  # each weight at its real width
     return {
         "strategy": model.strategy,
+        **(operation_counts(model, image_size, pruned) if image_size else {}),
         "base_binary_params": base_bin,
         "base_fp32_params": base_fp32,
         "adapter_fp32_params": adapter_fp32,

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bnn_adapt.bases import BaseNetwork, load_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
+from bnn_adapt.run import tracking
+from bnn_adapt.run.console import MacSummary
 from bnn_adapt.training.callbacks import RunStats
 from bnn_adapt.training.pruning import PruningPlan
 
@@ -110,13 +112,37 @@ def preprocessing(datamodule) -> dict:
     return {"image_size": datamodule.image_size, "mean": list(datamodule.mean), "std": list(datamodule.std)}
 
 
+def build_loggers(cfg: DictConfig) -> list:
+    """The configured Lightning loggers (``logger=[csv,tensorboard]``: both); a tracker whose
+    package is missing is one line naming the extra that installs it."""
+    loggers = []
+    for name, node in tracking.logger_configs(cfg).items():
+        tracking.allow_mlflow_file_store(node)
+        try:
+            loggers.append(instantiate(node))
+        except InstantiationException as exc:
+            cause = exc.__cause__
+            while isinstance(cause, InstantiationException):
+                cause = cause.__cause__
+            if isinstance(cause, ImportError):  # Lightning raises ModuleNotFoundError naming the package
+                raise ConfigError(tracking.missing_package(name, cause)) from None
+            raise
+    return loggers
+
+
 def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, RunStats]:
-    """Lightning's trainer from ``cfg.trainer``, with the configured callbacks and loggers."""
+    """Lightning's trainer from ``cfg.trainer``, with the configured callbacks and loggers.
+
+    ``trainer.enable_model_summary`` shows our summary (:class:`bnn_adapt.run.console.MacSummary`:
+    binary / fp32 MACs) in place of Lightning's, whose FLOPs read 0 here.
+    """
     stats = RunStats()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + extra_callbacks + [stats]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(MacSummary(cfg.data.image_size))
+    loggers = build_loggers(cfg)
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_model_summary=False)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, MisconfigurationException):  # e.g. accelerator=gpu on a machine without one

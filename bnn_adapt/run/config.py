@@ -26,11 +26,41 @@ def classes_tag(classes) -> str:
     return "_".join(str(c) for c in items)
 
 
+def tracking_location(what: str, default=None, *, _root_) -> str | None:
+    """``${tracking:WHAT}`` in ``conf/logger/``: where a tracker writes (:mod:`bnn_adapt.run.tracking`).
+
+    ``dir``: the sweep directory in a multirun (its runs share one TensorBoard
+    folder, MLflow store, W&B group), else the run directory; ``run``: the run
+    directory relative to the sweep directory, else its name; ``group``: the sweep
+    directory relative to ``paths.log_dir``, else ``default``.
+    """
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+    from hydra.types import RunMode  # noqa: PLC0415
+
+    output_dir = Path(_root_.paths.output_dir).absolute()
+    sweep = None
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep = Path(HydraConfig.get().sweep.dir).absolute()
+        if not output_dir.is_relative_to(sweep):
+            sweep = None  # resume=true continues an older run elsewhere: it keeps its own place
+    if what == "dir":
+        return str(sweep or output_dir)
+    if what == "run":
+        return str(output_dir.relative_to(sweep)) if sweep else output_dir.name
+    if what == "group":
+        if sweep is None:
+            return default
+        log_dir = Path(_root_.paths.log_dir).absolute()
+        return str(sweep.relative_to(log_dir)) if sweep.is_relative_to(log_dir) else sweep.name
+    raise ConfigError(f"${{tracking:{what}}} is invalid: use dir, run or group")
+
+
 def register_resolvers() -> None:
     for name, fn in {
         "range": lambda start, stop: list(range(int(start), int(stop))),
         "len": lambda items: len(items) if items is not None else None,
         "classes_tag": classes_tag,
+        "tracking": tracking_location,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -28,6 +28,8 @@ def package_versions() -> dict[str, str]:
 #: keys that do not change what a run computes (``table``: a table sweep's own description;
 #: ``protocol``: the name of a protocol, whose settings are ``base.*`` keys, hashed)
 NOT_HASHED = ("paths", "resume", "debug", "table", "protocol")
+#: ``logger`` entries that only mirror what a run computes (bnn_adapt.run.tracking): not hashed either
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 #: options added since 0.1, at the value that computes what runs before them computed:
 #: left out of the hash at that value, so those runs still count as complete
@@ -102,12 +104,15 @@ def config_hash(cfg: DictConfig) -> str:
 
     Hashed unresolved, so the many values interpolated from ``paths.*`` (log
     and checkpoint folders) do not make two identical runs look different;
+    without experiment trackers, which only mirror what a run logs;
     in 0.1's spelling, without options added since at their neutral value,
     so runs written before still count (``tests/data/config_hashes.json``).
     """
     data = OmegaConf.to_container(cfg, resolve=False)
     for key in NOT_HASHED:
         data.pop(key, None)
+    if isinstance(data.get("logger"), dict):
+        data["logger"] = {k: v for k, v in data["logger"].items() if k not in TRACKERS}
     _drop_neutral(data)
     data = v1_spelling(data)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

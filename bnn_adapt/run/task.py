@@ -19,14 +19,16 @@ from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from bnn_adapt import accounting
+from bnn_adapt.accounting.operations import mac_table, operation_counts
 from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter
 from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
-from bnn_adapt.run import builders, claims, preflight, resume
+from bnn_adapt.run import builders, claims, preflight, resume, tracking
 from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
 from bnn_adapt.run.results import completed_metrics, config_hash, package_versions
 from bnn_adapt.training import tap_cache
@@ -35,22 +37,29 @@ from bnn_adapt.training.lean import set_memory_mode
 from bnn_adapt.training.module import Classifier
 
 
-def run_summary(cfg: DictConfig) -> dict:
-    """Build the configured model, print its per-layer table, write summary.json."""
+def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
+    """The configured model, built without data, and its counts as the run will leave them
+    (parameters, size, MACs for one image of ``data.image_size``)."""
     if cfg.task == "pretrain":
         model = builders.build_base(cfg)
         fp32, binary = accounting.totals(accounting.parameter_rows(model))
-        summary = {"base_binary_params": binary, "base_fp32_params": fp32}
-    else:
-        checkpoint = builders.base_checkpoint_file(cfg)
-        have_checkpoint = checkpoint and Path(checkpoint).is_file()
-        base = builders.load_trained_base(cfg) if have_checkpoint else builders.build_base(cfg)
-        model = builders.build_adapted(cfg, base, builders.target_num_classes(cfg))
-        plan = builders.pruning_plan(cfg)
-        if plan is not None:
-            plan.apply(model)  # the counts the run will leave
-        summary = accounting.summarize(model)
+        return model, {"base_binary_params": binary, "base_fp32_params": fp32,
+                       **operation_counts(model, cfg.data.image_size)}  # fmt: skip
+    checkpoint = builders.base_checkpoint_file(cfg)
+    have_checkpoint = checkpoint and Path(checkpoint).is_file()
+    base = builders.load_trained_base(cfg) if have_checkpoint else builders.build_base(cfg)
+    model = builders.build_adapted(cfg, base, builders.target_num_classes(cfg))
+    plan = builders.pruning_plan(cfg)
+    if plan is not None:
+        plan.apply(model)  # the counts the run will leave
+    return model, accounting.summarize(model, cfg.data.image_size)
+
+
+def run_summary(cfg: DictConfig) -> dict:
+    """Build the configured model, print its per-layer tables (parameters, MACs), write summary.json."""
+    model, summary = configured_counts(cfg)
     print(accounting.layer_table(model))
+    print(mac_table(summary))
     summary.update(task=cfg.task, config_hash=config_hash(cfg))
     write_json(Path(cfg.paths.output_dir) / "summary.json", summary)
     return summary
@@ -61,8 +70,10 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
-    callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks]
-    trainer, stats = builders.make_trainer(cfg, [*callbacks, resume.RNGState()])
+    callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks, resume.RNGState()]
+    if any(name != "csv" for name in tracking.logger_configs(cfg)):  # trackers get the config and the counts
+        callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, configured_counts(cfg)[1])))
+    trainer, stats = builders.make_trainer(cfg, callbacks)
     out = Path(cfg.paths.output_dir)
     checkpoint = out / resume.CHECKPOINT
     resuming = bool(cfg.get("resume")) and resume.unfinished(out, config_hash(cfg))
@@ -125,7 +136,8 @@ def run_pretrain(cfg: DictConfig) -> dict:
     save_base(base, cfg.base.save_to, **meta, top1=result.get("test_top1"), epoch=result.get("epochs_run", 0) - 1)
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
     summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
-               "best_epoch_checkpoint": str(best.path), "best_epoch": best.epoch}  # fmt: skip
+               "best_epoch_checkpoint": str(best.path), "best_epoch": best.epoch,
+               **operation_counts(base, cfg.data.image_size)}  # fmt: skip
     return finish(cfg, result, summary)
 
 
@@ -153,7 +165,7 @@ def run_adapt(cfg: DictConfig) -> dict:
     export_adapter(model, Path(cfg.paths.output_dir) / ADAPTER_FILE, reference_base=builders.load_trained_base(cfg),
                    class_names=datamodule.class_names, preprocess=builders.preprocessing(datamodule),
                    source={"run_dir": str(cfg.paths.output_dir), "config_hash": config_hash(cfg)})  # fmt: skip
-    summary = accounting.summarize(model)
+    summary = accounting.summarize(model, cfg.data.image_size)
     summary["class_names"] = datamodule.class_names
     return finish(cfg, result, summary)
 
@@ -232,6 +244,7 @@ def run(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         return run_summary(cfg)
+    tracking.check_installed(cfg)  # a tracker's missing package stops the run before any work
     with contextlib.ExitStack() as held:  # the run directory is ours while this runs (claims.py)
         claim = held.enter_context(claims.run_claim(cfg.paths.output_dir))
         done = skip_or_rerun(cfg, waited=claim.waited)

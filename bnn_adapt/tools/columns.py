@@ -176,6 +176,7 @@ def our_columns(reference: Reference | None, pruned: bool) -> list[Column]:
         Column("fp32 weights", get("introduced_fp32_params"), ","),
         Column("binary weights", get("introduced_binary_params"), ","),
         Column("% base memory (ours)", get("size_pct"), ".3f"),
+        Column("adapter MACs", get("adapter_macs"), ","),  # per image (bnn_adapt.accounting.operations)
         Column("epoch time (s)", get("epoch_time_s"), ".2f"),
         Column("speed-up t_ft/t", speedup(reference), ".2f"),
     ]

@@ -97,6 +97,7 @@ def trial_points(sweep_dir: Path) -> list[dict]:
                 "label": run_label(metrics),
                 "test_top1": metrics["test_top1"],
                 "size_pct": metrics["size_pct"],
+                "adapter_macs": metrics.get("adapter_macs"),  # per image: compute beside size and accuracy
                 "adapter": adapter.get("name"),
                 "stages": ",".join(str(s) for s in adapter.get("stages", []) or []),
                 "groups": adapter.get("groups", reduction.get("groups")),
