@@ -12,12 +12,15 @@ import torch
 from bnn_adapt.tools import report
 
 
-def write_pretrain_run(root, memory: str, seed: int, top1: float, losses=(2.0, 1.5, 1.25), weight=0.5) -> None:
-    """A pretraining run's files as the task writes them: metrics.json, Lightning's CSV log, last.ckpt."""
+def write_pretrain_run(root, memory: str, seed: int, top1: float, losses=(2.0, 1.5, 1.25), weight=0.5,
+                       spelling: str = "current") -> None:  # fmt: skip
+    """A pretraining run's files as the task writes them: metrics.json, Lightning's CSV log, last.ckpt
+    (``spelling="0.1"``: the memory mode under ``trainer.memory``, as runs of 0.1 recorded it)."""
     run = root / f"{memory}_seed{seed}"
     (run / "csv").mkdir(parents=True)
     (run / "checkpoints").mkdir()
-    metrics = {"task": "pretrain", "test_top1": top1, "config": {"seed": seed, "trainer": {"memory": memory}}}
+    config = {"seed": seed, **({"trainer": {"memory": memory}} if spelling == "0.1" else {"memory": memory})}
+    metrics = {"task": "pretrain", "test_top1": top1, "config": config}
     (run / "metrics.json").write_text(json.dumps(metrics))
     rows = ["epoch,step,train/loss_step,val/acc"] + [f"0,{step},{loss!r}," for step, loss in enumerate(losses)]
     rows.append(f"0,{len(losses)},,{top1}")  # an eval row: no step loss
@@ -31,7 +34,7 @@ def test_pretrain_runs_are_compared_with_standard_at_the_same_seed(tmp_path, cap
     """Top-1, every per-step loss and every checkpoint tensor, against standard at the same seed."""
     for seed, top1 in enumerate((0.90, 0.80)):
         write_pretrain_run(tmp_path, "standard", seed, top1)
-        write_pretrain_run(tmp_path, "lean", seed, top1)
+        write_pretrain_run(tmp_path, "lean", seed, top1, spelling="0.1" if seed else "current")
     write_pretrain_run(tmp_path, "lean_fp16", 0, 0.88, losses=(2.0, 1.5, 1.2), weight=0.5 + 2**-10)
     write_pretrain_run(tmp_path, "lean_fp16", 1, 0.81)
     assert report.main([str(tmp_path)]) == 0

@@ -109,17 +109,18 @@ def compare_checkpoints(tensors: dict | None, reference: dict | None) -> tuple[b
 
 
 def memory_table(runs: list[dict]) -> str:
-    """Base pretraining per ``trainer.memory`` mode and seed against standard's at the same seed:
+    """Base pretraining per ``memory`` mode and seed against standard's at the same seed:
     final top-1, every per-step loss and every tensor of the final checkpoint."""
     by_mode: dict[str, dict] = {}
     for r in runs:
         cfg = r.get("config", {})
-        by_mode.setdefault(cfg.get("trainer", {}).get("memory", "standard"), {})[cfg.get("seed")] = r
+        mode = cfg.get("memory") or cfg.get("trainer", {}).get("memory") or "standard"  # 0.1: trainer.memory
+        by_mode.setdefault(mode, {})[cfg.get("seed")] = r
     seeds = sorted({seed for results in by_mode.values() for seed in results}, key=str)
     standard = by_mode.get("standard", {})
     reference = {s: (step_losses(r["run_dir"]), checkpoint_tensors(r["run_dir"])) for s, r in standard.items()}
     lines = [
-        "| trainer.memory | " + " | ".join(f"top-1 seed {s}" for s in seeds)
+        "| memory | " + " | ".join(f"top-1 seed {s}" for s in seeds)
         + " | mean | max abs. difference from standard | per-step losses identical to standard "
         "| max abs. loss difference | final checkpoint identical to standard | max abs. difference in it |",
         "|---|" + "---|" * (len(seeds) + 6),
