@@ -4,7 +4,7 @@
 found under DIR: strategy, top-1, weights introduced, size %, epoch time and
 speed-up against full finetuning in the same set of runs. Base pretraining
 runs (``task=pretrain``, e.g. ``make lean-check``) get one row per
-``trainer.memory`` mode instead, against standard autograd at the same seed:
+``memory`` mode instead, against standard autograd at the same seed:
 top-1 per seed, every per-step training loss (``csv/metrics.csv``) and every
 tensor of the final checkpoint (``checkpoints/last.ckpt``: weights, BN
 statistics, Adam's state), each as identical or by the largest difference.

@@ -1,4 +1,4 @@
-"""Memory-lean backprop for binary networks (``trainer.memory=lean``, SPEC 7).
+"""Memory-lean backprop for binary networks (``memory=lean``, SPEC 7).
 
 Standard autograd keeps fp32 copies of whatever a binary layer touched: the
 real input of every sign, the +-1 tensor fed to the conv, the binarised
@@ -28,7 +28,7 @@ max pooling                         where in its window each maximum was, 1 byte
 ==================================  ===========================================
 
 All of that is exact: gradients equal standard autograd's bit for bit (the
-tests pin it). ``trainer.memory=lean_fp16`` goes further where a binary
+tests pin it). ``memory=lean_fp16`` goes further where a binary
 network is *trained* (``task=pretrain``, ``full_finetune``: ``low_precision``)
 and follows the paper's lower-precision storage for what must stay real, an
 approximation:
@@ -43,7 +43,7 @@ approximation:
 
 Adaptation strategies keep ``low_precision`` off even then: their lean
 gradients are exact, and layers that would need a real-valued copy use
-standard autograd. ``trainer.memory=lean`` never approximates: training is
+standard autograd. ``memory=lean`` never approximates: training is
 bit-identical to standard autograd, with the real-valued copies fp32. (On the
 digits base, 3 seeds, ``lean`` reproduced standard's final top-1 exactly;
 ``lean_fp16`` differed by up to 8 points per seed, as any perturbation of a
@@ -114,7 +114,7 @@ def make_lean(model: nn.Module, low_precision: bool | None = False) -> nn.Module
     ``low_precision``: False (default), exact lean gradients; True, the
     approximate float16 storage of the module notes; None, that storage only
     if ``model`` trains a binary network (:func:`trains_binary_network`, what
-    ``trainer.memory=lean_fp16`` does). Only
+    ``memory=lean_fp16`` does). Only
     layers of exactly a listed class switch (a subclass may have its own
     forward). Returns ``model``.
     """
@@ -143,12 +143,12 @@ def is_lean(model: nn.Module) -> bool:
 
 
 def set_memory_mode(model: nn.Module, memory: str) -> nn.Module:
-    """``trainer.memory``: ``standard`` (autograd as is), ``lean`` (exact) or
+    """``memory``: ``standard`` (autograd as is), ``lean`` (exact) or
     ``lean_fp16`` (float16 storage where a binary network trains)."""
     if memory not in MEMORY_MODES:
         from bnn_adapt.errors import ConfigError
 
-        raise ConfigError(f"trainer.memory={memory!r} is invalid: use one of {', '.join(MEMORY_MODES)}")
+        raise ConfigError(f"memory={memory!r} is invalid: use one of {', '.join(MEMORY_MODES)}")
     if memory == "standard":
         return make_standard(model)
     return make_lean(make_standard(model), low_precision=None if memory == "lean_fp16" else False)
