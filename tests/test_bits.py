@@ -31,8 +31,8 @@ from bnn_adapt.run.config import compose, without_hydra_node
 from bnn_adapt.run.labels import run_label
 from bnn_adapt.run.results import config_hash
 from bnn_adapt.tools.pareto import compare_fronts, hypervolume
-from bnn_adapt.training.pruning import PruningPlan, make_head_prunable, prune_head_columns
-from tests.test_export import BASES, make_base, trained_like
+from bnn_adapt.training.pruning import PruningPlan
+from tests.test_export import BASES, adapted, make_base
 
 LOW = [b for b in BITS if b != 32]
 TRAINED = [s for s in STRATEGIES if s != "full_finetune"]  # every strategy that takes adapter.bits
@@ -248,24 +248,7 @@ def test_the_packed_ste_base_stores_its_pre_classifier_norm_as_thresholds():
 
 
 def trained(strategy: str, base: nn.Module, bits: int, variant: str = "plain") -> nn.Module:
-    if variant == "bn_drift":
-        base = copy.deepcopy(base)
-    model = STRATEGIES[strategy](base, num_classes=4, bits=bits)
-    if model.adapter is not None:
-        trained_like(model.adapter, 1)
-    trained_like(model.head, 2)
-    with torch.no_grad():
-        for p in [*(model.adapter.parameters() if model.adapter is not None else []), *model.head.parameters()]:
-            p.add_(torch.randn_like(p) * 0.05)  # weights of both signs and various sizes
-    if variant == "bn_drift":
-        from tests.test_adapters import randomize_bn
-
-        randomize_bn(base, 3)
-    if variant == "pruned":
-        PruningPlan(0.5, 0.9, (1,)).apply(model)
-        make_head_prunable(model)
-        prune_head_columns(model, 0.5)
-    return model.eval()
+    return adapted(strategy, base, variant, bits=bits, jitter=0.05)
 
 
 CASES = [(s, b, "plain") for s in TRAINED for b in BITS]

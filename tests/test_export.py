@@ -52,14 +52,20 @@ def make_base(name: str, seed: int = 0) -> tuple[nn.Module, int]:
     return base.eval(), size
 
 
-def adapted(strategy: str, base: nn.Module, variant: str = "plain") -> nn.Module:
-    """``strategy`` on ``base`` as a finished run leaves it (``variant``: plain, pruned, bn_drift)."""
+def adapted(strategy: str, base: nn.Module, variant: str = "plain", bits: int | None = None,
+            jitter: float = 0.0) -> nn.Module:  # fmt: skip
+    """``strategy`` on ``base`` as a finished run leaves it (``variant``: plain, pruned, bn_drift;
+    ``bits``: adapter.bits; ``jitter``: noise on the adapter and head, weights of both signs and sizes)."""
     if strategy == "full_finetune" or variant == "bn_drift":
         base = copy.deepcopy(base)  # training changes (or, with base.bn=adapt, drifts) the run's own base copy
-    model = STRATEGIES[strategy](base, num_classes=4)
+    model = STRATEGIES[strategy](base, num_classes=4, **({"bits": bits} if bits is not None else {}))
     if model.adapter is not None:
         trained_like(model.adapter, 1)
     trained_like(model.head, 2)
+    if jitter:
+        with torch.no_grad():
+            for p in [*(model.adapter.parameters() if model.adapter is not None else []), *model.head.parameters()]:
+                p.add_(torch.randn_like(p) * jitter)
     if strategy == "full_finetune":
         with torch.no_grad():
             for p in base.parameters():

@@ -50,7 +50,7 @@ from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d
 from bnn_adapt.deploy.predict import BaseWithAdapters
 from bnn_adapt.nn.layers import BinaryConv2d, ScaledBinaryConv2d
-from bnn_adapt.tools.bench_report import machine, update_readme
+from bnn_adapt.tools.bench_report import commit, machine, update_readme
 from bnn_adapt.tools.bench_infer_report import README_END, README_START, layer_table, markdown, summary_rows
 from bnn_adapt.training import allocator
 
@@ -273,17 +273,6 @@ def bench_memory(setup: Setup, folder: Path) -> dict:
     return record
 
 
-def git_commit() -> str:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + ("+changes" if dirty else "")
-    return "unknown"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.bench_infer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a few minutes on 2 CPU cores")
@@ -326,7 +315,7 @@ def main(argv=None) -> dict:
     given = sys.argv[1:] if argv is None else argv
     command = "python -m bnn_adapt.tools.bench_infer" + "".join(f" {a}" for a in given)
     meta = {
-        "command": command, "commit": git_commit(), "machine": machine(), "isa": kernels.isa(),
+        "command": command, "commit": commit() or "unknown", "machine": machine(), "isa": kernels.isa(),
         "cpu_mhz": nominal_mhz(),
         "openmp": kernels.openmp(), "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "rounds": {"layer": rounds.layer, "end_to_end": rounds.end_to_end}, "allocator": "keep_freed_memory",
