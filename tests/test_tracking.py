@@ -46,6 +46,14 @@ def tracked_run(tmp_path_factory, data_dir, shared_base_dir, pretrained_base) ->
     return task.run(cfg), out
 
 
+def test_a_tracker_leaves_the_training_unchanged(tracked_run, tmp_path, data_dir, shared_base_dir):
+    """Trackers only mirror a run (they are not hashed): the same config logged to CSV alone trains the same."""
+    metrics, _ = tracked_run
+    cfg = compose_config(["data=cifar5_5", "adapter=udta", "logger=csv"], tmp_path / "run", data_dir, shared_base_dir)
+    plain = task.run(cfg)
+    assert plain["history"] == metrics["history"] and plain["test_top1"] == metrics["test_top1"]
+
+
 def epoch_accuracies(metrics: dict) -> list[float]:
     return [h["val/acc"] for h in metrics["history"]]
 

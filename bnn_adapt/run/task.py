@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -72,7 +73,9 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
     callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks, resume.RNGState()]
     if any(name != "csv" for name in tracking.logger_configs(cfg)):  # trackers get the config and the counts
-        callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, configured_counts(cfg)[1])))
+        with torch.random.fork_rng(devices=[]):  # building the counted model must not move the run's RNG
+            counts = configured_counts(cfg)[1]
+        callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, counts)))
     trainer, stats = builders.make_trainer(cfg, callbacks)
     out = Path(cfg.paths.output_dir)
     checkpoint = out / resume.CHECKPOINT
