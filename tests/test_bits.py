@@ -313,15 +313,23 @@ def test_attaching_onto_an_unfolded_base_folds_a_copy(tmp_path):
 
 @pytest.mark.parametrize("bits", [32, 4, 1])
 def test_adapter_files_stay_within_10_percent_of_the_formula_at_real_bits(bits, tmp_path):
-    """make sizes' unpruned thesis configurations (full width) and pruning at 0.99; the issue's target."""
+    """make sizes' thesis configurations (full width), pruning at 0.9 and 0.99 too; the issue's target.
+
+    Below 4 bits a 0.9-pruned file cannot meet it: where its 10 % of weights are takes log2 C(n, k) bits
+    (H(0.1) = 0.47 bit a weight) that the formula (kept weights only, 1 bit each at 1 bit) does not
+    charge; there the file is held to 1.10 x (formula + that least cost)."""
     from bnn_adapt.tools import sizes
 
-    chosen = ("serial, stages 1-3, g=20", "udta concat, g=channels", "udta concat, prune 0.99", "bitfit", "udta concat")
+    chosen = ("serial, stages 1-3, g=20", "udta concat, g=channels", "udta concat, prune 0.9", "udta concat, prune 0.99",
+              "bitfit", "udta concat")  # fmt: skip
     configs = [c for c in sizes.ADAPTERS if c[0].startswith("CIFAR") and c[1] in chosen]
     files = [f for f in sizes.adapter_files(tmp_path, configs, bits=(bits,)) if f.dtype == "fp32"]
-    assert len(files) == (5 if bits == 32 else 4)  # the STE BitFit has no weights below 32 bits to change
+    assert len(files) == (6 if bits == 32 else 5)  # the STE BitFit has no weights below 32 bits to change
     for f in files:
-        assert f.ratio <= sizes.ADAPTER_TARGET, (f.label, f.bits, f.file, f.formula)
+        if bits == 1 and f.label.endswith("prune 0.9"):
+            assert f.positions > 0.5 * f.formula and f.ratio_with_positions <= sizes.ADAPTER_TARGET, (f.file, f.formula)
+        else:
+            assert f.ratio <= sizes.ADAPTER_TARGET, (f.label, f.bits, f.file, f.formula)
 
 
 # ------------------------------------------------------------------ runs, configs, tables, search
@@ -343,7 +351,7 @@ def test_labels_name_the_bits():
     assert run_label({"config": {"adapter": {"name": "udta", "head": "concat", "bits": 32}}}) == "udta head=concat"
 
 
-def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained(pretrained_base, make_cfg):
+def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained(pretrained_base, make_cfg, capsys):
     overrides = ("data=cifar5_5", "adapter=udta", "adapter.bits=2", "reduction=prune", "reduction.rate=0.5",
                  "trainer.max_epochs=2")  # fmt: skip
     cfg = make_cfg(*overrides)
@@ -379,6 +387,15 @@ def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained
             correct += int((adapter(images).argmax(1) == labels).sum())
             total += len(labels)
     assert correct / total == pytest.approx(metrics["test_top1"], abs=1e-6)
+    # make sizes --runs: the run's own file against its formula, and as plain (format 2) streams
+    from bnn_adapt.tools import sizes
+
+    capsys.readouterr()
+    assert sizes.main(["--runs", cfg.paths.output_dir, str(out)]) == 0  # the export folder has no run: skipped
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 1 and rows[0][1:3] == ["udta, prune 0.5", "2"]
+    file = (Path(cfg.paths.output_dir) / ADAPTER_FILE).stat().st_size
+    assert rows[0][3:5] == [f"{round(metrics['introduced_bits'] / 8):,}", f"{file:,}"] and int(rows[0][6].replace(",", "")) > file
 
 
 def test_front_comparison_and_hypervolume_by_hand():

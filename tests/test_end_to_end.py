@@ -346,9 +346,11 @@ def test_digits_default_pretrains_and_caches_a_missing_base(make_cfg, tmp_path, 
     assert metrics["task"] == "adapt" and metrics["class_names"] == ["5", "6", "7", "8", "9"]
     stamp = expected.stat().st_mtime_ns
 
-    # a second run finds the cached base and trains no new one
-    task.run(make_cfg(*quick, name="second", base_dir=bases))
+    # a second run finds the cached base, trains no new one and adapts exactly as the first did
+    again = task.run(make_cfg(*quick, name="second", base_dir=bases))
     assert "pretraining it first" not in capsys.readouterr().out
+    losses = [[row[k] for k in sorted(row) if "loss" in k or "acc" in k] for row in metrics["history"]]
+    assert losses and losses == [[row[k] for k in sorted(row) if "loss" in k or "acc" in k] for row in again["history"]]
     assert expected.stat().st_mtime_ns == stamp
     assert not (tmp_path / "second" / "base_pretrain").exists()
 

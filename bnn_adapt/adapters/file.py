@@ -33,7 +33,11 @@ order of the state dicts of the model that the metadata rebuilds: a JSON block
 in the safetensors metadata (key ``bnn_adapt``) with the strategy and its
 options, class names, the preprocessing, the base's fingerprint (loading onto
 another base is refused), a hash of that order, and the encodings that differ
-from the defaults. Version-1 files (one array per tensor, BN unfolded) still load.
+from the defaults. Each array is stored LZMA-compressed where that is smaller
+(lossless; ``packing`` in the metadata names them): a pruned tensor's positions
+cost bits the size formula does not count, which compression wins back.
+Version-2 files (plain arrays) and version-1 files (one array per tensor, BN
+unfolded) still load.
 """
 
 from __future__ import annotations
@@ -49,7 +53,16 @@ from safetensors.numpy import save_file
 from torch import nn
 
 from bnn_adapt.adapters.bitfit import substituted
-from bnn_adapt.adapters.file_codec import DTYPES, Cursor, Streams, choose_encoding, read_record, write_record
+from bnn_adapt.adapters.file_codec import (
+    DTYPES,
+    Cursor,
+    Streams,
+    choose_encoding,
+    compress_streams,
+    decompress_streams,
+    read_record,
+    write_record,
+)
 from bnn_adapt.adapters.file_layout import default_codec, layout_hash, load_part, slots
 from bnn_adapt.adapters.file_v1 import attach_v1
 from bnn_adapt.adapters.strategy import make_head_prunable
@@ -62,7 +75,7 @@ from bnn_adapt.nn.layers import ColumnPrunedLinear, quantized_weight, weight_bit
 from bnn_adapt.nn.quantizers import ChannelQuantizer
 
 FORMAT = "bnn_adapt.adapter"
-VERSION = 2
+VERSION = 3  # 3: streams compressed where that pays; 2: plain streams; 1: an array per tensor
 METADATA_KEY = "bnn_adapt"
 ADAPTER_FILE = "adapter.safetensors"  # what an adaptation run writes in its directory
 
@@ -162,6 +175,11 @@ def base_differences(base: nn.Module, reference: nn.Module) -> dict[str, torch.T
     }
 
 
+def _indices(num_classes: int) -> list[str]:
+    """The class names a file stores as none."""
+    return [str(i) for i in range(num_classes)]
+
+
 def export_adapter(
     model: nn.Module,
     path: str | Path,
@@ -188,13 +206,14 @@ def export_adapter(
     signs = sign_weight_names(model.base)
     for name, t in differences.items():
         records.add(f"base.{name}", t, default_codec("sign" if name in signs else "value", dtype, t.dim()))
-    meta = {
+    names = [str(c) for c in class_names] if class_names else _indices(model.num_classes)
+    meta = {  # class_names None: "0" ... "N-1"
         "format": FORMAT,
         "version": VERSION,
         "strategy": model.strategy,
         "options": model.options,
         "num_classes": model.num_classes,
-        "class_names": list(class_names) if class_names else [str(i) for i in range(model.num_classes)],
+        "class_names": None if names == _indices(model.num_classes) else names,
         "head_columns": any(isinstance(m, ColumnPrunedLinear) for m in model.head.modules()),
         "pruned": bool(model.pruned),
         "base": {"arch": reference.arch, "arch_config": reference.arch_config(), "fingerprint": fingerprint(reference)},
@@ -205,8 +224,9 @@ def export_adapter(
         "base_tensors": list(differences),
         "encodings": records.encodings,  # records not listed: dense, at their default codec
     }
+    arrays, meta["packing"] = compress_streams(records.streams.arrays())
     with atomic_output(path) as tmp:
-        save_file(records.streams.arrays(), str(tmp), metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+        save_file(arrays, str(tmp), metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
     return meta
 
 
@@ -242,6 +262,14 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     meta = json.loads(raw)
     if meta.get("format") != FORMAT:
         raise ExportError(f"{path} holds {meta.get('format')!r}, not an exported adapter")
+    if meta.get("version", 1) > VERSION:
+        raise ExportError(f"{path} is an adapter file of format version {meta['version']}, newer than this "
+                          f"bnn_adapt reads ({VERSION}); upgrade bnn_adapt")  # fmt: skip
+    meta["class_names"] = meta.get("class_names") or _indices(meta["num_classes"])
+    try:
+        arrays = decompress_streams(arrays, meta.get("packing", {}))
+    except ValueError as exc:
+        raise ExportError(f"{path} cannot be read: {exc}; export the adapter again") from None
     return arrays, meta
 
 

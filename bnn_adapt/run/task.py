@@ -155,7 +155,10 @@ def run_adapt(cfg: DictConfig) -> dict:
                 sub = builders.pretraining_config(cfg)
                 print(f"no base checkpoint at {cfg.base.checkpoint}: pretraining it first "
                       f"({sub.trainer.max_epochs} epochs)")  # fmt: skip
+                L.seed_everything(sub.seed, workers=True, verbose=False)  # the base a pretraining run would train
                 run_pretrain(sub)
+    # the same adaptation whether or not this run pretrained its base (and whatever the check above drew)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     base = builders.load_trained_base(cfg)
     model = builders.build_adapted(cfg, base, datamodule.num_classes)
     plan = builders.pruning_plan(cfg)

@@ -11,6 +11,11 @@ fp16 / int8 exports of the 32-bit adapters.
 
     python -m bnn_adapt.tools.sizes            # every table (a few minutes on 2 CPU cores)
     python -m bnn_adapt.tools.sizes --json F   # also the numbers, one record per file
+    python -m bnn_adapt.tools.sizes --runs outputs/demo/*   # trained runs' own files instead
+
+The tables use random weights; ``--runs`` measures trained adapters (each run's
+``adapter.safetensors`` against the formula in its ``metrics.json``), with the
+bytes the same file takes with its streams uncompressed (file format 2).
 """
 
 from __future__ import annotations
@@ -19,18 +24,21 @@ import argparse
 import copy
 import io
 import json
+import math
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from bnn_adapt import accounting
-from bnn_adapt.adapters.file import export_adapter
+from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter, read_adapter_file
 from bnn_adapt.deploy.export import formula_bytes
 from bnn_adapt.deploy.packed_base import write_packed_base
+from bnn_adapt.nn.layers import ColumnPrunedLinear
 from bnn_adapt.nn.quantizers import BITS
 from bnn_adapt.run import builders
 from bnn_adapt.run.config import compose
@@ -84,10 +92,35 @@ class AdapterFile:
     binary: int
     formula: float  # bytes: every parameter at its width
     file: int  # bytes on disk
+    positions: float = 0.0  # bytes: the least any file needs to say where a pruned model's kept weights are
+
 
     @property
     def ratio(self) -> float:
         return self.file / self.formula
+
+    @property
+    def ratio_with_positions(self) -> float:
+        """Against the least a file can hold: the formula plus where the kept weights are."""
+        return self.file / (self.formula + self.positions)
+
+
+def position_bytes(model: nn.Module) -> float:
+    """What saying where a pruned model's kept weights are costs at least, in bytes: log2 C(n, k) / 8 for
+    every pruned weight of the adapter and head (k of n kept; a column-pruned classifier: k of n columns).
+    The formula charges the kept weights only; a mask of no known structure needs this on top."""
+    bits = 0.0
+    for part in (model.adapter, model.head):
+        for m in part.modules() if part is not None else ():
+            if isinstance(m, ColumnPrunedLinear):
+                n, kept = m.kept_columns.numel(), int(m.kept_columns.sum())
+            elif isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2:
+                n, kept = m.weight.numel(), int(m.weight.count_nonzero())
+            else:
+                continue
+            if 0 < kept < n:
+                bits += (math.lgamma(n + 1) - math.lgamma(kept + 1) - math.lgamma(n - kept + 1)) / math.log(2)
+    return bits / 8
 
 
 @torch.no_grad()
@@ -144,7 +177,7 @@ def adapter_files(tmp: Path, configs=ADAPTERS, bits=BITS) -> list[AdapterFile]:
             if plan is not None:
                 plan.apply(model)
             model.eval()
-            s = accounting.summarize(model)
+            s, positions = accounting.summarize(model), position_bytes(model) if plan is not None else 0.0
             if width != 32 and not s["introduced_quantized_params"]:
                 continue  # nothing below 32 bits here (an STE head is binary already)
             for dtype in ("fp32", "fp16", "int8") if width == 32 else ("fp32",):
@@ -152,7 +185,7 @@ def adapter_files(tmp: Path, configs=ADAPTERS, bits=BITS) -> list[AdapterFile]:
                 export_adapter(model, path, reference_base=reference, dtype=dtype)
                 found.append(AdapterFile(data, label, width, dtype, s["introduced_fp32_params"],
                                          s["introduced_quantized_params"], s["introduced_binary_params"],
-                                         s["introduced_bits"] / 8, path.stat().st_size))  # fmt: skip
+                                         s["introduced_bits"] / 8, path.stat().st_size, positions))  # fmt: skip
     return found
 
 
@@ -176,22 +209,48 @@ def adapter_table(files: list[AdapterFile], bits=BITS) -> list[str]:
     widths = " | ".join(f"{b}" for b in bits)
     lines = [
         f"| data | strategy | formula at 32 bits | file | file / formula at {widths} bits | formula at 1 bit | file "
-        "| post-training fp16 / int8 of the 32-bit file |",
-        "|---|---|---|---|" + "---|" * len(bits) + "---|---|---|",
+        "| pruned positions, at least | post-training fp16 / int8 of the 32-bit file |",
+        "|---|---|---|---|" + "---|" * len(bits) + "---|---|---|---|",
     ]
     for (data, label), by in rows.items():
         f32, f1 = by[(32, "fp32")], by.get((1, "fp32"))
         ratios = " | ".join(f"{by[(b, 'fp32')].ratio:.3f}" if (b, "fp32") in by else "-" for b in bits)
         one = f"{round(f1.formula):,} | {f1.file:,}" if f1 else "- | -"
-        lines.append(f"| {data} | {label} | {round(f32.formula):,} | {f32.file:,} | {ratios} | {one} "
+        positions = f"{round(f32.positions):,}" if f32.positions else "-"
+        lines.append(f"| {data} | {label} | {round(f32.formula):,} | {f32.file:,} | {ratios} | {one} | {positions} "
                      f"| {by[(32, 'fp16')].file:,} / {by[(32, 'int8')].file:,} |")  # fmt: skip
+    return lines
+
+
+def run_table(run_dirs: list[str]) -> list[str]:
+    """Trained runs' adapter files against their formula, compressed (as written) and plain."""
+    lines = ["| run | strategy | bits | formula | file | file / formula | plain streams | plain / formula |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in map(Path, run_dirs):
+        path, metrics_path = run / ADAPTER_FILE, run / "metrics.json"
+        if not (path.is_file() and metrics_path.is_file()):
+            continue
+        metrics = json.loads(metrics_path.read_text())
+        with safe_open(str(path), framework="np") as f:
+            stored = sum(f.get_tensor(k).nbytes for k in f.keys())
+        plain = path.stat().st_size - stored + sum(a.nbytes for a in read_adapter_file(path)[0].values())
+        formula, file = metrics["introduced_bits"] / 8, path.stat().st_size
+        adapter, reduction = metrics["config"]["adapter"], metrics["config"].get("reduction") or {}
+        strategy = adapter["name"] + (f", {reduction['name']} {reduction['rate']}" if "rate" in reduction else "")
+        lines.append(f"| {run} | {strategy} | {adapter.get('bits', 32)} | {round(formula):,} | {file:,} "
+                     f"| {file / formula:.3f} | {plain:,} | {plain / formula:.3f} |")  # fmt: skip
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.sizes", description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write every measured file as JSON records here")
+    parser.add_argument("--runs", nargs="+", help="measure these trained runs' adapter files instead")
     args = parser.parse_args(argv)
+    if args.runs:
+        table = run_table(args.runs)
+        print("\n".join(table) if len(table) > 2 else f"no run with {ADAPTER_FILE} and metrics.json in {args.runs}")
+        return 0 if len(table) > 2 else 2
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         bases = base_records(Path(tmp))
@@ -203,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nadapter files above {ADAPTER_TARGET} x the formula: {len(over)} of "
           f"{sum(f.dtype == 'fp32' for f in files)}")  # fmt: skip
     for f in over:
-        print(f"  {f.data}, {f.label}, {f.bits} bits: {f.file:,} bytes, formula {round(f.formula):,} ({f.ratio:.3f})")
+        why = (f"; with the positions of its kept weights ({round(f.positions):,} bytes at least) "
+               f"{f.ratio_with_positions:.3f}" if f.positions else "")
+        print(f"  {f.data}, {f.label}, {f.bits} bits: {f.file:,} bytes, formula {round(f.formula):,} "
+              f"({f.ratio:.3f}){why}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"bases": bases, "adapters": [vars(f) for f in files]}, indent=1))
     sys.stdout.flush()
