@@ -206,14 +206,14 @@ def export_adapter(
     signs = sign_weight_names(model.base)
     for name, t in differences.items():
         records.add(f"base.{name}", t, default_codec("sign" if name in signs else "value", dtype, t.dim()))
-    names = [str(c) for c in class_names] if class_names else _indices(model.num_classes)
-    meta = {  # class_names None: "0" ... "N-1"
+    names = [str(c) for c in class_names or ()]
+    meta = {
         "format": FORMAT,
         "version": VERSION,
         "strategy": model.strategy,
         "options": model.options,
         "num_classes": model.num_classes,
-        "class_names": None if names == _indices(model.num_classes) else names,
+        "class_names": names if names and names != _indices(model.num_classes) else None,  # None: "0" ... "N-1"
         "head_columns": any(isinstance(m, ColumnPrunedLinear) for m in model.head.modules()),
         "pruned": bool(model.pruned),
         "base": {"arch": reference.arch, "arch_config": reference.arch_config(), "fingerprint": fingerprint(reference)},

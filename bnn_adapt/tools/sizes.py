@@ -94,7 +94,6 @@ class AdapterFile:
     file: int  # bytes on disk
     positions: float = 0.0  # bytes: the least any file needs to say where a pruned model's kept weights are
 
-
     @property
     def ratio(self) -> float:
         return self.file / self.formula
@@ -177,7 +176,8 @@ def adapter_files(tmp: Path, configs=ADAPTERS, bits=BITS) -> list[AdapterFile]:
             if plan is not None:
                 plan.apply(model)
             model.eval()
-            s, positions = accounting.summarize(model), position_bytes(model) if plan is not None else 0.0
+            s = accounting.summarize(model)
+            positions = position_bytes(model) if plan is not None else 0.0
             if width != 32 and not s["introduced_quantized_params"]:
                 continue  # nothing below 32 bits here (an STE head is binary already)
             for dtype in ("fp32", "fp16", "int8") if width == 32 else ("fp32",):
