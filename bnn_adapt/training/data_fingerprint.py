@@ -10,6 +10,7 @@ is about 18,000 files).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -20,26 +21,28 @@ from bnn_adapt.training.datasets import LAYOUTS, ExistingFilesCIFAR10, ExistingF
 EMBEDDED = {"digits": "scikit-learn's bundled digits (sklearn.datasets.load_digits)"}
 
 
-def dataset_files(name: str, root: str | None) -> tuple[Path, list[Path]]:
-    """The folder a dataset is read from (resolved) and its files there, as the readers find them."""
+def dataset_files(name: str, root: str | None) -> tuple[Path, list[tuple[str, os.stat_result]]]:
+    """The folder a dataset is read from (resolved) and its files there as the readers find them:
+    (name relative to the folder, stat), sorted by name."""
     if name == "fashion_mnist":
         found = _fashion_files(str(root))  # root, root/FashionMNIST/raw or the Debian folder
-        if found is not None:
-            files = sorted(path.resolve() for path in found.values())
-            return files[0].parent, files
-        return Path(root).resolve(), []
+        if found is None:
+            return Path(root).resolve(), []
+        files = sorted(path.resolve() for path in found.values())
+        return files[0].parent, [(os.path.relpath(f, files[0].parent), f.stat()) for f in files]
     folders = {"cifar10": ExistingFilesCIFAR10.base_folder, "cifar100": ExistingFilesCIFAR100.base_folder,
                **{key: layout[1] for key, layout in LAYOUTS.items()}}  # fmt: skip
     folder = (Path(root) / folders.get(name, "")).resolve()  # imagefolder: root itself
-    return folder, sorted(p for p in _walk(folder))
+    return folder, sorted(_walk(str(folder), ""))
 
 
-def _walk(folder: Path):
-    for entry in os.scandir(folder) if folder.is_dir() else ():
-        if entry.is_dir():
-            yield from _walk(Path(entry.path))
-        elif entry.is_file():
-            yield Path(entry.path)
+def _walk(folder: str, prefix: str):
+    with os.scandir(folder) if os.path.isdir(folder) else contextlib.nullcontext(()) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                yield from _walk(entry.path, prefix + entry.name + "/")
+            elif entry.is_file():
+                yield prefix + entry.name, entry.stat()
 
 
 def data_identity(name: str, root: str | None) -> dict:
@@ -49,9 +52,8 @@ def data_identity(name: str, root: str | None) -> dict:
         return {"location": EMBEDDED[name], "files": 0, "fingerprint": None}
     folder, files = dataset_files(name, root)
     digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{os.path.relpath(path, folder)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    for relative, stat in files:
+        digest.update(f"{relative}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return {"location": str(folder), "files": len(files), "fingerprint": digest.hexdigest()[:16]}
 
 
@@ -60,4 +62,4 @@ def newest_change(name: str, root: str | None) -> float | None:
     if name in EMBEDDED:
         return None
     _, files = dataset_files(name, root)
-    return max((p.stat().st_mtime for p in files), default=None)
+    return max((stat.st_mtime for _, stat in files), default=None)
