@@ -202,14 +202,15 @@ def test_cli_unknown_adapter_lists_the_options(tmp_path):
 
 
 def test_cli_imagefolder_pretrains_base_then_adapts(tmp_path):
-    """Default config on the user's own folders: the missing base is pretrained on the
-    base folders and cached, then the adapter trains on the target folders."""
+    """The user's own folders with ``base.pretrain`` (issue 23: the root config no longer sets it for
+    every dataset): the missing base is pretrained on the base folders and cached, then the adapter
+    trains on the target folders."""
     write_imagefolder(tmp_path / "data" / "my_images", classes=("cat", "dog", "3", "bird", "7"), n_per_class=8)
     run_dir = tmp_path / "run"
     result = cli(
         tmp_path,
         "data=imagefolder", "data.base_classes=[cat,3]", "data.target_classes=[dog,7,bird]",
-        "base.width=0.1", "base.pretrain.epochs=1", "trainer.max_epochs=2", "data.batch_size=16",
+        "base.width=0.1", "base.pretrain={epochs:1,lr:1e-3}", "trainer.max_epochs=2", "data.batch_size=16",
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
     )  # fmt: skip

@@ -324,13 +324,15 @@ def test_missing_base_checkpoint_is_a_clear_error(experiment, hint, make_cfg, tm
     assert failed["status"] == "failed" and "CheckpointError" in failed["error"] and "test_top1" not in failed
 
 
-def test_digits_default_pretrains_and_caches_a_missing_base(make_cfg, tmp_path, capsys):
+@pytest.mark.parametrize("threads", [1, 2])  # issue 23: a run repeats bit for bit at any given thread count
+def test_digits_default_pretrains_and_caches_a_missing_base(make_cfg, tmp_path, capsys, threads):
     bases = tmp_path / "bases"
     quick = (
         "base.pretrain.epochs=1",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=2",
+        f"threads={threads}",
     )
     cfg = make_cfg(*quick, name="first", base_dir=bases)
     assert cfg.data.name == "digits" and cfg.adapter.name == "udta"

@@ -25,6 +25,7 @@ from bnn_adapt.deploy.packed_blocks import PackedBasicBlock, sign_interval
 from bnn_adapt.deploy.packed_inference import load_packed_base, use_packed_kernels, uses_packed_kernels
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer
 from bnn_adapt.deploy.predict import BaseWithAdapters
+from bnn_adapt.nn.layers import BinaryConv2d
 from bnn_adapt.nn.quantizers import sign
 from bnn_adapt.run import task
 from bnn_adapt.run.results import config_hash
@@ -349,3 +350,72 @@ def test_task_predict_gives_the_same_top_k_on_both_paths(name, make_cfg, tmp_pat
             other = predictions["false"][adapter][image]
             assert [r["class"] for r in row] == [r["class"] for r in other]
             assert [r["prob"] for r in row] == pytest.approx([r["prob"] for r in other], abs=1e-5)
+
+
+# ------------------------------------------------------------------ issue 23, item 7: what the kernels do not implement
+
+# binary convs the kernels do not compute as the float layer does: each stays on the float path
+UNSUPPORTED = {
+    "bias": (dict(bias=True), "a bias"),
+    "dilation": (dict(dilation=2, padding=2), "dilation (2, 2)"),
+    "circular padding": (dict(padding_mode="circular"), "padding_mode='circular'"),
+    "reflect padding": (dict(padding_mode="reflect"), "padding_mode='reflect'"),
+    "unequal strides": (dict(stride=(1, 2)), "stride (1, 2)"),
+    "unequal padding": (dict(padding=(0, 1)), "padding (0, 1)"),
+    "groups": (dict(groups=2), "groups=2"),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_a_binary_conv_the_kernels_do_not_implement_stays_float_with_one_warning_line(case, caplog):
+    """Before issue 23 these ran on the kernels with wrong values (max |diff| 4-20) or the wrong shape."""
+    options, reason = UNSUPPORTED[case]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        BinaryConv2d(8, 32, 3, padding=1, bias=False),  # the kernels run this one
+        torch.nn.Hardtanh(),
+        BinaryConv2d(32, 16, 3, **{"padding": 1, "bias": False, **options}),
+    ).eval()
+    with torch.no_grad():
+        if net[2].bias is not None:
+            net[2].bias.normal_()
+        x = torch.randn(2, 8, 9, 9)
+        expected = net(x)
+        with caplog.at_level(logging.WARNING):
+            packed = use_packed_kernels(copy.deepcopy(net))
+        got = packed(x)
+    assert isinstance(packed[0], PackedBinaryConv2d) and type(packed[2]) is BinaryConv2d
+    # integer sums are exact; a bias is added in another order on the kernel's channels-last output
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=0, atol=1e-6 * expected.abs().max())
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line == f"packed 1-bit kernels: 2 stays on the float path (the kernels do not implement {reason})"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_nan_packs_as_plus_one_as_the_float_sign_gives_it(level):
+    """sign(NaN) is +1 in training (torch.sign(NaN) = 0, and sign(0) = +1); the kernels packed -1 before issue 23."""
+    x = torch.randn(2, 70, 5, 19, generator=torch.Generator().manual_seed(9))
+    x[0, :, 0, 0] = float("nan")
+    x[1, 3::7, 2, :] = float("nan")
+    bias = torch.randn(70, generator=torch.Generator().manual_seed(10))
+    assert (sign(x) == 1).all(dim=1)[0, 0, 0]
+    for name, t in {"nchw": x, "nhwc": x.contiguous(memory_format=torch.channels_last),
+                    "strided": x.transpose(2, 3).contiguous().transpose(2, 3)}.items():  # fmt: skip
+        with at_level(level):
+            assert torch.equal(kernels.pack_signs(t, 1).to_signs(), sign(x)), name
+            assert torch.equal(kernels.pack_signs(t, 1, bias).to_signs(), sign(x + bias.view(1, -1, 1, 1))), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["ste", "reactnet"])
+def test_nan_inputs_give_the_float_paths_outputs(name):
+    base, size = make_base(name)
+    reference, packed = float_and_packed(base)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(11))
+    x[0, :, size // 2, size // 2] = float("nan")
+    with torch.no_grad():
+        for ours, theirs in zip(packed.stage_outputs(x), reference.stage_outputs(x)):
+            assert torch.equal(ours.isnan(), theirs.isnan())
+            finite = ~theirs.isnan()
+            assert torch.allclose(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5 * theirs[finite].abs().max().item())

@@ -237,8 +237,9 @@ def resume_base(tmp_path_factory, cifar_root) -> Path:
     return base
 
 
-def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_base):
-    straight = cli(tmp_path, *resume_args(cifar_root, tmp_path / "straight", resume_base))
+@pytest.mark.parametrize("threads", [1, 2])  # issue 23: a run repeats bit for bit at any given thread count
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_base, threads):
+    straight = cli(tmp_path, *resume_args(cifar_root, tmp_path / "straight", resume_base, f"threads={threads}"))
     assert straight.returncode == 0, straight.stderr[-2000:]
     expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())
 
@@ -246,7 +247,8 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_bas
     run_dir = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "bnn_adapt", *resume_args(cifar_root, run_dir, resume_base)],
+    killed_args = resume_args(cifar_root, run_dir, resume_base, f"threads={threads}")
+    proc = subprocess.Popen([sys.executable, "-m", "bnn_adapt", *killed_args],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
@@ -259,10 +261,11 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_bas
     proc.wait()
     assert not (run_dir / "metrics.json").exists()
 
-    resumed = cli(tmp_path, *resume_args(cifar_root, run_dir, resume_base, "resume=true"))
+    resumed = cli(tmp_path, *resume_args(cifar_root, run_dir, resume_base, f"threads={threads}", "resume=true"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = json.loads((run_dir / "metrics.json").read_text())
     assert outcome(got) == outcome(expected)
+    assert got["environment"]["threads"] == expected["environment"]["threads"] == threads
     # pruning held across the restart and the CSV log covers every epoch once
     csv_epochs = [line.split(",") for line in (run_dir / "csv" / "metrics.csv").read_text().splitlines()]
     header = csv_epochs[0]
@@ -351,9 +354,12 @@ def test_result_files_are_replaced_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def test_same_seed_same_metrics(make_cfg, pretrained_base):
-    runs = [task.run(make_cfg("data=cifar5_5", "adapter=serial", "seed=3", name=f"run{i}")) for i in range(2)]
+@pytest.mark.parametrize("threads", [1, 2])  # issue 23: a run repeats bit for bit at any given thread count
+def test_same_seed_same_metrics(make_cfg, pretrained_base, threads):
+    runs = [task.run(make_cfg("data=cifar5_5", "adapter=serial", "seed=3", f"threads={threads}", name=f"run{i}"))
+            for i in range(2)]  # fmt: skip
     assert outcome(runs[0]) == outcome(runs[1])
+    assert runs[0]["environment"]["threads"] == threads
 
 
 def test_a_retrained_base_makes_a_complete_run_stale(make_cfg, pretrained_base, tmp_path, capsys):

@@ -26,6 +26,7 @@ device: the base stays in bits while it predicts. Inference only.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,46 @@ from bnn_adapt.nn.layers import (
     PackedScaledBinaryConv2d,
 )  # fmt: skip
 
+log = logging.getLogger(__name__)
 
-def packed_layer(module: nn.Module, signs: torch.Tensor) -> PackedBinaryLayer | None:
+
+def _square(value) -> int | None:
+    """An int or a pair of equal ints as one int; None for anything else (a string, unequal sides)."""
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    return pair[0] if len(pair) == 2 and pair[0] == pair[1] and isinstance(pair[0], int) else None
+
+
+def unsupported(module: nn.Module) -> str | None:
+    """What of a binary conv the kernels do not compute (None: nothing): they run a bias-free,
+    ungrouped, undilated conv with one stride and one zero padding for both sides."""
+    conv = isinstance(module, nn.Conv2d)
+    kh, kw = module.weight.shape[-2:]
+    problems = [
+        "a bias" if conv and module.bias is not None else None,
+        f"dilation {tuple(module.dilation)}" if conv and tuple(module.dilation) != (1, 1) else None,
+        f"groups={module.groups}" if conv and module.groups != 1 else None,
+        f"padding_mode={module.padding_mode!r}" if conv and module.padding_mode != "zeros" else None,
+        f"stride {module.stride}" if _square(module.stride) is None else None,
+        f"padding {module.padding!r}" if _square(module.padding) is None else None,
+        f"a {kh}x{kw} kernel (more than {kernels.MAX_TAPS} taps)" if kh * kw > kernels.MAX_TAPS else None,
+    ]
+    found = [p for p in problems if p]
+    return ", ".join(found) if found else None
+
+
+def packed_layer(module: nn.Module, signs: torch.Tensor, name: str = "") -> PackedBinaryLayer | None:
     """The packed replacement of a binary layer whose input is binarised (not the STE stem,
-    which reads the image), with weight signs ``signs``; None for any other module."""
-    if isinstance(module, PackedScaledBinaryConv2d):
-        return PackedBinaryConv2d(signs, module.stride, module.padding, torch.ones(signs.shape[0]))
-    if isinstance(module, BinaryConv2d) and module.binarize_input:
-        return PackedBinaryConv2d(signs, module.stride, module.padding)
+    which reads the image), with weight signs ``signs``; None for any other module, and for a
+    binary conv the kernels do not implement (:func:`unsupported`: it stays on the float path,
+    with one warning line naming it)."""
+    if isinstance(module, (PackedScaledBinaryConv2d, BinaryConv2d)) and getattr(module, "binarize_input", True):
+        problem = unsupported(module)
+        if problem is not None:
+            log.warning("packed 1-bit kernels: %s stays on the float path (the kernels do not implement %s)",
+                        name or type(module).__name__, problem)  # fmt: skip
+            return None
+        scale = torch.ones(signs.shape[0]) if isinstance(module, PackedScaledBinaryConv2d) else None
+        return PackedBinaryConv2d(signs, module.stride, module.padding, scale)
     if isinstance(module, BinaryLinear):
         return PackedBinaryLinear(module, signs)
     return None
@@ -76,14 +109,16 @@ def use_packed_kernels(base: nn.Module) -> nn.Module:
 
     Binary layers whose input is binarised (not the STE stem, which reads the
     image) become :class:`PackedBinaryConv2d` / :class:`PackedBinaryLinear`
-    holding their weights as bits; their fp32 weights are freed.
+    holding their weights as bits; their fp32 weights are freed. A binary conv
+    the kernels do not implement (a bias, dilation, groups, another padding
+    mode, unequal strides or paddings) stays float, with one warning line.
     """
     if kernels.library() is None:
         raise RuntimeError("the packed 1-bit kernels are not built; reinstall with a C compiler (make install)")
     for name, module in list(base.named_modules()):
         if isinstance(module, PackedBinaryLayer) or getattr(module, "weight", None) is None:
             continue
-        packed = packed_layer(module, module.weight.detach() >= 0)
+        packed = packed_layer(module, module.weight.detach() >= 0, name)
         if packed is not None:
             if isinstance(packed, PackedBinaryConv2d) and packed.scale is not None:
                 packed.scale = module.scale.detach().float().clone()
@@ -117,8 +152,8 @@ def load_packed_base(path: str | Path) -> tuple[nn.Module, dict]:
         chunk = np.unpackbits(bits[b // 8 : (b + count + 7) // 8 + 1], bitorder="little")[b % 8 : b % 8 + count]
         signs = torch.from_numpy(chunk.astype(bool)).reshape(shape)
         owner, _, _ = name.rpartition(".")
-        packed = packed_layer(base.get_submodule(owner), signs)
-        if packed is None:  # a binary layer that stays float: the STE stem
+        packed = packed_layer(base.get_submodule(owner), signs, owner)
+        if packed is None:  # a binary layer that stays float: the STE stem, a conv the kernels do not implement
             state[name] = torch.where(signs, 1.0, -1.0)
         else:
             parent, _, child = owner.rpartition(".")

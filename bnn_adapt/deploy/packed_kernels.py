@@ -7,7 +7,7 @@ warning line and callers run the float path.
 
 Layouts (``csrc/bitconv.h``): packed activations are int32 words
 ``[n][h + 2 pad][w + 2 pad][ceil(c / 32)]``, bit ``c % 32`` of word ``c // 32``
-set where the value is >= 0 (sign(0) = +1, as :func:`bnn_adapt.binary.sign`),
+set where the value is not < 0 (sign(0) = sign(NaN) = +1, as :func:`bnn_adapt.nn.quantizers.sign`),
 with a border of zero words; packed weights ``[ceil(c_out / 16)][kh][kw][ceil(c_in / 32)][16]``,
 16 output channels side by side so that one AVX-512 register holds one word of each.
 
@@ -257,7 +257,8 @@ def float32_cpu(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_signs(x: torch.Tensor, pad: int, bias: torch.Tensor | None = None) -> PackedSigns:
-    """Bit ``(x + bias) >= 0`` of every element of NCHW ``x`` (bias per channel, added in fp32 as torch does).
+    """Bit ``not (x + bias) < 0`` of every element of NCHW ``x`` (bias per channel, added in fp32 as torch does;
+    NaN packs as +1, as the float path's sign gives it).
 
     Reads ``x`` in place whatever its strides; NCHW and NHWC (channels last) have fast paths.
     """

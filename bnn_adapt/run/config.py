@@ -232,6 +232,10 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{key}={value!r} is invalid: it must be a positive number")
     check_image_size(cfg)
+    threads = OmegaConf.select(cfg, "threads", default=None)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r} is invalid: give a positive number of torch threads, or null for "
+                          "torch's own choice (OMP_NUM_THREADS, else one per core)")  # fmt: skip
     for key in ("reduction.rate", "reduction.depthwise_rate", "reduction.pointwise_rate", "reduction.head_rate"):
         value = OmegaConf.select(cfg, key, default=0.0)
         if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

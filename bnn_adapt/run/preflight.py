@@ -24,8 +24,8 @@ from bnn_adapt.run import builders
 from bnn_adapt.run.config import CONF_DIR, compose, validate
 
 #: override keys that change neither the base nor the data a job needs (the rest are composed to check)
-INERT = ("adapter", "reduction", "optimizer", "scheduler", "trainer", "seed", "memory", "tap_cache", "logger",
-         "callbacks", "resume", "debug", "export", "predict", "hydra")  # fmt: skip
+INERT = ("adapter", "reduction", "optimizer", "scheduler", "trainer", "seed", "threads", "memory", "tap_cache",
+         "logger", "callbacks", "resume", "debug", "export", "predict", "hydra")  # fmt: skip
 #: bases whose checkpoint comes from elsewhere (the authors' ReActNet-18), never pretrained here
 DOWNLOADED_BASES = ("reactnet18",)
 #: what a base pretraining command must repeat of an adaptation config to write the base it reads

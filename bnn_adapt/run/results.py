@@ -1,4 +1,11 @@
-"""What a run's result files carry: package versions and the config hash, and when a run counts as complete."""
+"""What a run's result files carry: package versions and the config hash, and when a run counts as complete.
+
+A finished run stands for a config only while everything its numbers depend on is as it
+was: the config (:func:`config_hash`), the meaning of the recorded numbers
+(:data:`RESULTS_SCHEMA`), the data it read (where it is and a fingerprint of its files,
+:mod:`bnn_adapt.training.data_fingerprint`) and, for an adaptation, the base checkpoint's
+bytes. :func:`result_problem` says which of them moved.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_adapt.files import file_sha256, read_json, read_json_or_none, write_json  # noqa: F401 - re-exported
+from bnn_adapt.training.data_fingerprint import data_identity, newest_change
 
-PACKAGES = ("bnn_adapt", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf")
+#: what the numbers of a ``metrics.json`` mean. Bump it when a recorded metric changes its meaning
+#: (measured on another split, counted another way): every run written before then runs again.
+#: Files without the field were written under schema 1.
+RESULTS_SCHEMA = 1
+
+PACKAGES = ("bnn_adapt", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "scikit-learn")
 
 
 def package_versions() -> dict[str, str]:
@@ -26,8 +39,11 @@ def package_versions() -> dict[str, str]:
 
 
 #: keys that do not change what a run computes (``table``: a table sweep's own description;
-#: ``protocol``: the name of a protocol, whose settings are ``base.*`` keys, hashed)
-NOT_HASHED = ("paths", "resume", "debug", "table", "protocol")
+#: ``protocol``: the name of a protocol, whose settings are ``base.*`` keys, hashed; ``threads``:
+#: torch's thread count changes only the order of float sums, so a run at another count is the
+#: same experiment and is not repeated; each run records the count it used, README: reproducibility).
+#: Where the data is, is not a key's business either: :func:`result_problem` compares the data itself.
+NOT_HASHED = ("paths", "resume", "debug", "table", "protocol", "threads")
 #: ``logger`` entries that only mirror what a run computes (bnn_adapt.run.tracking): not hashed either
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
@@ -118,15 +134,48 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def completed_metrics(run_dir: str | Path, cfg_hash: str, base_sha256: str | None = None) -> dict | None:
-    """The run's metrics if it finished with this exact config, else None.
+def dataset_identity(cfg: DictConfig) -> dict:
+    """Where the configured dataset is read from and a fingerprint of its files (recorded as ``data``)."""
+    return data_identity(cfg.data.name, cfg.data.root)
+
+
+def result_problem(metrics: dict, run_dir: str | Path, cfg: DictConfig, cfg_hash: str | None = None) -> str | None:
+    """Why the results a run recorded (``metrics``) no longer stand for ``cfg``, or None when they do.
+
+    A run written before the data was recorded (no ``data`` field) still stands when its
+    resolved ``data.root`` is today's and no file of the dataset changed after it wrote its
+    ``metrics.json``.
+    """
+    if metrics.get("config_hash") != (cfg_hash or config_hash(cfg)):
+        return "its config differs"
+    schema = metrics.get("results_schema", 1)
+    if schema != RESULTS_SCHEMA:
+        return f"it recorded results schema {schema}, and this code writes schema {RESULTS_SCHEMA}"
+    recorded, now = metrics.get("data"), dataset_identity(cfg)
+    if recorded is not None:
+        if recorded.get("location") != now["location"]:
+            return f"it read the data at {recorded.get('location')}, this config reads {now['location']}"
+        if recorded.get("fingerprint") != now["fingerprint"]:
+            return f"the files under {now['location']} changed since it ran ({recorded.get('files')} -> {now['files']} files)"
+        return None
+    then = ((metrics.get("config") or {}).get("data") or {}).get("root")
+    if then != cfg.data.root:
+        return f"it read the data at {then}, this config reads {cfg.data.root}"
+    newest, written = newest_change(cfg.data.name, cfg.data.root), Path(run_dir, "metrics.json").stat().st_mtime
+    if newest is not None and newest > written:
+        return f"a file under {now['location']} changed after it ran"
+    return None
+
+
+def completed_metrics(run_dir: str | Path, cfg: DictConfig, base_sha256: str | None = None) -> dict | None:
+    """The run's metrics if it finished with this exact config and data (:func:`result_problem`), else None.
 
     An adaptation run also records the SHA-256 of the base checkpoint it
     adapted (``base_checkpoint_sha256``): when the file at that path has since
     changed (a base retrained in place) or gone, the run no longer counts.
     """
     metrics = read_json_or_none(Path(run_dir) / "metrics.json")
-    if not (metrics and metrics.get("status", "complete") == "complete" and metrics.get("config_hash") == cfg_hash):
+    if not (metrics and metrics.get("status", "complete") == "complete" and result_problem(metrics, run_dir, cfg) is None):
         return None
     recorded = metrics.get("base_checkpoint_sha256")
     return metrics if recorded is None or recorded == base_sha256 else None

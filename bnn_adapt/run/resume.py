@@ -46,24 +46,37 @@ class RNGState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def unfinished(run_dir: Path, cfg_hash: str) -> bool:
-    """Started with this config, has a checkpoint, and never wrote complete metrics."""
+def unfinished(run_dir: Path, cfg_hash: str, data: dict | None = None) -> bool:
+    """Started with this config (and, when given, on this ``data``: its location and fingerprint;
+    a run that started before its files were there, ``data.download``, is not held to them),
+    has a checkpoint, and never wrote complete metrics."""
     run = read_json_or_none(run_dir / RUN_FILE)
     if not run or run.get("config_hash") != cfg_hash or not (run_dir / CHECKPOINT).is_file():
+        return False
+    started_on = run.get("data") or {}
+    if data is not None and started_on.get("files") and started_on != data:
         return False
     metrics = read_json_or_none(run_dir / "metrics.json")
     return not metrics or metrics.get("status") != "complete"
 
 
-def find_resumable(output_dir: Path, runs_root: Path, cfg_hash: str) -> Path | None:
+def find_resumable(output_dir: Path, runs_root: Path, cfg_hash: str, data: dict | None = None) -> Path | None:
     """The run directory to continue: this one, else the newest matching run."""
-    if unfinished(output_dir, cfg_hash):
+    if unfinished(output_dir, cfg_hash, data):
         return output_dir
     if not runs_root.is_dir():
         return None
     candidates = [d for d in runs_root.iterdir()
-                  if d.is_dir() and d != output_dir and unfinished(d, cfg_hash) and not held_by_another(d)]  # fmt: skip
+                  if d.is_dir() and d != output_dir and unfinished(d, cfg_hash, data) and not held_by_another(d)]  # fmt: skip
     return max(candidates, key=lambda d: (d / CHECKPOINT).stat().st_mtime, default=None)
+
+
+def load_trained_weights(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
+    """``model`` (built as the run built it) with the weights of the run's last checkpoint: what
+    training left, for the steps after it that failed (``resume=true``, bnn_adapt.run.task)."""
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model
 
 
 def keep_csv_before_resume(csv_dir: Path) -> Path | None:

@@ -7,6 +7,12 @@ write its adapter file) and ``summary_only=true`` (build the model, count, no
 data). It returns the metrics dict, which Hydra sweepers (Optuna included)
 read. ``task=export`` (bit-packed base + adapter files) and ``task=predict``
 (one base, many adapters) are deployment steps: :mod:`bnn_adapt.deploy`.
+
+What follows training (the end of Lightning's fit with its trackers, the adapter
+file, the pretrained base) runs as named steps: when one fails, the measured
+numbers are written first, with the step and its error beside them
+(``status: failed_after_training``), and ``resume=true`` redoes that step and
+those after it from the run's last checkpoint, without training again.
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
 from bnn_adapt.run import builders, claims, preflight, resume, tracking
 from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
-from bnn_adapt.run.results import completed_metrics, config_hash, package_versions
+from bnn_adapt.run.provenance import environment, torch_threads
+from bnn_adapt.run.results import (
+    RESULTS_SCHEMA,
+    completed_metrics,
+    config_hash,
+    dataset_identity,
+    package_versions,
+    result_problem,
+)  # fmt: skip
 from bnn_adapt.training import tap_cache
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 from bnn_adapt.training.lean import set_memory_mode
@@ -66,8 +80,27 @@ def run_summary(cfg: DictConfig) -> dict:
     return summary
 
 
-def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=()) -> dict:
-    """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint."""
+FAILED_AFTER_TRAINING = "failed_after_training"  # status: every epoch ran and was measured, a later step failed
+#: the steps after training, as metrics.json names a failed one (``failed_step``)
+FIT_END_STEP = "end of fitting"  # Lightning's end-of-fit hooks (callbacks, the trackers' last records)
+ADAPTER_FILE_STEP = "adapter file"
+BASE_FILE_STEP = "base checkpoint"
+
+
+class FailedAfterTraining(RuntimeError):
+    """A step after training failed; ``run_dir``'s metrics.json holds the measured numbers beside it."""
+
+    def __init__(self, message: str, run_dir: str):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None,
+        callbacks=()) -> tuple[dict, BaseException | None]:  # fmt: skip
+    """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint.
+
+    Returns the measured numbers, and the error of Lightning's end-of-fit hooks if they failed
+    after every epoch had run (the numbers stand; :func:`after_training` records it)."""
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
@@ -79,17 +112,24 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     trainer, stats = builders.make_trainer(cfg, callbacks)
     out = Path(cfg.paths.output_dir)
     checkpoint = out / resume.CHECKPOINT
-    resuming = bool(cfg.get("resume")) and resume.unfinished(out, config_hash(cfg))
-    write_json(out / resume.RUN_FILE, {"config_hash": config_hash(cfg), "status": "running"})
+    data = dataset_identity(cfg)
+    resuming = bool(cfg.get("resume")) and resume.unfinished(out, config_hash(cfg), data)
+    write_json(out / resume.RUN_FILE, {"config_hash": config_hash(cfg), "data": data, "status": "running"})
     kept_csv = resume.keep_csv_before_resume(out / "csv") if resuming else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if resuming else None)
+    fit_error = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if resuming else None)
+    except Exception as exc:
+        if not stats.training_ended:
+            raise
+        fit_error = exc
     if kept_csv is not None:
         resume.merge_resumed_csv(kept_csv, out / "csv", resumed_epoch=stats.resumed_at_epoch)
     stats.recover_spawned(trainer)  # trainer=ddp (ddp_spawn) trained in child processes
     result = stats.summary()
     history = result["history"]
     if not history:
-        return result
+        return result, fit_error
     result["test_top1"] = history[-1].get("val/acc")
     counted = history
     if plan is not None:  # best before the first round; the headline counts from the last round on
@@ -98,21 +138,30 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
         result["best_before_pruning_top1"] = max(accs) if accs else None
     accs = [h["val/acc"] for h in counted if "val/acc" in h]
     result["best_test_top1"] = max(accs) if accs else None
-    return result
+    return result, fit_error
 
 
-def finish(cfg: DictConfig, result: dict, summary: dict) -> dict:
-    metrics = {
-        "status": "complete",
-        **result,
-        **summary,
+def results_record(cfg: DictConfig, measured: dict, status: str, **extra) -> dict:
+    """A run's ``metrics.json``: ``measured`` (its numbers and counts) and what they depend on (config
+    and its hash, results schema, data, base checkpoint, versions and environment: README, reproducibility)."""
+    return {
+        "status": status,
+        **extra,
         "task": cfg.task,
         "seed": cfg.seed,
         "config_hash": config_hash(cfg),
+        "results_schema": RESULTS_SCHEMA,
+        "data": dataset_identity(cfg),
         **({"base_checkpoint_sha256": adapted_base_sha256(cfg)} if cfg.task == "adapt" else {}),
         "versions": package_versions(),
+        "environment": environment(),
+        **measured,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def finish(cfg: DictConfig, result: dict, summary: dict) -> dict:
+    metrics = results_record(cfg, {**result, **summary}, "complete")
     out = Path(cfg.paths.output_dir)
     write_json(out / "metrics.json", metrics)
     top1 = metrics.get("test_top1")
@@ -135,13 +184,19 @@ def run_pretrain(cfg: DictConfig) -> dict:
     meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
             "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
     best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta)  # the epoch the thesis adapted (base.epoch=best)
-    result = fit(cfg, base, datamodule.num_classes, datamodule, callbacks=[best])
-    save_base(base, cfg.base.save_to, **meta, top1=result.get("test_top1"), epoch=result.get("epochs_run", 0) - 1)
+    result, fit_error = fit(cfg, base, datamodule.num_classes, datamodule, callbacks=[best])
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
     summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
                "best_epoch_checkpoint": str(best.path), "best_epoch": best.epoch,
                **operation_counts(base, cfg.data.image_size)}  # fmt: skip
-    return finish(cfg, result, summary)
+    measured = {**result, **summary}
+    return after_training(cfg, measured, pretrain_steps(cfg, base, meta, measured), fit_error)
+
+
+def pretrain_steps(cfg: DictConfig, base, meta: dict, measured: dict) -> list[tuple[str, Any]]:
+    """What follows pretraining: the base's last epoch at ``base.save_to`` (its best is written while it trains)."""
+    top1, epoch = measured.get("test_top1"), measured.get("epochs_run", 0) - 1
+    return [(BASE_FILE_STEP, lambda: save_base(base, cfg.base.save_to, **meta, top1=top1, epoch=epoch))]
 
 
 def run_adapt(cfg: DictConfig) -> dict:
@@ -167,19 +222,79 @@ def run_adapt(cfg: DictConfig) -> dict:
         training_data = tap_cache.TapCacheDataModule(datamodule, model, cfg.tap_cache.views, cfg.tap_cache.max_gb)
     elif cfg.tap_cache.views > 1:
         print(f"note: tap_cache.views={cfg.tap_cache.views} has no effect without tap_cache.enabled=true", file=sys.stderr)
-    result = fit(cfg, model, datamodule.num_classes, training_data, plan)
-    export_adapter(model, Path(cfg.paths.output_dir) / ADAPTER_FILE, reference_base=builders.load_trained_base(cfg),
-                   class_names=datamodule.class_names, preprocess=builders.preprocessing(datamodule),
-                   source={"run_dir": str(cfg.paths.output_dir), "config_hash": config_hash(cfg)})  # fmt: skip
+    result, fit_error = fit(cfg, model, datamodule.num_classes, training_data, plan)
     summary = accounting.summarize(model, cfg.data.image_size)
     summary["class_names"] = datamodule.class_names
-    return finish(cfg, result, summary)
+    return after_training(cfg, {**result, **summary}, adapt_steps(cfg, model, datamodule), fit_error)
+
+
+def adapt_steps(cfg: DictConfig, model, datamodule) -> list[tuple[str, Any]]:
+    """What follows adaptation: the run's adapter file (the trained adapter and head)."""
+
+    def write_adapter_file() -> None:
+        export_adapter(model, Path(cfg.paths.output_dir) / ADAPTER_FILE, reference_base=builders.load_trained_base(cfg),
+                       class_names=datamodule.class_names, preprocess=builders.preprocessing(datamodule),
+                       source={"run_dir": str(cfg.paths.output_dir), "config_hash": config_hash(cfg)})  # fmt: skip
+
+    return [(ADAPTER_FILE_STEP, write_adapter_file)]
+
+
+def after_training(cfg: DictConfig, measured: dict, steps: list[tuple[str, Any]],
+                   fit_error: BaseException | None = None, first: str | None = None) -> dict:  # fmt: skip
+    """The steps after training in order (from step ``first`` on), then the complete ``metrics.json``.
+
+    When Lightning's end of fit (``fit_error``) or a step fails, ``metrics.json`` gets everything
+    measured, with status ``failed_after_training``, the step and its error, and
+    :class:`FailedAfterTraining` is raised.
+    """
+    failed = (FIT_END_STEP, fit_error) if fit_error is not None else None
+    names = [name for name, _ in steps]
+    for name, step in steps[names.index(first) if first in names else 0:]:
+        if failed is not None:
+            break
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - recorded beside the measured numbers, then raised
+            failed = (name, exc)
+    if failed is None:
+        return finish(cfg, measured, {})
+    name, exc = failed
+    out = Path(cfg.paths.output_dir)
+    error = f"{type(exc).__name__}: {exc}"
+    write_json(out / "metrics.json", results_record(cfg, measured, FAILED_AFTER_TRAINING, failed_step=name, error=error))
+    raise FailedAfterTraining(
+        f"{name} failed after training ({error}); every epoch ran and its numbers are in {out / 'metrics.json'}; "
+        "the same command with resume=true finishes the run from its last checkpoint, without training again",
+        str(out),
+    ) from exc
+
+
+def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
+    """``resume=true`` on a run that failed after training: the model from its last checkpoint, then
+    the step that failed and those after it (a failed end of fitting is not called again: its trackers
+    only mirror what metrics.json holds); the numbers are the ones measured when it trained."""
+    out = Path(cfg.paths.output_dir)
+    step = earlier.get("failed_step")
+    print(f"resuming {out} after training: redoing {step!r} from {out / resume.CHECKPOINT}, no training")
+    measured = {k: v for k, v in earlier.items() if k not in ("status", "failed_step", "error")}
+    if cfg.task == "pretrain":
+        datamodule = builders.build_datamodule(cfg, "base")
+        base = resume.load_trained_weights(builders.build_base(cfg), out)
+        meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
+                "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
+        steps = pretrain_steps(cfg, base, meta, measured)
+    else:
+        datamodule = builders.build_datamodule(cfg, "target")
+        model = builders.build_adapted(cfg, builders.load_trained_base(cfg), datamodule.num_classes)
+        steps = adapt_steps(cfg, resume.load_trained_weights(model, out), datamodule)
+    return after_training(cfg, measured, steps, first=step)
 
 
 def choose_run_dir(cfg: DictConfig) -> DictConfig:
     """With ``resume=true``, continue the newest unfinished run of this config."""
     output_dir = Path(cfg.paths.output_dir)
-    found = resume.find_resumable(output_dir, output_dir.parent, config_hash(cfg)) if cfg.get("resume") else None
+    found = (resume.find_resumable(output_dir, output_dir.parent, config_hash(cfg), dataset_identity(cfg))
+             if cfg.get("resume") else None)  # fmt: skip
     if cfg.get("resume") and found is None:
         print(f"resume=true: no unfinished run of this config under {output_dir.parent}; starting afresh")
     if found is None or found == output_dir:
@@ -233,13 +348,18 @@ def move_deprecated_keys(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Validate, seed, then summary / pretrain / adapt; returns the metrics.
+    """Validate, set torch's thread count (``threads``), seed, then summary / pretrain / adapt; returns the metrics.
 
-    A run whose directory already holds complete results of the same config is
+    A run whose directory already holds complete results of the same config (and data) is
     not repeated; a failing run records why in its ``metrics.json``.
     """
     cfg = move_deprecated_keys(without_hydra_node(cfg))
     validate(cfg)
+    with torch_threads(cfg.get("threads")):  # before anything is built: it decides how floats are summed
+        return run_task(cfg)
+
+
+def run_task(cfg: DictConfig) -> dict:
     if cfg.task in ("export", "predict"):  # deployment: no training, no metrics.json
         from bnn_adapt.deploy.export import run_export  # noqa: PLC0415 - deployment sits beside the runtime
         from bnn_adapt.deploy.predict import run_predict  # noqa: PLC0415
@@ -263,10 +383,27 @@ def run(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         try:
+            earlier = failed_after_training(cfg) if cfg.get("resume") else None
+            if earlier is not None:
+                return resume_after_training(cfg, earlier)
             return run_pretrain(cfg) if cfg.task == "pretrain" else run_adapt(cfg)
         except Exception as exc:
-            record_failure(cfg, exc)
+            if not (isinstance(exc, FailedAfterTraining) and exc.run_dir == str(cfg.paths.output_dir)):
+                record_failure(cfg, exc)  # (a failure after training has recorded its numbers beside itself)
             raise
+
+
+def failed_after_training(cfg: DictConfig) -> dict | None:
+    """The metrics of this config's run that trained and failed after training, while they still stand
+    (same config, data and base, checkpoint kept), else None."""
+    out = Path(cfg.paths.output_dir)
+    earlier = read_json_or_none(out / "metrics.json")
+    if not earlier or earlier.get("status") != FAILED_AFTER_TRAINING or not (out / resume.CHECKPOINT).is_file():
+        return None
+    if result_problem(earlier, out, cfg) is not None:
+        return None
+    same_base = cfg.task != "adapt" or earlier.get("base_checkpoint_sha256") == adapted_base_sha256(cfg)
+    return earlier if same_base else None
 
 
 def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
@@ -276,7 +413,7 @@ def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
     not run the same config again (two invocations of one sweep run each row once).
     """
     base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
-    done = completed_metrics(cfg.paths.output_dir, config_hash(cfg), base_sha)
+    done = completed_metrics(cfg.paths.output_dir, cfg, base_sha)
     missing = pretrained_files_missing(cfg) if done is not None and cfg.task == "pretrain" else []
     if missing:
         print(f"the complete run in {cfg.paths.output_dir} left no {' or '.join(missing)}: running it again")
@@ -284,14 +421,18 @@ def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
     if done is not None:
         print(f"already complete (config {done['config_hash']}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
         return done
-    earlier = read_json_or_none(Path(cfg.paths.output_dir) / "metrics.json") or {}
+    out = Path(cfg.paths.output_dir)
+    earlier = read_json_or_none(out / "metrics.json") or {}
     same_config = earlier.get("config_hash") == config_hash(cfg)
-    if waited and same_config and earlier.get("status") == "failed":
-        raise UserError(f"this run failed in the process that held {cfg.paths.output_dir} until now: "
+    if waited and same_config and earlier.get("status") in ("failed", FAILED_AFTER_TRAINING):
+        raise UserError(f"this run failed in the process that held {out} until now: "
                         f"{earlier.get('error')}; not running it again")  # fmt: skip
     if earlier.get("status") == "complete" and same_config:
-        print(f"base checkpoint {cfg.base.checkpoint} changed since the complete run in "
-              f"{cfg.paths.output_dir}: running it again")  # fmt: skip
+        problem = result_problem(earlier, out, cfg)
+        if problem:
+            print(f"the complete run in {out} no longer stands for this config ({problem}): running it again")
+        else:
+            print(f"base checkpoint {cfg.base.checkpoint} changed since the complete run in {out}: running it again")
     return None
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
-import bnn_adapt
 from bnn_adapt.files import atomic_output
+from bnn_adapt.run.provenance import git_commit as commit  # noqa: F401 - the benchmarks' records name it
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -60,19 +59,6 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def commit() -> str | None:
-    """The checkout's commit (``+dirty`` with uncommitted changes), if it is a git checkout."""
-    root = Path(bnn_adapt.__file__).resolve().parent.parent
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=False)  # fmt: skip
-        if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                   capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
-            return head.stdout.strip() + ("+dirty" if dirty else "")
-    return None
 
 
 def _mb(n) -> str:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bnn_adapt.files import read_json_or_none
 from bnn_adapt.run.config import REPO_ROOT, SWEEPS_DIR, compose, without_hydra_node
 from bnn_adapt.run.labels import run_label
-from bnn_adapt.run.results import config_hash
+from bnn_adapt.run.results import config_hash, result_problem
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ BASE_LABELS = {
 
 
 
-STALE = "stale"  # finished, but with another config than the sweep's today (code or defaults changed)
+STALE = "stale"  # finished, but with another config or data than the sweep's today (code, defaults or files changed)
 
 
 
@@ -93,13 +93,17 @@ class Job:
     def result(self) -> dict | None:
         return read_json_or_none(self.run_dir / self.result_file)
 
-    @property
+    @functools.cached_property
     def status(self) -> str:
         result = self.result
         if result is None:
             return "incomplete" if self.run_dir.is_dir() else "not run"
         status = result.get("status", "complete")
-        return STALE if status == "complete" and result.get("config_hash") != self.config_hash else status
+        if status != "complete":
+            return status
+        if self.result_file != "metrics.json":  # counts (summary.json): no data read
+            return STALE if result.get("config_hash") != self.config_hash else status
+        return STALE if result_problem(result, self.run_dir, without_hydra_node(self.cfg), self.config_hash) else status
 
     @property
     def metrics(self) -> dict | None:
@@ -129,7 +133,7 @@ class Row:
     def error(self) -> str | None:
         for job in self.jobs:
             result = job.result
-            if result and result.get("status") == "failed":
+            if result and result.get("status") in ("failed", "failed_after_training"):
                 return str(result.get("error", "failed"))
         return None
 

@@ -42,6 +42,7 @@ class RunStats(L.Callback):
         self._step_start = 0.0
         self.device: str | None = None  # set when fitting starts
         self.resumed_at_epoch = 0
+        self.training_ended = False  # every epoch ran: what fails from here on fails after training
 
     def on_fit_start(self, trainer, pl_module):
         self.device = device_name(trainer)
@@ -64,6 +65,9 @@ class RunStats(L.Callback):
             if key in metrics:
                 record[key] = float(metrics[key])
         self.history.append(record)
+
+    def on_train_end(self, trainer, pl_module):
+        self.training_ended = True
 
     # saved in checkpoints, so a resumed run reports every epoch
     def state_dict(self) -> dict:

@@ -1,7 +1,8 @@
 /* XNOR-popcount convolution of bit-packed signs (bnn_adapt.deploy).
  *
  * Layouts (all little-endian, channels innermost):
- *   activations  uint32 [n][h + 2*pad][w + 2*pad][cw]   bit c%32 of word c/32 = (x_c >= 0);
+ *   activations  uint32 [n][h + 2*pad][w + 2*pad][cw]   bit c%32 of word c/32 = !(x_c < 0)
+ *                (+1 for 0, -0 and NaN, as the float model's sign, nn/quantizers.py);
  *                the border of `pad` pixels and the bits past the last channel are 0
  *   weights      uint32 [cob][kh][kw][cw][16]           lane l of block b: output channel 16*b + l;
  *                output channels past c_out and input channels past c_in are 0
@@ -63,7 +64,7 @@ typedef struct bnn_tile {
 
 typedef void (*bnn_tile_fn)(const bnn_conv_args *a, const bnn_tile *t, int cb0, int ncb);
 /* pack one image row: `pixels` pixels of `c` floats (element (p, ch) at x[p * sw + ch * sc]) into
- * dst[p * cw + word], bit ch % 32 of word ch / 32 = (x + bias[ch] >= 0) */
+ * dst[p * cw + word], bit ch % 32 of word ch / 32 = !(x + bias[ch] < 0) (NaN: 1) */
 typedef void (*bnn_pack_fn)(const float *x, int pixels, int c, long sw, long sc, const float *bias, uint32_t *dst,
                             int cw);
 
@@ -112,7 +113,7 @@ static inline void bnn_pack_scalar(const float *x, int pixels, int c, long sw, l
             for (int l = 0; l < 32 && 32 * w + l < c; l++) {
                 const int ch = 32 * w + l;
                 const float v = bias ? x[p * sw + ch * sc] + bias[ch] : x[p * sw + ch * sc];
-                word |= (uint32_t)(v >= 0.0f) << l;
+                word |= (uint32_t)!(v < 0.0f) << l;  /* NaN: +1, as the float path */
             }
             dst[(long)p * cw + w] = word;
         }

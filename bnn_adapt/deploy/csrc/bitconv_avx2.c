@@ -149,7 +149,7 @@ TGT void bnn_pack_avx2(const float *x, int pixels, int c, long sw, long sc, cons
                     __m256 v = _mm256_maskload_ps(px + c0 + 8 * h, lanes);
                     if (bias)
                         v = _mm256_add_ps(v, _mm256_maskload_ps(bias + c0 + 8 * h, lanes));
-                    const int ge = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ),
+                    const int ge = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_NLT_UQ),
                                                                     _mm256_castsi256_ps(lanes)));
                     m |= (unsigned)ge << (8 * h);
                 }
@@ -167,7 +167,7 @@ TGT void bnn_pack_avx2(const float *x, int pixels, int c, long sw, long sc, cons
                     __m256 v = _mm256_maskload_ps(x + ch * sc + p0, lanes);
                     if (bias)
                         v = _mm256_add_ps(v, _mm256_set1_ps(bias[ch]));
-                    const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+                    const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_NLT_UQ));
                     word = _mm256_or_si256(word, _mm256_and_si256(ge, _mm256_set1_epi32((int)(1u << l))));
                 }
                 uint32_t out[8];

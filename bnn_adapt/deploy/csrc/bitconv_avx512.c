@@ -122,7 +122,7 @@ TGT void bnn_pack_avx512(const float *x, int pixels, int c, long sw, long sc, co
                 __m512 v = _mm512_maskz_loadu_ps(lanes, px + c0);
                 if (bias)
                     v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + c0));
-                out[c0 / 16] = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+                out[c0 / 16] = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_NLT_UQ);
             }
         }
     } else if (sw == 1) {  /* pixels innermost (NCHW): 16 pixels per register, one bit per channel OR-ed in */
@@ -136,7 +136,7 @@ TGT void bnn_pack_avx512(const float *x, int pixels, int c, long sw, long sc, co
                     __m512 v = _mm512_maskz_loadu_ps(lanes, x + ch * sc + p0);
                     if (bias)
                         v = _mm512_add_ps(v, _mm512_set1_ps(bias[ch]));
-                    const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GE_OQ);
+                    const __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_NLT_UQ);
                     word = _mm512_mask_or_epi32(word, ge, word, _mm512_set1_epi32((int)(1u << l)));
                 }
                 if (cw == 1)
