@@ -436,10 +436,10 @@ class ClassSplitDataModule(L.LightningDataModule):
         return dataset, {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin,
                          "collate_fn": getattr(dataset, "collate_fn", None)}  # fmt: skip
 
-    def loader(self, dataset: ClassSubset | ImageTensors, shuffle: bool) -> DataLoader:
-        """A DataLoader of ``dataset`` for the trainer's device. Training (``shuffle``): the order of
-        :class:`EpochShuffle`, batches of :class:`TrainingBatches`; else in order, every image."""
-        dataset, common = self.for_device(dataset, self.device())
+    def loader(self, dataset: ClassSubset | ImageTensors, shuffle: bool, device: torch.device | None = None) -> DataLoader:
+        """A DataLoader of ``dataset`` for ``device`` (default: the trainer's). Training (``shuffle``): the order
+        of :class:`EpochShuffle`, batches of :class:`TrainingBatches`; else in order, every image."""
+        dataset, common = self.for_device(dataset, device or self.device())
         if shuffle:
             batches = TrainingBatches(EpochShuffle(len(dataset), self.seed), self.batch_size, drop_last=False)
             return DataLoader(dataset, batch_sampler=batches, **common)
