@@ -43,9 +43,9 @@ def no_system_fashion(monkeypatch):
 
 
 def make(name: str, roots, **kwargs) -> ClassSplitDataModule:
-    classes = {"cifar10": dict(target_classes=[5, 6, 7, 8, 9]), "fashion_mnist": dict(target_classes=[5, 6, 7]),
-               "imagefolder": dict(target_classes=["cat", "dog", "3"]), "digits": dict(target_classes=[5, 6, 7])}  # fmt: skip
-    dm = ClassSplitDataModule(name, root=str(roots.get(name, "unused")), **{**classes[name], **kwargs})
+    classes = {"cifar10": [5, 6, 7, 8, 9], "fashion_mnist": [5, 6, 7], "imagefolder": ["cat", "dog", "3"],
+               "digits": [5, 6, 7]}
+    dm = ClassSplitDataModule(name, root=str(roots.get(name, "unused")), **{"target_classes": classes[name], **kwargs})
     dm.setup()
     return dm
 
@@ -60,7 +60,7 @@ def per_image(dm: ClassSplitDataModule, dataset, train: bool = False) -> torch.T
 
 
 @pytest.mark.parametrize("name, size", [("cifar10", 32), ("cifar10", 40), ("cifar10", 24), ("fashion_mnist", 32),
-                                        ("imagefolder", 16), ("digits", 32), ("digits", 8)])  # fmt: skip
+                                        ("imagefolder", 16), ("digits", 32), ("digits", 8)])
 def test_evaluation_tensors_equal_the_per_image_pipeline(roots, no_system_fashion, name, size):
     dm = make(name, roots, image_size=size, batch_size=7)
     assert isinstance(dm.eval_set, ImageTensors) and isinstance(dm.train_set, ImageTensors)
@@ -116,7 +116,8 @@ def drawn_augmentations(dm: ClassSplitDataModule, epochs: int) -> list[list[tupl
     for epoch in range(epochs):
         loader.batch_sampler.sampler.set_epoch(epoch)
         order = list(loader.batch_sampler.sampler)
-        served = torch.cat([images for images, _ in loader])
+        served, labels = (torch.cat(parts) for parts in zip(*loader))
+        assert labels.tolist() == [dm.train_set.labels[i] for i in order]  # each image with its own label
         for image, source in zip(served, order):
             keys, found = candidates[source]
             close = (found - image).abs().amax(dim=(1, 2, 3)) < 1e-6
@@ -171,7 +172,7 @@ def test_normalised_channels_have_the_configured_statistics(roots, no_system_fas
             mean, std = [mean[0], mean[0] - 0.1, mean[0] + 0.1], [std[0], 2 * std[0], std[0] / 2]
         dm = make(name, roots, normalize_mean=mean, normalize_std=std)
         images = torch.cat([images for images, _ in dm.val_dataloader()]).transpose(0, 1).reshape(3, -1).double()
-        if name == "fashion_mnist":  # standardise by the data's own statistics: (x - m) / s = out_c * s_c / s + (m_c - m) / s
+        if name == "fashion_mnist":  # by the data's own statistics: (x - m) / s = out_c * s_c / s + (m_c - m) / s
             m, s = mean[0], std[0]
             images = images * torch.tensor(std).double()[:, None] / s + (torch.tensor(mean).double()[:, None] - m) / s
             assert not torch.allclose(images[0], images[1] * 2)  # the channels really differed before
@@ -273,3 +274,11 @@ def test_digits_base_with_a_remainder_of_one_trains_and_evaluates_every_image(ma
     assert sum("one image" in r.getMessage() for r in caplog.records) == 1
     for record in metrics["history"]:  # evaluated on all 65 held-out images: accuracies are k / 65
         assert abs(record["val/acc"] * 65 - round(record["val/acc"] * 65)) < 1e-4
+
+
+def test_loader_bench_times_both_loaders_over_whole_epochs():
+    from bnn_adapt.tools.bench_loader import loader_records
+
+    records = loader_records(torch.device("cpu"), images_per_class=4, batch_size=8, epochs=1)
+    assert [r["loader"] for r in records] == ["tensor", "per_image"]
+    assert all(r["images"] == 40 and r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in records)

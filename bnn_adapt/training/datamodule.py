@@ -121,7 +121,11 @@ def _validation_split(
             f"data.val_fraction={fraction} cannot split {len(indices)} training images of "
             f"{len(set(targets))} classes ({err}); use a larger fraction or more images."
         ) from None
-    return tuple(([indices[j] for j in sorted(part)], [targets[j] for j in sorted(part)]) for part in (train, val))  # type: ignore[return-value]
+
+    def rows(chosen: np.ndarray) -> tuple[list[int], list[int]]:
+        return [indices[j] for j in sorted(chosen)], [targets[j] for j in sorted(chosen)]
+
+    return rows(train), rows(val)
 
 
 def _positive(value: Any, field: str, allow_none: bool = False, minimum: int = 1) -> Any:
@@ -270,7 +274,7 @@ class ClassSplitDataModule(L.LightningDataModule):
         self.mean = _stats(normalize_mean, "normalize_mean") or default_mean
         self.std = _stats(normalize_std, "normalize_std") or default_std
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={val_fraction!r} must be a number in [0, 1) (0: no validation split).")
+            raise ConfigError(f"data.val_fraction={val_fraction!r} must be a number in [0, 1) (0: no split).")
         self.val_fraction = float(val_fraction)
         if on_device not in (True, False, "auto"):
             raise ConfigError(f"data.on_device={on_device!r} must be true, false or auto.")
@@ -360,7 +364,7 @@ class ClassSplitDataModule(L.LightningDataModule):
         (the tap cache's views); the images are shared, not copied."""
         served = {"train": self.train_set, "val": self.val_set, "eval": self.eval_set}[part]
         if served is None:
-            raise RuntimeError(f"no {part} split: call setup() first" + (" and set val_fraction" if part == "val" else ""))
+            raise RuntimeError(f"no {part} split; call setup() first" + (" (with val_fraction)" * (part == "val")))
         if isinstance(served, ImageTensors):
             return served.with_transform(self.batch_transform(train))
         return ClassSubset(served.dataset, served.indices, served.labels, self.transform(train))
@@ -388,8 +392,11 @@ class ClassSplitDataModule(L.LightningDataModule):
             indices, targets = _first_per_class(indices, targets, limit)
             present = set(targets)
             empty = [c for k, c in enumerate(served) if k not in present]
+            if empty and part == "val":
+                raise ConfigError(f"data.val_fraction={self.val_fraction} leaves class {empty} no validation "
+                                  "images; raise it (or data.eval_limit_per_class)")  # fmt: skip
             if empty:
-                labels = train_labels if part != "eval" else eval_labels
+                labels = train_labels if part == "train" else eval_labels
                 found = sorted({str(label) for label in labels}, key=lambda s: (len(s), s))
                 raise DataError(
                     f"{self.spec.title} has no {part} images of class {empty} under {self.root} "
@@ -397,8 +404,9 @@ class ClassSplitDataModule(L.LightningDataModule):
                 )
             train_transform = part == "train"
             if self.as_tensors:
-                parts[part] = ImageTensors(decode(dataset, indices, self.image_size), targets,
-                                           self.batch_transform(train_transform), dataset=dataset, indices=indices)  # fmt: skip
+                images = decode(dataset, indices, self.image_size)
+                transform = self.batch_transform(train_transform)
+                parts[part] = ImageTensors(images, targets, transform, dataset=dataset, indices=indices)
             else:
                 parts[part] = ClassSubset(dataset, indices, targets, self.transform(train_transform))
         self.train_set, self.val_set, self.eval_set = parts["train"], parts.get("val"), parts["eval"]
@@ -436,7 +444,8 @@ class ClassSplitDataModule(L.LightningDataModule):
         return dataset, {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin,
                          "collate_fn": getattr(dataset, "collate_fn", None)}  # fmt: skip
 
-    def loader(self, dataset: ClassSubset | ImageTensors, shuffle: bool, device: torch.device | None = None) -> DataLoader:
+    def loader(self, dataset: ClassSubset | ImageTensors, shuffle: bool, device: torch.device | None = None
+               ) -> DataLoader:  # fmt: skip
         """A DataLoader of ``dataset`` for ``device`` (default: the trainer's). Training (``shuffle``): the order
         of :class:`EpochShuffle`, batches of :class:`TrainingBatches`; else in order, every image."""
         dataset, common = self.for_device(dataset, device or self.device())

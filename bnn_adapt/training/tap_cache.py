@@ -147,7 +147,9 @@ class ViewBatches(Sampler[list[int]]):
         return without_single_image_batch(batches, self.batch_size, self) if self.shuffle else batches
 
     def __len__(self) -> int:
-        return training_batch_count(self.images, self.batch_size, self) if self.shuffle else -(-self.images // self.batch_size)
+        if self.shuffle:
+            return training_batch_count(self.images, self.batch_size, self)
+        return -(-self.images // self.batch_size)
 
 
 def build_features(model, subset: ClassSubset, views: int, device: torch.device, num_workers: int = 0):
