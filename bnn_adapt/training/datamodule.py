@@ -454,16 +454,16 @@ class ClassSplitDataModule(L.LightningDataModule):
             return DataLoader(dataset, batch_sampler=batches, **common)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
 
-    def _served_set(self, dataset):
+    def _require(self, dataset):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self._served_set(self.train_set), shuffle=True)
+        return self.loader(self._require(self.train_set), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self._served_set(self.eval_set if self.val_set is None else self.val_set), shuffle=False)
+        return self.loader(self._require(self.eval_set if self.val_set is None else self.val_set), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self._served_set(self.eval_set), shuffle=False)
+        return self.loader(self._require(self.eval_set), shuffle=False)

@@ -154,8 +154,8 @@ class ViewBatches(Sampler[list[int]]):
 
 def build_features(model, subset: ClassSubset, views: int, device: torch.device, num_workers: int = 0):
     """``views`` passes over ``subset`` through ``model.frozen_features``; host tensors, view-major."""
-    loader = DataLoader(subset, batch_size=BUILD_BATCH, shuffle=False, num_workers=num_workers,
-                        collate_fn=getattr(subset, "collate_fn", None))  # decoded images come batched  # fmt: skip
+    batched = getattr(subset, "collate_fn", None)  # decoded images (ImageTensors) come as whole batches
+    loader = DataLoader(subset, batch_size=BUILD_BATCH, shuffle=False, num_workers=num_workers, collate_fn=batched)
     n = len(subset)
     store: list[torch.Tensor] | None = None
     labels = torch.as_tensor(subset.labels, dtype=torch.long)
