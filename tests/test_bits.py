@@ -399,9 +399,9 @@ def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained
 
 
 def test_front_comparison_and_hypervolume_by_hand():
-    front = [{"size_pct": 1.0, "test_top1": 0.6}, {"size_pct": 3.0, "test_top1": 0.8}]
-    baseline = [{"size_pct": 2.0, "test_top1": 0.55}, {"size_pct": 4.0, "test_top1": 0.8},
-                {"size_pct": 9.0, "test_top1": 0.9}]
+    front = [{"size_pct": 1.0, "val_top1": 0.6}, {"size_pct": 3.0, "val_top1": 0.8}]
+    baseline = [{"size_pct": 2.0, "val_top1": 0.55}, {"size_pct": 4.0, "val_top1": 0.8},
+                {"size_pct": 9.0, "val_top1": 0.9}]
     assert hypervolume(front) == pytest.approx(2 * 0.6 + 2 * 0.8)
     assert hypervolume(baseline) == pytest.approx(2 * 0.55 + 1 * 0.8)
     found = compare_fronts(front, baseline)

@@ -275,13 +275,15 @@ def test_imagefolder_class_missing_lists_available(folder_root):
     assert "bird" in str(err.value) and "3, cat, dog" in str(err.value)
 
 
-def test_corrupt_image_names_the_file(tmp_path):
+@pytest.mark.parametrize("image_size", [16, 128])
+def test_corrupt_image_names_the_file(tmp_path, image_size):
+    """Small images are decoded once, in setup(); large ones by the loader: either way, one DataError."""
     write_imagefolder(tmp_path, classes=("cat", "dog"), n_per_class=2)
     broken = tmp_path / "train" / "cat" / "cat_0.png"
     broken.write_bytes(b"this is not a png")
-    dm = ClassSplitDataModule("imagefolder", root=str(tmp_path), target_classes=["cat", "dog"], image_size=16)
-    dm.setup()
+    dm = ClassSplitDataModule("imagefolder", root=str(tmp_path), target_classes=["cat", "dog"], image_size=image_size)
     with pytest.raises(DataError, match="cat_0.png"):
+        dm.setup()
         list(dm.train_dataloader())
 
 

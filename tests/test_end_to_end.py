@@ -130,7 +130,9 @@ def saved_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_adapt_strategy_trains_only_what_it_should(strategy, pretrained_base, make_cfg):
-    metrics, run_dir = adapt(make_cfg, strategy, "base.bn=frozen")
+    # a binary head flips few signs at lr 1e-3 in these 15 steps: its loss trend is noise (issue #24's stream)
+    faster = ("adapter.lr=1e-2",) if strategy == "head_only" else ()
+    metrics, run_dir = adapt(make_cfg, strategy, "base.bn=frozen", *faster)
     assert_run_dir(run_dir, metrics)
     assert metrics["strategy"] == ("udta" if strategy.startswith("udta") else strategy)
     assert metrics["class_names"] == list(CIFAR10_CLASSES[5:])

@@ -32,11 +32,11 @@ def test_objectives_are_what_the_search_optimises():
 
 def test_pareto_front_keeps_the_non_dominated_points():
     points = [
-        {"name": "a", "test_top1": 0.9, "size_pct": 50.0},
-        {"name": "b", "test_top1": 0.8, "size_pct": 5.0},
-        {"name": "c", "test_top1": 0.7, "size_pct": 10.0},  # beaten by b on both
-        {"name": "d", "test_top1": 0.9, "size_pct": 60.0},  # beaten by a on size
-        {"name": "e", "test_top1": 0.5, "size_pct": 1.0},
+        {"name": "a", "val_top1": 0.9, "size_pct": 50.0},
+        {"name": "b", "val_top1": 0.8, "size_pct": 5.0},
+        {"name": "c", "val_top1": 0.7, "size_pct": 10.0},  # beaten by b on both
+        {"name": "d", "val_top1": 0.9, "size_pct": 60.0},  # beaten by a on size
+        {"name": "e", "val_top1": 0.5, "size_pct": 1.0},
     ]
     assert [p["name"] for p in pareto_front(points)] == ["e", "b", "a"]
 
@@ -54,7 +54,8 @@ def test_search_runs_stores_trials_in_sqlite_continues_and_plots(tmp_path):
         trials = list(csv.DictReader(f))
     assert len(trials) == len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) >= 1
     stored = sorted(v for t in study.trials if t.values for v in t.values)  # objectives = the runs' metrics
-    assert sorted(float(t[k]) for t in trials for k in ("test_top1", "size_pct")) == pytest.approx(stored)
+    assert sorted(float(t[k]) for t in trials for k in ("val_top1", "size_pct")) == pytest.approx(stored)
+    assert all(0 <= float(t["test_top1"]) <= 1 for t in trials)  # measured once per trial, reported beside
     for t in trials:  # adapter.bits is one of the searched dimensions, and the size counts real bits
         assert t["adapter"] in ("serial", "udta") and t["overrides"]
         assert f"adapter.bits={t['bits']}" in t["overrides"] and int(t["bits"]) in (32, 16, 8, 4, 2, 1)

@@ -55,6 +55,9 @@ ADDED_SINCE_V1: dict[str, object] = {
     # weights below 32 bits (issue #13); hashed unresolved, so the strategy's own key is the interpolation
     "adapter.bits": 32,
     "adapter.model.bits": "${adapter.bits}",
+    # issue #24: where small images live changes no result; issue #23: no validation split = the thesis's protocol
+    "data.on_device": "auto",
+    "data.val_fraction": 0.0,
 }
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages
@@ -84,6 +87,8 @@ def v1_spelling(data: dict) -> dict:
     tap_cache = data.pop("tap_cache", None) or {}
     if "data" in data:
         data["data"]["cached_views"] = tap_cache.get("views", 1)
+        if "num_workers" in data["data"] and data["data"]["num_workers"] is None:
+            data["data"]["num_workers"] = 0  # null (chosen per device, issue #24) is 0.1's 0 on the CPU
     if adapter.get("name") in TAP_CACHE_ADAPTERS:
         adapter["cache_taps"] = tap_cache.get("enabled", False)
         adapter["cache_max_gb"] = tap_cache.get("max_gb")

@@ -1,11 +1,13 @@
 """Size-vs-accuracy Pareto search (``hparams_search=size_vs_accuracy``) and its report.
 
-Hydra's Optuna sweeper runs NSGA-II with two objectives, maximise the final test
-top-1 and minimise the size % of the base at real bits (conf/hparams_search/size_vs_accuracy.yaml;
+Hydra's Optuna sweeper runs NSGA-II with two objectives, maximise the final validation
+top-1 (``data.val_fraction`` of the training images: the search never sees the test set) and
+minimise the size % of the base at real bits (conf/hparams_search/size_vs_accuracy.yaml;
 ``adapter.bits`` is one of the dimensions); the task's metrics are turned into those values by
 :func:`bnn_adapt.run.task.sweeper_value`. When the search ends, :class:`ParetoFrontReport` (a
 Hydra callback) writes, from the trials' own ``metrics.json`` files, ``trials.csv`` (every
-trial), ``pareto_front.csv`` (the non-dominated ones) and ``pareto_front.png`` (every trial
+trial, with its test top-1, measured once at its end), ``pareto_front.csv`` (the trials that
+no other beats on validation top-1 and size) and ``pareto_front.png`` (every trial at its test top-1,
 coloured by its weight bits and marked by strategy, the front and the front of the 32-bit
 trials alone, and the thesis table configurations on the same data and base when those runs
 exist).
@@ -37,7 +39,8 @@ from bnn_adapt.tools.report import run_label
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = (("test_top1", "maximize"), ("size_pct", "minimize"))
+OBJECTIVES = (("val_top1", "maximize"), ("size_pct", "minimize"))
+SELECTED_ON = OBJECTIVES[0][0]  # the accuracy the front is chosen on; test_top1 is only reported
 SMALL = 5.0  # % of the base: where the bits are meant to help (issue #13's goal)
 
 
@@ -70,22 +73,20 @@ def search_space(cfg: DictConfig, trial) -> None:
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
-    """The points no other point beats on both objectives (higher top-1, smaller size)."""
-
-    def dominates(a: dict, b: dict) -> bool:
-        better_or_equal = a["test_top1"] >= b["test_top1"] and a["size_pct"] <= b["size_pct"]
-        return better_or_equal and (a["test_top1"] > b["test_top1"] or a["size_pct"] < b["size_pct"])
-
+    """The points no other point beats on both objectives (higher validation top-1, smaller size)."""
     front = [p for p in points if not any(dominates(q, p) for q in points)]
     return sorted(front, key=lambda p: p["size_pct"])
 
 
 def trial_points(sweep_dir: Path) -> list[dict]:
     """Every finished trial under ``sweep_dir``: objectives, a label and the searched settings."""
-    points = []
+    points, unvalidated = [], 0
     for path in sorted(Path(sweep_dir).glob("*/metrics.json")):
         metrics = read_json_or_none(path)
-        if not metrics or metrics.get("status", "complete") != "complete" or metrics.get("test_top1") is None:
+        if not metrics or metrics.get("status", "complete") != "complete":
+            continue
+        if metrics.get(SELECTED_ON) is None:  # trained without a validation split (searches before issue #23)
+            unvalidated += 1
             continue
         cfg = metrics.get("config", {})
         adapter, reduction = cfg.get("adapter", {}), cfg.get("reduction", {})
@@ -95,7 +96,8 @@ def trial_points(sweep_dir: Path) -> list[dict]:
             {
                 "run_dir": str(path.parent),
                 "label": run_label(metrics),
-                "test_top1": metrics["test_top1"],
+                SELECTED_ON: metrics[SELECTED_ON],
+                "test_top1": metrics.get("test_top1"),  # measured once, after training: reported, never searched
                 "size_pct": metrics["size_pct"],
                 "adapter_macs": metrics.get("adapter_macs"),  # per image: compute beside size and accuracy
                 "adapter": adapter.get("name"),
@@ -107,6 +109,9 @@ def trial_points(sweep_dir: Path) -> list[dict]:
                 "overrides": " ".join(overrides),
             }
         )
+    if unvalidated:
+        log.warning("%d finished trials in %s have no %s (trained without data.val_fraction): left out of the "
+                    "front; rerun them with a validation split", unvalidated, sweep_dir, SELECTED_ON)  # fmt: skip
     return points
 
 
@@ -127,7 +132,7 @@ def thesis_points(tables_dir: Path, like: dict) -> list[dict]:
 
 
 def write_points(path: Path, points: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for p in points for k in p)) or ["test_top1", "size_pct"]
+    keys = list(dict.fromkeys(k for p in points for k in p)) or [SELECTED_ON, "test_top1", "size_pct"]
     with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -139,13 +144,13 @@ def hypervolume(front: list[dict], limit: float = SMALL) -> float:
     area, points = 0.0, sorted((p for p in front if p["size_pct"] < limit), key=lambda p: p["size_pct"])
     for k, p in enumerate(points):
         right = points[k + 1]["size_pct"] if k + 1 < len(points) else limit
-        area += (right - p["size_pct"]) * max(q["test_top1"] for q in points[: k + 1])
+        area += (right - p["size_pct"]) * max(q[SELECTED_ON] for q in points[: k + 1])
     return area
 
 
 def dominates(a: dict, b: dict) -> bool:
-    no_worse = a["test_top1"] >= b["test_top1"] and a["size_pct"] <= b["size_pct"]
-    return no_worse and (a["test_top1"] > b["test_top1"] or a["size_pct"] < b["size_pct"])
+    no_worse = a[SELECTED_ON] >= b[SELECTED_ON] and a["size_pct"] <= b["size_pct"]
+    return no_worse and (a[SELECTED_ON] > b[SELECTED_ON] or a["size_pct"] < b["size_pct"])
 
 
 def compare_fronts(front: list[dict], baseline: list[dict], limit: float = SMALL) -> dict:
@@ -195,7 +200,7 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
     ax.axvline(SMALL, color="grey", linewidth=0.8, alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("size (% of the base's memory at real bits, log scale)")
-    ax.set_ylabel("test top-1 (final)")
+    ax.set_ylabel("test top-1 (measured once; the front is chosen on validation top-1)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)

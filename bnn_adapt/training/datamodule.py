@@ -4,16 +4,26 @@ One datamodule serves either the *base* or the *target* classes of a dataset, wi
 labels remapped to 0..C-1 in the order given (thesis ch. 5-6: CIFAR 5-5, CIFAR 80-20,
 Flowers-102, Pets; SPEC section 5). Files are read with torchvision's dataset
 classes; constructing the module reads nothing, ``setup()`` does.
+
+Small images (at most ``TENSOR_MAX_SIZE`` px, not the 224-px pipeline) are decoded once into
+tensors and augmented a batch at a time on the training device (:mod:`.image_tensors`); large
+ones go through the per-image pipeline (:meth:`ClassSplitDataModule.transform`) in DataLoader
+workers. ``val_fraction`` carves a validation split out of the training images; without one,
+every epoch is evaluated on the held-out split, the thesis's protocol.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from lightning.fabric.utilities.data import suggested_max_num_workers
+from sklearn.model_selection import train_test_split
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
@@ -28,6 +38,12 @@ from bnn_adapt.training.datasets import (
     dataset_errors,
     imagefolder_dir,
 )
+from bnn_adapt.training.image_tensors import TENSOR_MAX_SIZE, BatchTransform, ImageTensors, decode
+
+log = logging.getLogger(__name__)
+
+VAL_SPLIT_SEED = 0  # fixed, so every run of a config validates on the same images whatever its seed
+ON_DEVICE_SHARE = 0.25  # data.on_device=auto: images held on a GPU when they take at most this share of its free memory
 
 
 class ClassSubset(Dataset):
@@ -72,19 +88,44 @@ def _class_list(value: Any, field: str, spec: DatasetSpec) -> list | None:
     return classes
 
 
-def _select(labels: Sequence, served: list, limit: int | None) -> tuple[list[int], list[int], list[int]]:
-    """Indices of the served classes' samples (the first ``limit`` of each), their new labels, counts."""
+def _select(labels: Sequence, served: list) -> tuple[list[int], list[int]]:
+    """Indices of the served classes' samples, in dataset order, and their new labels 0..C-1."""
     new_label = {c: k for k, c in enumerate(served)}
-    counts = [0] * len(served)
-    indices, targets = [], []
-    for i, label in enumerate(labels):
-        k = new_label.get(label)
-        if k is None or (limit is not None and counts[k] >= limit):
-            continue
-        counts[k] += 1
-        indices.append(i)
-        targets.append(k)
-    return indices, targets, counts
+    pairs = [(i, new_label[label]) for i, label in enumerate(labels) if label in new_label]
+    return [i for i, _ in pairs], [k for _, k in pairs]
+
+
+def _first_per_class(indices: list[int], targets: list[int], limit: int | None) -> tuple[list[int], list[int]]:
+    """The first ``limit`` samples of each class (all with None), in the given order."""
+    if limit is None:
+        return indices, targets
+    counts: dict[int, int] = {}
+    kept = []
+    for i, k in zip(indices, targets):
+        counts[k] = counts.get(k, 0) + 1
+        if counts[k] <= limit:
+            kept.append((i, k))
+    return [i for i, _ in kept], [k for _, k in kept]
+
+
+def _validation_split(
+    indices: list[int], targets: list[int], fraction: float
+) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+    """(train, validation): ``fraction`` of each class's samples, drawn with ``VAL_SPLIT_SEED``, each in
+    dataset order."""
+    try:
+        train, val = train_test_split(np.arange(len(indices)), test_size=fraction, stratify=targets,
+                                      random_state=VAL_SPLIT_SEED)  # fmt: skip
+    except ValueError as err:  # too few images for a class on one side
+        raise ConfigError(
+            f"data.val_fraction={fraction} cannot split {len(indices)} training images of "
+            f"{len(set(targets))} classes ({err}); use a larger fraction or more images."
+        ) from None
+
+    def rows(chosen: np.ndarray) -> tuple[list[int], list[int]]:
+        return [indices[j] for j in sorted(chosen)], [targets[j] for j in sorted(chosen)]
+
+    return rows(train), rows(val)
 
 
 def _positive(value: Any, field: str, allow_none: bool = False, minimum: int = 1) -> Any:
@@ -125,12 +166,59 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
 
+def note_single_image_left_out(owner: object) -> None:
+    """Log once per ``owner`` (a batch sampler) that its last batch of one image is left out."""
+    if not getattr(owner, "noted_single", False):
+        owner.noted_single = True  # type: ignore[attr-defined]
+        log.info("the last training batch holds one image: it is left out of every epoch (BatchNorm needs two "
+                 "values per channel); evaluation keeps every image")  # fmt: skip
+
+
+def without_single_image_batch(batches: Iterator[list[int]], batch_size: int, owner: object) -> Iterator[list[int]]:
+    """Training batches, less a last batch of one image (a remainder; ``batch_size`` 1 keeps every batch):
+    BatchNorm in training mode needs two values per channel, and a BN1d head would stop the run."""
+    for batch in batches:
+        if len(batch) > 1 or batch_size == 1:
+            yield batch
+        else:
+            note_single_image_left_out(owner)
+
+
+def training_batch_count(images: int, batch_size: int, owner: object) -> int:
+    """Batches per epoch under :func:`without_single_image_batch`. Lightning asks before the epoch and stops
+    after that many batches: the note is logged here."""
+    if batch_size > 1 and images % batch_size == 1:
+        note_single_image_left_out(owner)
+    return images if batch_size == 1 else images // batch_size + (images % batch_size > 1)
+
+
+class TrainingBatches(BatchSampler):
+    """``BatchSampler`` of the training loader: a last batch of one image is left out
+    (:func:`without_single_image_batch`). Lightning rebuilds it around a distributed sampler
+    (same arguments), so each process leaves out its own."""
+
+    def __iter__(self):
+        return without_single_image_batch(super().__iter__(), self.batch_size, self)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else training_batch_count(n, self.batch_size, self)
+
+
 class ClassSplitDataModule(L.LightningDataModule):
     """Serves the base or the target classes of one dataset, labels remapped to 0..C-1.
 
     ``split="base"`` pretrains a backbone on ``base_classes``; ``split="target"`` adapts it
-    to ``target_classes`` (None: every class not in ``base_classes``). The eval set (val and
-    test loaders) is the dataset's held-out split (SPEC section 5 table).
+    to ``target_classes`` (None: every class not in ``base_classes``). The test loader serves
+    the dataset's held-out split (``eval_set``, SPEC section 5 table); the val loader serves
+    ``val_set``, ``val_fraction`` of the training images of each class (before
+    ``limit_per_class``; a fixed draw, ``VAL_SPLIT_SEED``), or with ``val_fraction=0`` the
+    held-out split too, as the thesis validated. ``eval_limit_per_class`` limits both.
+
+    ``on_device`` (small images): keep the decoded images on the training GPU (``auto``: when
+    they take at most ``ON_DEVICE_SHARE`` of its free memory); batches are augmented on that
+    device either way. ``num_workers`` (per-image pipeline; None: Lightning's suggestion on a
+    GPU, none on the CPU), pinned memory on a GPU, persistent workers.
     """
 
     def __init__(
@@ -142,7 +230,7 @@ class ClassSplitDataModule(L.LightningDataModule):
         split: str = "target",
         image_size: int = 32,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         limit_per_class: int | None = None,
         eval_limit_per_class: int | None = None,
         download: bool = False,
@@ -150,6 +238,8 @@ class ClassSplitDataModule(L.LightningDataModule):
         normalize_mean: Sequence[float] | None = None,
         normalize_std: Sequence[float] | None = None,
         seed: int = 0,
+        val_fraction: float = 0.0,
+        on_device: bool | str = "auto",
     ):
         super().__init__()
         if name not in DATASETS:
@@ -172,7 +262,7 @@ class ClassSplitDataModule(L.LightningDataModule):
             )
         self.image_size = _positive(image_size, "image_size")
         self.batch_size = _positive(batch_size, "batch_size")
-        self.num_workers = _positive(num_workers, "num_workers", minimum=0)
+        self.num_workers = _positive(num_workers, "num_workers", allow_none=True, minimum=0)
         self.limit_per_class = _positive(limit_per_class, "limit_per_class", allow_none=True)
         self.eval_limit_per_class = _positive(eval_limit_per_class, "eval_limit_per_class", allow_none=True)
         self.download, self.augment, self.seed = bool(download), bool(augment), int(seed)
@@ -183,9 +273,17 @@ class ClassSplitDataModule(L.LightningDataModule):
         )  # fmt: skip
         self.mean = _stats(normalize_mean, "normalize_mean") or default_mean
         self.std = _stats(normalize_std, "normalize_std") or default_std
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={val_fraction!r} must be a number in [0, 1) (0: no split).")
+        self.val_fraction = float(val_fraction)
+        if on_device not in (True, False, "auto"):
+            raise ConfigError(f"data.on_device={on_device!r} must be true, false or auto.")
+        self.on_device = on_device
+        self.as_tensors = not self.large and self.image_size <= TENSOR_MAX_SIZE
         self._served: list | None = None
-        self.train_set: ClassSubset | None = None
-        self.eval_set: ClassSubset | None = None
+        self.train_set: ClassSubset | ImageTensors | None = None
+        self.val_set: ClassSubset | ImageTensors | None = None  # None: validated on eval_set
+        self.eval_set: ClassSubset | ImageTensors | None = None
 
     # ---- classes
 
@@ -230,7 +328,7 @@ class ClassSplitDataModule(L.LightningDataModule):
     # ---- transforms
 
     def transform(self, train: bool) -> v2.Compose:
-        """Train or eval pipeline: CIFAR/small sets crop(+flip), 224-px sets thesis augmentation."""
+        """Per-image train or eval pipeline: CIFAR/small sets crop(+flip), 224-px sets thesis augmentation."""
         size, augment = self.image_size, train and self.augment
         if self.large and augment:
             geometry = [
@@ -255,6 +353,22 @@ class ClassSplitDataModule(L.LightningDataModule):
             ]
         )
 
+    def batch_transform(self, train: bool) -> BatchTransform:
+        """The tensor pipeline's equivalent of :meth:`transform` for small images."""
+        augment = train and self.augment
+        padding = self.image_size // 8 if augment else 0
+        return BatchTransform(self.mean, self.std, padding=padding, hflip=augment and self.spec.hflip)
+
+    def dataset(self, part: str, train: bool) -> ClassSubset | ImageTensors:
+        """The set-up ``part`` (``train``, ``val``, ``eval``) under the train or eval transform
+        (the tap cache's views); the images are shared, not copied."""
+        served = {"train": self.train_set, "val": self.val_set, "eval": self.eval_set}[part]
+        if served is None:
+            raise RuntimeError(f"no {part} split; call setup() first" + (" (with val_fraction)" * (part == "val")))
+        if isinstance(served, ImageTensors):
+            return served.with_transform(self.batch_transform(train))
+        return ClassSubset(served.dataset, served.indices, served.labels, self.transform(train))
+
     # ---- Lightning hooks
 
     def prepare_data(self) -> None:
@@ -267,40 +381,89 @@ class ClassSplitDataModule(L.LightningDataModule):
             return
         served = self.served_classes()
         (train, train_labels), (held_out, eval_labels) = self.spec.load(self.root, self.download)
-        parts = {}
-        for part, dataset, labels, limit in (
-            ("train", train, train_labels, self.limit_per_class),
-            ("eval", held_out, eval_labels, self.eval_limit_per_class),
-        ):
-            indices, targets, counts = _select(labels, served, limit)
-            empty = [c for c, n in zip(served, counts) if n == 0]
+        samples = {"train": (train, *_select(train_labels, served)), "eval": (held_out, *_select(eval_labels, served))}
+        if self.val_fraction:
+            dataset, indices, targets = samples["train"]
+            kept, val = _validation_split(indices, targets, self.val_fraction)
+            samples["train"], samples["val"] = (dataset, *kept), (dataset, *val)
+        parts: dict[str, ClassSubset | ImageTensors] = {}
+        for part, (dataset, indices, targets) in samples.items():
+            limit = self.limit_per_class if part == "train" else self.eval_limit_per_class
+            indices, targets = _first_per_class(indices, targets, limit)
+            present = set(targets)
+            empty = [c for k, c in enumerate(served) if k not in present]
+            if empty and part == "val":
+                raise ConfigError(f"data.val_fraction={self.val_fraction} leaves class {empty} no validation "
+                                  "images; raise it (or data.eval_limit_per_class)")  # fmt: skip
             if empty:
-                present = sorted({str(label) for label in labels}, key=lambda s: (len(s), s))
+                labels = train_labels if part == "train" else eval_labels
+                found = sorted({str(label) for label in labels}, key=lambda s: (len(s), s))
                 raise DataError(
                     f"{self.spec.title} has no {part} images of class {empty} under {self.root} "
-                    f"(classes present: {', '.join(present)}); fix the class lists or data.root."
+                    f"(classes present: {', '.join(found)}); fix the class lists or data.root."
                 )
-            parts[part] = ClassSubset(dataset, indices, targets, self.transform(train=part == "train"))
-        self.train_set, self.eval_set = parts["train"], parts["eval"]
+            train_transform = part == "train"
+            if self.as_tensors:
+                images = decode(dataset, indices, self.image_size)
+                transform = self.batch_transform(train_transform)
+                parts[part] = ImageTensors(images, targets, transform, dataset=dataset, indices=indices)
+            else:
+                parts[part] = ClassSubset(dataset, indices, targets, self.transform(train_transform))
+        self.train_set, self.val_set, self.eval_set = parts["train"], parts.get("val"), parts["eval"]
 
-    def _loader(self, dataset: ClassSubset | None, shuffle: bool) -> DataLoader:
+    # ---- loaders
+
+    def device(self) -> torch.device:
+        """Where the attached trainer trains (the CPU without one)."""
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _stored_on_device(self, images: torch.Tensor, device: torch.device) -> bool:
+        if device.type == "cpu" or self.on_device is False:
+            return False
+        if self.on_device is True or device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(device)
+        return images.numel() * images.element_size() <= ON_DEVICE_SHARE * free
+
+    def _workers(self, device: torch.device) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        if device.type == "cpu":
+            return 0  # training uses every core
+        return suggested_max_num_workers(self.trainer.num_devices if self.trainer is not None else 1)
+
+    def for_device(self, dataset: ClassSubset | ImageTensors, device: torch.device) -> tuple[Dataset, dict]:
+        """``dataset`` ready for ``device`` and the DataLoader arguments that suit it: decoded images
+        are batched in this process, on the device (held there when ``on_device`` says so); the
+        per-image pipeline runs in workers, into pinned memory for a GPU."""
+        if isinstance(dataset, ImageTensors):
+            dataset, workers, pin = dataset.placed(device, self._stored_on_device(dataset.images, device)), 0, False
+        else:
+            workers, pin = self._workers(device), device.type == "cuda"
+        return dataset, {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin,
+                         "collate_fn": getattr(dataset, "collate_fn", None)}  # fmt: skip
+
+    def loader(self, dataset: ClassSubset | ImageTensors, shuffle: bool, device: torch.device | None = None
+               ) -> DataLoader:  # fmt: skip
+        """A DataLoader of ``dataset`` for ``device`` (default: the trainer's). Training (``shuffle``): the order
+        of :class:`EpochShuffle`, batches of :class:`TrainingBatches`; else in order, every image."""
+        dataset, common = self.for_device(dataset, device or self.device())
+        if shuffle:
+            batches = TrainingBatches(EpochShuffle(len(dataset), self.seed), self.batch_size, drop_last=False)
+            return DataLoader(dataset, batch_sampler=batches, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
+
+    def _require(self, dataset):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
-            drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self.loader(self._require(self.train_set), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set, shuffle=False)
+        return self.loader(self._require(self.eval_set if self.val_set is None else self.val_set), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_set, shuffle=False)
+        return self.loader(self._require(self.eval_set), shuffle=False)

@@ -6,7 +6,7 @@ the features it taps (``frozen_features``: the stage outputs, and the base's
 pre-classifier vector). With the base frozen in eval mode those features
 depend on the image alone, so for a small target set they can be computed
 once: ``tap_cache.views=K`` augmented views per training image (K=1: no
-augmentation, the eval transform) and one view per eval image. Each epoch
+augmentation, the eval transform) and one view per validation and test image. Each epoch
 then draws one of the K views of every image, seeded by (seed, epoch), and an
 epoch costs only the adapter's forward and backward.
 
@@ -27,7 +27,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.training.datamodule import ClassSplitDataModule, ClassSubset
+from bnn_adapt.training.datamodule import (
+    ClassSplitDataModule,
+    ClassSubset,
+    training_batch_count,
+    without_single_image_batch,
+)
 
 BUILD_BATCH = 256  # images per base forward while building
 
@@ -82,7 +87,7 @@ def feature_bytes_per_image(model, image: torch.Tensor) -> int:
 
 def estimate(model, datamodule: ClassSplitDataModule, views: int = 1, max_gb: float | None = None) -> CacheEstimate:
     """The cache's size for the (set-up) datamodule and the limit it must respect."""
-    train, held_out = datamodule.train_set, datamodule.eval_set
+    train, held_out, val = datamodule.train_set, datamodule.eval_set, datamodule.val_set
     if max_gb is not None:
         limit, reason = int(max_gb * 1e9), "tap_cache.max_gb"
     else:
@@ -91,7 +96,7 @@ def estimate(model, datamodule: ClassSplitDataModule, views: int = 1, max_gb: fl
         reason = f"half of the {_gb(available)} available" if available else ""
     with _eval_mode(model):
         per_image = feature_bytes_per_image(model, held_out[0][0])
-    return CacheEstimate(len(train), views, len(held_out), per_image, limit, reason)
+    return CacheEstimate(len(train), views, len(held_out) + len(val or ()), per_image, limit, reason)
 
 
 class _eval_mode:
@@ -123,7 +128,8 @@ class CachedFeatures(Dataset):
 
 class ViewBatches(Sampler[list[int]]):
     """Batches of flat (view, image) indices: images shuffled, one random view
-    each; both depend only on (seed, epoch), so a resumed run sees the same batches."""
+    each; both depend only on (seed, epoch), so a resumed run sees the same batches.
+    Training (``shuffle``) leaves out a last batch of one image, as the image loader does."""
 
     def __init__(self, images: int, views: int, batch_size: int, shuffle: bool, seed: int):
         self.images, self.views, self.batch_size, self.shuffle, self.seed = images, views, batch_size, shuffle, seed
@@ -137,16 +143,19 @@ class ViewBatches(Sampler[list[int]]):
         order = torch.randperm(self.images, generator=generator) if self.shuffle else torch.arange(self.images)
         view = torch.randint(self.views, (self.images,), generator=generator) if self.views > 1 else 0
         flat = (view * self.images + order).tolist() if self.views > 1 else order.tolist()
-        for start in range(0, self.images, self.batch_size):
-            yield flat[start : start + self.batch_size]
+        batches = (flat[start : start + self.batch_size] for start in range(0, self.images, self.batch_size))
+        return without_single_image_batch(batches, self.batch_size, self) if self.shuffle else batches
 
     def __len__(self) -> int:
+        if self.shuffle:
+            return training_batch_count(self.images, self.batch_size, self)
         return -(-self.images // self.batch_size)
 
 
 def build_features(model, subset: ClassSubset, views: int, device: torch.device, num_workers: int = 0):
     """``views`` passes over ``subset`` through ``model.frozen_features``; host tensors, view-major."""
-    loader = DataLoader(subset, batch_size=BUILD_BATCH, shuffle=False, num_workers=num_workers)
+    batched = getattr(subset, "collate_fn", None)  # decoded images (ImageTensors) come as whole batches
+    loader = DataLoader(subset, batch_size=BUILD_BATCH, shuffle=False, num_workers=num_workers, collate_fn=batched)
     n = len(subset)
     store: list[torch.Tensor] | None = None
     labels = torch.as_tensor(subset.labels, dtype=torch.long)
@@ -180,7 +189,12 @@ class TapCacheDataModule(L.LightningDataModule):
             raise ConfigError(f"tap_cache.views={views!r} is invalid: it must be a positive integer")
         self.datamodule, self.model, self.views, self.max_gb = datamodule, model, views, max_gb
         self.train_features: CachedFeatures | None = None
+        self.val_features: CachedFeatures | None = None
         self.eval_features: CachedFeatures | None = None
+
+    @property
+    def val_fraction(self) -> float:
+        return self.datamodule.val_fraction
 
     @property
     def num_classes(self) -> int:
@@ -212,12 +226,14 @@ class TapCacheDataModule(L.LightningDataModule):
         device = self._device()
         self.model.to(device)
         started = time.perf_counter()
-        views = self.views
-        augmented = ClassSubset(
-            dm.train_set.dataset, dm.train_set.indices, dm.train_set.labels, dm.transform(train=views > 1)
-        )
-        self.train_features = CachedFeatures(*build_features(self.model, augmented, views, device, dm.num_workers), views)
-        self.eval_features = CachedFeatures(*build_features(self.model, dm.eval_set, 1, device, dm.num_workers), 1)
+
+        def features(part: str, views: int) -> CachedFeatures:
+            images, loading = dm.for_device(dm.dataset(part, train=views > 1), device)
+            return CachedFeatures(*build_features(self.model, images, views, device, loading["num_workers"]), views)
+
+        self.train_features = features("train", self.views)
+        self.eval_features = features("eval", 1)
+        self.val_features = self.eval_features if dm.val_set is None else features("val", 1)
         print(f"tap cache built in {time.perf_counter() - started:.1f} s on {device}")
 
     def _loader(self, features: CachedFeatures | None, shuffle: bool) -> DataLoader:
@@ -231,7 +247,7 @@ class TapCacheDataModule(L.LightningDataModule):
         return self._loader(self.train_features, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_features, shuffle=False)
+        return self._loader(self.val_features, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.eval_features, shuffle=False)
