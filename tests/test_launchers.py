@@ -1,14 +1,20 @@
 """Scale-out: trainer configs (CPU, one GPU with mixed precision, several GPUs with ddp_spawn)
-and Hydra launchers (joblib for parallel local jobs, submitit for SLURM)."""
+and Hydra launchers (joblib for parallel local jobs, submitit for SLURM). ``trainer=ddp`` runs here
+as two CPU processes: the same spawn, pickling and gathering as on GPUs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
+
+from bnn_adapt.run import task
+from bnn_adapt.training.datasets import DATASETS
 
 from tests.test_tables import run_module
 
@@ -53,7 +59,6 @@ def test_two_job_joblib_multirun_on_cpu(tmp_path):
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
 
 
-@pytest.mark.slow
 def test_ddp_spawn_on_two_cpu_processes_reports_the_run(tmp_path):
     """trainer=ddp (ddp_spawn) trains in child processes; the run's statistics still reach metrics.json."""
     run_dir = tmp_path / "run"
@@ -66,3 +71,45 @@ def test_ddp_spawn_on_two_cpu_processes_reports_the_run(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
     assert metrics["device"] == "cpu x 2" and metrics["test_top1"] is not None
+
+
+def test_sync_batchnorm_on_cpu_processes_is_one_line(tmp_path):
+    """torch's SyncBatchNorm runs on GPUs only: on CPU processes the run stops before training with one line
+    (it used to fail inside each spawned worker). ``make gpu-check`` runs it on GPUs."""
+    result = run_module(
+        tmp_path, "bnn_adapt", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.sync_batchnorm=true", "base.width=0.1", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode != 0 and "trainer.sync_batchnorm=true needs GPUs" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.rglob("*.pt"))  # stopped before pretraining its base
+
+
+def test_every_dataset_spec_pickles():
+    """ddp_spawn pickles the datamodule, and with it its dataset's spec, into every worker process."""
+    assert pickle.loads(pickle.dumps(DATASETS)).keys() == DATASETS.keys()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("data=cifar5_5", "adapter=udta", "logger=[csv,tensorboard,mlflow,wandb]"),
+        ("data=cifar5_5", "adapter=udta", "tap_cache.enabled=true"),
+        ("data=cifar5_5", "adapter=serial", "reduction=prune", "memory=lean"),
+        ("data=cifar5_5", "adapter=lora", "reduction=prune_iterative", "trainer.max_epochs=4"),
+        ("data=cifar5_5", "adapter=bitfit", "base.bn=adapt"),
+        ("data=digits5_5", "adapter=head_only"),  # its base is pretrained first: two fits
+    ],
+)
+def test_what_ddp_spawn_sends_to_its_workers_pickles(make_cfg, pretrained_base, monkeypatch, overrides):
+    """Everything ``trainer.fit`` hands Lightning's spawn launcher (the trainer with its callbacks and loggers,
+    the module, the datamodule) pickles, for the strategies, reductions, memory modes, tap cache and trackers."""
+    sent = []
+
+    def fit(trainer, model, datamodule=None, ckpt_path=None):  # what the launcher pickles, instead of training
+        sent.append(pickle.loads(pickle.dumps((trainer, model, datamodule))))
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    cfg = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                   *overrides)  # fmt: skip
+    task.run(cfg)
+    assert len(sent) == (2 if "data=digits5_5" in overrides else 1) and all(t.world_size == 2 for t, _, _ in sent)
