@@ -38,9 +38,9 @@ from torch import nn
 
 from bnn_adapt.bases import BASES, BaseNetwork, rebuild
 from bnn_adapt.bases.fingerprint import binary_scale, canonical_tensors, fingerprint_bytes, pack_sign_bits
-from bnn_adapt.nn.folding import BatchNorm, mark_folded
 from bnn_adapt.errors import ExportError
 from bnn_adapt.files import atomic_output
+from bnn_adapt.nn.folding import BatchNorm, mark_folded
 from bnn_adapt.nn.layers import PackedScaledBinaryConv2d, ScaledBinaryConv2d
 
 MAGIC = b"BNNPACK2"

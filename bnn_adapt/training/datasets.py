@@ -340,7 +340,6 @@ def _load_imagefolder(root: str, download: bool) -> tuple[LabelledSet, LabelledS
 def nothing_missing(root: str) -> None:
     """A dataset that needs no files (the digits ship with scikit-learn): nothing is ever missing.
     A module-level function, not a lambda: ``trainer=ddp`` (ddp_spawn) pickles the datamodule."""
-    return None
 
 
 @dataclass(frozen=True)
