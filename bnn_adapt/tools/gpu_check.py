@@ -218,7 +218,7 @@ def markdown(report: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in report["steps"]:
-        cells = [r["step"], r["status"], f"{r.get('time_s', 0):.1f}",
+        cells = [r["step"], r["status"], f"{r['time_s']:.1f}" if "time_s" in r else "",
                  *(f"{r[k]:{fmt}}" if r.get(k) is not None else "" for k, fmt in
                    (("top1", ".4f"), ("epoch_time_s", ".2f"), ("images_per_s", ".0f"))),
                  f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else ""]  # fmt: skip
