@@ -4,15 +4,46 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench bench-infer kernels lean-check
+.PHONY: install lock test-compat gpu-check demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench bench-infer kernels lean-check
+
+LOCK := requirements.lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard bnn_adapt/deploy/csrc/*)
+# pyproject.toml states ranges; the exact known-good set is requirements.lock (pip constraints)
+$(STAMP): pyproject.toml setup.py $(LOCK) $(wildcard bnn_adapt/deploy/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test]" -c $(LOCK)
 	touch $(STAMP)
+
+# regenerate requirements.lock: the newest versions pyproject's ranges allow, resolved in a fresh venv
+# (DEVELOPERS.md: Dependencies), then `make install` and the tests use them
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -e ".[test]"
+	{ echo "# The known-good set: make install installs exactly these (pip -c). Regenerate: make lock"; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(LOCK)
+	rm -rf .venv-lock
+
+# the oldest supported torch / torchvision / lightning in a second venv (the rest from the lock; CUDA wheels,
+# which run on CPU: PyPI has no CPU-only torch 2.11), then a digits adaptation, export and predict, and the
+# tests of folding, packing and lean backprop (DEVELOPERS.md: Dependencies)
+COMPAT := .venv-compat
+COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 lightning==2.5.6
+test-compat:
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT)/bin/python -m pip install --quiet $(COMPAT_PINS)
+	grep -viE '^(torch|torchvision|lightning|pytorch-lightning|triton|nvidia-.*|cuda-.*)==' $(LOCK) \
+	  > $(COMPAT)/constraints.txt  # the lock less torch and what comes with it
+	$(COMPAT)/bin/python -m pip install --quiet -e ".[test]" -c $(COMPAT)/constraints.txt
+	$(COMPAT)/bin/python -m bnn_adapt.tools.gpu_check --device cpu --expect $(COMPAT_PINS) --only predict_cpu \
+	  --work outputs/gpu_check_compat
+	OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_bits.py \
+	  tests/test_packed_inference.py tests/test_export.py tests/test_predict.py tests/test_lean.py tests/test_lean_steps.py
 
 # digits comparison: base pretraining if needed, then five strategies, one table
 # (ARGS: extra overrides, e.g. `make demo ARGS=logger=[csv,tensorboard]`)
@@ -83,6 +114,13 @@ kernels:
 lean-check: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name lean_pretrain
 	$(PY) -m bnn_adapt.tools.report outputs/lean_pretrain
+
+# the GPU story in one prepared run of at most 8 minutes on one GPU, each step with its own time limit
+# (README: GPUs and clusters); writes benchmarks/gpu_check.{md,json}. DEVICE=cpu: the same steps at tiny
+# sizes on CPU (a few minutes; its report goes to outputs/gpu_check/)
+DEVICE ?= cuda
+gpu-check: install
+	$(PY) -m bnn_adapt.tools.gpu_check --device $(DEVICE)
 
 test: install
 	$(PY) -m pytest -q

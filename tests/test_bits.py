@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.deploy.export import BASE_FILE
 from bnn_adapt.deploy.packed_base import pack_base, read_packed_base, repack
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.nn.folding import fold_batch_norm, load_folded, sign_threshold
+from bnn_adapt.nn.folding import fma32, fold_batch_norm, is_folded, load_folded, sign_threshold
 from bnn_adapt.nn.layers import BinaryLinear, QuantConv2d, QuantLinear, quantize_weights
 from bnn_adapt.nn.quantizers import BITS, ChannelQuantizer, dequantize
 from bnn_adapt.run import builders, task
@@ -212,7 +214,7 @@ def test_folded_batch_norm_is_bit_identical_and_folds_to_itself(shape, channels_
     before = bn(x)
     scale, shift = fold_batch_norm(bn)
     load_folded(bn, scale, shift)
-    assert torch.equal(bn(x), before) and bn.eps == 0.0
+    assert torch.equal(bn(x), before) and is_folded(bn)
     again = fold_batch_norm(bn)
     assert torch.equal(again[0], scale) and torch.equal(again[1], shift)
 
@@ -226,8 +228,50 @@ def test_sign_thresholds_are_exact_at_and_beside_the_boundary():
     up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
     x = torch.cat([torch.randn(5000, 32) * 5, threshold[None], torch.nextafter(threshold, up)[None],
                    torch.nextafter(threshold, down)[None]])  # fmt: skip
-    exact = F.batch_norm(x, torch.zeros(32), torch.ones(32), scale, shift, False, 0.0, 0.0) >= 0
+    folded = nn.BatchNorm1d(32).eval()
+    load_folded(folded, scale, shift)
+    with torch.no_grad():
+        exact = folded(x) >= 0  # torch's own BatchNorm kernel
     assert torch.equal(exact, direction * (x - threshold) >= 0)
+
+
+def test_folding_a_batch_norm_without_affine_parameters():
+    """``affine=False`` folds as weight 1, bias 0: a BatchNorm loaded with the folded pair computes the same."""
+    torch.manual_seed(7)
+    plain = nn.BatchNorm2d(7, affine=False)
+    with torch.no_grad():
+        plain.running_mean.normal_(0, 3), plain.running_var.uniform_(1e-3, 5)
+    plain.eval()
+    x = torch.randn(4, 7, 5, 5) * 4
+    folded = nn.BatchNorm2d(7).eval()
+    load_folded(folded, *fold_batch_norm(plain))
+    with torch.no_grad():
+        assert torch.equal(folded(x), plain(x))
+
+
+def float32_nearest(q: Fraction) -> float:
+    """The float32 nearest to the rational ``q`` (ties to even), by exact comparison with its neighbours."""
+    guess = np.float32(float(q))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    best = min(candidates, key=lambda f: (abs(Fraction(float(f)) - q), int(np.array(f).view(np.int32)) & 1))
+    return float(best)
+
+
+def test_fma32_rounds_once_as_fmaf_does():
+    """Random operands, and the cases where rounding a float64 sum to float32 would round twice: the exact
+    value lies just beside a halfway point (1 + 2^-23 + 2^-24 - 2^-64 must give 1 + 2^-23, not 1 + 2^-22),
+    and a tiny negative value that rounds to -0."""
+    gen = torch.Generator().manual_seed(8)
+    a, b = torch.randn(2000, generator=gen) * 10, torch.randn(2000, generator=gen)
+    c = torch.randn(2000, generator=gen) * torch.logspace(-6, 6, 2000)
+    tricky = [(2.0**-24 * (1 + 2.0**-20), 1 - 2.0**-20, 1 + 2.0**-23), (2.0**-24 * (1 + 2.0**-20), -(1 - 2.0**-20), 1.0),
+              (2.0**-100, -(2.0**-50), 0.0), (2.0**-149, 0.5, 0.0), (-(2.0**-149), 0.5, 0.0), (3.0, 2.0**-149, -(2.0**-148))]
+    a = torch.cat([a, torch.tensor([t[0] for t in tricky])])
+    b = torch.cat([b, torch.tensor([t[1] for t in tricky])])
+    c = torch.cat([c, torch.tensor([t[2] for t in tricky])])
+    got = fma32(a, b, c)
+    want = [float32_nearest(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))) for x, y, z in zip(a, b, c)]
+    assert torch.equal(got, torch.tensor(want)) and got[-6] == 1 + 2.0**-23
 
 
 def test_the_packed_ste_base_stores_its_pre_classifier_norm_as_thresholds():
@@ -301,7 +345,7 @@ def test_attaching_onto_an_unfolded_base_folds_a_copy(tmp_path):
     model = trained("bitfit", base, 1, "bn_drift")
     export_adapter(model, tmp_path / "a.safetensors", reference_base=base)
     attached = attach_adapter(tmp_path / "a.safetensors", base)  # as stored, BN unfolded
-    assert attached.model.base is not base and all(m.eps != 0 for m in base.modules() if isinstance(m, nn.BatchNorm2d))
+    assert attached.model.base is not base and not any(is_folded(m) for m in base.modules() if isinstance(m, nn.BatchNorm2d))
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert torch.equal(model(x), attached(x))

@@ -10,7 +10,7 @@ them for inference:
   with its fp32 scale per output channel: the very values training computed
   with; binary weights (a binary head's) as one bit each;
 * every BatchNorm folded (:mod:`bnn_adapt.nn.folding`): one scale and one shift
-  per channel, rebuilt as running mean 0, variance 1, eps 0 with bit-identical
+  per channel, rebuilt as running mean 0, variance 1, ``FOLDED_EPS`` with bit-identical
   outputs (BitFit's copies of the base's BN pairs are folded with the base's
   statistics, and attach onto a base whose norms are folded too);
 * other values as ``export.dtype`` says: ``fp32`` (exact), ``fp16``, or
@@ -70,7 +70,7 @@ from bnn_adapt.adapters.udta import ThinBlock
 from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded, sign_weight_names
 from bnn_adapt.errors import ConfigError, ExportError, FingerprintError
 from bnn_adapt.files import atomic_output
-from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm
+from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, mark_folded
 from bnn_adapt.nn.layers import ColumnPrunedLinear, quantized_weight, weight_bits
 from bnn_adapt.nn.quantizers import ChannelQuantizer
 
@@ -301,7 +301,7 @@ def _read(cursor: Cursor, meta: dict, name: str, shape, default: str) -> tuple[t
 
 @torch.no_grad()
 def _read_part(cursor: Cursor, meta: dict, prefix: str, part: nn.Module, base: nn.Module) -> None:
-    """Load ``part`` from its records: folded norms (eps 0), quantised weights with their stored scales."""
+    """Load ``part`` from its records: folded norms (``FOLDED_EPS``), quantised weights with their stored scales."""
     state, modules, dtype = part.state_dict(), dict(part.named_modules()), meta["dtype"]
     tensors, scales = {}, {}
     for key, kind, detail in slots(part, base):
@@ -322,7 +322,7 @@ def _read_part(cursor: Cursor, meta: dict, prefix: str, part: nn.Module, base: n
     load_part(part, tensors, prefix.rstrip("."))
     for m in modules.values():
         if isinstance(m, BatchNorm):
-            m.eps = 0.0
+            mark_folded(m)
     for owner, scale in scales.items():
         modules[owner].weight_quantizer = ChannelQuantizer(weight_bits(modules[owner]), scale=scale)
 

@@ -44,7 +44,7 @@ def sign_weight_names(model: nn.Module) -> set[str]:
 
 
 def folded_norm(model: nn.Module, name: str, bn: BatchNorm) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """``(kind, weight, bias)`` of ``bn`` as a packed base stores it (running mean 0, variance 1, eps 0):
+    """``(kind, weight, bias)`` of ``bn`` as a packed base stores it (running mean 0, variance 1, ``FOLDED_EPS``):
     kind ``bn``, its folded scale and shift; kind ``threshold`` (a sign-only norm), direction +-1 and
     ``-direction * threshold``."""
     scale, shift = fold_batch_norm(bn)

@@ -16,7 +16,7 @@ A binary layer's forward only reads ``sign(W)`` (BinaryNet) or
 outputs are identical to the trained one. Each BatchNorm is stored folded
 (:mod:`bnn_adapt.nn.folding`): one scale and one shift per channel, exactly
 what the formula charges for its affine parameters, rebuilt as running mean
-0, variance 1, eps 0 with bit-identical outputs; a norm whose output only
+0, variance 1, ``FOLDED_EPS`` with bit-identical outputs; a norm whose output only
 reaches a sign function (``sign_only_norms``) is one threshold per channel
 (its directions in the header). Files written before (``BNNPACK1``: plain JSON
 header, the four BN tensors) still load.
@@ -38,9 +38,9 @@ from torch import nn
 
 from bnn_adapt.bases import BASES, BaseNetwork, rebuild
 from bnn_adapt.bases.fingerprint import binary_scale, canonical_tensors, fingerprint_bytes, pack_sign_bits
-from bnn_adapt.nn.folding import BatchNorm
 from bnn_adapt.errors import ExportError
 from bnn_adapt.files import atomic_output
+from bnn_adapt.nn.folding import BatchNorm, mark_folded
 from bnn_adapt.nn.layers import PackedScaledBinaryConv2d, ScaledBinaryConv2d
 
 MAGIC = b"BNNPACK2"
@@ -156,7 +156,7 @@ def decode_layout(header: dict, values: torch.Tensor) -> tuple[dict, list[tuple[
     """The file's layout decoded: ``(float state, [(weight name, shape, first bit)], folded norms)``.
 
     Float state holds every fp32 tensor, BatchNorms rebuilt from their folded scale and shift (or
-    threshold) as running mean 0, variance 1; the folded norms need ``eps = 0`` to compute the same."""
+    threshold) as running mean 0, variance 1; the folded norms need ``FOLDED_EPS`` (:func:`~bnn_adapt.nn.folding.mark_folded`) to compute the same."""
     state, binary, folded, b, v = {}, [], [], 0, 0
     for entry in header["layout"]:
         name, kind, shape = entry[:3]
@@ -194,7 +194,7 @@ def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict
         count = int(np.prod(shape)) if shape else 1
         state[name] = torch.where(bits[first : first + count], 1.0, -1.0).reshape(shape)
     for name in folded:
-        base.get_submodule(name).eps = 0.0
+        mark_folded(base.get_submodule(name))
     expected = {k for k, t in base.state_dict().items() if t.is_floating_point()}
     if set(state) != expected:
         wrong = sorted(set(state) ^ expected)[:5]

@@ -21,7 +21,6 @@ from bnn_adapt.deploy.packed_kernels import (
     SCALE,
     ConvPlan,
     channel_vector,
-    fold_batch_norm,
     pack_signs,
 )  # fmt: skip
 from bnn_adapt.deploy.packed_layers import (
@@ -33,6 +32,7 @@ from bnn_adapt.deploy.packed_layers import (
     cached,
     inference_only,
 )
+from bnn_adapt.nn.folding import fold_batch_norm
 from bnn_adapt.nn.layers import (
     ApproxSignActivation,
     ChannelsLastMaxPool2d,

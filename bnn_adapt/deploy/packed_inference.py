@@ -40,6 +40,7 @@ from bnn_adapt.deploy.packed_base import decode_layout, parse_packed, read_packe
 from bnn_adapt.deploy.packed_blocks import PACKED_BLOCKS, ChannelsLastStem, FoldedDownsample
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear
 from bnn_adapt.errors import ExportError
+from bnn_adapt.nn.folding import mark_folded
 from bnn_adapt.nn.layers import (
     BinaryConv2d,
     BinaryLinear,
@@ -146,7 +147,7 @@ def load_packed_base(path: str | Path) -> tuple[nn.Module, dict]:
     bits = np.frombuffer(binary, np.uint8)
     state, binary_entries, folded = decode_layout(header, values)
     for name in folded:
-        base.get_submodule(name).eps = 0.0
+        mark_folded(base.get_submodule(name))
     for name, shape, b in binary_entries:
         count = int(np.prod(shape)) if shape else 1
         chunk = np.unpackbits(bits[b // 8 : (b + count + 7) // 8 + 1], bitorder="little")[b % 8 : b % 8 + count]

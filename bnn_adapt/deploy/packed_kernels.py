@@ -82,7 +82,6 @@ def _load() -> ctypes.CDLL:
         raise OSError(f"{path.name} is from another version; reinstall the package (make install)")
     lib.bnn_conv2d.argtypes = [ctypes.POINTER(ConvArgs), _P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I]
     lib.bnn_pack_signs.argtypes = [_P, _I, _I, _I, _I, _L, _L, _L, _L, _P, _P, _I, _I, _I]
-    lib.bnn_fold_bn.argtypes = [_P, _P, _P, _P, ctypes.c_float, _I, _P, _P]
     lib.bnn_isa_name.restype = ctypes.c_char_p
     wanted = os.environ.get("BNN_ADAPT_ISA")
     if wanted and (wanted not in ISAS or lib.bnn_set_isa(ISAS.index(wanted)) != 0):
@@ -204,21 +203,6 @@ def channel_vector(values: torch.Tensor | float, c_out: int, dtype=torch.float32
     out = torch.zeros(-(-c_out // LANES) * LANES, dtype=dtype)
     out[:c_out] = torch.as_tensor(values, dtype=dtype).detach().reshape(-1).expand(c_out)
     return out
-
-
-def fold_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BN as ``y = fma(x, alpha, beta)`` with torch's own arithmetic for alpha and beta."""
-    c = bn.num_features
-    ones, zeros = torch.ones(c), torch.zeros(c)
-    tensors = [
-        (bn.weight if bn.affine else ones).detach().float().contiguous(),
-        (bn.bias if bn.affine else zeros).detach().float().contiguous(),
-        bn.running_mean.detach().float().contiguous(),
-        bn.running_var.detach().float().contiguous(),
-    ]
-    alpha, beta = torch.empty(c), torch.empty(c)
-    library().bnn_fold_bn(*map(_ptr, tensors), ctypes.c_float(bn.eps), c, _ptr(alpha), _ptr(beta))
-    return alpha, beta
 
 
 # ---------------------------------------------------------------- activations

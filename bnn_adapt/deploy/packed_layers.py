@@ -19,11 +19,11 @@ from bnn_adapt.deploy.packed_kernels import (
     SCALE,
     ConvPlan,
     channel_vector,
-    fold_batch_norm,
     pack_signs,
     pack_weights,
     unpack_weights,
 )  # fmt: skip
+from bnn_adapt.nn.folding import fold_batch_norm
 from bnn_adapt.nn.layers import (
     BinaryLinear,
     BinaryModule,

@@ -13,6 +13,7 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bnn_adapt.bases import BaseNetwork, load_base
@@ -148,6 +149,9 @@ def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, Run
         if isinstance(cause, MisconfigurationException):  # e.g. accelerator=gpu on a machine without one
             raise ConfigError(f"trainer: {cause}") from None
         raise
+    if trainer.world_size > 1 and cfg.trainer.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm has no CPU implementation; "
+                          "leave it false on CPU (each process then normalises over its own batch)")  # fmt: skip
     return trainer, stats
 
 

@@ -58,6 +58,7 @@ ADDED_SINCE_V1: dict[str, object] = {
     # issue #24: where small images live changes no result; issue #23: no validation split = the thesis's protocol
     "data.on_device": "auto",
     "data.val_fraction": 0.0,
+    "trainer.sync_batchnorm": False,  # trainer=ddp's own key since issue #21 (Lightning's default)
 }
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages

@@ -35,7 +35,7 @@ from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
-from bnn_adapt.run import builders, claims, preflight, resume, tracking
+from bnn_adapt.run import builders, claims, preflight, ranks, resume, tracking
 from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
 from bnn_adapt.run.provenance import environment, torch_threads
 from bnn_adapt.run.results import (
@@ -212,6 +212,9 @@ def run_adapt(cfg: DictConfig) -> dict:
     builders.build_adapted(cfg, builders.build_base(cfg), datamodule.num_classes)
     preflight.check_base(cfg)  # a missing base: one line naming the command that makes it
     if preflight.pretrains_missing_base(cfg):  # its default place only; one run pretrains it, others wait
+        if ranks.launched_world_size() > 1:  # rank 0 would pretrain under a claim the other ranks wait for
+            raise ConfigError(f"no base checkpoint at {cfg.base.checkpoint}: with one process per device "
+                              "(trainer=ddp_slurm) pretrain it first, in a run of its own")  # fmt: skip
         with claims.file_claim(cfg.base.checkpoint, f"base checkpoint {cfg.base.checkpoint}"):
             if not Path(cfg.base.checkpoint).is_file():
                 sub = builders.pretraining_config(cfg)
@@ -378,6 +381,8 @@ def run_task(cfg: DictConfig) -> dict:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         return run_summary(cfg)
     tracking.check_installed(cfg)  # a tracker's missing package stops the run before any work
+    if ranks.launched_rank() > 0:  # trainer=ddp_slurm: another rank of this run (ranks.py)
+        return run_other_rank(cfg)
     with contextlib.ExitStack() as held:  # the run directory is ours while this runs (claims.py)
         claim = held.enter_context(claims.run_claim(cfg.paths.output_dir))
         done = skip_or_rerun(cfg, waited=claim.waited)
@@ -411,6 +416,19 @@ def failed_after_training(cfg: DictConfig) -> dict | None:
         return None
     same_base = cfg.task != "adapt" or earlier.get("base_checkpoint_sha256") == adapted_base_sha256(cfg)
     return earlier if same_base else None
+
+
+def run_other_rank(cfg: DictConfig) -> dict:
+    """Rank k > 0 of a run started once per device: no claim (rank 0 holds it), the same skip decision as
+    rank 0 (the run directory's results), then the same training, writing under ``<run dir>/rank<k>/``."""
+    base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
+    done = completed_metrics(cfg.paths.output_dir, cfg, base_sha)
+    if done is not None:
+        return done
+    cfg = ranks.rank_config(cfg, ranks.launched_rank())
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    return run_pretrain(cfg) if cfg.task == "pretrain" else run_adapt(cfg)
 
 
 def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:

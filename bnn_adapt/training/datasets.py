@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import urllib.error
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -337,6 +337,11 @@ def _load_imagefolder(root: str, download: bool) -> tuple[LabelledSet, LabelledS
     return tuple(parts)  # type: ignore[return-value]
 
 
+def nothing_missing(root: str) -> None:
+    """A dataset that needs no files (the digits ship with scikit-learn): nothing is ever missing.
+    A module-level function, not a lambda: ``trainer=ddp`` (ddp_spawn) pickles the datamodule."""
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the datamodule needs to know about one source dataset."""
@@ -348,7 +353,7 @@ class DatasetSpec:
     std: tuple[float, ...] | None
     large: bool | None  # 224-px pipeline (rotation, resized crop, flips); None: by image size
     hflip: bool = False  # horizontal flips in the small-image pipeline (CIFAR)
-    missing: Callable[[str], str | None] = field(default=lambda root: None)  # what root lacks (reads nothing)
+    missing: Callable[[str], str | None] = nothing_missing  # what root lacks (reads nothing)
 
 
 DATASETS: dict[str, DatasetSpec] = {

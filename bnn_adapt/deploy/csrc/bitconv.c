@@ -82,18 +82,6 @@ const char *bnn_isa_name(int isa)
     return isa >= 0 && isa < (int)(sizeof ISAS / sizeof ISAS[0]) ? ISAS[isa].name : "";
 }
 
-/* eval-mode BN as torch's CPU kernel computes it: alpha = w * (1 / sqrt(var + eps)),
- * beta = fma(-mean, alpha, b); y = fma(x, alpha, beta) */
-void bnn_fold_bn(const float *w, const float *b, const float *mean, const float *var, float eps, int c,
-                 float *alpha, float *beta)
-{
-    for (int i = 0; i < c; i++) {
-        float invstd = 1.0f / sqrtf(var[i] + eps);
-        alpha[i] = invstd * w[i];
-        beta[i] = fmaf(-mean[i], alpha[i], b[i]);
-    }
-}
-
 static int threads(int requested)
 {
     return requested > 0 ? requested : 1;

@@ -1,0 +1,301 @@
+"""``make gpu-check``: the whole GPU story in one prepared run, each step in its own process and time limit.
+
+Every step is a real command line (``python -m bnn_adapt ...``, the benchmark), run with a timeout so
+that one failure or hang does not hide the others: every strategy on the digits with ``trainer=gpu``
+(16-mixed), once with bf16-mixed, ``memory=lean``, the tap cache, ``trainer=ddp`` on every visible GPU
+(and with ``trainer.sync_batchnorm=true``), export of a GPU-trained run and predict with it on CPU, a
+4-trial Pareto search, ``make bench`` quick on the device, and a thesis-scale epoch: CIFAR-format
+generated data of CIFAR-10 5-5's size (25,000 target training images), the full-width STE net, batch
+64, for finetune, serial and UDTA, with the loader as configured. It writes ``gpu_check.md`` and
+``gpu_check.json``: device, versions, and per step its status, time, top-1, epoch time, images per
+second and peak memory (GPU: ``torch.cuda.max_memory_allocated`` of the run; CPU: peak resident set).
+
+``--device cpu`` runs the same steps at tiny sizes (width 0.1, a few batches) in a few minutes: the
+test in CI. ``--expect torch==2.11.0 ...`` fails when an installed version differs (``make test-compat``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from bnn_adapt.files import write_json
+from bnn_adapt.run.config import REPO_ROOT
+from bnn_adapt.run.results import package_versions
+
+BUDGET_S = 8 * 60  # the whole check on one GPU; steps that would start later are skipped, and say so
+STRATEGIES = {  # step name -> overrides of a digits adaptation
+    "head_only": ["+experiment=digits5_5_head_only"],
+    "full_finetune": ["+experiment=digits5_5_finetune"],
+    "serial": ["+experiment=digits5_5_serial"],
+    "udta": ["+experiment=digits5_5"],
+    "lora": ["+experiment=digits5_5", "adapter=lora"],
+    "bitfit": ["+experiment=digits5_5", "adapter=bitfit"],
+}
+THESIS_STRATEGIES = {"finetune": "+experiment=cifar5_5_finetune", "serial": "+experiment=cifar5_5_serial",
+                     "udta": "+experiment=cifar80_20_udta"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What differs between the GPU check and its CPU rehearsal."""
+
+    trainer: tuple[str, ...]  # the trainer of every single-device step
+    digits: tuple[str, ...]  # shrinks (CPU) the digits runs
+    thesis_per_class: int  # CIFAR-10 images per class and split (5 target classes: 5,000 -> 25,000)
+    thesis: tuple[str, ...]  # the thesis-scale epoch
+    search: tuple[str, ...]
+    bench: tuple[str, ...]
+    limits: dict[str, int] = field(default_factory=dict)  # seconds per kind of step
+
+
+CUDA = Sizes(
+    trainer=("trainer=gpu",),
+    digits=(),
+    thesis_per_class=5000,
+    thesis=("base.width=1.0", "data.batch_size=64", "trainer.limit_val_batches=79"),  # 5,000 test images
+    search=(),
+    bench=("--quick", "--device", "cuda", "--peak-repeats", "1"),
+    limits={"run": 120, "thesis": 180, "search": 240, "bench": 300, "data": 180},
+)
+CPU = Sizes(
+    trainer=("trainer=cpu",),
+    digits=("base.width=0.1", "base.pretrain.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=2"),
+    thesis_per_class=12,
+    thesis=("base.width=0.1", "data.batch_size=16", "trainer.limit_val_batches=2"),
+    search=("trainer.max_epochs=1",),
+    bench=("--quick", "--tiny", "--device", "cpu", "--peak-repeats", "0", "--models", "ste_resnet_cifar",
+           "--strategies", "head_only,udta"),
+    limits={"run": 400, "thesis": 400, "search": 900, "bench": 600, "data": 120},
+)
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str  # run | thesis | search | bench | data | predict
+    command: list[str]
+    run_dirs: list[Path] = field(default_factory=list)  # where the step's metrics.json files land
+    env: dict[str, str] = field(default_factory=dict)
+    needs: str | None = None  # a step that must have passed first
+    skip: str | None = None  # why it does not run on this device
+
+
+def bnn(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bnn_adapt", *args]
+
+
+def plan(device: str, work: Path, gpus: int) -> list[Step]:
+    """Every step of the check, in order, for ``device`` (cuda or cpu) with ``gpus`` visible GPUs."""
+    sizes = CUDA if device == "cuda" else CPU
+    common = [f"paths.base_dir={work / 'bases'}", f"paths.log_dir={work / 'outputs'}", "logger=csv"]
+
+    def digits(name: str, *overrides: str, kind: str = "run", trainer=sizes.trainer, **kw) -> Step:
+        run_dir = work / "runs" / name
+        command = bnn(*STRATEGIES.get(name, STRATEGIES["udta"]), *common, *trainer, *sizes.digits, *overrides,
+                      f"hydra.run.dir={run_dir}")  # fmt: skip
+        return Step(name, kind, command, [run_dir], **kw)
+
+    steps = [digits(name, needs=None if name == "head_only" else "head_only") for name in STRATEGIES]
+    steps += [
+        digits("udta_bf16", "trainer.precision=bf16-mixed", needs="head_only"),
+        digits("udta_lean", "memory=lean", needs="head_only"),
+        digits("udta_tap_cache", "tap_cache.enabled=true", needs="head_only"),
+    ]
+    ddp = ("trainer=ddp",) if device == "cuda" else ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    steps.append(digits("udta_ddp", "trainer.precision=32-true" if device == "cpu" else "trainer.devices=-1",
+                        trainer=ddp, needs="head_only"))  # fmt: skip
+    sync = digits("udta_ddp_sync_bn", "trainer.sync_batchnorm=true", trainer=ddp, needs="head_only")
+    sync.skip = None if device == "cuda" and gpus > 1 else "needs 2+ GPUs (torch's SyncBatchNorm runs on GPUs only)"
+    steps.append(sync)
+    deploy = work / "deploy"
+    steps.append(Step("export", "run", bnn("task=export", f"export.adapter_run=[{work / 'runs' / 'udta'}]",
+                                           f"export.dir={deploy}", f"hydra.run.dir={work / 'runs' / 'export'}"),
+                      needs="udta"))  # fmt: skip
+    steps.append(Step("predict_cpu", "predict", bnn(
+        "task=predict", f"base.file={deploy / 'base.bnnpack'}", f"adapters=[{deploy / 'udta_head_concat.safetensors'}]",
+        f"inputs={work / 'images'}", "predict.top_k=2", f"predict.output={work / 'predictions.json'}",
+        f"hydra.run.dir={work / 'runs' / 'predict'}"), env={"CUDA_VISIBLE_DEVICES": ""}, needs="export"))  # fmt: skip
+    search_dir = work / "search"
+    steps.append(Step("pareto_search", "search", bnn(
+        "--multirun", "+experiment=digits5_5", "hparams_search=size_vs_accuracy", "hydra.sweeper.n_trials=4",
+        f"hydra.sweep.dir={search_dir}", *common, *sizes.trainer, *sizes.digits, *sizes.search), needs="head_only"))
+    steps.append(Step("bench_quick", "bench", [sys.executable, "-m", "bnn_adapt.tools.bench", *sizes.bench,
+                                                "--out", str(work / "bench")]))  # fmt: skip
+    data_dir = work / "data"
+    steps.append(Step("thesis_data", "data", [sys.executable, "-c", (
+        "import sys; from bnn_adapt.tools.synthetic import write_cifar10; "
+        "write_cifar10(sys.argv[1], n_per_class=int(sys.argv[2]))"), str(data_dir / "cifar10"),
+        str(sizes.thesis_per_class)]))  # fmt: skip
+    thesis_base = work / "bases" / "thesis_cifar10_0-4.pt"
+    thesis = [f"paths.data_dir={data_dir}", *common, *sizes.trainer, *sizes.thesis]
+    steps.append(Step("thesis_base", "thesis", bnn(
+        "+experiment=cifar5_5_base", *thesis, "trainer.max_epochs=1", "trainer.limit_train_batches=20",
+        f"base.save_to={thesis_base}", f"hydra.run.dir={work / 'runs' / 'thesis_base'}"), needs="thesis_data"))
+    for name, experiment in THESIS_STRATEGIES.items():
+        run_dir = work / "runs" / f"thesis_{name}"
+        overrides = ["data=cifar5_5"] if name == "udta" else []  # the thesis's UDTA experiment, on CIFAR-10 5-5
+        steps.append(Step(f"thesis_epoch_{name}", "thesis", bnn(
+            experiment, *overrides, *thesis, "trainer.max_epochs=1", f"base.checkpoint={thesis_base}",
+            f"hydra.run.dir={run_dir}"), [run_dir], needs="thesis_base"))  # fmt: skip
+    return steps
+
+
+def write_images(folder: Path, n: int = 6) -> None:
+    """A few scikit-learn digits 5-9 as PNG files: what ``task=predict`` reads."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    for i, k in enumerate(np.flatnonzero(digits.target >= 5)[:n]):
+        Image.fromarray((digits.images[k] * 255 / 16).astype(np.uint8)).save(folder / f"digit_{i}.png")
+
+
+def run_step(step: Step, limit: float, log_dir: Path) -> dict:
+    """Run one step in its own process with a time limit; its record (status, time, measured values)."""
+    record = {"step": step.name, "command": " ".join(step.command[1:])}
+    log = log_dir / f"{step.name}.log"
+    start = time.perf_counter()
+    try:
+        with log.open("w") as out:
+            done = subprocess.run(step.command, cwd=REPO_ROOT, env={**os.environ, **step.env}, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=limit, check=False)  # fmt: skip
+        record["status"] = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+    except subprocess.TimeoutExpired:
+        record["status"] = f"timed out ({limit:.0f} s)"
+    record["time_s"] = round(time.perf_counter() - start, 1)
+    if record["status"] != "ok":
+        record["log_tail"] = log.read_text(errors="replace")[-1500:]
+    for run_dir in step.run_dirs:
+        record.update(run_measures(run_dir / "metrics.json"))
+    return record
+
+
+def run_measures(path: Path) -> dict:
+    """Top-1, epoch time, training images per second and peak memory from a run's metrics.json."""
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    batch = (m.get("config") or {}).get("data", {}).get("batch_size")
+    step_s = m.get("step_time_s")
+    return {"top1": m.get("test_top1"), "epoch_time_s": m.get("epoch_time_s"),
+            "images_per_s": round(batch / step_s, 1) if batch and step_s else None,
+            "peak_mem_bytes": m.get("peak_mem_bytes"), "run_device": m.get("device")}  # fmt: skip
+
+
+def environment(device: str) -> dict:
+    import torch  # noqa: PLC0415
+
+    env = {"device": device, "python": platform.python_version(), "machine": platform.machine(),
+           "versions": package_versions(), "cuda": torch.version.cuda, "gpus": []}  # fmt: skip
+    if device == "cuda":
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["cudnn"] = torch.backends.cudnn.version()
+    else:
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return env
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines = [
+        "# GPU check", "",
+        (f"Device: {env['device']} ({', '.join(env['gpus']) or env.get('cpu_capability', '')}); {versions}; "
+         f"CUDA {env['cuda']}; commit {report['commit']}; {report['total_s']:.0f} s in all."), "",
+        "| step | status | time (s) | top-1 | epoch (s) | images/s | peak memory (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for r in report["steps"]:
+        cells = [r["step"], r["status"], f"{r['time_s']:.1f}" if "time_s" in r else "",
+                 *(f"{r[k]:{fmt}}" if r.get(k) is not None else "" for k, fmt in
+                   (("top1", ".4f"), ("epoch_time_s", ".2f"), ("images_per_s", ".0f"))),
+                 f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else ""]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def check_versions(expected: list[str]) -> list[str]:
+    """``pkg==version`` pins that the installed packages do not match."""
+    wrong = []
+    for pin in expected:
+        name, _, version = pin.partition("==")
+        have = metadata.version(name)
+        if have != version:
+            wrong.append(f"{name} {have} is installed, expected {version}")
+    return wrong
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--out", default=None, help="folder for gpu_check.md / .json (default: benchmarks/ on "
+                        "cuda, the work folder on cpu)")
+    parser.add_argument("--work", default="outputs/gpu_check", help="runs, data and logs of the steps")
+    parser.add_argument("--only", default=None, help="comma-separated step names (and the steps they need)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole check (default: {BUDGET_S} on cuda, 3 x that on cpu)")
+    parser.add_argument("--expect", nargs="*", default=[], help="pkg==version pins the environment must have")
+    args = parser.parse_args(argv)
+    wrong = check_versions(args.expect)
+    if wrong:
+        print("error: " + "; ".join(wrong), file=sys.stderr)
+        return 2
+    import torch  # noqa: PLC0415
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA GPU is visible to torch here; run `make gpu-check DEVICE=cpu` for the CPU rehearsal",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    work = Path(args.work).resolve()
+    out = Path(args.out or ("benchmarks" if args.device == "cuda" else work))
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    write_images(work / "images")
+    steps = plan(args.device, work, torch.cuda.device_count() if args.device == "cuda" else 0)
+    if args.only:
+        wanted = set(args.only.split(","))
+        by_name = {s.name: s for s in steps}
+        for name in list(wanted):
+            while by_name[name].needs:
+                name = by_name[name].needs
+                wanted.add(name)
+        steps = [s for s in steps if s.name in wanted]
+    limits = (CUDA if args.device == "cuda" else CPU).limits
+    budget = args.budget or (BUDGET_S if args.device == "cuda" else 3 * BUDGET_S)
+    start, records, passed = time.perf_counter(), [], set()
+    for step in steps:
+        left = budget - (time.perf_counter() - start)
+        if step.skip or (step.needs and step.needs not in passed) or left < 10:
+            why = step.skip or (f"{step.needs} did not pass" if step.needs and step.needs not in passed
+                                else "over the time budget")  # fmt: skip
+            records.append({"step": step.name, "status": f"skipped: {why}"})
+        else:
+            records.append(run_step(step, min(limits[step.kind if step.kind in limits else "run"], left),
+                                    work / "logs"))  # fmt: skip
+            if records[-1]["status"] == "ok":
+                passed.add(step.name)
+        print(f"{records[-1]['step']:24} {records[-1]['status']}  {records[-1].get('time_s', '')}", flush=True)
+    from bnn_adapt.tools.bench_report import commit  # noqa: PLC0415
+
+    report = {"environment": environment(args.device), "commit": commit(), "steps": records,
+              "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "gpu_check.json", report)
+    (out / "gpu_check.md").write_text(markdown(report))
+    print(f"report: {out / 'gpu_check.md'}")
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped: needs") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
