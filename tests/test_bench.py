@@ -199,7 +199,8 @@ def test_meter_counts_storages_once_and_skips_parameters():
 
 EPOCH_KEYS = {"strategy": str, "cache_taps": bool, "train_images": int, "eval_images": int, "epoch_time_s": float,
               "bare_epoch_time_s": float, "images_per_s": float, "bare_images_per_s": float,
-              "framework_vs_bare": float}  # fmt: skip
+              "framework_vs_bare": float, "epoch_cpu_s": float, "bare_epoch_cpu_s": float,
+              "framework_vs_bare_cpu": float}  # fmt: skip
 
 
 def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
@@ -213,8 +214,9 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
             assert isinstance(r[key], kind), (key, r[key])
         assert (r["train_images"], r["eval_images"]) == (5 * setup.train_per_class, 5 * setup.eval_per_class)
         runs = setup.rounds * (setup.epochs - 1)  # the first epoch of each fit is warm-up
-        assert len(r["epoch_times_s"]) == len(r["bare_epoch_times_s"]) == runs
+        assert len(r["epoch_times_s"]) == len(r["bare_epoch_times_s"]) == len(r["epoch_cpu_times_s"]) == runs
         assert r["framework_vs_bare"] == pytest.approx(r["epoch_time_s"] / r["bare_epoch_time_s"])
+        assert r["framework_vs_bare_cpu"] == pytest.approx(r["epoch_cpu_s"] / r["bare_epoch_cpu_s"])
         assert r["images_per_s"] == pytest.approx(r["train_images"] / r["epoch_time_s"])
     assert not (out / "results.json").exists()  # --only epochs: no step cases
     table = (out / "results.md").read_text()

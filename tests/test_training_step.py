@@ -6,6 +6,7 @@ per epoch that clamps exactly what the per-module walk of 0.2 clamped."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,9 +17,9 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from bnn_adapt.errors import TrainingDiverged
+from bnn_adapt.errors import ConfigError, TrainingDiverged
 from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, BinaryModule, clamp_to_unit_, latent_weights
-from bnn_adapt.run import builders
+from bnn_adapt.run import builders, task
 from bnn_adapt.run.config import compose
 from bnn_adapt.training.module import Classifier
 
@@ -192,3 +193,38 @@ def test_the_clamp_list_follows_what_trains_from_epoch_to_epoch():
     assert torch.equal(model.bconv.weight.detach(), torch.full_like(model.bconv.weight, 5.0))
     assert module.latent == [model.blin.weight, model.blin.bias]
     assert all(p.detach().abs().max() <= 1 for p in module.latent)
+
+
+# ------------------------------------------------------------------ trainer.compile
+
+
+def test_trainer_compile_trains_with_the_same_files(make_cfg, pretrained_base):
+    """aot_eager traces forward and backward as inductor does (without generating code): the run
+    finishes and its checkpoint keeps the uncompiled keys (nn.Module.compile works in place)."""
+    cfg = make_cfg("data=cifar5_5", "adapter=udta", "trainer.compile=aot_eager", "trainer.max_epochs=2")
+    metrics = task.run(cfg)
+    assert metrics["status"] == "complete" and metrics["epochs_run"] == 2 and metrics["config_hash"]
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and not any("_orig_mod" in k for k in state)
+
+
+def test_trainer_compile_errors_name_the_key(make_cfg, pretrained_base):
+    with pytest.raises(ConfigError, match=r"trainer.compile='fast' is not a torch.compile backend; use true, false"):
+        task.run(make_cfg("data=cifar5_5", "adapter=udta", "trainer.compile=fast", name="bad_value"))
+
+    @torch._dynamo.register_backend
+    def without_compiler_for_tests(graph, example_inputs):  # as inductor fails on a machine without a C++ compiler
+        raise RuntimeError("no C++ compiler found")
+
+    with pytest.raises(ConfigError, match=r"trainer.compile=without_compiler_for_tests: torch.compile failed "
+                                          r"\(RuntimeError: no C\+\+ compiler found\); set trainer.compile=false"):  # fmt: skip
+        task.run(make_cfg("data=cifar5_5", "adapter=udta", "trainer.compile=without_compiler_for_tests",
+                          name="failing_backend"))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_trainer_compile_true_runs_inductor_on_cpu(make_cfg, pretrained_base):
+    """The default backend generates C++ on CPU: the smallest graph (a head on cached features) keeps it short."""
+    cfg = make_cfg("data=cifar5_5", "adapter=head_only", "tap_cache.enabled=true", "trainer.compile=true",
+                   "trainer.max_epochs=2")  # fmt: skip
+    assert task.run(cfg)["epochs_run"] == 2

@@ -33,6 +33,8 @@ def frozen_binary_weight(module: nn.Module, binarize_weight) -> torch.Tensor | N
     weight = module._parameters.get("weight")
     if weight is None or (weight.requires_grad and torch.is_grad_enabled()):
         return None
+    if torch.compiler.is_compiling():  # a compiled graph binarises in it; a cache would make it recompile
+        return binarize_weight(weight)
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
     cached = module.__dict__.get("_frozen_binary_weight")
     if cached is None or cached[0] is not weight or cached[1] != key:

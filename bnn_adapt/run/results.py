@@ -39,6 +39,7 @@ ADDED_SINCE_V1: dict[str, object] = {
     # weights below 32 bits (issue #13); hashed unresolved, so the strategy's own key is the interpolation
     "adapter.bits": 32,
     "adapter.model.bits": "${adapter.bits}",
+    "trainer.compile": False,  # torch.compile (issue #24)
 }
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages

@@ -70,6 +70,8 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint."""
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
+    compiled = cfg.trainer.get("compile", False)
+    builders.compile_model(model, compiled)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
     callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks, resume.RNGState()]
     if any(name != "csv" for name in tracking.logger_configs(cfg)):  # trackers get the config and the counts
@@ -82,7 +84,15 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     resuming = bool(cfg.get("resume")) and resume.unfinished(out, config_hash(cfg))
     write_json(out / resume.RUN_FILE, {"config_hash": config_hash(cfg), "status": "running"})
     kept_csv = resume.keep_csv_before_resume(out / "csv") if resuming else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if resuming else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if resuming else None)
+    except torch._dynamo.exc.TorchDynamoException as exc:  # a failed torch.compile: say which key, not its traceback
+        if not compiled:
+            raise
+        cause = getattr(exc, "inner_exception", None) or exc  # what the backend raised
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise ConfigError(f"trainer.compile={compiled}: torch.compile failed ({type(cause).__name__}: {first}); "
+                          "set trainer.compile=false, or try trainer.compile=aot_eager") from exc  # fmt: skip
     if kept_csv is not None:
         resume.merge_resumed_csv(kept_csv, out / "csv", resumed_epoch=stats.resumed_at_epoch)
     stats.recover_spawned(trainer)  # trainer=ddp (ddp_spawn) trained in child processes

@@ -87,25 +87,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device: torch.device) -> tuple[float, float]:
+    """(wall-clock, this process's CPU) seconds, after the device's queued work."""
+    sync(device)
+    return time.perf_counter(), time.process_time()
+
+
+def spans(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+
+
 class EpochClock(L.Callback):
-    """Wall-clock time of each epoch: from its ``on_train_epoch_start`` to the next one's
+    """Wall-clock and CPU time of each epoch: from its ``on_train_epoch_start`` to the next one's
     (the last: to ``on_train_end``), so validation, checkpointing and logging count."""
 
     def __init__(self, device: torch.device):
         self.device, self.marks = device, []
 
-    def _mark(self) -> None:
-        sync(self.device)
-        self.marks.append(time.perf_counter())
-
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._mark()
+        self.marks.append(clock(self.device))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._mark()
-
-    def durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        self.marks.append(clock(self.device))
 
 
 def epoch_config(setup: EpochSetup, case: EpochCase, device: torch.device, data_dir: Path, run_dir: Path,
@@ -145,24 +148,25 @@ def prepare_case(case: EpochCase, setup: EpochSetup, device: torch.device, data_
     case.datamodule = datamodule
 
 
-def run_framework(case: EpochCase, device: torch.device, run_dir: Path) -> tuple[list[float], torch.nn.Module]:
-    """``epochs`` epochs through :func:`bnn_adapt.run.task.fit`: the epoch times after the first, the model."""
+def run_framework(case: EpochCase, device: torch.device, run_dir: Path) -> tuple[list[tuple[float, float]], torch.nn.Module]:
+    """``epochs`` epochs through :func:`bnn_adapt.run.task.fit`: the (wall, CPU) times of the epochs after the
+    first, the model."""
     from bnn_adapt.run import task
 
     cfg = copy.deepcopy(case.cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
-    clock, model = EpochClock(device), copy.deepcopy(case.model)
+    timer, model = EpochClock(device), copy.deepcopy(case.model)
     # the progress bar, summary and Lightning's notes written as in a run, into buffers instead of this report
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            task.fit(cfg, model, case.datamodule.num_classes, case.datamodule, callbacks=[clock])
+            task.fit(cfg, model, case.datamodule.num_classes, case.datamodule, callbacks=[timer])
         finally:
             lightning_log.setLevel(level)
-    return clock.durations()[1:], model
+    return spans(timer.marks)[1:], model
 
 
 def _to(batch, device: torch.device):
@@ -171,11 +175,13 @@ def _to(batch, device: torch.device):
     return batch.to(device, non_blocking=True)
 
 
-def run_bare(case: EpochCase, device: torch.device) -> tuple[list[float], torch.nn.Module]:
-    """The same epochs as a plain PyTorch loop over the same loaders: the epoch times after the first, the model."""
+def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, float]], torch.nn.Module]:
+    """The same epochs as a plain PyTorch loop over the same loaders: the (wall, CPU) times of the epochs after
+    the first, the model."""
     cfg, datamodule = case.cfg, case.datamodule
     model = copy.deepcopy(case.model).to(device)
     set_memory_mode(model, cfg.memory)
+    builders.compile_model(model, cfg.trainer.get("compile", False))
     optimizer = builders.instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     scheduler = builders.instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
     latent = latent_weights(model)
@@ -184,10 +190,9 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[float], torch.
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=mixed)
     datamodule.setup("fit")
     train, held_out = datamodule.train_dataloader(), datamodule.val_dataloader()
-    times = []
+    marks = []
     for epoch in range(cfg.trainer.max_epochs):
-        sync(device)
-        start = time.perf_counter()
+        marks.append(clock(device))
         train.sampler.set_epoch(epoch)
         model.train()
         train_loss = torch.zeros((), device=device)
@@ -216,9 +221,8 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[float], torch.
         if scheduler is not None:
             scheduler.step()
         float(train_loss), float(correct), float(eval_loss)  # what a loop reports once per epoch
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times[1:], model
+    marks.append(clock(device))
+    return spans(marks)[1:], model
 
 
 def epoch_records(setup: EpochSetup, device: torch.device, log=print) -> list[dict]:
@@ -247,7 +251,10 @@ def epoch_records(setup: EpochSetup, device: torch.device, log=print) -> list[di
 def epoch_record(case: EpochCase, setup: EpochSetup) -> dict:
     datamodule = getattr(case.datamodule, "datamodule", case.datamodule)  # the images behind a tap cache
     train_images, eval_images = len(datamodule.train_set), len(datamodule.eval_set)
-    framework, bare = (statistics.median(case.times[k]) for k in ("framework", "bare"))
+    wall = {k: [t[0] for t in case.times[k]] for k in case.times}
+    cpu = {k: [t[1] for t in case.times[k]] for k in case.times}
+    framework, bare = statistics.median(wall["framework"]), statistics.median(wall["bare"])
+    framework_cpu, bare_cpu = statistics.median(cpu["framework"]), statistics.median(cpu["bare"])
     return {
         "kind": "epoch",
         "model": "ste_resnet_cifar",
@@ -263,6 +270,13 @@ def epoch_record(case: EpochCase, setup: EpochSetup) -> dict:
         "images_per_s": train_images / framework,
         "bare_images_per_s": train_images / bare,
         "framework_vs_bare": framework / bare,
-        "epoch_times_s": case.times["framework"],
-        "bare_epoch_times_s": case.times["bare"],
+        # this process's CPU time: what other processes on a shared CPU do not inflate (the loader's worker
+        # processes, if any, are not in it, for both alike)
+        "epoch_cpu_s": framework_cpu,
+        "bare_epoch_cpu_s": bare_cpu,
+        "framework_vs_bare_cpu": framework_cpu / bare_cpu,
+        "epoch_times_s": wall["framework"],
+        "bare_epoch_times_s": wall["bare"],
+        "epoch_cpu_times_s": cpu["framework"],
+        "bare_epoch_cpu_times_s": cpu["bare"],
     }

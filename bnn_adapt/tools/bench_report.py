@@ -255,9 +255,9 @@ def step_sections(records: list[dict], meta: dict) -> list[str]:
 
 
 def _goal(record: dict) -> str:
-    """The record against issue #24's goal: the 1.3x ratio on CPU, images/s at full width on a GPU."""
+    """The record against issue #24's goal: on a CPU the 1.3x ratio (of CPU times), on a GPU images/s at full width."""
     if not record["device"].startswith("cuda"):
-        ratio = record["framework_vs_bare"]
+        ratio = record["framework_vs_bare_cpu"]
         return f"<= {EPOCH_RATIO_GOAL}x: " + ("met" if ratio <= EPOCH_RATIO_GOAL else f"short by {ratio / EPOCH_RATIO_GOAL:.2f}x")
     goal = EPOCH_GPU_GOALS.get((record["strategy"], record["cache_taps"]))
     if goal is None or record["width"] != 1.0:
@@ -269,14 +269,15 @@ def _goal(record: dict) -> str:
 def epoch_table(epochs: list[dict]) -> str:
     rows = [
         "| strategy | width | train + eval images | precision | epoch (s) | images/s | bare loop epoch (s) "
-        "| bare loop images/s | framework / bare | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| bare loop images/s | framework / bare | framework / bare, CPU time | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in epochs:
         rows.append(
             f"| {label(r)} | {r['width']:g} | {r['train_images']:,} + {r['eval_images']:,} | {r['precision']} "
             f"| {r['epoch_time_s']:.3f} | {r['images_per_s']:,.0f} | {r['bare_epoch_time_s']:.3f} "
-            f"| {r['bare_images_per_s']:,.0f} | {r['framework_vs_bare']:.2f}x | {_goal(r)} |"
+            f"| {r['bare_images_per_s']:,.0f} | {r['framework_vs_bare']:.2f}x | {r['framework_vs_bare_cpu']:.2f}x "
+            f"| {_goal(r)} |"
         )
     return "\n".join(rows)
 
@@ -290,7 +291,9 @@ def epoch_notes(epochs: list[dict], meta: dict) -> str:
         "cases interleaved. Framework: `bnn_adapt.run.task.fit` as `python -m bnn_adapt` runs it (the "
         "datamodule's loaders, the Lightning module and trainer, logging, checkpointing, validation); bare loop: "
         "plain PyTorch over the same loaders with the same optimiser, scheduler, forward, backward, step and "
-        "latent clamping, and an evaluation pass (`bnn_adapt.tools.bench_epoch`)."
+        "latent clamping, and an evaluation pass (`bnn_adapt.tools.bench_epoch`). CPU time: this process's, "
+        "which other processes on a shared machine do not inflate as they do wall time; the CPU goal (issue #24) "
+        "is judged on it."
     )
 
 
