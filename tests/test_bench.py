@@ -224,18 +224,22 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
     assert "framework / bare" in table and "<= 1.3x" in table
 
 
-@pytest.mark.parametrize("strategy, cache_taps", [("full_finetune", False), ("udta", True)])
-def test_the_bare_loop_trains_exactly_as_the_framework(tmp_path, strategy, cache_taps):
-    """Same work: from one model on un-augmented data, both paths end with the same weights and BN statistics."""
+@pytest.mark.parametrize("strategy, cache_taps, extra", [("full_finetune", False, ()), ("udta", True, ()),
+                                                         ("serial", False, ("trainer.channels_last=true",))])
+def test_the_bare_loop_trains_exactly_as_the_framework(tmp_path, strategy, cache_taps, extra):
+    """Same work: from one model on un-augmented data, both paths end with the same weights and BN statistics
+    (trainer.channels_last too: the run's model in NHWC memory, as the bare loop puts it)."""
     from bnn_adapt.tools.synthetic import write_cifar10
 
     setup = bench_epoch.EPOCH_SETUPS[("cpu", "tiny")]
     write_cifar10(tmp_path / "data" / "cifar10", n_per_class=setup.train_per_class)
     case = bench_epoch.EpochCase(strategy, cache_taps)
-    bench_epoch.prepare_case(case, setup, CPU, tmp_path / "data", tmp_path / "run", ["data.augment=false"])
+    bench_epoch.prepare_case(case, setup, CPU, tmp_path / "data", tmp_path / "run", ["data.augment=false", *extra])
     _, framework = bench_epoch.run_framework(case, CPU, tmp_path / "run")
     _, bare = bench_epoch.run_bare(case, CPU)
     before, after, other = case.model.state_dict(), framework.state_dict(), bare.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
     for key, value in after.items():
         assert torch.equal(value, other[key]), key
+    stem = framework.base.stem[0].weight
+    assert stem.is_contiguous(memory_format=torch.channels_last) == bool(extra) and not stem.is_contiguous() == bool(extra)

@@ -130,7 +130,7 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-TRAINER_OPTIONS = ("compile",)  # keys of the trainer group that are ours, not Lightning.Trainer arguments
+TRAINER_OPTIONS = ("compile", "channels_last")  # keys of the trainer group that are ours, not Lightning's
 
 
 def compile_model(model, option) -> None:

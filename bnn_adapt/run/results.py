@@ -40,6 +40,7 @@ ADDED_SINCE_V1: dict[str, object] = {
     "adapter.bits": 32,
     "adapter.model.bits": "${adapter.bits}",
     "trainer.compile": False,  # torch.compile (issue #24)
+    "trainer.channels_last": False,
 }
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages

@@ -70,6 +70,8 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint."""
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
+    if cfg.trainer.get("channels_last", False):  # convolutions then run NHWC whatever the images' layout
+        model.to(memory_format=torch.channels_last)
     compiled = cfg.trainer.get("compile", False)
     builders.compile_model(model, compiled)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)

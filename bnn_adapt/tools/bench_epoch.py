@@ -181,6 +181,8 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, f
     cfg, datamodule = case.cfg, case.datamodule
     model = copy.deepcopy(case.model).to(device)
     set_memory_mode(model, cfg.memory)
+    if cfg.trainer.get("channels_last", False):
+        model.to(memory_format=torch.channels_last)
     builders.compile_model(model, cfg.trainer.get("compile", False))
     optimizer = builders.instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     scheduler = builders.instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
