@@ -169,10 +169,12 @@ def run_framework(case: EpochCase, device: torch.device, run_dir: Path) -> tuple
     return spans(timer.marks)[1:], model
 
 
-def _to(batch, device: torch.device):
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(t, device) for t in batch)
-    return batch.to(device, non_blocking=True)
+def _on_device(datamodule: L.LightningDataModule, batch, device: torch.device):
+    """A batch as Lightning hands it to the step: the datamodule's transfer hooks (whatever a datamodule
+    does there, such as augmenting on the device, the bare loop does too)."""
+    batch = datamodule.on_before_batch_transfer(batch, 0)
+    batch = datamodule.transfer_batch_to_device(batch, device, 0)
+    return datamodule.on_after_batch_transfer(batch, 0)
 
 
 def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, float]], torch.nn.Module]:
@@ -198,8 +200,8 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, f
         train.sampler.set_epoch(epoch)
         model.train()
         train_loss = torch.zeros((), device=device)
-        for inputs, labels in train:
-            inputs, labels = _to(inputs, device), labels.to(device, non_blocking=True)
+        for batch in train:
+            inputs, labels = _on_device(datamodule, batch, device)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 loss = F.cross_entropy(model(inputs), labels)
@@ -215,8 +217,8 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, f
         model.eval()
         correct, eval_loss = torch.zeros((), device=device), torch.zeros((), device=device)
         with torch.inference_mode(), autocast:
-            for inputs, labels in held_out:
-                inputs, labels = _to(inputs, device), labels.to(device, non_blocking=True)
+            for batch in held_out:
+                inputs, labels = _on_device(datamodule, batch, device)
                 logits = model(inputs)
                 eval_loss += F.cross_entropy(logits, labels)
                 correct += (logits.argmax(1) == labels).sum()
