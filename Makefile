@@ -63,8 +63,9 @@ sizes: install
 	$(PY) -m bnn_adapt.tools.sizes
 
 # speed and memory of every strategy x trainer.memory, timed side by side in one process, peaks in fresh
-# processes (README: Speed and memory). Writes benchmarks/results.{json,md}; a full run also refreshes the README's tables.
-# QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda
+# processes, and whole epochs through python -m bnn_adapt's training against a bare PyTorch loop (README: Speed and
+# memory). Writes benchmarks/results.{json,md}, benchmarks/epochs.json; a full run also refreshes the README's tables.
+# QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda --only epochs
 QUICK ?=
 BENCH_ARGS ?=
 bench: install
