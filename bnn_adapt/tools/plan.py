@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,9 +178,10 @@ def estimate(job, measured: dict[tuple, list[float]], bench: list[dict]) -> tupl
     return None, "no estimate: no finished run of its kind, no bench record"
 
 
-def plan_tables(ids: Sequence[str], profile: str, overrides: Sequence[str] = (), bench_path: Path = BENCH_EPOCHS,
-                sweep_rows: Callable = table_rows) -> list[TablePlan]:  # fmt: skip
-    """Each table of ``ids`` with the runs it needs, in the order ``tables --run`` runs them."""
+def plan_tables(ids: Sequence[str], profile: str, overrides: Sequence[str] = (),
+                bench_path: Path | None = None) -> list[TablePlan]:  # fmt: skip
+    """Each table of ``ids`` with the runs it needs, in the order ``tables --run`` runs them
+    (``bench_path``: the bench's epoch records, default :data:`BENCH_EPOCHS`)."""
     from bnn_adapt.tools.table_runs import sweep_overrides, without_protocol
 
     def need_table(spec: str) -> Table:
@@ -202,9 +203,9 @@ def plan_tables(ids: Sequence[str], profile: str, overrides: Sequence[str] = (),
             listed.add(spec)
             sweep_table = table if spec == table.sweep else need_table(spec)
             given = sweep_overrides(table, overrides) if spec == table.sweep else without_protocol(overrides)
-            expanded.append((spec, sweep_table, sweep_rows(sweep_table, profile, [*given, *([part] if part else [])])))
+            expanded.append((spec, sweep_table, table_rows(sweep_table, profile, [*given, *([part] if part else [])])))
     measured = measured_epochs([(t, rows) for _, t, rows in expanded])
-    bench = read_bench(bench_path)
+    bench = read_bench(BENCH_EPOCHS if bench_path is None else bench_path)
     by_spec = {spec: (t, rows) for spec, t, rows in expanded}
     plans, shown, planned = [], set(), set()
     for table_id in ids:
@@ -238,20 +239,19 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def describe(plans: list[TablePlan], profile: str, bench_path: Path = BENCH_EPOCHS) -> str:
+def describe(plans: list[TablePlan], profile: str, bench_path: Path | None = None) -> str:
     """The plan as text: per table its runs, their state, time and its source; totals."""
     lines = [f"Plan for profile {profile}: every run each table needs (its bases first), whether it is complete, "
              f"and its time: measured, or estimated from finished runs' epoch times on this machine or the bench's "
-             f"epoch records ({bench_path})."]  # fmt: skip
+             f"epoch records ({BENCH_EPOCHS if bench_path is None else bench_path})."]  # fmt: skip
     for plan in plans:
         done = [r for r in plan.runs if r.done]
         rest = [r for r in plan.runs if not r.done]
-        lower = f", {plan.unknown} without an estimate (at least that)" if plan.unknown else ""
         lines += [
             "",
             f"table {plan.table.id}: {plan.table.title} -- {len(done)} of {len(plan.runs)} runs complete"
-            f" ({_hours(sum(r.seconds or 0 for r in done))} measured); about {_hours(plan.remaining_s)} to go"
-            f"{lower}" + (f"; also needs {', '.join(plan.listed_before)}, listed above" if plan.listed_before else ""),
+            f" ({_hours(sum(r.seconds or 0 for r in done))} measured); {_to_go(plan.remaining_s, plan.unknown, len(rest))}"
+            + (f"; also needs {', '.join(plan.listed_before)}, listed above" if plan.listed_before else ""),
             f"  {'status':10} {'epochs':>6} {'time':>9}  {'sweep':12} {'row':34} source",
         ]
         for r in plan.runs:
@@ -259,10 +259,15 @@ def describe(plans: list[TablePlan], profile: str, bench_path: Path = BENCH_EPOC
             lines.append(f"  {status:10} {r.epochs:>6} {_hms(r.seconds):>9}  {r.sweep.partition(':')[0]:12} "
                          f"{r.label[:34]:34} {r.source}")  # fmt: skip
     runs = [r for p in plans for r in p.runs]
-    unknown = sum(p.unknown for p in plans)
-    lines += [
-        "",
-        f"every table: {sum(r.done for r in runs)} of {len(runs)} runs complete; about "
-        f"{_hours(sum(p.remaining_s for p in plans))} to go" + (f", {unknown} runs without an estimate" if unknown else ""),
-    ]
+    rest = sum(not r.done for r in runs)
+    lines += ["", f"every table: {sum(r.done for r in runs)} of {len(runs)} runs complete; "
+                  f"{_to_go(sum(p.remaining_s for p in plans), sum(p.unknown for p in plans), rest)}"]  # fmt: skip
     return "\n".join(lines)
+
+
+def _to_go(seconds: float, unknown: int, rest: int) -> str:
+    if not rest:
+        return "nothing to go"
+    if unknown == rest:
+        return f"{rest} to go, no estimate yet (run one of a kind, or make bench)"
+    return f"about {_hours(seconds)} to go" + (f" and {unknown} runs without an estimate (so at least that)" if unknown else "")
