@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from bnn_adapt.run.config import without_hydra_node
 from bnn_adapt.run.results import write_json
 from bnn_adapt.tools import plan, tables
-from bnn_adapt.tools.synthetic import SMOKE_SIZES, write_cifar10
+from bnn_adapt.tools.synthetic import SMOKE_SIZES, write_cifar10, write_cifar100
 from bnn_adapt.tools.table_runs import TABLES, table_rows
 
 
@@ -40,6 +40,7 @@ def by_row(table_plan: plan.TablePlan) -> dict[str, plan.PlannedRun]:
 def smoke_root(tmp_path, monkeypatch):
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path))
     write_cifar10(tmp_path / "data" / "smoke" / "cifar10", SMOKE_SIZES["cifar10_per_class"])
+    write_cifar100(tmp_path / "data" / "smoke" / "cifar100", SMOKE_SIZES["cifar100_per_class"])
     return tmp_path
 
 
@@ -65,6 +66,14 @@ def test_the_plan_lists_every_run_recognises_complete_ones_and_estimates_from_me
         assert not runs[row].done and runs[row].seconds == pytest.approx(3 * 0.625), row
         assert runs[row].source.startswith("like 2 finished run(s)")
     assert runs["row=finetune"].seconds is None and runs["row=head_only"].seconds is None  # nothing of their kind
+
+    # runs of a kind on other data: their time per training image x this run's images (counted on disk)
+    cifar100 = by_row(plan.plan_tables(["6.2", "6.3"], "smoke", bench_path=no_bench)[1])
+    images = 4 * 16  # limit_train_batches=4 of 16 (the generated CIFAR-100 has more of the served classes)
+    assert cifar100["experiment=cifar80_20_base"].seconds == pytest.approx(3 * 2.0 / images * images)  # 6.1's base
+    g5 = cifar100["adapter.groups=5"]
+    assert g5.seconds == pytest.approx(3 * 0.625 / images * images)
+    assert g5.source.startswith("like 2 finished run(s) of its kind on other data (cpu): 9.77 ms per training image")
 
     # the bench's epoch record: seconds per training image x this run's images x (width ratio)^2 x epochs
     bench = smoke_root / "epochs.json"

@@ -7,7 +7,9 @@ rest take from epoch times measured on this machine, naming the source of each e
 * ``measured``: a complete run: its own time (``epoch_time_s`` x epochs run, metrics.json);
 * ``like N runs``: the mean ``epoch_time_s`` of finished runs of the same kind (task and
   strategy, tap cache, memory mode, base and width, dataset, its limits and batch size,
-  device) x this run's epochs;
+  device) x this run's epochs; else, from runs of its kind on another dataset, their mean
+  time per training image (their validation included) x this run's training images per
+  epoch (counted from the dataset on disk) x epochs;
 * ``bench``: the bench's epoch record of its strategy on this kind of device
   (``benchmarks/epochs.json``, ``make bench``; STE base only, pretraining counted as full
   finetuning): seconds per training image x this run's training images per epoch (counted
@@ -84,25 +86,44 @@ def planned_device(cfg: DictConfig) -> str:
     return "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def run_kind(config, device: str) -> tuple:
-    """What a run's epoch time depends on: runs of one kind take about as long per epoch."""
+DATA_KEYS = ("data.name", "data.limit_per_class", "data.eval_limit_per_class")  # what sets the epoch's images
+
+
+def run_kind(config, device: str, with_data: bool = True) -> tuple:
+    """What a run's epoch time depends on: runs of one kind take about as long per epoch
+    (``with_data=False``: as long per training image, on any dataset)."""
     task = _select(config, "task")
     strategy = "pretrain" if task == "pretrain" else _select(config, "adapter.name")
-    keys = ("tap_cache.enabled", "memory", "base.name", "base.width", "data.name", "data.image_size",
-            "data.batch_size", "data.limit_per_class", "data.eval_limit_per_class", "trainer.limit_train_batches",
-            "trainer.limit_val_batches", "trainer.precision")  # fmt: skip
+    keys = ("tap_cache.enabled", "memory", "base.name", "base.width", "data.image_size", "data.batch_size",
+            "trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.precision",
+            *(DATA_KEYS if with_data else ()))  # fmt: skip
     return (strategy, *(str(_select(config, k)) for k in keys), device)
 
 
-def measured_epochs(tables: Sequence[tuple[Table, list]]) -> dict[tuple, list[float]]:
-    """Epoch times of every finished run (complete or stale) of the planned tables, by run kind."""
-    found: dict[tuple, list[float]] = {}
+@dataclass
+class Measured:
+    """Finished runs' epoch times by kind, and seconds per training image by kind on any dataset."""
+
+    per_epoch: dict[tuple, list[float]] = field(default_factory=dict)
+    per_image: dict[tuple, list[float]] = field(default_factory=dict)
+
+
+def measured_epochs(tables: Sequence[tuple[Table, list]]) -> Measured:
+    """Epoch times of every finished run (complete or stale) of the planned tables."""
+    found = Measured()
     for _, rows in tables:
         for row in rows:
             for job in row.jobs:
                 m = job.metrics
-                if m and m.get("epoch_time_s") and m.get("config"):
-                    found.setdefault(run_kind(m["config"], device_kind(m.get("device"))), []).append(m["epoch_time_s"])
+                if not (m and m.get("epoch_time_s") and m.get("config")):
+                    continue
+                device = device_kind(m.get("device"))
+                found.per_epoch.setdefault(run_kind(m["config"], device), []).append(m["epoch_time_s"])
+                images = training_images(OmegaConf.create(m["config"]))
+                if images:
+                    found.per_image.setdefault(run_kind(m["config"], device, with_data=False), []).append(
+                        m["epoch_time_s"] / images
+                    )
     return found
 
 
@@ -158,7 +179,7 @@ def bench_estimate(cfg: DictConfig, device: str, bench: list[dict]) -> tuple[flo
     return per_epoch, source
 
 
-def estimate(job, measured: dict[tuple, list[float]], bench: list[dict]) -> tuple[float | None, str]:
+def estimate(job, measured: Measured, bench: list[dict]) -> tuple[float | None, str]:
     """(seconds, source) of one expected run."""
     cfg, m = job.cfg, job.metrics
     if job.status == "complete":
@@ -169,9 +190,15 @@ def estimate(job, measured: dict[tuple, list[float]], bench: list[dict]) -> tupl
         return 0.0, "counts only (no training)"
     epochs = int(cfg.trainer.max_epochs)
     device = planned_device(cfg)
-    same = measured.get(run_kind(cfg, device))
+    same = measured.per_epoch.get(run_kind(cfg, device))
     if same:
         return epochs * sum(same) / len(same), f"like {len(same)} finished run(s) of its kind ({device})"
+    alike = measured.per_image.get(run_kind(cfg, device, with_data=False))
+    images = training_images(cfg) if alike else None
+    if images:
+        per_image = sum(alike) / len(alike)
+        return epochs * per_image * images, (f"like {len(alike)} finished run(s) of its kind on other data ({device}): "
+                                             f"{per_image * 1e3:.3g} ms per training image x {images:,} images")  # fmt: skip
     found = bench_estimate(cfg, device, bench)
     if found:
         return epochs * found[0], found[1]
