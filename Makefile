@@ -52,7 +52,8 @@ demo: install
 	$(PY) -m bnn_adapt.tools.report outputs/demo
 
 # ---------------------------------------------------------------- thesis tables (README: Reproducing the thesis)
-# `make reproduce-tables [PROFILE=full|smoke]`: every thesis table; `make table T=6.5`: one
+# `make reproduce-tables [PROFILE=full|smoke]`: every thesis table; `make table T=6.5`: one; PLAN=1: print every run
+# it needs, which are complete and the estimated time of the rest from measured epoch times (runs nothing)
 # (T=fashion: the real-data Fashion-MNIST table). Each table is a Hydra multirun with a fixed
 # sweep directory, sweeps/table_*.yaml, whose `table:` node says what it needs first (bases);
 # runs that already finished with the same config are not repeated, so an interrupted
@@ -71,8 +72,8 @@ DATA_smoke := smoke-data
 DATA_fashion := $(if $(filter full,$(PROFILE)),fashion-data)
 TABLES = $(PY) -m bnn_adapt.tools.tables --profile $(PROFILE) --protocol $(PROTOCOL) --out $(RESULTS) $(foreach a,$(ARGS),--override $(a))
 
-reproduce-tables: install $(DATA_$(PROFILE))
-	$(TABLES) --run
+reproduce-tables: install $(if $(PLAN),,$(DATA_$(PROFILE)))
+	$(TABLES) $(if $(PLAN),--plan,--run)
 
 table: install $(DATA_$(PROFILE)) $(DATA_$(T))
 	@test -n "$(T)" || { echo "usage: make table T=<id> [PROFILE=full|smoke]; ids: python -m bnn_adapt.tools.tables --list"; exit 2; }
@@ -93,8 +94,9 @@ sizes: install
 	$(PY) -m bnn_adapt.tools.sizes
 
 # speed and memory of every strategy x trainer.memory, timed side by side in one process, peaks in fresh
-# processes (README: Speed and memory). Writes benchmarks/results.{json,md}; a full run also refreshes the README's tables.
-# QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda
+# processes, and whole epochs through python -m bnn_adapt's training against a bare PyTorch loop (README: Speed and
+# memory). Writes benchmarks/results.{json,md}, benchmarks/epochs.json; a full run also refreshes the README's tables.
+# QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda --only epochs
 QUICK ?=
 BENCH_ARGS ?=
 bench: install

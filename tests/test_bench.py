@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnn_adapt.tools import bench, bench_memory
+from bnn_adapt.tools import bench, bench_epoch, bench_memory
 from bnn_adapt.tools.bench_cases import TINY_SETUPS, Case, make_base, prepare, train_step
 
 REQUIRED = {
@@ -193,3 +193,54 @@ def test_meter_counts_storages_once_and_skips_parameters():
     loss.backward()
     assert meter.saved.activation == 2 * 3 * 4 * 4
     assert meter.saved.activation_base == 3 * 4 * 4  # x, saved inside the "base" module
+
+
+# ------------------------------------------------------------------ whole epochs
+
+
+EPOCH_KEYS = {"strategy": str, "cache_taps": bool, "train_images": int, "eval_images": int, "epoch_time_s": float,
+              "bare_epoch_time_s": float, "images_per_s": float, "bare_images_per_s": float,
+              "framework_vs_bare": float, "epoch_cpu_s": float, "bare_epoch_cpu_s": float,
+              "framework_vs_bare_cpu": float}  # fmt: skip
+
+
+def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
+    out = tmp_path / "benchmarks"
+    bench.main(["--quick", "--tiny", "--only", "epochs", "--threads", "1", "--out", str(out)])
+    records = json.loads((out / "epochs.json").read_text())
+    setup = bench_epoch.EPOCH_SETUPS[("cpu", "tiny")]
+    assert [(r["strategy"], r["cache_taps"]) for r in records] == list(bench_epoch.EPOCH_CASES)
+    for r in records:
+        for key, kind in EPOCH_KEYS.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert (r["train_images"], r["eval_images"]) == (5 * setup.train_per_class, 5 * setup.eval_per_class)
+        runs = setup.rounds * (setup.epochs - 1)  # the first epoch of each fit is warm-up
+        assert len(r["epoch_times_s"]) == len(r["bare_epoch_times_s"]) == len(r["epoch_cpu_times_s"]) == runs
+        assert r["framework_vs_bare"] == pytest.approx(r["epoch_time_s"] / r["bare_epoch_time_s"])
+        assert r["framework_vs_bare_cpu"] == pytest.approx(r["epoch_cpu_s"] / r["bare_epoch_cpu_s"])
+        assert r["images_per_s"] == pytest.approx(r["train_images"] / r["epoch_time_s"])
+    assert not (out / "results.json").exists()  # --only epochs: no step cases
+    table = (out / "results.md").read_text()
+    assert "| strategy | width | train + eval images |" in table and "| udta + tap cache | 0.1 |" in table
+    assert "framework / bare" in table and "<= 1.3x" in table
+
+
+@pytest.mark.parametrize("strategy, cache_taps, extra", [("full_finetune", False, ()), ("udta", True, ()),
+                                                         ("serial", False, ("trainer.channels_last=true",))])
+def test_the_bare_loop_trains_exactly_as_the_framework(tmp_path, strategy, cache_taps, extra):
+    """Same work: from one model on un-augmented data, both paths end with the same weights and BN statistics
+    (trainer.channels_last too: the run's model in NHWC memory, as the bare loop puts it)."""
+    from bnn_adapt.tools.synthetic import write_cifar10
+
+    setup = bench_epoch.EPOCH_SETUPS[("cpu", "tiny")]
+    write_cifar10(tmp_path / "data" / "cifar10", n_per_class=setup.train_per_class)
+    case = bench_epoch.EpochCase(strategy, cache_taps)
+    bench_epoch.prepare_case(case, setup, CPU, tmp_path / "data", tmp_path / "run", ["data.augment=false", *extra])
+    _, framework = bench_epoch.run_framework(case, CPU, tmp_path / "run")
+    _, bare = bench_epoch.run_bare(case, CPU)
+    before, after, other = case.model.state_dict(), framework.state_dict(), bare.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
+    for key, value in after.items():
+        assert torch.equal(value, other[key]), key
+    stem = framework.base.stem[0].weight
+    assert stem.is_contiguous(memory_format=torch.channels_last) == bool(extra) and not stem.is_contiguous() == bool(extra)

@@ -12,13 +12,15 @@ from bnn_adapt.nn.layers import (
     PackedScaledBinaryConv2d,
     ScaledBinaryConv2d,
     clamp_latent_weights,
+    clamp_to_unit_,
     frozen_binary_weight,
+    latent_weights,
 )
 from bnn_adapt.nn.quantizers import ApproxSign, ScaledSignSTE, SignSTE, approx_sign, binarize, scaled_sign, sign
 
 __all__ = [
     "ApproxSign", "ApproxSignActivation", "BinaryColumnPrunedLinear", "BinaryConv2d", "BinaryLinear", "BinaryModule",
     "ChannelsLastMaxPool2d", "ColumnPrunedLinear", "LearnableBias", "PackedScaledBinaryConv2d", "ScaledBinaryConv2d",
-    "ScaledSignSTE", "SignSTE", "approx_sign", "binarize", "clamp_latent_weights", "frozen_binary_weight",
-    "scaled_sign", "sign",
+    "ScaledSignSTE", "SignSTE", "approx_sign", "binarize", "clamp_latent_weights", "clamp_to_unit_",
+    "frozen_binary_weight", "latent_weights", "scaled_sign", "sign",
 ]  # fmt: skip

@@ -33,6 +33,8 @@ def frozen_binary_weight(module: nn.Module, binarize_weight) -> torch.Tensor | N
     weight = module._parameters.get("weight")
     if weight is None or (weight.requires_grad and torch.is_grad_enabled()):
         return None
+    if torch.compiler.is_compiling():  # a compiled graph binarises in it; a cache would make it recompile
+        return binarize_weight(weight)
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
     cached = module.__dict__.get("_frozen_binary_weight")
     if cached is None or cached[0] is not weight or cached[1] != key:
@@ -80,23 +82,41 @@ class BinaryLinear(nn.Linear, BinaryModule):
         return F.linear(binarize(x), binarize(self.weight), self.bias)
 
 
-@torch.no_grad()
-def clamp_latent_weights(model: nn.Module) -> None:
-    """Clamp trainable latent parameters of binary layers to [-1, 1] (BinaryNet).
+def latent_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable latent parameters of ``model``'s binary layers, each once: what BinaryNet clamps
+    to [-1, 1] after every optimiser step.
 
-    Every parameter a layer lists in ``binary_param_names`` is clamped: the
-    weights, and the binary linear's bias, which BinaryNet.pytorch clamps too
-    (it sets ``bias.org``) and which accounting counts as binary.
+    Every parameter a layer with ``clamp_latent`` lists in ``binary_param_names``: the weights, and
+    the binary linear's bias, which BinaryNet.pytorch clamps too (it sets ``bias.org``) and which
+    accounting counts as binary. A pruned layer keeps its latent weight as ``<name>_orig``
+    (``torch.nn.utils.prune``); frozen parameters and fp32 or quantised layers are left out.
+    Walking the modules costs more than clamping, so training lists them once
+    (:class:`bnn_adapt.training.module.Classifier`) and clamps the list with :func:`clamp_to_unit_`.
     """
+    found: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, BinaryModule) and module.clamp_latent:
             for name in module.binary_param_names:
-                # a pruned layer keeps its latent weight as ``<name>_orig``
                 p = getattr(module, f"{name}_orig", None)
                 if not isinstance(p, nn.Parameter):
                     p = getattr(module, name, None)
                 if isinstance(p, nn.Parameter) and p.requires_grad:
-                    p.clamp_(-1.0, 1.0)
+                    found[id(p)] = p
+    return list(found.values())
+
+
+@torch.no_grad()
+def clamp_to_unit_(weights: list[torch.Tensor]) -> None:
+    """Clamp every tensor of ``weights`` to [-1, 1] in place, in two multi-tensor kernels
+    (``torch._foreach_clamp_min_`` / ``_max_``, as fused optimisers do) instead of one per tensor."""
+    if weights:
+        torch._foreach_clamp_min_(weights, -1.0)
+        torch._foreach_clamp_max_(weights, 1.0)
+
+
+def clamp_latent_weights(model: nn.Module) -> None:
+    """Clamp :func:`latent_weights` of ``model`` to [-1, 1] (BinaryNet)."""
+    clamp_to_unit_(latent_weights(model))
 
 
 class ScaledBinaryConv2d(nn.Module, BinaryModule):

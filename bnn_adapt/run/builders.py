@@ -131,6 +131,26 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+TRAINER_OPTIONS = ("compile", "channels_last")  # keys of the trainer group that are ours, not Lightning's
+
+
+def compile_model(model, option) -> None:
+    """``trainer.compile``: false, true (``torch.compile``'s default backend, inductor) or a backend name.
+
+    ``nn.Module.compile`` compiles in place: the module tree, its state-dict keys and
+    the adapter file stay what they were. Compiling happens at the first batch.
+    """
+    if option is False or option is None:
+        return
+    import torch._dynamo  # noqa: PLC0415
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if option is not True and option not in backends:
+        raise ConfigError(f"trainer.compile={option!r} is not a torch.compile backend; use true, false or one of "
+                          f"{', '.join(backends)}")  # fmt: skip
+    model.compile(**({} if option is True else {"backend": option}))
+
+
 def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, RunStats]:
     """Lightning's trainer from ``cfg.trainer``, with the configured callbacks and loggers.
 
@@ -142,8 +162,12 @@ def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, Run
     if cfg.trainer.get("enable_model_summary", True):
         callbacks.append(MacSummary(cfg.data.image_size))
     loggers = build_loggers(cfg)
+    arguments = copy.deepcopy(cfg.trainer)
+    with open_dict(arguments):
+        for key in TRAINER_OPTIONS:
+            arguments.pop(key, None)
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_model_summary=False)
+        trainer = instantiate(arguments, callbacks=callbacks, logger=loggers, enable_model_summary=False)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, MisconfigurationException):  # e.g. accelerator=gpu on a machine without one

@@ -59,6 +59,8 @@ ADDED_SINCE_V1: dict[str, object] = {
     "data.on_device": "auto",
     "data.val_fraction": 0.0,
     "trainer.sync_batchnorm": False,  # trainer=ddp's own key since issue #21 (Lightning's default)
+    "trainer.compile": False,  # torch.compile (issue #24)
+    "trainer.channels_last": False,
 }
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages

@@ -103,6 +103,10 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None,
     after every epoch had run (the numbers stand; :func:`after_training` records it)."""
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
+    if cfg.trainer.get("channels_last", False):  # convolutions then run NHWC whatever the images' layout
+        model.to(memory_format=torch.channels_last)
+    compiled = cfg.trainer.get("compile", False)
+    builders.compile_model(model, compiled)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
     callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks, resume.RNGState()]
     if any(name != "csv" for name in tracking.logger_configs(cfg)):  # trackers get the config and the counts
@@ -119,6 +123,13 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None,
     fit_error = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if resuming else None)
+    except torch._dynamo.exc.TorchDynamoException as exc:  # a failed torch.compile: say which key, not its traceback
+        if not compiled:
+            raise
+        cause = getattr(exc, "inner_exception", None) or exc  # what the backend raised
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise ConfigError(f"trainer.compile={compiled}: torch.compile failed ({type(cause).__name__}: {first}); "
+                          "set trainer.compile=false, or try trainer.compile=aot_eager") from exc  # fmt: skip
     except Exception as exc:
         if not stats.training_ended:
             raise

@@ -21,9 +21,14 @@ base, before any model is built).
   allocator setting: ``cache_build_s_per_image``, ``cache_bytes_per_image`` (per
   view) and ``amortized_speedup`` ("views x epochs" -> ratio against finetuning).
 
-It writes ``benchmarks/results.json`` (one record per case),
-``benchmarks/results.md`` and ``benchmarks/machine.json``, and with ``--readme``
-puts the report into the README (:mod:`bnn_adapt.tools.bench_report`).
+* Epoch records (:mod:`~bnn_adapt.tools.bench_epoch`): training images per second of a whole
+  epoch as ``python -m bnn_adapt`` runs it (loader, steps, logging, validation) for finetune /
+  serial / udta / udta + tap cache, against a bare PyTorch loop doing the same work on the
+  same model and loaders (``framework_vs_bare``); a tiny width on CPU, the thesis's on GPU.
+
+It writes ``benchmarks/results.json`` (one record per case), ``benchmarks/epochs.json``
+(one per epoch case), ``benchmarks/results.md`` and ``benchmarks/machine.json``, and with
+``--readme`` puts the report into the README (:mod:`bnn_adapt.tools.bench_report`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pathlib import Path
 import torch
 
 from bnn_adapt.files import atomic_output
+from bnn_adapt.tools.bench_epoch import EPOCH_SETUPS, EpochSetup, epoch_records
 from bnn_adapt.tools.bench_cases import (
     FULL_SETUPS,
     TINY_SETUPS,
@@ -61,6 +67,7 @@ from bnn_adapt.tools.bench_report import README_END, README_START, commit, machi
 from bnn_adapt.training import allocator
 
 AMORTIZED = ((1, 10), (1, 75), (4, 10), (4, 75))  # (views, epochs) of the tap cache's amortised speed-up
+SECTIONS = ("steps", "epochs")  # step cases (time, memory) and whole-epoch records
 
 
 def time_cases(cases: list[Case], device: torch.device, warmup: int, rounds: int, steps_per_round: int) -> None:
@@ -98,6 +105,8 @@ class Options:
     steps_per_round: int
     memory_steps: int
     peak_repeats: int
+    sections: tuple[str, ...] = SECTIONS
+    epoch_setup: EpochSetup | None = None
 
 
 def cases_for(setup: ModelSetup, strategies: list[str]) -> list[Case]:
@@ -200,6 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--readme", default=None, help="README to update between the bench markers")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--only", choices=SECTIONS, default=None,
+                        help="only the step cases (time, memory) or only the whole-epoch records")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -213,7 +224,7 @@ def _choose(given: str | None, known: list[str], flag: str) -> list[str] | None:
     return wanted
 
 
-def options_from(args: argparse.Namespace) -> Options:
+def options_from(args: argparse.Namespace, device: torch.device) -> Options:
     setups = TINY_SETUPS if args.tiny else FULL_SETUPS
     models = _choose(args.models, [s.name for s in setups], "--models")
     if models:
@@ -221,8 +232,10 @@ def options_from(args: argparse.Namespace) -> Options:
     strategies = _choose(args.strategies, [*adapter_names(), "pretrain"], "--strategies")
     if args.peak_repeats < 0:
         raise SystemExit(f"error: --peak-repeats {args.peak_repeats} is negative; use 0 to skip peak memory")
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
     common = {"setups": setups, "strategies": tuple(strategies) if strategies else None,
-              "peak_repeats": args.peak_repeats}  # fmt: skip
+              "peak_repeats": args.peak_repeats, "sections": (args.only,) if args.only else SECTIONS,
+              "epoch_setup": EPOCH_SETUPS[("cuda" if device.type == "cuda" else "cpu", size)]}  # fmt: skip
     if args.quick or args.tiny:
         return Options(**common, warmup=1, rounds=2 if args.tiny else 3, steps_per_round=1, memory_steps=1)
     return Options(**common, warmup=2, rounds=5, steps_per_round=2, memory_steps=2)
@@ -234,10 +247,13 @@ def _device(name: str) -> torch.device:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.readme and args.only:
+        raise SystemExit(f"error: --readme with --only {args.only} would drop the other section from the README; "
+                         "run both sections to update it")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = options_from(args)
     device = _device(args.device)
+    options = options_from(args, device)
     given = sys.argv[1:] if argv is None else argv
     meta = {
         "command": " ".join(["python -m bnn_adapt.tools.bench", *given]),
@@ -248,19 +264,27 @@ def main(argv=None) -> list[dict]:
         "options": {k: v for k, v in asdict(options).items() if k != "setups"},
     }
     started = time.perf_counter()
-    records = []
-    for setup in options.setups:
-        print(f"{setup.name}: width {setup.width}, {setup.image_size}x{setup.image_size}, batch {setup.batch_size}")
-        records += run_setup(setup, options, device)
+    records, epochs = [], []
+    if "steps" in options.sections:
+        for setup in options.setups:
+            print(f"{setup.name}: width {setup.width}, {setup.image_size}x{setup.image_size}, batch {setup.batch_size}")
+            records += run_setup(setup, options, device)
+    if "epochs" in options.sections:
+        e = options.epoch_setup
+        print(f"epochs: ste_resnet_cifar width {e.width}, {e.train_per_class} + {e.eval_per_class} images per class, "
+              f"batch {e.batch_size}, {e.rounds} rounds x {e.epochs} epochs")  # fmt: skip
+        allocator.keep_freed_memory()  # as in training (python -m bnn_adapt)
+        epochs = epoch_records(e, device)
     meta["elapsed_s"] = time.perf_counter() - started
     with contextlib.suppress(OSError):
         meta["load_average_end"] = list(os.getloadavg())
-    for r in records:
+    for r in records + epochs:
         r["device"] = meta["device"]
-    text = report(records, meta)
+    text = report(records, meta, epochs)
     out = Path(args.out)
-    for name, content in (("results.json", json.dumps(records, indent=1)), ("results.md", text),
-                          ("machine.json", json.dumps(meta, indent=1))):  # fmt: skip
+    files = {"results.json": records, "epochs.json": epochs}
+    written = {name: json.dumps(found, indent=1) for name, found in files.items() if found}
+    for name, content in (*written.items(), ("results.md", text), ("machine.json", json.dumps(meta, indent=1))):
         with atomic_output(out / name) as tmp:
             tmp.write_text(content + "\n")
     print(text)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_adapt.nn.layers import clamp_latent_weights
+from bnn_adapt.nn.layers import clamp_to_unit_, latent_weights
 from bnn_adapt.run.config import CONF_DIR, compose
 from bnn_adapt.training.lean import set_memory_mode
 
@@ -51,6 +51,7 @@ class Case:
     model: nn.Module | None = field(default=None, repr=False)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
     inputs: object = field(default=None, repr=False)
+    latent: list = field(default_factory=list, repr=False)  # what the step clamps, listed once as training does
     times: list[float] = field(default_factory=list, repr=False)
     build_times: list[float] = field(default_factory=list, repr=False)
     record: dict = field(default_factory=dict, repr=False)
@@ -118,10 +119,12 @@ def prepare(case: Case, base: nn.Module, device: torch.device) -> None:
             inputs = tuple(t.clone() for t in model.frozen_features(images))
     case.model, case.inputs = model, (inputs, labels)
     case.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    case.latent = latent_weights(model)
 
 
 def release(case: Case) -> None:
     case.model = case.optimizer = case.inputs = None
+    case.latent = []
 
 
 def train_step(case: Case) -> None:
@@ -130,7 +133,7 @@ def train_step(case: Case) -> None:
     loss = F.cross_entropy(case.model(inputs), labels)
     loss.backward()
     case.optimizer.step()
-    clamp_latent_weights(case.model)
+    clamp_to_unit_(case.latent)
 
 
 class _Images(torch.utils.data.Dataset):

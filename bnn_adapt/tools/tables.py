@@ -10,6 +10,7 @@ appear, marked. Each file states the settings its runs used.
     python -m bnn_adapt.tools.tables --profile full --out results 6.5 fashion     # some tables
     python -m bnn_adapt.tools.tables --run --profile smoke 6.5                    # run its sweeps first (make table)
     python -m bnn_adapt.tools.tables --list                                      # table ids and their sweeps
+    python -m bnn_adapt.tools.tables --plan --profile full                       # what a reproduction runs, how long
 
 Writes ``table_<id>.md`` and ``.csv`` per table, per-table figures (test accuracy
 per epoch, training loss) and ``accuracy_vs_weights.png`` (top-1 against the
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 from bnn_adapt.tools.claims import check_claims, claims_markdown
 from bnn_adapt.tools.columns import Column, Reference, comparison_columns, get, our_columns, unknown_column
 from bnn_adapt.tools.figures import plot_accuracy_vs_weights, plot_curves
+from bnn_adapt.tools.plan import describe, plan_tables
 from bnn_adapt.tools.table_runs import STALE, TABLES, THESIS_TABLES, Row, Table, run_sweeps, table_rows
 
 # ----------------------------------------------------------------------------- columns
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the tables and their sweeps")
     parser.add_argument("--run", action="store_true",
                         help="first run each table's sweeps (bases it needs first; finished runs are skipped)")  # fmt: skip
+    parser.add_argument("--plan", action="store_true",
+                        help="print every run the tables need, which are complete and the estimated time of the "
+                             "rest (bnn_adapt.tools.plan); runs and renders nothing")  # fmt: skip
     args = parser.parse_args(argv)
     if args.protocol != "thesis":  # the table sweeps' default protocol names no directory
         args.override.append(f"protocol={args.protocol}")
@@ -298,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown table {', '.join(unknown)}; choose from {', '.join(TABLES)}", file=sys.stderr)
         return 2
+    if args.plan:
+        print(describe(plan_tables(ids, args.profile, args.override), args.profile))
+        return 0
     if args.run:
         done: set[str] = set()
         for table_id in ids:
