@@ -197,7 +197,9 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, f
     marks = []
     for epoch in range(cfg.trainer.max_epochs):
         marks.append(clock(device))
-        train.sampler.set_epoch(epoch)
+        for sampler in (train.sampler, getattr(train.batch_sampler, "sampler", None)):  # as Lightning sets it
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
         model.train()
         train_loss = torch.zeros((), device=device)
         for batch in train:
