@@ -39,6 +39,8 @@ ADDED_SINCE_V1: dict[str, object] = {
     # weights below 32 bits (issue #13); hashed unresolved, so the strategy's own key is the interpolation
     "adapter.bits": 32,
     "adapter.model.bits": "${adapter.bits}",
+    # precise BN (issue #22) off: what every base computed before it (on by default for the STE base)
+    "base.precise_bn": {"enabled": False, "batches": 100, "every_epoch": False},
 }
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages

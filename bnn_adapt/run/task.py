@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from bnn_adapt.training import tap_cache
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 from bnn_adapt.training.lean import set_memory_mode
 from bnn_adapt.training.module import Classifier
+from bnn_adapt.training.precise_bn import PreciseBN, final_top1, recalibrate
 
 
 def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
@@ -66,8 +68,10 @@ def run_summary(cfg: DictConfig) -> dict:
     return summary
 
 
-def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=()) -> dict:
-    """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint."""
+def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=(), before_fit=None) -> dict:
+    """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint.
+
+    ``before_fit(device)``: called with the device the trainer will train on, before it starts."""
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     set_memory_mode(model, cfg.memory)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
@@ -77,6 +81,8 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
             counts = configured_counts(cfg)[1]
         callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, counts)))
     trainer, stats = builders.make_trainer(cfg, callbacks)
+    if before_fit is not None:
+        before_fit(trainer.strategy.root_device)
     out = Path(cfg.paths.output_dir)
     checkpoint = out / resume.CHECKPOINT
     resuming = bool(cfg.get("resume")) and resume.unfinished(out, config_hash(cfg))
@@ -134,8 +140,15 @@ def run_pretrain(cfg: DictConfig) -> dict:
         )
     meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
             "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
-    best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta)  # the epoch the thesis adapted (base.epoch=best)
-    result = fit(cfg, base, datamodule.num_classes, datamodule, callbacks=[best])
+    settings = cfg.base.get("precise_bn") or {}
+    precise = PreciseBN(settings.batches, settings.every_epoch) if settings.get("enabled") else None
+    best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta, precise=precise)  # the thesis adapted it
+    result = fit(cfg, base, datamodule.num_classes, datamodule, callbacks=[best, *([precise] if precise else [])])
+    if precise is not None:  # the base is saved with the re-estimated statistics: their top-1 is the headline
+        result.update(final_top1(result["history"], precise.every_epoch))
+        result["best_epoch_top1_precise_bn"] = best.top1_precise_bn
+        if result["test_top1_precise_bn"] is not None:
+            result["test_top1"] = result["test_top1_precise_bn"]
     save_base(base, cfg.base.save_to, **meta, top1=result.get("test_top1"), epoch=result.get("epochs_run", 0) - 1)
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
     summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
@@ -163,11 +176,15 @@ def run_adapt(cfg: DictConfig) -> dict:
     model = builders.build_adapted(cfg, base, datamodule.num_classes)
     plan = builders.pruning_plan(cfg)
     training_data = datamodule
+    before_fit = None
+    if cfg.base.bn == "recalibrate":  # AdaBN, before a tap cache reads the base
+        batches = OmegaConf.select(cfg, "base.precise_bn.batches", default=PreciseBN().batches)
+        before_fit = functools.partial(recalibrate, model, datamodule, batches)
     if cfg.tap_cache.enabled:
         training_data = tap_cache.TapCacheDataModule(datamodule, model, cfg.tap_cache.views, cfg.tap_cache.max_gb)
     elif cfg.tap_cache.views > 1:
         print(f"note: tap_cache.views={cfg.tap_cache.views} has no effect without tap_cache.enabled=true", file=sys.stderr)
-    result = fit(cfg, model, datamodule.num_classes, training_data, plan)
+    result = fit(cfg, model, datamodule.num_classes, training_data, plan, before_fit=before_fit)
     export_adapter(model, Path(cfg.paths.output_dir) / ADAPTER_FILE, reference_base=builders.load_trained_base(cfg),
                    class_names=datamodule.class_names, preprocess=builders.preprocessing(datamodule),
                    source={"run_dir": str(cfg.paths.output_dir), "config_hash": config_hash(cfg)})  # fmt: skip
