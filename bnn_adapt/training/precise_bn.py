@@ -38,6 +38,7 @@ BatchNorm = nn.modules.batchnorm._BatchNorm
 #: per-epoch keys beside ``val/acc``: the accuracy with the statistics that epoch's validation did not use
 PRECISE_KEY = "val/acc_precise_bn"
 AVERAGED_KEY = "val/acc_averaged_bn"
+SEED = 0  # of the augmentations and order a pass draws
 
 
 def batch_norms(model: nn.Module) -> list[BatchNorm]:
@@ -117,10 +118,9 @@ def top1(model: nn.Module, batches: Iterable) -> float:
     finally:
         for m, mode in modes.items():
             m.training = mode
+    if accuracy is None:
+        raise ValueError("top1 got no batches to evaluate")
     return float(accuracy.compute())
-
-
-SEED = 0  # of the augmentations and order a pass draws
 
 
 @contextlib.contextmanager
