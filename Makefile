@@ -70,6 +70,7 @@ export OMP_NUM_THREADS ?= 1   # tiny models: one torch thread per process is ste
 endif
 DATA_smoke := smoke-data
 DATA_fashion := $(if $(filter full,$(PROFILE)),fashion-data)
+DATA_fashion_bn := $(DATA_fashion)
 TABLES = $(PY) -m bnn_adapt.tools.tables --profile $(PROFILE) --protocol $(PROTOCOL) --out $(RESULTS) $(foreach a,$(ARGS),--override $(a))
 
 reproduce-tables: install $(if $(PLAN),,$(DATA_$(PROFILE)))

@@ -45,6 +45,7 @@ TINY_OVERRIDES = (
     "trainer.accelerator=cpu",
     "trainer.devices=1",
     "trainer.log_every_n_steps=1",
+    "base.precise_bn.batches=5",
 )
 # generated datasets: images per class (CIFAR-10: 5 target classes x 16 = 80 = 5 batches of 16)
 CIFAR_PER_CLASS = 16

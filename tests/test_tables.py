@@ -64,7 +64,7 @@ def markdown_rows(path: Path) -> list[list[str]]:
 # ------------------------------------------------------------------ the sweeps express the thesis rows
 
 
-@pytest.mark.parametrize("table_id", [*THESIS_ROWS, "fashion", "fashion_bits"])
+@pytest.mark.parametrize("table_id", [*THESIS_ROWS, "fashion", "fashion_bits", "fashion_bn"])
 def test_each_table_sweep_expands_to_exactly_its_rows(table_id, tmp_path, monkeypatch):
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path))
     rows = tables.table_rows(tables.TABLES[table_id], "smoke")
@@ -76,6 +76,11 @@ def test_each_table_sweep_expands_to_exactly_its_rows(table_id, tmp_path, monkey
         assert all(len(row.jobs) == 3 for row in rows)  # 3 seeds each
         widths = ("", " 8-bit", " 4-bit", " 2-bit", " 1-bit")
         assert labels == [f"{a}{w}" for a in ("serial stages 1,2,3 g=1", "udta head=concat g=1") for w in widths]
+    elif table_id == "fashion_bn":  # each frozen-base strategy under the three base.bn modes, side by side
+        assert all(len(row.jobs) == 3 for row in rows) and len(rows) == 12
+        assert labels[:3] == [f"head only base.bn={mode}" for mode in ("frozen", "recalibrate", "adapt")]
+        assert all(row.jobs[0].cfg.base.bn == row.label.rpartition("=")[2] for row in rows)
+        assert all(row.jobs[0].cfg.base.epoch == "last" for row in rows)
     else:
         assert labels == THESIS_ROWS[table_id]
     run_dirs = [job.run_dir for row in rows for job in row.jobs]

@@ -2,9 +2,9 @@
 
 What goes in: the adapter's and the head's tensors, and ``base.*``: base
 tensors the adapted model no longer shares with the stored base (every body
-tensor for ``full_finetune``; the drifted BN statistics of a ``base.bn=adapt``
-run; nothing otherwise), applied while this adapter runs. As the model holds
-them for inference:
+tensor for ``full_finetune``; the drifted or recalibrated BN statistics of a
+``base.bn=adapt`` or ``recalibrate`` run; nothing otherwise), applied while
+this adapter runs. As the model holds them for inference:
 
 * a weight trained below 32 bits (``adapter.bits``) at that width, bit-packed,
   with its fp32 scale per output channel: the very values training computed

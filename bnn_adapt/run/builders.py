@@ -85,7 +85,7 @@ def pruning_plan(cfg: DictConfig) -> PruningPlan | None:
 
 def build_adapted(cfg: DictConfig, base: BaseNetwork, num_classes: int):
     """The configured strategy on ``base``, prepared for its pruning plan."""
-    model = instantiate(cfg.adapter.model, base=base, num_classes=num_classes, freeze_bn=cfg.base.bn == "frozen")
+    model = instantiate(cfg.adapter.model, base=base, num_classes=num_classes, freeze_bn=cfg.base.bn != "adapt")
     plan = pruning_plan(cfg)
     if plan is not None:
         plan.prepare(model)

@@ -69,7 +69,7 @@ def register_resolvers() -> None:
 register_resolvers()
 
 TASKS = ("pretrain", "adapt", "export", "predict")
-BN_MODES = ("frozen", "adapt")
+BN_MODES = ("frozen", "recalibrate", "adapt")  # base.bn: recalibrate = AdaBN, then frozen
 BASE_EPOCHS = ("last", "best")  # base.epoch: which pretraining epoch adaptation reads
 
 
@@ -219,11 +219,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is invalid: use one of {', '.join(map(str, allowed))}")
-    for key in ("trainer.max_epochs", "data.batch_size"):
-        value = OmegaConf.select(cfg, key)
+    for key in ("trainer.max_epochs", "data.batch_size", "base.precise_bn.batches"):
+        value = OmegaConf.select(cfg, key, default=1 if key.startswith("base.precise_bn") else None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key}={value!r} is invalid: it must be a positive integer")
-    for key in ("summary_only", "resume", "debug"):
+    for key in ("summary_only", "resume", "debug", "base.precise_bn.enabled", "base.precise_bn.every_epoch"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid: use true or false")

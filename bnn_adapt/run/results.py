@@ -61,6 +61,8 @@ ADDED_SINCE_V1: dict[str, object] = {
     "trainer.sync_batchnorm": False,  # trainer=ddp's own key since issue #21 (Lightning's default)
     "trainer.compile": False,  # torch.compile (issue #24)
     "trainer.channels_last": False,
+    # precise BN (issue #22) off: what every base computed before it (on by default for the STE base)
+    "base.precise_bn": {"enabled": False, "batches": 100, "every_epoch": False},
 }
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages
@@ -119,8 +121,15 @@ def _drop_neutral(data: dict) -> None:
         node = data
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+        if isinstance(node, dict) and leaf in node and (node[leaf] == neutral or _switched_off(node[leaf], neutral)):
             del node[leaf]
+
+
+def _switched_off(value, neutral) -> bool:
+    """An option block whose neutral state is ``enabled: false`` is neutral whatever else it sets
+    (the smoke profile's ``base.precise_bn.batches`` does not matter while precise BN is off)."""
+    return (isinstance(value, dict) and isinstance(neutral, dict) and neutral.get("enabled") is False
+            and value.get("enabled") is False)  # fmt: skip
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from bnn_adapt.training import tap_cache
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 from bnn_adapt.training.lean import set_memory_mode
 from bnn_adapt.training.module import Classifier
+from bnn_adapt.training.precise_bn import PreciseBN, final_top1, recalibrate
 
 
 def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
@@ -95,10 +97,11 @@ class FailedAfterTraining(RuntimeError):
         self.run_dir = run_dir
 
 
-def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None,
-        callbacks=()) -> tuple[dict, BaseException | None]:  # fmt: skip
+def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=(),
+        before_fit=None) -> tuple[dict, BaseException | None]:  # fmt: skip
     """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint.
 
+    ``before_fit(device)``: called with the device the trainer will train on, before it starts.
     Returns the measured numbers, and the error of Lightning's end-of-fit hooks if they failed
     after every epoch had run (the numbers stand; :func:`after_training` records it)."""
     scheduler = builders.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -114,6 +117,8 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None,
             counts = configured_counts(cfg)[1]
         callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, counts)))
     trainer, stats = builders.make_trainer(cfg, callbacks)
+    if before_fit is not None:
+        before_fit(trainer.strategy.root_device)
     out = Path(cfg.paths.output_dir)
     checkpoint = out / resume.CHECKPOINT
     data = dataset_identity(cfg)
@@ -201,8 +206,17 @@ def run_pretrain(cfg: DictConfig) -> dict:
         )
     meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
             "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
-    best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta)  # the epoch the thesis adapted (base.epoch=best)
-    result, fit_error = fit(cfg, base, datamodule.num_classes, datamodule, callbacks=[best])
+    settings = cfg.base.get("precise_bn") or {}
+    precise = PreciseBN(settings.batches, settings.every_epoch) if settings.get("enabled") else None
+    best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta, precise=precise)  # the thesis adapted it
+    result, fit_error = fit(cfg, base, datamodule.num_classes, datamodule,
+                            callbacks=[best, *([precise] if precise else [])])  # fmt: skip
+    if precise is not None:  # the base is saved with the re-estimated statistics: their top-1 is the headline
+        evaluated = "val" if datamodule.val_fraction else "test"  # trainer.test already ran on them
+        result.update(final_top1(result.get("history") or [], precise.every_epoch, evaluated))
+        result["best_epoch_top1_precise_bn"] = best.top1_precise_bn
+        if result[f"{evaluated}_top1_precise_bn"] is not None:
+            result[f"{evaluated}_top1"] = result[f"{evaluated}_top1_precise_bn"]
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
     summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
                "best_epoch_checkpoint": str(best.path), "best_epoch": best.epoch,
@@ -239,11 +253,15 @@ def run_adapt(cfg: DictConfig) -> dict:
     model = builders.build_adapted(cfg, base, datamodule.num_classes)
     plan = builders.pruning_plan(cfg)
     training_data = datamodule
+    before_fit = None
+    if cfg.base.bn == "recalibrate":  # AdaBN, before a tap cache reads the base
+        batches = OmegaConf.select(cfg, "base.precise_bn.batches", default=PreciseBN().batches)
+        before_fit = functools.partial(recalibrate, model.base, datamodule, batches)
     if cfg.tap_cache.enabled:
         training_data = tap_cache.TapCacheDataModule(datamodule, model, cfg.tap_cache.views, cfg.tap_cache.max_gb)
     elif cfg.tap_cache.views > 1:
         print(f"note: tap_cache.views={cfg.tap_cache.views} has no effect without tap_cache.enabled=true", file=sys.stderr)
-    result, fit_error = fit(cfg, model, datamodule.num_classes, training_data, plan)
+    result, fit_error = fit(cfg, model, datamodule.num_classes, training_data, plan, before_fit=before_fit)
     summary = accounting.summarize(model, cfg.data.image_size)
     summary["class_names"] = datamodule.class_names
     return after_training(cfg, {**result, **summary}, adapt_steps(cfg, model, datamodule), fit_error)
@@ -301,6 +319,9 @@ def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
     if cfg.task == "pretrain":
         datamodule = builders.build_datamodule(cfg, "base")
         base = resume.load_trained_weights(builders.build_base(cfg), out)
+        settings = cfg.base.get("precise_bn") or {}
+        if settings.get("enabled"):  # the checkpoint holds the averaged statistics: re-estimate, as the fit did
+            recalibrate(base, datamodule, settings.batches, torch.device("cpu"))
         meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
                 "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
         steps = pretrain_steps(cfg, base, meta, measured)

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_adapt.errors import ConfigError
+from bnn_adapt.training.precise_bn import PRECISE_KEY
 
 #: the package each tracker needs, all installed by the ``tracking`` extra
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
@@ -89,7 +90,8 @@ class TrackerRecords(L.Callback):
             tracker.log_hyperparams(self.hyperparameters)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        top1 = trainer.callback_metrics.get("val/acc")
+        metrics = trainer.callback_metrics  # with precise BN after training: the base as saved
+        top1 = metrics.get(PRECISE_KEY, metrics.get("val/acc"))
         if top1 is None:
             return
         for tracker in self.trackers(trainer):

@@ -42,6 +42,7 @@ class Table:
     #: overrides, e.g. ``row=serial_g1``) -> the thesis's row name; empty: the thesis prints no values
     thesis_rows: dict[str, str] = field(default_factory=dict)
     thesis_note: str | None = None  # where the thesis's own bookkeeping slipped (SPEC 4b), and what we do
+    label_keys: tuple[str, ...] = ()  # config keys the sweep varies beside its rows, named in each row's label
 
     @property
     def stem(self) -> str:
@@ -57,7 +58,8 @@ def find_tables(sweeps_dir: Path = SWEEPS_DIR) -> dict[str, Table]:
             meta = OmegaConf.to_container(node)
             found.append(Table(str(meta["id"]), path.stem, meta["title"], meta["kind"], tuple(meta.get("needs") or ()),
                                meta.get("speedup_reference"), bool(meta.get("seeds")), bool(meta.get("thesis", True)),
-                               dict(meta.get("thesis_rows") or {}), meta.get("thesis_note")))  # fmt: skip
+                               dict(meta.get("thesis_rows") or {}), meta.get("thesis_note"),
+                               tuple(meta.get("label_keys") or ())))  # fmt: skip
     found.sort(key=lambda t: (not t.thesis, t.id))
     return {t.id: t for t in found}
 
@@ -198,7 +200,8 @@ def row_label(table: Table, cfg: DictConfig) -> str:
         return BASE_LABELS.get(cfg.base.name, cfg.base.name)
     parts = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("adapter", "reduction")}
     label = run_label({"config": parts})
-    return {"full_finetune": "finetune", "head_only": "head only"}.get(label, label)
+    label = {"full_finetune": "finetune", "head_only": "head only"}.get(label, label)
+    return label + "".join(f" {key}={OmegaConf.select(cfg, key)}" for key in table.label_keys)
 
 
 

@@ -10,6 +10,8 @@ import time
 import lightning as L
 import torch
 
+from bnn_adapt.training.precise_bn import AVERAGED_KEY, PRECISE_KEY
+
 
 def peak_memory_bytes() -> int:
     """Peak CUDA allocation if on GPU, else peak resident set of this process."""
@@ -61,7 +63,7 @@ class RunStats(L.Callback):
         self.epoch_times.append(time.perf_counter() - self._epoch_start)
         metrics = trainer.callback_metrics
         record = {"epoch": trainer.current_epoch}
-        for key in ("val/acc", "val/loss", "train/loss_epoch", "train/acc"):
+        for key in ("val/acc", "val/loss", "train/loss_epoch", "train/acc", PRECISE_KEY, AVERAGED_KEY):
             if key in metrics:
                 record[key] = float(metrics[key])
         self.history.append(record)

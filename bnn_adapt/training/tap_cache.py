@@ -181,7 +181,7 @@ class TapCacheDataModule(L.LightningDataModule):
             strategy = getattr(model, "strategy", type(model).__name__)
             raise ConfigError(
                 f"tap_cache.enabled=true needs a strategy whose gradients never reach a frozen, eval-mode base "
-                f"(udta, head_only) and base.bn=frozen; adapter={strategy}"
+                f"(udta, head_only) and base.bn=frozen or recalibrate; adapter={strategy}"
                 + ("" if getattr(model, "freeze_bn", True) else " with base.bn=adapt")
                 + " cannot use it."
             )
