@@ -19,20 +19,22 @@ from bnn_adapt.bases import BaseNetwork, load_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.run import tracking
+from bnn_adapt.run.config import TRUSTED_TARGETS
 from bnn_adapt.run.console import MacSummary
 from bnn_adapt.training.callbacks import RunStats
 from bnn_adapt.training.pruning import PruningPlan
 
 
 def instantiate(config, *args, **kwargs):
-    """``hydra.utils.instantiate``, letting our own errors through unwrapped.
+    """``hydra.utils.instantiate`` of our configs' targets (``TRUSTED_TARGETS``, Hydra 1.4's execution
+    whitelist), letting our own errors through unwrapped.
 
     Hydra wraps whatever a ``_target_`` raises in an ``InstantiationException``;
     a :class:`UserError` (a bad ``adapter.groups``, unknown class ids, ...)
     must reach the command line as itself, to be shown as one ``error:`` line.
     """
     try:
-        return hydra_instantiate(config, *args, **kwargs)
+        return hydra_instantiate(config, *args, _execution_whitelist_=TRUSTED_TARGETS, **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__
         while isinstance(cause, InstantiationException):

@@ -26,8 +26,9 @@ def package_versions() -> dict[str, str]:
 
 
 #: keys that do not change what a run computes (``table``: a table sweep's own description;
-#: ``protocol``: the name of a protocol, whose settings are ``base.*`` keys, hashed)
-NOT_HASHED = ("paths", "resume", "debug", "table", "protocol")
+#: ``protocol``: the name of a protocol, whose settings are ``base.*`` keys, hashed; ``search``: which
+#: trial of a search a run is and how the search judges it, bnn_adapt.run.study)
+NOT_HASHED = ("paths", "resume", "debug", "table", "protocol", "search")
 #: ``logger`` entries that only mirror what a run computes (bnn_adapt.run.tracking): not hashed either
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 

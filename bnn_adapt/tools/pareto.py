@@ -29,8 +29,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bnn_adapt.errors import UserError
 from bnn_adapt.files import atomic_output
 from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc. in the configs read here
+from bnn_adapt.run import study
 from bnn_adapt.run.results import read_json_or_none
 from bnn_adapt.tools import search_trials
 from bnn_adapt.tools.report import run_label
@@ -59,10 +61,15 @@ def serial_stages(cfg: DictConfig, trial) -> None:
 
 
 def search_space(cfg: DictConfig, trial) -> None:
-    """The sweeper's hook for each new trial (``custom_search_space``): record who runs it, so that a
-    search killed meanwhile leaves no phantom RUNNING trial (:mod:`bnn_adapt.tools.search_trials`),
-    then the conditional part of the space."""
+    """The sweeper's hook for each new trial (``custom_search_space``): record who runs it and fail
+    the trials of workers killed meanwhile (:mod:`bnn_adapt.tools.search_trials`); hand the job its
+    trial's number as ``search.trial`` (a parameter of one value: the sweeper makes every parameter an
+    override of the job, which names its run directory and reports to its trial with it); then the
+    conditional part of the space."""
     search_trials.watch(trial)
+    for line in search_trials.fail_stale(trial.storage, trial.study._study_id):
+        print(f"note: marked failed, {line}", file=sys.stderr)
+    trial.suggest_int("search.trial", trial.number, trial.number)
     serial_stages(cfg, trial)
 
 
@@ -86,6 +93,8 @@ def trial_points(sweep_dir: Path) -> list[dict]:
     for path in sorted(Path(sweep_dir).glob("*/metrics.json")):
         metrics = read_json_or_none(path)
         if not metrics or metrics.get("status", "complete") != "complete" or metrics.get("test_top1") is None:
+            continue
+        if metrics.get("same_as"):  # a trial that proposed a configuration trained before: that one counts
             continue
         cfg = metrics.get("config", {})
         adapter, reduction = cfg.get("adapter", {}), cfg.get("reduction", {})
@@ -200,7 +209,7 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -225,22 +234,31 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
     comparison = {"front_vs_own_32_bit_trials": compare_fronts(front, own32)}
     if baseline is not None:
         comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline)}
-    files["comparison"].write_text(json.dumps(comparison, indent=1) + "\n")
+    with atomic_output(files["comparison"]) as tmp:  # several workers of one search may write at once
+        tmp.write_text(json.dumps(comparison, indent=1) + "\n")
     title = f"{sweep_dir.name}: {len(points)} finished trials, {len(front)} on the front"
-    plot_front(files["plot"], points, front, thesis, title, baseline)
+    with atomic_output(files["plot"]) as tmp:
+        plot_front(tmp, points, front, thesis, title, baseline)
     return files
 
 
 class ParetoFrontReport(Callback):
-    """Hydra callback of the search: makes the sweep directory before Optuna opens its SQLite
-    storage there, and writes the report when the search ends."""
+    """Hydra callback of the search: makes the sweep directory before Optuna opens its storage there,
+    checks the storage (:func:`bnn_adapt.run.study.storage_setting`), fails the trials that killed
+    workers left RUNNING, and writes the report when the search ends."""
+
+    storage: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        sweeper = config.hydra.sweeper
-        if sweeper.get("storage"):  # a stored study that this search continues
-            for line in search_trials.fail_stale_trials(str(sweeper.storage), str(sweeper.study_name)):
-                print(f"note: marked failed, {line}", file=sys.stderr)
+        try:
+            self.storage = study.storage_setting(config)
+            if self.storage:  # a stored study that this worker continues or shares
+                for line in search_trials.fail_stale_trials(self.storage, str(config.hydra.sweeper.study_name)):
+                    print(f"note: marked failed, {line}", file=sys.stderr)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         profile = OmegaConf.select(config, "profile.name", default=None)
@@ -248,8 +266,8 @@ class ParetoFrontReport(Callback):
         like = {key: OmegaConf.select(config, key) for key in ("data.name", "base.name", "base.width")}
         like["data.target_classes"] = OmegaConf.to_container(config.data, resolve=True).get("target_classes")
         files = write_report(Path(config.hydra.sweep.dir), tables_dir, like)
-        storage = config.hydra.sweeper.get("storage")
-        counts = search_trials.trial_counts(str(storage), str(config.hydra.sweeper.study_name)) if storage else {}
+        name = str(config.hydra.sweeper.study_name)
+        counts = search_trials.trial_counts(self.storage, name) if self.storage else {}
         states = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) or "not stored"
         log.info("study: %s; Pareto front of the finished trials: %s, %s", states, files["front"], files["plot"])
 
