@@ -23,6 +23,7 @@ configuration that another trial has already trained is not trained again (:func
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -68,13 +69,12 @@ def open_storage(spec: str) -> BaseStorage:
     if "://" not in spec:
         raise ConfigError(f"hydra.sweeper.storage={spec} is no Optuna storage: give a journal file (PATH{JOURNAL_SUFFIX}), "
                           f"an SQLite file (sqlite:///PATH.db) or a database URL (postgresql://USER@HOST/DB)")  # fmt: skip
-    # a trial may train for hours between two writes: a connection the server dropped meanwhile is reopened
-    engine = {} if spec.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(spec, engine_kwargs=engine)
-    except ModuleNotFoundError as exc:
-        raise UserError(f"the study storage {shown(spec)} needs the Python package for its database driver "
-                        f"({exc.name}): e.g. pip install psycopg2-binary for postgresql://") from None  # fmt: skip
+        return _rdb_storage(spec)
+    except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError as an ImportError
+        missing = getattr(exc.__cause__, "name", None) or exc.name
+        raise UserError(f"the study storage {shown(spec)} needs its database driver, the Python module {missing} "
+                        f"(postgresql://: pip install 'psycopg[binary]')") from None  # fmt: skip
     except RuntimeError as exc:
         if "storage upgrade" not in str(exc):
             raise
@@ -85,6 +85,23 @@ def open_storage(spec: str) -> BaseStorage:
     except Exception as exc:  # sqlalchemy's OperationalError and kin: the database cannot be reached
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise UserError(f"cannot open the study storage {shown(spec)}: {first}") from None
+
+
+def _rdb_storage(spec: str, attempts: int = 5) -> RDBStorage:
+    """Optuna's storage on a database. Workers that start at once on an empty database race to create
+    Optuna's tables (PostgreSQL: a duplicate key in ``pg_type``); the loser finds them made on its next try."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError  # noqa: PLC0415
+
+    # a trial may train for hours between two writes: a connection the server dropped meanwhile is reopened
+    engine = {} if spec.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(spec, engine_kwargs=engine)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def stored(spec: str) -> bool:
