@@ -69,6 +69,8 @@ def open_storage(spec: str) -> BaseStorage:
     if "://" not in spec:
         raise ConfigError(f"hydra.sweeper.storage={spec} is no Optuna storage: give a journal file (PATH{JOURNAL_SUFFIX}), "
                           f"an SQLite file (sqlite:///PATH.db) or a database URL (postgresql://USER@HOST/DB)")  # fmt: skip
+    if spec.startswith("sqlite:///"):
+        Path(spec.removeprefix("sqlite:///")).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
         return _rdb_storage(spec)
     except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError as an ImportError

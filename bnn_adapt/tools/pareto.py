@@ -248,19 +248,23 @@ class ParetoFrontReport(Callback):
     workers left RUNNING, and writes the report when the search ends."""
 
     storage: str | None = None
+    started = False  # Hydra 1.4 calls on_multirun_end also when a search stopped before its start
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         try:
             self.storage = study.storage_setting(config)
+            Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
             if self.storage:  # a stored study that this worker continues or shares
                 for line in search_trials.fail_stale_trials(self.storage, str(config.hydra.sweeper.study_name)):
                     print(f"note: marked failed, {line}", file=sys.stderr)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        self.started = True
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.started:
+            return
         profile = OmegaConf.select(config, "profile.name", default=None)
         tables_dir = Path(config.paths.log_dir) / "tables" / profile if profile else None
         like = {key: OmegaConf.select(config, key) for key in ("data.name", "base.name", "base.width")}
