@@ -33,7 +33,7 @@ def _binaries() -> Path | None:
 def _install() -> str | None:
     """Install Debian's postgresql as root; returns why it could not (None: installed)."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "PostgreSQL is not installed (apt-get install postgresql), and the tests do not run as root to install it"
+        return "PostgreSQL is not installed (apt-get install postgresql), and the tests are not root to install it"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "install", "-y", "-q", "postgresql"], ["apt-get", "update", "-q"],
                     ["apt-get", "install", "-y", "-q", "postgresql"]):  # fmt: skip
@@ -59,14 +59,18 @@ def postgres_server() -> Iterator[str]:
     if bin_dir is None:
         pytest.skip("PostgreSQL was installed but its initdb and pg_ctl are not found")
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="bnn_adapt_postgres_"))  # under /tmp: the postgres user can reach it
+    # a folder the postgres user can reach (pytest's own are private to this user)
+    root = Path(tempfile.mkdtemp(prefix="bnn_adapt_postgres_", dir="/tmp" if as_postgres else None))
     if as_postgres:
         shutil.chown(root, "postgres")
     data, port = root / "data", _free_port()
-    run = lambda *args: subprocess.run([*as_postgres, *map(str, args)], capture_output=True, text=True, timeout=120)  # noqa: E731
+
+    def run(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_postgres, *map(str, args)], capture_output=True, text=True, timeout=120)
+
     made = run(bin_dir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
     if made.returncode != 0:
-        pytest.skip(f"initdb failed: {made.stderr.strip()[-300:]}")
+        pytest.fail(f"initdb failed: {made.stderr.strip()[-300:]}")
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=100"
     started = run(bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", root / "server.log", "-w", "start")
     if started.returncode != 0:

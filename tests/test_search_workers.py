@@ -81,7 +81,8 @@ def test_a_search_is_a_multirun_without_the_flag():
         "--multirun", "hparams_search=size_vs_accuracy", "a=1"]  # fmt: skip
     assert search_as_multirun(["-m", "hparams_search=x"]) == ["-m", "hparams_search=x"]
     assert search_as_multirun(["hparams_search=x", "--cfg", "job"]) == ["hparams_search=x", "--cfg", "job"]
-    assert search_as_multirun(["a=1"]) == ["a=1"] and search_as_multirun(["hparams_search=null"]) == ["hparams_search=null"]
+    assert search_as_multirun(["a=1"]) == ["a=1"]
+    assert search_as_multirun(["hparams_search=null"]) == ["hparams_search=null"]
 
 
 def test_the_storage_is_set_through_search_storage_in_one_line(tmp_path):
@@ -202,7 +203,8 @@ def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgr
 
 def test_a_configuration_proposed_again_is_not_trained_again(tmp_path):
     # every searched key fixed on the command line: the sampler can only propose this configuration
-    one_point = ["adapter=udta", "adapter.groups=channels", "reduction=prune", "reduction.rate=0.5", "adapter.bits=8", "adapter.lr=0.001"]
+    one_point = ["adapter=udta", "adapter.groups=channels", "reduction=prune", "reduction.rate=0.5", "adapter.bits=8",
+                 "adapter.lr=0.001"]  # fmt: skip
     result = run_module(tmp_path, "bnn_adapt", *SEARCH, *one_point, "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}").trials
@@ -241,7 +243,7 @@ def test_the_pruner_judges_a_trial_among_the_trials_no_larger_than_it(tmp_path):
     # nothing is smaller: on the front whatever its accuracy (Optuna's median over every trial would prune it)
     assert not should_prune(median, storage, s._study_id, *ids["small and behind"])
     halving = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    assert should_prune(halving, storage, s._study_id, *ids["large and behind"])  # not in the best third of 0.3, 0.6, 0.7
+    assert should_prune(halving, storage, s._study_id, *ids["large and behind"])  # not the best third of .3, .6, .7
     assert not should_prune(halving, storage, s._study_id, *ids["small and behind"])  # alone at its size
     rungs = storage.get_trial(ids["large and behind"][0]).system_attrs
     assert rungs.get("completed_rung_0") == 0.3  # what successive halving records is kept in the study

@@ -121,7 +121,8 @@ def rename_deprecated_overrides(args: Sequence[str]) -> list[str]:
     return renamed
 
 
-#: what our configs' ``_target_``s may name (Hydra 1.4's execution whitelist: hydra.cc/docs/advanced/execution_whitelist)
+#: what our configs' ``_target_``s may name (Hydra 1.4's execution whitelist,
+#: hydra.cc/docs/advanced/execution_whitelist)
 TRUSTED_TARGETS = ("bnn_adapt.*", "lightning.*", "torch.optim.*", "optuna.pruners.*")
 
 #: Hydra's command-line flags that choose what to do (run, show the config, help, ...)

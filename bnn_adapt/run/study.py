@@ -67,8 +67,8 @@ def open_storage(spec: str) -> BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in spec:
-        raise ConfigError(f"hydra.sweeper.storage={spec} is no Optuna storage: give a journal file (PATH{JOURNAL_SUFFIX}), "
-                          f"an SQLite file (sqlite:///PATH.db) or a database URL (postgresql://USER@HOST/DB)")  # fmt: skip
+        raise ConfigError(f"search.storage={spec} is no Optuna storage: give a journal file (PATH{JOURNAL_SUFFIX}), "
+                          "an SQLite file (sqlite:///PATH.db) or a database URL (postgresql://USER@HOST/DB)")
     if spec.startswith("sqlite:///"):
         Path(spec.removeprefix("sqlite:///")).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
