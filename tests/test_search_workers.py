@@ -263,3 +263,16 @@ def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
     assert search_trials.trial_counts(spec, "size_vs_accuracy") == {"PRUNED": 2}
     assert "study: 2 pruned" in result.stdout + result.stderr
     assert len((tmp_path / SWEEP / "trials.csv").read_text().splitlines()) <= 1  # no finished trial
+
+
+def test_a_front_reaches_the_points_it_equals_and_the_epochs_of_a_search_are_counted(tmp_path):
+    from bnn_adapt.files import write_json  # noqa: PLC0415
+    from bnn_adapt.tools.pareto import compare_fronts, epochs_trained  # noqa: PLC0415
+
+    found = compare_fronts([{"size_pct": 2.0, "test_top1": 0.7}], [{"size_pct": 2.0, "test_top1": 0.7}], limit=100)
+    assert found["baseline_points_reached"] == 1 and found["baseline_points_dominated"] == 0
+    for name, metrics in {"trial_0": {"status": "complete", "epochs_run": 6},
+                          "trial_1": {"status": "pruned", "epochs_run": 1},
+                          "trial_2": {"status": "complete", "epochs_run": 6, "same_as": "trial_0"}}.items():  # fmt: skip
+        write_json(tmp_path / name / "metrics.json", metrics)
+    assert epochs_trained(tmp_path) == 7

@@ -12,6 +12,7 @@ exist).
 
     python -m bnn_adapt.tools.pareto SWEEP_DIR                       # the same report again
     python -m bnn_adapt.tools.pareto SWEEP_DIR --baseline OTHER_DIR  # + compare with another search's front
+    python -m bnn_adapt.tools.pareto SWEEP_DIR --baseline OTHER_DIR --limit 100   # below 100 % of the base
 """
 
 from __future__ import annotations
@@ -159,12 +160,21 @@ def dominates(a: dict, b: dict) -> bool:
 
 def compare_fronts(front: list[dict], baseline: list[dict], limit: float = SMALL) -> dict:
     """How ``front`` stands against ``baseline`` below ``limit`` % of the base: the baseline points it
-    dominates, and both hypervolumes."""
+    dominates, those it reaches (a point of ``front`` at least as good on both objectives), and both
+    hypervolumes."""
     small = [p for p in baseline if p["size_pct"] < limit]
     beaten = [p for p in small if any(dominates(q, p) for q in front)]
+    reached = [p for p in small if any(q["test_top1"] >= p["test_top1"] and q["size_pct"] <= p["size_pct"]
+                                       for q in front)]  # fmt: skip
     return {"limit_pct": limit, "baseline_points": len(small), "baseline_points_dominated": len(beaten),
-            "dominates": bool(small) and len(beaten) == len(small),
+            "baseline_points_reached": len(reached), "dominates": bool(small) and len(beaten) == len(small),
             "hypervolume": hypervolume(front, limit), "baseline_hypervolume": hypervolume(baseline, limit)}  # fmt: skip
+
+
+def epochs_trained(sweep_dir: Path) -> int:
+    """Epochs a search trained, over its trials (pruned ones included; a reused configuration trained none)."""
+    runs = (read_json_or_none(path) or {} for path in Path(sweep_dir).glob("*/metrics.json"))
+    return sum(int(m.get("epochs_run") or 0) for m in runs if not m.get("same_as"))
 
 
 def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[dict], title: str,
@@ -214,10 +224,11 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
 
 
 def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | None = None,
-                 baseline_dir: Path | None = None) -> dict[str, Path]:  # fmt: skip
+                 baseline_dir: Path | None = None, limit: float = SMALL) -> dict[str, Path]:  # fmt: skip
     """trials.csv, pareto_front.csv, pareto_front.png and comparison.json in ``sweep_dir``, of finished trials
     only (a trial directory with complete results; a killed or failed trial has none): the front against the
-    front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below 5 % of the base."""
+    front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below ``limit`` % of the
+    base; and the epochs each search trained."""
     sweep_dir = Path(sweep_dir)
     points = trial_points(sweep_dir)
     front = pareto_front(points)
@@ -231,9 +242,11 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
     write_points(files["trials"], points)
     write_points(files["front"], front)
     own32 = pareto_front([p for p in points if p["bits"] == 32])
-    comparison = {"front_vs_own_32_bit_trials": compare_fronts(front, own32)}
+    comparison = {"epochs_trained": epochs_trained(sweep_dir),
+                  "front_vs_own_32_bit_trials": compare_fronts(front, own32, limit)}  # fmt: skip
     if baseline is not None:
-        comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline)}
+        comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline, limit),
+                                           "baseline_epochs_trained": epochs_trained(baseline_dir)}  # fmt: skip
     with atomic_output(files["comparison"]) as tmp:  # several workers of one search may write at once
         tmp.write_text(json.dumps(comparison, indent=1) + "\n")
     title = f"{sweep_dir.name}: {len(points)} finished trials, {len(front)} on the front"
@@ -280,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.pareto", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a search's sweep directory (its trials' run directories inside)")
     parser.add_argument("--baseline", help="another search's sweep directory (e.g. 32-bit only) to compare with")
+    parser.add_argument("--limit", type=float, default=SMALL, help="compare the fronts below this size %% of the base")
     args = parser.parse_args(argv)
-    files = write_report(Path(args.sweep_dir), baseline_dir=Path(args.baseline) if args.baseline else None)
+    files = write_report(Path(args.sweep_dir), baseline_dir=Path(args.baseline) if args.baseline else None,
+                         limit=args.limit)  # fmt: skip
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     print(files["comparison"].read_text())
     return 0
