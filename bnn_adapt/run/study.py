@@ -31,7 +31,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from bnn_adapt.errors import ConfigError, UserError
-from bnn_adapt.files import read_json_or_none, write_json
+from bnn_adapt.files import write_json
 from bnn_adapt.run.results import completed_metrics
 
 JOURNAL_SUFFIX = ".log"
@@ -157,10 +157,8 @@ def finished_twin(cfg: DictConfig, cfg_hash: str, base_sha256: str | None) -> di
         return None
     out = Path(cfg.paths.output_dir)
     for path in sorted(out.parent.glob("*/metrics.json")):
-        if path.parent == out or (read_json_or_none(path) or {}).get("same_as"):
-            continue
-        done = completed_metrics(path.parent, cfg_hash, base_sha256)
-        if done is None:
+        done = completed_metrics(path.parent, cfg_hash, base_sha256) if path.parent != out else None
+        if done is None or done.get("same_as"):  # a copy points to the run that trained
             continue
         storage, _, trial_id = trial_ids(cfg)
         for k, epoch in enumerate(done.get("history") or [], start=1):
