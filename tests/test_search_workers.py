@@ -250,16 +250,18 @@ def test_the_pruner_judges_a_trial_among_the_trials_no_larger_than_it(tmp_path):
 
 
 def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
+    """The search prunes weights at the end of epoch 1 of 3 (reduction=prune, at max_epochs // 2): a trial
+    is judged from epoch 2 on, the first whose top-1 is of its pruned weights, and stops after it."""
     never_good_enough = "+search.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"  # top-1 never exceeds 1
     result = run_module(tmp_path, "bnn_adapt", *SEARCH, never_good_enough, "trainer.max_epochs=3",
                         "hydra.sweeper.n_trials=2")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("pruned after epoch 1") == 2, result.stdout[-3000:]
+    assert result.stdout.count("pruned after epoch 2") == 2, result.stdout[-3000:]
     spec = f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}"
     for t in load(spec).trials:  # the sweeper tells Optuna COMPLETE or FAIL only: FAIL, with the epoch recorded
-        assert t.state == TrialState.FAIL and t.system_attrs[PRUNED_ATTR] == 1 and list(t.intermediate_values) == [1]
+        assert t.state == TrialState.FAIL and t.system_attrs[PRUNED_ATTR] == 2 and list(t.intermediate_values) == [1, 2]
         metrics = json.loads((tmp_path / SWEEP / f"trial_{t.number}" / "metrics.json").read_text())
-        assert metrics["status"] == "pruned" and metrics["pruned_after_epoch"] == 1 and metrics["epochs_run"] == 1
+        assert metrics["status"] == "pruned" and metrics["pruned_after_epoch"] == 2 and metrics["epochs_run"] == 2
     assert search_trials.trial_counts(spec, "size_vs_accuracy") == {"PRUNED": 2}
     assert "study: 2 pruned" in result.stdout + result.stderr
     assert len((tmp_path / SWEEP / "trials.csv").read_text().splitlines()) <= 1  # no finished trial
