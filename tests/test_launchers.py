@@ -26,7 +26,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 

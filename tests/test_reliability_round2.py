@@ -269,7 +269,7 @@ def test_stale_running_trials_are_failed_and_live_ones_kept(tmp_path):
     for name, attrs in states.items():
         trial = study.ask()
         for key, value in attrs.items():
-            trial.set_system_attr(key, value)
+            trial.storage.set_trial_system_attr(trial._trial_id, key, value)  # optuna 5: no Trial.set_system_attr
         trials[name] = trial.number
     done = study.ask()
     study.tell(done, [0.5, 3.0])

@@ -10,7 +10,6 @@ import copy
 from pathlib import Path
 
 import lightning as L
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -18,29 +17,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bnn_adapt.bases import BaseNetwork, load_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
-from bnn_adapt.errors import ConfigError, UserError
+from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import tracking
+from bnn_adapt.run.config import TRUSTED_TARGETS
 from bnn_adapt.run.console import MacSummary
 from bnn_adapt.training.callbacks import RunStats
 from bnn_adapt.training.pruning import PruningPlan
 
 
 def instantiate(config, *args, **kwargs):
-    """``hydra.utils.instantiate``, letting our own errors through unwrapped.
-
-    Hydra wraps whatever a ``_target_`` raises in an ``InstantiationException``;
-    a :class:`UserError` (a bad ``adapter.groups``, unknown class ids, ...)
-    must reach the command line as itself, to be shown as one ``error:`` line.
-    """
-    try:
-        return hydra_instantiate(config, *args, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        while isinstance(cause, InstantiationException):
-            cause = cause.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise
+    """``hydra.utils.instantiate`` of our configs' targets (``TRUSTED_TARGETS``, Hydra 1.4's execution
+    whitelist). Hydra 1.4 raises what a ``_target_`` raises as it is (1.3 wrapped it in an
+    ``InstantiationException``), so a :class:`UserError` (a bad ``adapter.groups``, unknown class
+    ids, ...) reaches the command line as itself, one ``error:`` line."""
+    return hydra_instantiate(config, *args, _execution_whitelist_=TRUSTED_TARGETS, **kwargs)
 
 
 def build_base(cfg: DictConfig) -> BaseNetwork:
@@ -121,13 +111,8 @@ def build_loggers(cfg: DictConfig) -> list:
         tracking.allow_mlflow_file_store(node)
         try:
             loggers.append(instantiate(node))
-        except InstantiationException as exc:
-            cause = exc.__cause__
-            while isinstance(cause, InstantiationException):
-                cause = cause.__cause__
-            if isinstance(cause, ImportError):  # Lightning raises ModuleNotFoundError naming the package
-                raise ConfigError(tracking.missing_package(name, cause)) from None
-            raise
+        except ImportError as exc:  # Lightning raises ModuleNotFoundError naming the package
+            raise ConfigError(tracking.missing_package(name, exc)) from None
     return loggers
 
 
@@ -168,11 +153,8 @@ def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, Run
             arguments.pop(key, None)
     try:
         trainer = instantiate(arguments, callbacks=callbacks, logger=loggers, enable_model_summary=False)
-    except InstantiationException as exc:
-        cause = exc.__cause__ or exc
-        if isinstance(cause, MisconfigurationException):  # e.g. accelerator=gpu on a machine without one
-            raise ConfigError(f"trainer: {cause}") from None
-        raise
+    except MisconfigurationException as exc:  # e.g. accelerator=gpu on a machine without one
+        raise ConfigError(f"trainer: {exc}") from None
     if trainer.world_size > 1 and cfg.trainer.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm has no CPU implementation; "
                           "leave it false on CPU (each process then normalises over its own batch)")  # fmt: skip

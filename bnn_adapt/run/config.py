@@ -63,7 +63,7 @@ def register_resolvers() -> None:
         "tracking": tracking_location,
     }.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            OmegaConf.register_resolver(name, fn)
 
 
 register_resolvers()
@@ -119,6 +119,26 @@ def rename_deprecated_overrides(args: Sequence[str]) -> list[str]:
         else:
             renamed.append(arg)
     return renamed
+
+
+#: what our configs' ``_target_``s may name (Hydra 1.4's execution whitelist,
+#: hydra.cc/docs/advanced/execution_whitelist)
+TRUSTED_TARGETS = ("bnn_adapt.*", "lightning.*", "torch.optim.*", "optuna.pruners.*")
+
+#: Hydra's command-line flags that choose what to do (run, show the config, help, ...)
+HYDRA_COMMANDS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-r", "--run", "-m", "--multirun",
+                  "-sc", "--shell-completion", "-i", "--info", "--experimental-rerun"}  # fmt: skip
+
+
+def search_as_multirun(args: Sequence[str]) -> list[str]:
+    """``hparams_search=NAME`` runs its search as a multirun without ``--multirun``: Hydra 1.4 takes
+    ``hydra.mode`` only from the primary config or the command line, no longer from a config group."""
+    args = list(args)
+    search = any(a.partition("=")[0].lstrip("+~") == "hparams_search" and a.partition("=")[2] not in ("", "null")
+                 for a in args)  # fmt: skip
+    if search and not HYDRA_COMMANDS.intersection(a.partition("=")[0] for a in args):
+        return ["--multirun", *args]
+    return args
 
 
 #: keys whose values are paths (or lists of them): run directories are named ``row=...``, which
@@ -177,7 +197,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", config_d
     running = GlobalHydra.instance().hydra
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir)):
             cfg = hydra_compose(config_name=config_name,
                                 overrides=[*searchpath, *quote_path_overrides(rename_deprecated_overrides(overrides))],
                                 return_hydra_config=return_hydra_config or output_dir is not None)  # fmt: skip

@@ -36,7 +36,7 @@ from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
-from bnn_adapt.run import builders, claims, preflight, ranks, resume, tracking
+from bnn_adapt.run import builders, claims, preflight, ranks, resume, study, tracking
 from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
 from bnn_adapt.run.provenance import environment, torch_threads
 from bnn_adapt.run.results import (
@@ -47,6 +47,7 @@ from bnn_adapt.run.results import (
     package_versions,
     result_problem,
 )  # fmt: skip
+from bnn_adapt.run.trial_report import TrialReport
 from bnn_adapt.training import tap_cache
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 from bnn_adapt.training.lean import set_memory_mode
@@ -112,10 +113,16 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     builders.compile_model(model, compiled)
     module = Classifier(model, num_classes, builders.instantiate(cfg.optimizer), scheduler)
     callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks, resume.RNGState()]
-    if any(name != "csv" for name in tracking.logger_configs(cfg)):  # trackers get the config and the counts
+
+    @functools.cache
+    def counts() -> dict:
         with torch.random.fork_rng(devices=[]):  # building the counted model must not move the run's RNG
-            counts = configured_counts(cfg)[1]
-        callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, counts)))
+            return configured_counts(cfg)[1]
+
+    if any(name != "csv" for name in tracking.logger_configs(cfg)):  # trackers get the config and the counts
+        callbacks.append(tracking.TrackerRecords(tracking.run_hyperparameters(cfg, counts())))
+    report = TrialReport.for_run(cfg, counts)  # a search's trial: its epochs to Optuna, maybe pruned
+    callbacks += [report] if report is not None else []
     trainer, stats = builders.make_trainer(cfg, callbacks)
     if before_fit is not None:
         before_fit(trainer.strategy.root_device)
@@ -142,7 +149,7 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     if kept_csv is not None:
         resume.merge_resumed_csv(kept_csv, out / "csv", resumed_epoch=stats.resumed_at_epoch)
     stats.recover_spawned(trainer)  # trainer=ddp (ddp_spawn) trained in child processes
-    result = stats.summary()
+    result = {**stats.summary(), **(report.outcome() if report is not None else {})}
     history = result["history"]
     if not history:
         return result, fit_error
@@ -478,6 +485,9 @@ def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
     if done is not None:
         print(f"already complete (config {done['config_hash']}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
         return done
+    twin = study.finished_twin(cfg, base_sha) if cfg.task == "adapt" else None
+    if twin is not None:  # a search's trial whose configuration another trial trained
+        return twin
     out = Path(cfg.paths.output_dir)
     earlier = read_json_or_none(out / "metrics.json") or {}
     same_config = earlier.get("config_hash") == config_hash(cfg)
@@ -500,6 +510,8 @@ def sweeper_value(cfg: DictConfig, metrics: dict) -> Any:
     names = cfg.get("optimized_metrics")
     if not names:
         return metrics
+    if metrics.get("status") == "pruned":  # the sweeper stores it as failed; the trial records why
+        return {"status": "pruned", "pruned_after_epoch": metrics.get("pruned_after_epoch")}
     if any(metrics.get(name) is None for name in names):
         return metrics
     values = tuple(float(metrics[name]) for name in names)

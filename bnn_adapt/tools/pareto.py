@@ -14,6 +14,7 @@ exist).
 
     python -m bnn_adapt.tools.pareto SWEEP_DIR                       # the same report again
     python -m bnn_adapt.tools.pareto SWEEP_DIR --baseline OTHER_DIR  # + compare with another search's front
+    python -m bnn_adapt.tools.pareto SWEEP_DIR --baseline OTHER_DIR --limit 100   # below 100 % of the base
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bnn_adapt.errors import UserError
 from bnn_adapt.files import atomic_output
 from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc. in the configs read here
+from bnn_adapt.run import study
 from bnn_adapt.run.results import read_json_or_none
 from bnn_adapt.tools import search_trials
 from bnn_adapt.tools.report import run_label
@@ -62,10 +65,15 @@ def serial_stages(cfg: DictConfig, trial) -> None:
 
 
 def search_space(cfg: DictConfig, trial) -> None:
-    """The sweeper's hook for each new trial (``custom_search_space``): record who runs it, so that a
-    search killed meanwhile leaves no phantom RUNNING trial (:mod:`bnn_adapt.tools.search_trials`),
-    then the conditional part of the space."""
+    """The sweeper's hook for each new trial (``custom_search_space``): record who runs it and fail
+    the trials of workers killed meanwhile (:mod:`bnn_adapt.tools.search_trials`); hand the job its
+    trial's number as ``search.trial`` (a parameter of one value: the sweeper makes every parameter an
+    override of the job, which names its run directory and reports to its trial with it); then the
+    conditional part of the space."""
     search_trials.watch(trial)
+    for line in search_trials.fail_stale(trial.storage, trial.study._study_id):
+        print(f"note: marked failed, {line}", file=sys.stderr)
+    trial.suggest_int("search.trial", trial.number, trial.number)
     serial_stages(cfg, trial)
 
 
@@ -87,6 +95,8 @@ def trial_points(sweep_dir: Path) -> list[dict]:
             continue
         if metrics.get(SELECTED_ON) is None:  # trained without a validation split (searches before issue #23)
             unvalidated += 1
+            continue
+        if metrics.get("same_as"):  # a trial that proposed a configuration trained before: that one counts
             continue
         cfg = metrics.get("config", {})
         adapter, reduction = cfg.get("adapter", {}), cfg.get("reduction", {})
@@ -155,12 +165,21 @@ def dominates(a: dict, b: dict) -> bool:
 
 def compare_fronts(front: list[dict], baseline: list[dict], limit: float = SMALL) -> dict:
     """How ``front`` stands against ``baseline`` below ``limit`` % of the base: the baseline points it
-    dominates, and both hypervolumes."""
+    dominates, those it reaches (a point of ``front`` at least as good on both objectives), and both
+    hypervolumes."""
     small = [p for p in baseline if p["size_pct"] < limit]
     beaten = [p for p in small if any(dominates(q, p) for q in front)]
+    reached = [p for p in small if any(q["test_top1"] >= p["test_top1"] and q["size_pct"] <= p["size_pct"]
+                                       for q in front)]  # fmt: skip
     return {"limit_pct": limit, "baseline_points": len(small), "baseline_points_dominated": len(beaten),
-            "dominates": bool(small) and len(beaten) == len(small),
+            "baseline_points_reached": len(reached), "dominates": bool(small) and len(beaten) == len(small),
             "hypervolume": hypervolume(front, limit), "baseline_hypervolume": hypervolume(baseline, limit)}  # fmt: skip
+
+
+def epochs_trained(sweep_dir: Path) -> int:
+    """Epochs a search trained, over its trials (pruned ones included; a reused configuration trained none)."""
+    runs = (read_json_or_none(path) or {} for path in Path(sweep_dir).glob("*/metrics.json"))
+    return sum(int(m.get("epochs_run") or 0) for m in runs if not m.get("same_as"))
 
 
 def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[dict], title: str,
@@ -205,15 +224,16 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
 def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | None = None,
-                 baseline_dir: Path | None = None) -> dict[str, Path]:  # fmt: skip
+                 baseline_dir: Path | None = None, limit: float = SMALL) -> dict[str, Path]:  # fmt: skip
     """trials.csv, pareto_front.csv, pareto_front.png and comparison.json in ``sweep_dir``, of finished trials
     only (a trial directory with complete results; a killed or failed trial has none): the front against the
-    front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below 5 % of the base."""
+    front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below ``limit`` % of the
+    base; and the epochs each search trained."""
     sweep_dir = Path(sweep_dir)
     points = trial_points(sweep_dir)
     front = pareto_front(points)
@@ -227,34 +247,49 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
     write_points(files["trials"], points)
     write_points(files["front"], front)
     own32 = pareto_front([p for p in points if p["bits"] == 32])
-    comparison = {"front_vs_own_32_bit_trials": compare_fronts(front, own32)}
+    comparison = {"epochs_trained": epochs_trained(sweep_dir),
+                  "front_vs_own_32_bit_trials": compare_fronts(front, own32, limit)}  # fmt: skip
     if baseline is not None:
-        comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline)}
-    files["comparison"].write_text(json.dumps(comparison, indent=1) + "\n")
+        comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline, limit),
+                                           "baseline_epochs_trained": epochs_trained(baseline_dir)}  # fmt: skip
+    with atomic_output(files["comparison"]) as tmp:  # several workers of one search may write at once
+        tmp.write_text(json.dumps(comparison, indent=1) + "\n")
     title = f"{sweep_dir.name}: {len(points)} finished trials, {len(front)} on the front"
-    plot_front(files["plot"], points, front, thesis, title, baseline)
+    with atomic_output(files["plot"]) as tmp:
+        plot_front(tmp, points, front, thesis, title, baseline)
     return files
 
 
 class ParetoFrontReport(Callback):
-    """Hydra callback of the search: makes the sweep directory before Optuna opens its SQLite
-    storage there, and writes the report when the search ends."""
+    """Hydra callback of the search: makes the sweep directory before Optuna opens its storage there,
+    checks the storage (:func:`bnn_adapt.run.study.storage_setting`), fails the trials that killed
+    workers left RUNNING, and writes the report when the search ends."""
+
+    storage: str | None = None
+    started = False  # Hydra 1.4 calls on_multirun_end also when a search stopped before its start
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        sweeper = config.hydra.sweeper
-        if sweeper.get("storage"):  # a stored study that this search continues
-            for line in search_trials.fail_stale_trials(str(sweeper.storage), str(sweeper.study_name)):
-                print(f"note: marked failed, {line}", file=sys.stderr)
+        try:
+            self.storage = study.storage_setting(config)
+            Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+            if self.storage:  # a stored study that this worker continues or shares
+                for line in search_trials.fail_stale_trials(self.storage, str(config.hydra.sweeper.study_name)):
+                    print(f"note: marked failed, {line}", file=sys.stderr)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        self.started = True
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.started:
+            return
         profile = OmegaConf.select(config, "profile.name", default=None)
         tables_dir = Path(config.paths.log_dir) / "tables" / profile if profile else None
         like = {key: OmegaConf.select(config, key) for key in ("data.name", "base.name", "base.width")}
         like["data.target_classes"] = OmegaConf.to_container(config.data, resolve=True).get("target_classes")
         files = write_report(Path(config.hydra.sweep.dir), tables_dir, like)
-        storage = config.hydra.sweeper.get("storage")
-        counts = search_trials.trial_counts(str(storage), str(config.hydra.sweeper.study_name)) if storage else {}
+        name = str(config.hydra.sweeper.study_name)
+        counts = search_trials.trial_counts(self.storage, name) if self.storage else {}
         states = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) or "not stored"
         log.info("study: %s; Pareto front of the finished trials: %s, %s", states, files["front"], files["plot"])
 
@@ -263,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.pareto", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a search's sweep directory (its trials' run directories inside)")
     parser.add_argument("--baseline", help="another search's sweep directory (e.g. 32-bit only) to compare with")
+    parser.add_argument("--limit", type=float, default=SMALL, help="compare the fronts below this size %% of the base")
     args = parser.parse_args(argv)
-    files = write_report(Path(args.sweep_dir), baseline_dir=Path(args.baseline) if args.baseline else None)
+    files = write_report(Path(args.sweep_dir), baseline_dir=Path(args.baseline) if args.baseline else None,
+                         limit=args.limit)  # fmt: skip
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     print(files["comparison"].read_text())
     return 0

@@ -84,6 +84,16 @@ def is_pruning_epoch(epoch: int, at_epoch: int) -> bool:
     return is_round_epoch(epoch, (at_epoch,))
 
 
+def pruning_epochs(reduction, max_epochs: int) -> tuple[int, ...]:
+    """The epochs before which a pruning reduction prunes, whatever its rates (empty: it never prunes)."""
+    if reduction.get("name") not in PRUNING_REDUCTIONS:
+        return ()
+    if reduction.name == "prune_iterative":
+        return tuple(iterative_schedule(reduction.rounds, reduction.get("at_epochs"), max_epochs))
+    at = reduction.get("at_epoch")
+    return (int(at) if at is not None else max(1, max_epochs // 2),)
+
+
 @dataclass(frozen=True)
 class PruningPlan:
     """Rates, and the epochs before which each round prunes (one epoch for one-shot pruning)."""
@@ -104,12 +114,7 @@ class PruningPlan:
         head_rate = float(r.get("head_rate") or 0.0)
         if not (r.depthwise_rate > 0 or r.pointwise_rate > 0 or head_rate > 0):
             return None
-        if r.name == "prune_iterative":
-            epochs = iterative_schedule(r.rounds, r.get("at_epochs"), max_epochs)
-        else:
-            at = r.get("at_epoch")
-            epochs = [int(at) if at is not None else max(1, max_epochs // 2)]
-        return cls(float(r.depthwise_rate), float(r.pointwise_rate), tuple(epochs), head_rate,
+        return cls(float(r.depthwise_rate), float(r.pointwise_rate), pruning_epochs(r, max_epochs), head_rate,
                    bool(r.get("rewind", False)))  # fmt: skip
 
     @property

@@ -1,0 +1,280 @@
+"""Many workers, one study (issue #25): the search's storages (SQLite, a journal file, PostgreSQL),
+three workers at once on one study, workers killed with SIGKILL, studies written by optuna 2.10.1,
+a configuration proposed twice, and trials that report their epochs and are pruned."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState, create_trial
+
+from bnn_adapt.errors import ConfigError, UserError
+from bnn_adapt.run import study
+from bnn_adapt.run.config import search_as_multirun
+from bnn_adapt.run.study import PRUNED_ATTR, SIZE_ATTR
+from bnn_adapt.run.trial_report import should_prune
+from bnn_adapt.tools import search_trials
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
+from tests.test_tables import run_module
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OLD_STUDY = Path(__file__).parent / "data" / "optuna_2_10_1_study.db.gz"
+# digits pretrain their base on the fly; smoke sizes, tiny trials; no pruner unless a test sets one
+SEARCH = ("+experiment=digits5_5", "+profile=smoke", "hparams_search=size_vs_accuracy", "base.pretrain.epochs=1",
+          "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")  # fmt: skip
+SWEEP = Path("outputs") / "pareto" / "smoke" / "digits_ste_resnet_cifar_w0.25"
+
+
+def worker(root: Path, *overrides: str) -> subprocess.Popen:
+    """One search worker, ``python -m bnn_adapt SEARCH OVERRIDES``, as a user starts it in a terminal."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(BNN_ADAPT_ROOT=str(root), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "bnn_adapt", *SEARCH, *overrides], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def load(spec: str) -> optuna.Study:
+    return optuna.load_study(study_name="size_vs_accuracy", storage=study.open_storage(spec))
+
+
+def storage_spec(kind: str, root: Path, request) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{root / SWEEP / 'optuna.db'}"
+    if kind == "journal":
+        return str(root / "shared" / "study.log")
+    return request.getfixturevalue("postgres_url")
+
+
+# ------------------------------------------------------------------ storages
+
+
+def test_storages_open_and_bad_ones_are_one_line(tmp_path):
+    journal = study.open_storage(str(tmp_path / "a" / "study.log"))
+    assert isinstance(journal, JournalStorage) and (tmp_path / "a" / "study.log").is_file()
+    optuna.create_study(study_name="s", storage=journal, directions=["maximize", "minimize"]).ask()
+    reopened = JournalStorage(JournalFileBackend(str(tmp_path / "a" / "study.log")))  # what optuna-dashboard opens
+    assert len(optuna.load_study(study_name="s", storage=reopened).trials) == 1
+    assert isinstance(study.open_storage(f"sqlite:///{tmp_path / 'x.db'}"), optuna.storages.RDBStorage)
+    with pytest.raises(ConfigError, match=r"study.txt is no Optuna storage: give a journal file \(PATH.log\)"):
+        study.open_storage(str(tmp_path / "study.txt"))
+    with pytest.raises(UserError, match=r"cannot open the study storage postgresql://u:\*\*\*@127.0.0.1:1/db: "):
+        study.open_storage("postgresql://u:secret@127.0.0.1:1/db")  # nothing listens there; the password not shown
+    with pytest.raises(UserError, match=r"needs its database driver, the Python module MySQLdb"):
+        study.open_storage("mysql://u@127.0.0.1:1/db")
+
+
+def test_a_search_is_a_multirun_without_the_flag():
+    assert search_as_multirun(["hparams_search=size_vs_accuracy", "a=1"]) == [
+        "--multirun", "hparams_search=size_vs_accuracy", "a=1"]  # fmt: skip
+    assert search_as_multirun(["-m", "hparams_search=x"]) == ["-m", "hparams_search=x"]
+    assert search_as_multirun(["hparams_search=x", "--cfg", "job"]) == ["hparams_search=x", "--cfg", "job"]
+    assert search_as_multirun(["a=1"]) == ["a=1"]
+    assert search_as_multirun(["hparams_search=null"]) == ["hparams_search=null"]
+
+
+def test_the_storage_is_set_through_search_storage_in_one_line(tmp_path):
+    result = run_module(tmp_path, "bnn_adapt", *SEARCH, f"hydra.sweeper.storage={tmp_path / 'x.log'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: give the search's study storage as search.storage={tmp_path / 'x.log'} "
+                      "(hydra.sweeper.storage follows it: a journal file PATH.log, sqlite:///PATH.db or a "
+                      "database URL)"]  # fmt: skip
+    assert not list((tmp_path / SWEEP).glob("trial_*"))
+
+
+# ------------------------------------------------------------------ three workers, one study
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgresql"])
+def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
+    spec = storage_spec(kind, tmp_path, request)
+    workers = [worker(tmp_path, f"search.storage={spec}", "hydra.sweeper.n_trials=2") for _ in range(3)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (_, stderr) in zip(workers, outputs):
+        assert w.returncode == 0, stderr[-3000:]
+    trials = load(spec).trials
+    assert sorted(t.number for t in trials) == list(range(6))  # 3 x 2, none lost, none twice
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6  # none left RUNNING
+    owners = {t.system_attrs[search_trials.OWNER_ATTR]["pid"] for t in trials}
+    assert owners == {w.pid for w in workers}  # every worker ran trials of the shared study
+    for t in trials:  # each trial in its own directory, whose results are that trial's values
+        run_dir = tmp_path / SWEEP / f"trial_{t.number}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["config"]["search"]["trial"] == t.number and metrics["status"] == "complete"
+        assert [metrics["test_top1"], metrics["size_pct"]] == pytest.approx(t.values)
+        assert t.intermediate_values == {k + 1: pytest.approx(h["val/acc"]) for k, h in enumerate(metrics["history"])}
+    assert len(list((tmp_path / SWEEP).glob("trial_*"))) == 6
+
+
+# ------------------------------------------------------------------ killed workers
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgresql"])  # SQLite: tests/test_reliability_round2.py
+def test_a_worker_killed_mid_trial_leaves_no_running_trial_once_another_starts(kind, tmp_path, request):
+    spec = storage_spec(kind, tmp_path, request)
+    doomed = worker(tmp_path, f"search.storage={spec}", "trainer.max_epochs=1000", "hydra.sweeper.n_trials=1")
+    deadline = time.time() + 300
+    while time.time() < deadline and doomed.poll() is None and not list((tmp_path / SWEEP).glob("*/csv/metrics.csv")):
+        time.sleep(0.2)
+    assert doomed.poll() is None, "the worker ended before it could be killed"
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+    assert [t.state for t in load(spec).trials] == [TrialState.RUNNING]
+
+    again = run_module(tmp_path, "bnn_adapt", *SEARCH, f"search.storage={spec}", "hydra.sweeper.n_trials=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"note: marked failed, trial 0: its search (pid {doomed.pid} on host" in again.stderr
+    trials = load(spec).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert "is gone" in trials[0].system_attrs[search_trials.WHY_ATTR]
+
+
+def test_a_running_worker_fails_the_trial_of_a_killed_one_when_it_asks_for_its_next(tmp_path):
+    spec = str(tmp_path / "study.log")
+    shared = optuna.create_study(study_name="s", storage=study.open_storage(spec), directions=["maximize", "minimize"])
+    killed = shared.ask()
+    for key, value in search_trials_owner(pid=dead_pid()).items():
+        killed.storage.set_trial_system_attr(killed._trial_id, key, value)
+    from bnn_adapt.tools.pareto import search_space  # noqa: PLC0415 - the sweeper's hook, as the sweeper calls it
+
+    search_space(OmegaConf.create({"base": {"name": "ste_resnet_cifar"}}), shared.ask())
+    states = [t.state for t in optuna.load_study(study_name="s", storage=study.open_storage(spec)).trials]
+    assert states == [TrialState.FAIL, TrialState.RUNNING]
+    search_trials.HEARTBEAT.trials.clear()
+
+
+def search_trials_owner(pid: int) -> dict:
+    import socket  # noqa: PLC0415
+
+    from bnn_adapt.run import claims  # noqa: PLC0415
+
+    owner = {"host": socket.gethostname(), "boot": claims.boot_id(), "pid": pid, "start": None, "since": time.time()}
+    return {search_trials.OWNER_ATTR: owner, search_trials.ALIVE_ATTR: time.time()}
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ------------------------------------------------------------------ studies of optuna 2.10.1
+
+
+def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgraded(tmp_path):
+    db = tmp_path / SWEEP / "optuna.db"
+    db.parent.mkdir(parents=True)
+    with gzip.open(OLD_STUDY) as src, db.open("wb") as dst:  # 3 complete trials + 1 left RUNNING by a killed search
+        shutil.copyfileobj(src, dst)
+    url = f"sqlite:///{db}"
+    refused = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the study in {url} was written by optuna 2.10.1: upgrade it once with "
+                      f"`optuna storage upgrade --storage {url}` (optuna 2.10.1 cannot read it afterwards)"]  # fmt: skip
+    assert "Traceback" not in refused.stderr
+
+    upgrade = subprocess.run([Path(sys.executable).parent / "optuna", "storage", "upgrade", "--storage", url],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert upgrade.returncode == 0, upgrade.stderr
+    again = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = load(url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL", "COMPLETE"]  # the killed one failed
+    assert trials[0].values == pytest.approx([0.375, 8.102678918481894])  # what 2.10.1 stored, read back
+    assert (tmp_path / SWEEP / "trial_4" / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------ a configuration proposed twice
+
+
+def test_a_configuration_proposed_again_is_not_trained_again(tmp_path):
+    # every searched key fixed on the command line: the sampler can only propose this configuration
+    one_point = ["adapter=udta", "adapter.groups=channels", "reduction=prune", "reduction.rate=0.5", "adapter.bits=8",
+                 "adapter.lr=0.001"]  # fmt: skip
+    result = run_module(tmp_path, "bnn_adapt", *SEARCH, *one_point, "hydra.sweeper.n_trials=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 and trials[0].values == trials[1].values
+    assert trials[1].intermediate_values == trials[0].intermediate_values
+    twin = json.loads((tmp_path / SWEEP / "trial_1" / "metrics.json").read_text())
+    assert twin["same_as"] == str(tmp_path / SWEEP / "trial_0") and twin["config"]["search"]["trial"] == 1
+    assert not (tmp_path / SWEEP / "trial_1" / "csv").exists()  # not trained
+    assert len((tmp_path / SWEEP / "trials.csv").read_text().splitlines()) == 1 + 1  # one configuration
+
+
+# ------------------------------------------------------------------ multi-fidelity: epochs reported, pruning
+
+
+def finished(s: optuna.Study, size: float, curve: list[float]) -> None:
+    """A finished trial of ``size`` whose validation top-1 went along ``curve`` (successive halving's first
+    rung recorded, as when it passed there)."""
+    s.add_trial(create_trial(values=[curve[-1], size], intermediate_values=dict(enumerate(curve, start=1)),
+                             system_attrs={SIZE_ATTR: size, "completed_rung_0": curve[0]}))  # fmt: skip
+
+
+def test_the_pruner_judges_a_trial_among_the_trials_no_larger_than_it(tmp_path):
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize", "minimize"])
+    for size, curve in ((2.0, [0.6, 0.7, 0.8]), (3.0, [0.7, 0.8, 0.9]), (50.0, [0.1, 0.1, 0.1])):
+        finished(s, size, curve)
+    storage = s._storage
+    ids = {}
+    for name, size in (("large and behind", 10.0), ("small and behind", 1.0)):
+        trial = s.ask()
+        storage.set_trial_system_attr(trial._trial_id, SIZE_ATTR, size)
+        storage.set_trial_intermediate_value(trial._trial_id, 1, 0.3)
+        ids[name] = (trial._trial_id, size)
+    median = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    # behind both smaller trials at epoch 1: cannot reach the front
+    assert should_prune(median, storage, s._study_id, *ids["large and behind"])
+    # nothing is smaller: on the front whatever its accuracy (Optuna's median over every trial would prune it)
+    assert not should_prune(median, storage, s._study_id, *ids["small and behind"])
+    halving = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    assert should_prune(halving, storage, s._study_id, *ids["large and behind"])  # not the best third of .3, .6, .7
+    assert not should_prune(halving, storage, s._study_id, *ids["small and behind"])  # alone at its size
+    rungs = storage.get_trial(ids["large and behind"][0]).system_attrs
+    assert rungs.get("completed_rung_0") == 0.3  # what successive halving records is kept in the study
+
+
+def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
+    """The search prunes weights at the end of epoch 1 of 3 (reduction=prune, at max_epochs // 2): a trial
+    is judged from epoch 2 on, the first whose top-1 is of its pruned weights, and stops after it."""
+    never_good_enough = "+search.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"  # top-1 never exceeds 1
+    result = run_module(tmp_path, "bnn_adapt", *SEARCH, never_good_enough, "trainer.max_epochs=3",
+                        "hydra.sweeper.n_trials=2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("pruned after epoch 2") == 2, result.stdout[-3000:]
+    spec = f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}"
+    for t in load(spec).trials:  # the sweeper tells Optuna COMPLETE or FAIL only: FAIL, with the epoch recorded
+        assert t.state == TrialState.FAIL and t.system_attrs[PRUNED_ATTR] == 2 and list(t.intermediate_values) == [1, 2]
+        metrics = json.loads((tmp_path / SWEEP / f"trial_{t.number}" / "metrics.json").read_text())
+        assert metrics["status"] == "pruned" and metrics["pruned_after_epoch"] == 2 and metrics["epochs_run"] == 2
+    assert search_trials.trial_counts(spec, "size_vs_accuracy") == {"PRUNED": 2}
+    assert "study: 2 pruned" in result.stdout + result.stderr
+    assert len((tmp_path / SWEEP / "trials.csv").read_text().splitlines()) <= 1  # no finished trial
+
+
+def test_a_front_reaches_the_points_it_equals_and_the_epochs_of_a_search_are_counted(tmp_path):
+    from bnn_adapt.files import write_json  # noqa: PLC0415
+    from bnn_adapt.tools.pareto import compare_fronts, epochs_trained  # noqa: PLC0415
+
+    found = compare_fronts([{"size_pct": 2.0, "test_top1": 0.7}], [{"size_pct": 2.0, "test_top1": 0.7}], limit=100)
+    assert found["baseline_points_reached"] == 1 and found["baseline_points_dominated"] == 0
+    for name, metrics in {"trial_0": {"status": "complete", "epochs_run": 6},
+                          "trial_1": {"status": "pruned", "epochs_run": 1},
+                          "trial_2": {"status": "complete", "epochs_run": 6, "same_as": "trial_0"}}.items():  # fmt: skip
+        write_json(tmp_path / name / "metrics.json", metrics)
+    assert epochs_trained(tmp_path) == 7
