@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench bench-infer kernels lean-check
+.PHONY: install demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench bench-infer kernels lean-check docs docs-serve docs-screenshots
 
 install: $(STAMP)
 
@@ -61,19 +61,19 @@ fashion-data:
 sizes: install
 	$(PY) -m bnn_adapt.tools.sizes
 
-# speed and memory of every strategy x trainer.memory, timed side by side in one process, peaks in fresh
-# processes (README: Speed and memory). Writes benchmarks/results.{json,md}; a full run also refreshes the README's tables.
+# speed and memory of every strategy x memory mode, timed side by side in one process, peaks in fresh
+# processes (docs: Speed and memory). Writes benchmarks/results.{json,md}, which the docs page includes as written.
 # QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda
 QUICK ?=
 BENCH_ARGS ?=
 bench: install
-	$(PY) -m bnn_adapt.tools.bench $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
+	$(PY) -m bnn_adapt.tools.bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
-# 1-bit inference: the packed XNOR-popcount kernels against fp32 convs, side by side (README: 1-bit inference).
-# Writes benchmarks/inference.{json,md}; a full run also refreshes the README's table. QUICK=1: a few minutes.
+# 1-bit inference: the packed XNOR-popcount kernels against fp32 convs, side by side (docs: Speed and memory).
+# Writes benchmarks/inference.{json,md}, which the docs page includes as written. QUICK=1: a few minutes.
 # PY=/path/to/python runs it with an interpreter that has the package already (no install step).
 bench-infer: $(if $(filter $(VENV)/bin/python,$(PY)),install)
-	$(PY) -m bnn_adapt.tools.bench_infer $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
+	$(PY) -m bnn_adapt.tools.bench_infer $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # rebuild the kernels in place after editing bnn_adapt/deploy/csrc (make install builds them once)
 kernels:
@@ -83,6 +83,33 @@ kernels:
 lean-check: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name lean_pretrain
 	$(PY) -m bnn_adapt.tools.report outputs/lean_pretrain
+
+# ---------------------------------------------------------------- documentation site (mkdocs.yml, docs/)
+# `make docs`: the configuration reference regenerated from conf/, then a strict build into site/
+# (a broken link, a missing anchor or a missing included file fails it); `make docs-serve`: at
+# http://127.0.0.1:8000, rebuilt on every change; `make docs-screenshots`: headless Chromium
+# (Debian's chromium package) screenshots of the built home and configuration pages, to look at.
+CHROMIUM ?= chromium
+SCREENSHOT_PAGES ?= index.html reference/configuration/index.html
+docs: install
+	$(PY) -m bnn_adapt.tools.config_reference
+	$(PY) -m mkdocs build --strict
+
+docs-serve: install
+	$(PY) -m mkdocs serve
+
+docs-screenshots: docs
+	@command -v $(CHROMIUM) >/dev/null || { echo "needs Chromium: apt-get install chromium"; exit 2; }
+	mkdir -p site/screenshots
+	for page in $(SCREENSHOT_PAGES); do \
+	  profile=$$(mktemp -d); \
+	  $(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	    --disable-sync --no-first-run --user-data-dir=$$profile --window-size=1280,2000 --hide-scrollbars \
+	    --screenshot=site/screenshots/$$(echo $${page%/index.html} | tr / _ | sed 's/\.html$$//').png \
+	    file://$(CURDIR)/site/$$page 2>/dev/null; \
+	  rm -rf $$profile; \
+	done
+	@ls site/screenshots/*.png
 
 test: install
 	$(PY) -m pytest -q
