@@ -20,7 +20,7 @@ demo: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name demo $(ARGS)
 	$(PY) -m bnn_adapt.tools.report outputs/demo
 
-# ---------------------------------------------------------------- thesis tables (README: Reproducing the thesis)
+# ---------------------------------------------------------------- thesis tables (docs: Reproducing the thesis)
 # `make reproduce-tables [PROFILE=full|smoke]`: every thesis table; `make table T=6.5`: one
 # (T=fashion: the real-data Fashion-MNIST table). Each table is a Hydra multirun with a fixed
 # sweep directory, sweeps/table_*.yaml, whose `table:` node says what it needs first (bases);
@@ -57,7 +57,7 @@ fashion-data:
 	  { [ "$$(id -u)" = 0 ] && apt-get install -y dataset-fashion-mnist; } || \
 	  { echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist (or put the IDX files in data/fashion_mnist)"; exit 2; }
 
-# bytes on disk at the thesis configurations: packed bases and exported adapters vs the size formula (README)
+# bytes on disk at the thesis configurations: packed bases and exported adapters vs the size formula (docs: Deployment)
 sizes: install
 	$(PY) -m bnn_adapt.tools.sizes
 

@@ -109,12 +109,13 @@ def _text(note: str) -> str:
     """A comment as Markdown table-cell text: its own `code` kept, everything else taken literally."""
     parts = note.split("`")
     for i in range(0, len(parts), 2):  # outside code spans
-        parts[i] = re.sub(r"([\\*_\[\]<>])", r"\\\1", parts[i])
-    return "`".join(parts).replace("|", "\\|")
+        parts[i] = re.sub(r"([\\*_\[\]<>|])", r"\\\1", parts[i])
+    return "`".join(parts)
 
 
 def _code(text: str) -> str:
-    return "`" + text.replace("|", "\\|") + "`" if text else ""
+    """Code in a table cell: Python-Markdown's tables split no cell inside a code span, so nothing is escaped."""
+    return f"`{text}`" if text else ""
 
 
 def choice_section(path: Path, heading: str) -> list[str]:
