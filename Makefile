@@ -91,6 +91,7 @@ lean-check: install
 # (Debian's chromium package) screenshots of the built home and configuration pages, to look at.
 CHROMIUM ?= chromium
 SCREENSHOT_PAGES ?= index.html reference/configuration/index.html
+docs docs-serve: export NO_MKDOCS_2_WARNING = 1   # Material's banner about its successor, printed on every build
 docs: install
 	$(PY) -m bnn_adapt.tools.config_reference
 	$(PY) -m mkdocs build --strict
