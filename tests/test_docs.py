@@ -1,12 +1,15 @@
 """The documentation site: the configuration reference is what conf/ says today (regenerated and compared),
-it lists every group and choice, and the site builds strictly (no broken link or anchor, no page left out of
-the navigation, no missing included file)."""
+it lists every group and choice, the site builds strictly (no broken link or anchor, no page left out of
+the navigation, no missing included file), and the README's links into it resolve."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+
+import markdown
 
 from bnn_adapt.run.config import CONF_DIR, REPO_ROOT
 from bnn_adapt.tools import config_reference
@@ -63,3 +66,18 @@ def test_the_site_builds_strictly(tmp_path):
     assert "adapter.groups" in config_page
     speed = (tmp_path / "site" / "speed" / "index.html").read_text()
     assert "speed-up vs finetune" in speed  # benchmarks/results.md, included as make bench wrote it
+
+
+def test_the_readme_links_to_files_and_headings_that_exist():
+    readme = (REPO_ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert any(link.startswith("docs/") for link in links)
+    for link in links:
+        if "://" in link:
+            continue
+        path, _, anchor = link.partition("#")
+        target = REPO_ROOT / path
+        assert target.is_file(), f"README links to {path}, which does not exist"
+        if anchor:
+            html = markdown.markdown(target.read_text(), extensions=["toc", "tables"])
+            assert f'id="{anchor}"' in html, f"README links to {link}: {path} has no heading #{anchor}"
