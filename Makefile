@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock test-compat gpu-check demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench bench-infer kernels lean-check
+.PHONY: install lock test-compat gpu-check demo test test-all clean reproduce-tables table smoke-data fashion-data sizes bench bench-infer kernels lean-check docs docs-serve docs-screenshots
 
 LOCK := requirements.lock
 
@@ -51,7 +51,7 @@ demo: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name demo $(ARGS)
 	$(PY) -m bnn_adapt.tools.report outputs/demo
 
-# ---------------------------------------------------------------- thesis tables (README: Reproducing the thesis)
+# ---------------------------------------------------------------- thesis tables (docs: Reproducing the thesis)
 # `make reproduce-tables [PROFILE=full|smoke]`: every thesis table; `make table T=6.5`: one; PLAN=1: print every run
 # it needs, which are complete and the estimated time of the rest from measured epoch times (runs nothing)
 # (T=fashion: the real-data Fashion-MNIST table). Each table is a Hydra multirun with a fixed
@@ -90,24 +90,24 @@ fashion-data:
 	  { [ "$$(id -u)" = 0 ] && apt-get install -y dataset-fashion-mnist; } || \
 	  { echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist (or put the IDX files in data/fashion_mnist)"; exit 2; }
 
-# bytes on disk at the thesis configurations: packed bases and exported adapters vs the size formula (README)
+# bytes on disk at the thesis configurations: packed bases and exported adapters vs the size formula (docs: Deployment)
 sizes: install
 	$(PY) -m bnn_adapt.tools.sizes
 
 # speed and memory of every strategy x trainer.memory, timed side by side in one process, peaks in fresh
-# processes, and whole epochs through python -m bnn_adapt's training against a bare PyTorch loop (README: Speed and
-# memory). Writes benchmarks/results.{json,md}, benchmarks/epochs.json; a full run also refreshes the README's tables.
+# processes, and whole epochs through python -m bnn_adapt's training against a bare PyTorch loop (docs: Speed and
+# memory). Writes benchmarks/results.{json,md} and benchmarks/epochs.json, which the docs page includes as written.
 # QUICK=1: fewer steps (a few minutes); BENCH_ARGS: e.g. --models ste_resnet_cifar --threads 2 --device cuda --only epochs
 QUICK ?=
 BENCH_ARGS ?=
 bench: install
-	$(PY) -m bnn_adapt.tools.bench $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
+	$(PY) -m bnn_adapt.tools.bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
-# 1-bit inference: the packed XNOR-popcount kernels against fp32 convs, side by side (README: 1-bit inference).
-# Writes benchmarks/inference.{json,md}; a full run also refreshes the README's table. QUICK=1: a few minutes.
+# 1-bit inference: the packed XNOR-popcount kernels against fp32 convs, side by side (docs: Speed and memory).
+# Writes benchmarks/inference.{json,md}, which the docs page includes as written. QUICK=1: a few minutes.
 # PY=/path/to/python runs it with an interpreter that has the package already (no install step).
 bench-infer: $(if $(filter $(VENV)/bin/python,$(PY)),install)
-	$(PY) -m bnn_adapt.tools.bench_infer $(if $(QUICK),--quick,--readme README.md) $(BENCH_ARGS)
+	$(PY) -m bnn_adapt.tools.bench_infer $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # rebuild the kernels in place after editing bnn_adapt/deploy/csrc (make install builds them once)
 kernels:
@@ -119,11 +119,39 @@ lean-check: install
 	$(PY) -m bnn_adapt.tools.report outputs/lean_pretrain
 
 # the GPU story in one prepared run of at most 8 minutes on one GPU, each step with its own time limit
-# (README: GPUs and clusters); writes benchmarks/gpu_check.{md,json}. DEVICE=cpu: the same steps at tiny
+# (docs: Scale-out); writes benchmarks/gpu_check.{md,json}. DEVICE=cpu: the same steps at tiny
 # sizes on CPU (a few minutes; its report goes to outputs/gpu_check/)
 DEVICE ?= cuda
 gpu-check: install
 	$(PY) -m bnn_adapt.tools.gpu_check --device $(DEVICE)
+
+# ---------------------------------------------------------------- documentation site (mkdocs.yml, docs/)
+# `make docs`: the configuration reference regenerated from conf/, then a strict build into site/
+# (a broken link, a missing anchor or a missing included file fails it); `make docs-serve`: at
+# http://127.0.0.1:8000, rebuilt on every change; `make docs-screenshots`: headless Chromium
+# (Debian's chromium package) screenshots of the built home and configuration pages, to look at.
+CHROMIUM ?= chromium
+SCREENSHOT_PAGES ?= index.html reference/configuration/index.html
+docs docs-serve: export NO_MKDOCS_2_WARNING = 1   # Material's banner about its successor, printed on every build
+docs: install
+	$(PY) -m bnn_adapt.tools.config_reference
+	$(PY) -m mkdocs build --strict
+
+docs-serve: install
+	$(PY) -m mkdocs serve
+
+docs-screenshots: docs
+	@command -v $(CHROMIUM) >/dev/null || { echo "needs Chromium: apt-get install chromium"; exit 2; }
+	mkdir -p site/screenshots
+	for page in $(SCREENSHOT_PAGES); do \
+	  profile=$$(mktemp -d); \
+	  $(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	    --disable-sync --no-first-run --user-data-dir=$$profile --window-size=1280,2000 --hide-scrollbars \
+	    --screenshot=site/screenshots/$$(echo $${page%/index.html} | tr / _ | sed 's/\.html$$//').png \
+	    file://$(CURDIR)/site/$$page 2>/dev/null; \
+	  rm -rf $$profile; \
+	done
+	@ls site/screenshots/*.png
 
 test: install
 	$(PY) -m pytest -q

@@ -17,10 +17,9 @@ import importlib.util
 import sys
 import warnings
 
-#: 0.1's flat modules -> where they live since 0.2; the old names still import (and run with
-#: ``python -m``), with a deprecation warning
+#: 0.1's flat modules -> where they live since 0.2.0 (CHANGELOG.md); the old names still import (and run
+#: with ``python -m``), with a deprecation warning
 MOVED = {
-    "bnn_adapt.accounting": None,  # same name, now a package
     "bnn_adapt.adapter_file": "bnn_adapt.adapters.file",
     "bnn_adapt.allocator": "bnn_adapt.training.allocator",
     "bnn_adapt.bench": "bnn_adapt.tools.bench",
@@ -45,7 +44,6 @@ MOVED = {
     "bnn_adapt.tap_cache": "bnn_adapt.training.tap_cache",
     "bnn_adapt.task": "bnn_adapt.run.task",
 }
-MOVED = {old: new for old, new in MOVED.items() if new}
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):

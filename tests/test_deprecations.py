@@ -1,5 +1,6 @@
-"""What users of 0.1 already have keeps working after the restructuring: renamed config keys
-(with a one-line note), the old module names, adapter files and run directories written before."""
+"""What users of 0.1 already have keeps working in 0.2.0 (CHANGELOG.md): renamed config keys on the
+command line (with a one-line note; in a config file, one line naming the new key), the old module names,
+adapter files and run directories written before."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from omegaconf import open_dict
 from safetensors.torch import save_file
 
-from bnn_adapt.errors import ExportError
+from bnn_adapt.errors import ConfigError, ExportError
 from bnn_adapt.run import task
 from bnn_adapt.run.config import rename_deprecated_overrides
 from tests.test_reliability import cli
@@ -38,15 +39,19 @@ def test_renamed_keys_work_from_the_command_line(tmp_path):
     assert "note: trainer.memory is deprecated, use memory" in done.stderr
 
 
-def test_renamed_keys_in_a_config_file_move_to_their_new_place(make_cfg, capsys):
+def test_renamed_keys_in_a_config_file_stop_the_run_naming_the_new_key(make_cfg):
+    """0.2.0 translates renamed keys on the command line only: a config file that still sets one (an
+    experiment file written for 0.1) stops before any work with one line naming the new key."""
     cfg = make_cfg("data=cifar5_5", "adapter=udta")
     with open_dict(cfg):  # as an experiment file written for 0.1 would set them
         cfg.trainer.memory = "lean"
-        cfg.data.cached_views = 3
-    moved = task.move_deprecated_keys(cfg)
-    assert moved.memory == "lean" and moved.tap_cache.views == 3
-    assert "memory" not in moved.trainer and "cached_views" not in moved.data
-    assert capsys.readouterr().err.count("is deprecated") == 2
+    with pytest.raises(ConfigError, match=r"^trainer.memory was renamed to memory in bnn_adapt 0.2.0: set memory"):
+        task.run(cfg)
+    with open_dict(cfg):
+        del cfg.trainer.memory
+        cfg.adapter.cache_taps = True  # a key nothing reads: without the check it would be ignored silently
+    with pytest.raises(ConfigError, match=r"adapter.cache_taps was renamed to tap_cache.enabled"):
+        task.run(cfg)
 
 
 def test_old_module_names_still_import_and_run():

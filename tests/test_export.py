@@ -227,7 +227,7 @@ def spread_predictions(model: nn.Module, x: torch.Tensor) -> None:
 
 # lowest share of inputs whose top-1 an fp16 / int8 adapter keeps, on models whose predictions spread
 # (measured, 256 inputs, seeds 1-3: STE udta fp16 99.6-100 %, int8 97.7-98.8 %, head-only 100 %;
-# ReActNet fp16 94.5-98.8 %; ReActNet int8 45-88 %, so no claim: see README)
+# ReActNet fp16 94.5-98.8 %; ReActNet int8 45-88 %, so no claim: see docs/deployment.md)
 TOP1_AGREEMENT = {"ste": {"fp16": 0.95, "int8": 0.95}, "reactnet": {"fp16": 0.9}}
 
 
@@ -241,7 +241,7 @@ def exported_logits(model, base, dtype: str, x: torch.Tensor, folder) -> tuple[t
 @pytest.mark.parametrize("name", list(BASES))
 @pytest.mark.parametrize("strategy", ["udta", "head_only"])
 def test_fp16_and_int8_keep_top1_on_a_model_whose_predictions_spread(name, strategy, tmp_path):
-    """README, export dtypes: the share of inputs whose top-1 survives fp16 / int8 values; with an
+    """docs/deployment.md, export dtypes: the share of inputs whose top-1 survives fp16 / int8 values; with an
     fp32 classifier (ReActNet) also the logit error against the largest logit, as trained-like."""
     base, size = make_base(name, seed=1)
     model = adapted(strategy, base)

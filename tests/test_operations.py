@@ -1,6 +1,6 @@
 """Operation counts (bnn_adapt.accounting.operations): MACs per image, binary and fp32, checked by
 hand for a small conv stack, for each adapter's own layers, for pruned adapters, and for the
-full-width bases as the README reports them."""
+full-width bases as docs/concepts.md reports them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from bnn_adapt.bases import ReActNet18, STEResNetCIFAR
 from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, ColumnPrunedLinear
 from bnn_adapt.training.pruning import PruningPlan
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "concepts.md"  # its operation counts (MACs) section
 
 
 def conv_stack() -> nn.Sequential:
@@ -130,7 +130,7 @@ def test_column_pruned_head_counts_kept_columns():
     assert [(r.kind, r.macs) for r in rows] == [("fp32", 6 * 3)]
 
 
-FULL_WIDTH = {  # (macs_binary, macs_fp32) for one image at the base's own size; also in the README
+FULL_WIDTH = {  # (macs_binary, macs_fp32) for one image at the base's own size; also on the page
     "ste_resnet_cifar": (655_363_200, 2_928_970),
     "reactnet18": (1_676_279_808, 140_277_248),
 }
@@ -144,7 +144,7 @@ def test_full_width_bases_as_the_readme_reports_them():
     stem = 1024 * 80 * 27  # binary weights on the real image: fp32 MACs
     bn = 5 * 1024 * 80 + 5 * 256 * 160 + 5 * 64 * 320 + 320 + 10  # every BN: stem, blocks, shortcuts, head
     assert (ste["macs_binary"], ste["macs_fp32"]) == (binary, stem + bn) == FULL_WIDTH["ste_resnet_cifar"]
-    parts = [stem, bn - 330]  # the README's breakdown of the fp32 MACs
+    parts = [stem, bn - 330]  # the page's breakdown of the fp32 MACs
 
     react = mac_totals(mac_rows(ReActNet18(num_classes=1000), 224), adapted=False)
     stem, downsample = 112 * 112 * 64 * 147, 28 * 28 * 128 * 64 + 14 * 14 * 256 * 128 + 7 * 7 * 512 * 256
@@ -158,9 +158,9 @@ def test_full_width_bases_as_the_readme_reports_them():
     assert (react["macs_binary"], react["macs_fp32"]) == FULL_WIDTH["reactnet18"]
     parts += [stem, downsample, bn]
 
-    readme = README.read_text()
+    page = PAGE.read_text()
     for count in [*(n for pair in FULL_WIDTH.values() for n in pair), *parts]:
-        assert f"{count:,}" in readme, f"README's operation counts are out of date: {count:,} missing"
+        assert f"{count:,}" in page, f"{PAGE.name}'s operation counts are out of date: {count:,} missing"
 
 
 def test_summary_only_reports_operation_counts(make_cfg):
@@ -178,7 +178,7 @@ def test_summary_only_reports_operation_counts(make_cfg):
     assert re.search(r"MACs per \d+x\d+ image: .* binary \+ .* fp32 \(\d+\.\d% binary\)", table)
 
 
-ADAPTER_ROWS = {  # the README's table of what the thesis adapters add, by its (data, configuration) cells
+ADAPTER_ROWS = {  # the page's table of what the thesis adapters add, by its (data, configuration) cells
     ("CIFAR-10 5-5", "head only"): ["+experiment=cifar5_5_head_only"],
     ("CIFAR-10 5-5", "serial, stages 1-3, g=1"): ["+experiment=cifar5_5_serial", "adapter.groups=1"],
     ("CIFAR-10 5-5", "serial, stages 1-3, g=20"): ["+experiment=cifar5_5_serial", "adapter.groups=20"],
@@ -194,11 +194,11 @@ ADAPTER_ROWS = {  # the README's table of what the thesis adapters add, by its (
 }  # fmt: skip
 
 
-def test_readme_adapter_macs_are_what_summary_only_counts(tmp_path):
+def test_documented_adapter_macs_are_what_summary_only_counts(tmp_path):
     from bnn_adapt.run.config import compose
     from bnn_adapt.run.task import configured_counts
 
-    cells = [line.strip("|").split("|") for line in README.read_text().splitlines()
+    cells = [line.strip("|").split("|") for line in PAGE.read_text().splitlines()
              if line.startswith("| ") and line.count("|") == 7]  # fmt: skip
     rows = {(c[0].strip(), c[1].strip()): [v.strip() for v in c[2:]] for c in cells}
     for key, overrides in ADAPTER_ROWS.items():
@@ -206,4 +206,4 @@ def test_readme_adapter_macs_are_what_summary_only_counts(tmp_path):
         _, s = configured_counts(cfg)
         expected = [f"{s['adapter_macs']:,}", f"{s['head_macs']:,}", f"{100 * s['binary_mac_share']:.2f} %",
                     f"{s['size_pct']:.3f}"]  # fmt: skip
-        assert rows.get(key) == expected, f"README row {key}"
+        assert rows.get(key) == expected, f"{PAGE.name} row {key}"

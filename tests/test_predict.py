@@ -58,7 +58,7 @@ def write_images(folder: Path, n: int = 5) -> list[Path]:
 
 
 def preprocessed_independently(paths: list[Path], preprocess: dict) -> torch.Tensor:
-    """The eval preprocessing as the README states it (RGB, resize to image_size, scale to [0, 1],
+    """The eval preprocessing as the adapter file records it (RGB, resize to image_size, scale to [0, 1],
     normalise with the run's mean and std), written here with torchvision's functional API."""
     size = preprocess["image_size"]
     batch = []

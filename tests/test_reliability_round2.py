@@ -47,7 +47,7 @@ def dead_pid() -> int:
 
 
 def test_the_readme_search_in_a_fresh_clone_stops_before_the_first_trial(tmp_path):
-    """The README's Pareto smoke command before any base (or smoke data) exists: one line, exit 2, nothing on disk."""
+    """docs/search.md's Pareto smoke command before any base (or smoke data) exists: one line, exit 2, nothing on disk."""
     result = run_module(tmp_path, "bnn_adapt", "+experiment=cifar5_5_serial", "+profile=smoke",
                         "hparams_search=size_vs_accuracy", "hydra.sweeper.n_trials=8")  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]

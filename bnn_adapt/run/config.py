@@ -86,7 +86,9 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 # ----------------------------------------------------------------------------- renamed keys
 
-#: old key -> new key (0.2 gave the memory mode and the tap cache one node each, and groups to the adapter)
+#: old key -> new key: 0.2.0 gave the memory mode and the tap cache one node each, and groups to the adapter
+#: (CHANGELOG.md). On the command line the old key still works, with a note; a config file that sets it
+#: stops with one line naming the new key (:func:`validate`)
 DEPRECATED_KEYS = {
     "trainer.memory": "memory",
     "adapter.cache_taps": "tap_cache.enabled",
@@ -97,8 +99,9 @@ DEPRECATED_KEYS = {
 
 
 def rename_deprecated_overrides(args: Sequence[str]) -> list[str]:
-    """Command-line overrides with renamed keys spelled the new way, one note each on stderr.
+    """Command-line overrides with keys renamed in 0.2.0 spelled the new way, one note each on stderr.
 
+    The one place renamed keys are translated: ``python -m bnn_adapt`` and :func:`compose` apply it.
     ``reduction=groups`` (0.1's way to group the 1x1 convs, g=10 by default) is
     dropped: groups are ``adapter.groups`` now.
     """
@@ -235,6 +238,9 @@ def without_hydra_node(cfg: DictConfig) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of values no constructor checks; raise ConfigError."""
+    for old, new in DEPRECATED_KEYS.items():
+        if OmegaConf.select(cfg, old, default=None) is not None:
+            raise ConfigError(f"{old} was renamed to {new} in bnn_adapt 0.2.0: set {new} in your config file instead")
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

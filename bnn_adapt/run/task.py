@@ -37,7 +37,7 @@ from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.files import file_sha256, read_json_or_none, write_json
 from bnn_adapt.run import builders, claims, preflight, ranks, resume, study, tracking
-from bnn_adapt.run.config import DEPRECATED_KEYS, validate, without_hydra_node
+from bnn_adapt.run.config import validate, without_hydra_node
 from bnn_adapt.run.provenance import environment, torch_threads
 from bnn_adapt.run.results import (
     RESULTS_SCHEMA,
@@ -381,28 +381,13 @@ def record_failure(cfg: DictConfig, exc: BaseException) -> None:
     )
 
 
-def move_deprecated_keys(cfg: DictConfig) -> DictConfig:
-    """A config file (an experiment, a sweep) that still sets a renamed key: its value moves to the new key."""
-    found = [old for old in DEPRECATED_KEYS if OmegaConf.select(cfg, old, default=None) is not None]
-    if not found:
-        return cfg
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        for old in found:
-            parent, _, leaf = old.rpartition(".")
-            value = cfg[parent].pop(leaf)
-            OmegaConf.update(cfg, DEPRECATED_KEYS[old], value, force_add=True)
-            print(f"note: {old} is deprecated, use {DEPRECATED_KEYS[old]} (set to {value!r})", file=sys.stderr)
-    return cfg
-
-
 def run(cfg: DictConfig) -> dict:
     """Validate, set torch's thread count (``threads``), seed, then summary / pretrain / adapt; returns the metrics.
 
     A run whose directory already holds complete results of the same config (and data) is
     not repeated; a failing run records why in its ``metrics.json``.
     """
-    cfg = move_deprecated_keys(without_hydra_node(cfg))
+    cfg = without_hydra_node(cfg)
     validate(cfg)
     with torch_threads(cfg.get("threads")):  # before anything is built: it decides how floats are summed
         return run_task(cfg)

@@ -6,7 +6,7 @@ tables -- is exercised on any machine without downloads; the tests use them too.
 Pixels are random, but every class has its own colour (brightness for grayscale),
 so a small network learns them quickly and the loss visibly falls.
 
-``python -m bnn_adapt.synthetic [ROOT]`` writes everything the smoke profile reads
+``python -m bnn_adapt.tools.synthetic [ROOT]`` writes everything the smoke profile reads
 (default ROOT: ``$BNN_ADAPT_ROOT/data/smoke``, the smoke profile's ``paths.data_dir``).
 """
 

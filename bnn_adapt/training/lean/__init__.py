@@ -45,9 +45,9 @@ Adaptation strategies keep ``low_precision`` off even then: their lean
 gradients are exact, and layers that would need a real-valued copy use
 standard autograd. ``memory=lean`` never approximates: training is
 bit-identical to standard autograd, with the real-valued copies fp32. (On the
-digits base, 3 seeds, ``lean`` reproduced standard's final top-1 exactly;
-``lean_fp16`` differed by up to 8 points per seed, as any perturbation of a
-binary network's training does: see README.)
+digits base, 3 seeds, ``lean`` reproduced standard's training bit for bit;
+``lean_fp16`` moved the final top-1 by up to 1.3 points, as any perturbation of
+a binary network's training does: docs/speed.md.)
 
 Lean mode swaps the class of each known layer for a lean subclass
 (:func:`make_lean`); parameters, buffers, state-dict keys, hooks and

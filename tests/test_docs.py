@@ -1,0 +1,83 @@
+"""The documentation site: the configuration reference is what conf/ says today (regenerated and compared),
+it lists every group and choice, the site builds strictly (no broken link or anchor, no page left out of
+the navigation, no missing included file), and the README's links into it resolve."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import markdown
+
+from bnn_adapt.run.config import CONF_DIR, REPO_ROOT
+from bnn_adapt.tools import config_reference
+
+
+def test_configuration_reference_is_what_conf_says_today():
+    assert config_reference.PAGE.read_text() == config_reference.render(), (
+        f"{config_reference.PAGE} is stale: run {config_reference.COMMAND} and commit the page"
+    )
+
+
+def test_configuration_reference_lists_every_group_and_choice():
+    page = config_reference.PAGE.read_text()
+    files = sorted(CONF_DIR.rglob("*.yaml"))
+    groups = {p.parent.relative_to(CONF_DIR).as_posix() for p in files if p.parent != CONF_DIR}
+    assert {"adapter", "base", "data", "experiment", "hydra/launcher", "trainer"} <= groups
+    for group in groups:
+        assert f"\n## {group} {{#" in page, group
+    for path in files:
+        assert f"`conf/{path.relative_to(CONF_DIR).as_posix()}`" in page, path
+
+
+def test_each_comment_is_paired_with_its_key():
+    text = "\n".join([
+        "# @package _global_",
+        "# What this file is,",
+        "# on two lines.",
+        "defaults:",
+        "  - _base_      # shared keys",
+        "  - override /data: cifar5_5",
+        "",
+        "a: 1.0e-3   # after a",
+        "# above b",
+        "b:",
+        "  c: 'x # not a comment'  # after c",
+        "  d: ${oc.env:HOME,.}",
+        "  # above e, inside b",
+        "  e: [1, 2]",
+        "f: g",
+    ])  # fmt: skip
+    header, notes = config_reference.comments(text)
+    assert header == "What this file is, on two lines."
+    assert notes == {"defaults/_base_": "shared keys", "a": "after a", "b": "above b", "b.c": "after c",
+                     "b.e": "above e, inside b"}  # fmt: skip
+
+
+def test_the_site_builds_strictly(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    config_page = (tmp_path / "site" / "reference" / "configuration" / "index.html").read_text()
+    assert "adapter.groups" in config_page
+    speed = (tmp_path / "site" / "speed" / "index.html").read_text()
+    assert "speed-up vs finetune" in speed  # benchmarks/results.md, included as make bench wrote it
+
+
+def test_the_readme_links_to_files_and_headings_that_exist():
+    readme = (REPO_ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert any(link.startswith("docs/") for link in links)
+    for link in links:
+        if "://" in link:
+            continue
+        path, _, anchor = link.partition("#")
+        target = REPO_ROOT / path
+        assert target.is_file(), f"README links to {path}, which does not exist"
+        if anchor:
+            html = markdown.markdown(target.read_text(), extensions=["toc", "tables"])
+            assert f'id="{anchor}"' in html, f"README links to {link}: {path} has no heading #{anchor}"
