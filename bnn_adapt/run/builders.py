@@ -147,10 +147,9 @@ def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, Run
     if cfg.trainer.get("enable_model_summary", True):
         callbacks.append(MacSummary(cfg.data.image_size))
     loggers = build_loggers(cfg)
-    arguments = copy.deepcopy(cfg.trainer)
-    with open_dict(arguments):
-        for key in TRAINER_OPTIONS:
-            arguments.pop(key, None)
+    # Lightning's arguments, resolved and detached (Hydra 1.4 instantiates a node in its root's context)
+    trainer_keys = OmegaConf.to_container(cfg.trainer, resolve=True)
+    arguments = OmegaConf.create({k: v for k, v in trainer_keys.items() if k not in TRAINER_OPTIONS})
     try:
         trainer = instantiate(arguments, callbacks=callbacks, logger=loggers, enable_model_summary=False)
     except MisconfigurationException as exc:  # e.g. accelerator=gpu on a machine without one

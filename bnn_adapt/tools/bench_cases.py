@@ -84,7 +84,7 @@ def adapter_config(setup: ModelSetup, strategy: str, stages: int):
 def build_model(setup: ModelSetup, strategy: str, base: nn.Module) -> nn.Module:
     if strategy == "pretrain":
         return base
-    from hydra.utils import instantiate
+    from bnn_adapt.run.builders import instantiate  # noqa: PLC0415 - our targets' whitelist (Hydra 1.4)
 
     config = adapter_config(setup, strategy, len(base.stages))
     return instantiate(config, base=base, num_classes=setup.target_classes, freeze_bn=True)
