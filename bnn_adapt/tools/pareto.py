@@ -166,10 +166,10 @@ def dominates(a: dict, b: dict) -> bool:
 def compare_fronts(front: list[dict], baseline: list[dict], limit: float = SMALL) -> dict:
     """How ``front`` stands against ``baseline`` below ``limit`` % of the base: the baseline points it
     dominates, those it reaches (a point of ``front`` at least as good on both objectives), and both
-    hypervolumes."""
+    hypervolumes; top-1 is the one the search selects on (``SELECTED_ON``), as for the fronts."""
     small = [p for p in baseline if p["size_pct"] < limit]
     beaten = [p for p in small if any(dominates(q, p) for q in front)]
-    reached = [p for p in small if any(q["test_top1"] >= p["test_top1"] and q["size_pct"] <= p["size_pct"]
+    reached = [p for p in small if any(q[SELECTED_ON] >= p[SELECTED_ON] and q["size_pct"] <= p["size_pct"]
                                        for q in front)]  # fmt: skip
     return {"limit_pct": limit, "baseline_points": len(small), "baseline_points_dominated": len(beaten),
             "baseline_points_reached": len(reached), "dominates": bool(small) and len(beaten) == len(small),
