@@ -7,6 +7,7 @@ all build through these, so a config means the same model everywhere.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +31,13 @@ def instantiate(config, *args, **kwargs):
     whitelist). Hydra 1.4 raises what a ``_target_`` raises as it is (1.3 wrapped it in an
     ``InstantiationException``), so a :class:`UserError` (a bad ``adapter.groups``, unknown class
     ids, ...) reaches the command line as itself, one ``error:`` line."""
-    return hydra_instantiate(config, *args, _execution_whitelist_=TRUSTED_TARGETS, **kwargs)
+    made = hydra_instantiate(config, *args, _execution_whitelist_=TRUSTED_TARGETS, **kwargs)
+    if isinstance(made, functools.partial) and type(made) is not functools.partial:
+        # a ``_partial_`` (the optimizer, the scheduler): Hydra 1.4 returns a partial that re-checks the
+        # whitelist when called and refuses to be pickled, which trainer=ddp (ddp_spawn) does to the
+        # module; its target passed the whitelist here already, so a plain partial of it is the same
+        made = functools.partial(made.func, *made.args, **made.keywords)
+    return made
 
 
 def build_base(cfg: DictConfig) -> BaseNetwork:
