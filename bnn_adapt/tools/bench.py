@@ -27,8 +27,8 @@ base, before any model is built).
   same model and loaders (``framework_vs_bare``); a tiny width on CPU, the thesis's on GPU.
 
 It writes ``benchmarks/results.json`` (one record per case), ``benchmarks/epochs.json``
-(one per epoch case), ``benchmarks/results.md`` and ``benchmarks/machine.json``, and with
-``--readme`` puts the report into the README (:mod:`bnn_adapt.tools.bench_report`).
+(one per epoch case), ``benchmarks/results.md`` (:mod:`bnn_adapt.tools.bench_report`; docs/speed.md includes it)
+and ``benchmarks/machine.json``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from bnn_adapt.tools.bench_cases import (
     train_step,
 )
 from bnn_adapt.tools.bench_memory import SavedTensorMeter, measure_peak, measure_saved  # noqa: F401 (re-exported)
-from bnn_adapt.tools.bench_report import README_END, README_START, commit, machine, report, update_readme  # noqa: F401
+from bnn_adapt.tools.bench_report import commit, machine, report
 from bnn_adapt.training import allocator
 
 AMORTIZED = ((1, 10), (1, 75), (4, 10), (4, 75))  # (views, epochs) of the tap cache's amortised speed-up
@@ -206,7 +206,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--strategies", default=None, help="comma-separated strategies and/or pretrain (default: all)")
     parser.add_argument("--peak-repeats", type=int, default=3, help="fresh processes per case for peak memory (0: skip)")
     parser.add_argument("--out", default="benchmarks", help="folder for results.json / results.md")
-    parser.add_argument("--readme", default=None, help="README to update between the bench markers")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--only", choices=SECTIONS, default=None,
@@ -247,9 +246,6 @@ def _device(name: str) -> torch.device:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.readme and args.only:
-        raise SystemExit(f"error: --readme with --only {args.only} would drop the other section from the README; "
-                         "run both sections to update it")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
@@ -288,8 +284,6 @@ def main(argv=None) -> list[dict]:
         with atomic_output(out / name) as tmp:
             tmp.write_text(content + "\n")
     print(text)
-    if args.readme:
-        update_readme(Path(args.readme), text)
     return records
 
 

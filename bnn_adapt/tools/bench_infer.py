@@ -18,8 +18,7 @@ Cases are interleaved round by round and medians reported, so that load from
 other processes hits both paths alike; the load average is recorded. Freed
 memory stays in the process (``allocator.keep_freed_memory``, both paths),
 so that page faults of fresh output tensors do not dominate. Writes
-``benchmarks/inference.json`` and ``benchmarks/inference.md``; ``--readme``
-puts the summary into the README.
+``benchmarks/inference.json`` and ``benchmarks/inference.md`` (docs/speed.md includes it).
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d
 from bnn_adapt.deploy.predict import BaseWithAdapters
 from bnn_adapt.nn.layers import BinaryConv2d, ScaledBinaryConv2d
-from bnn_adapt.tools.bench_report import commit, machine, update_readme
-from bnn_adapt.tools.bench_infer_report import README_END, README_START, layer_table, markdown, summary_rows
+from bnn_adapt.tools.bench_report import commit, machine
+from bnn_adapt.tools.bench_infer_report import layer_table, markdown, summary_rows
 from bnn_adapt.training import allocator
 
 
@@ -283,7 +282,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes (fresh processes)")
     parser.add_argument("--isa", default=None, choices=kernels.ISAS, help="force a kernel level (default: the best)")
     parser.add_argument("--out", default="benchmarks", help="folder for inference.json / inference.md")
-    parser.add_argument("--readme", default=None, help="README to update between the bench-infer markers")
     return parser.parse_args(argv)
 
 
@@ -347,8 +345,6 @@ def main(argv=None) -> dict:
     text = markdown(records, memory, meta)
     (out / "inference.md").write_text(text + "\n\n" + layer_table(records) + "\n")
     print(text)
-    if args.readme:
-        update_readme(Path(args.readme), text, README_START, README_END)
     return result
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 
-README_START, README_END = "<!-- bench-infer:start -->", "<!-- bench-infer:end -->"
 TARGETS = {  # issue #16, on this repository's 2-core reference machine
     "conv3x3": 4.0,
     ("end_to_end", "ste_resnet_cifar", 1): 2.0,

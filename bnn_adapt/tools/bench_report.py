@@ -10,10 +10,8 @@ from pathlib import Path
 
 import torch
 
-from bnn_adapt.files import atomic_output
 from bnn_adapt.run.provenance import git_commit as commit  # noqa: F401 - the benchmarks' records name it
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # (label, goal, strategy, cache_taps, memory, field): the goals of issue #6, as ratios from one run
 TARGETS = (
@@ -281,12 +279,3 @@ def epoch_notes(epochs: list[dict], meta: dict) -> str:
         "which other processes on a shared machine do not inflate as they do wall time; the CPU goal (issue #24) "
         "is judged on it."
     )
-
-
-def update_readme(path: Path, text: str, start_marker: str = README_START, end_marker: str = README_END) -> None:
-    content = path.read_text()
-    start, end = content.find(start_marker), content.find(end_marker)
-    if start < 0 or end < start:
-        raise SystemExit(f"error: {path} has no {start_marker} ... {end_marker} section to fill; add the two markers")
-    with atomic_output(path) as tmp:
-        tmp.write_text(content[: start + len(start_marker)] + "\n" + text + "\n" + content[end:])
