@@ -77,7 +77,7 @@ def test_each_table_sweep_expands_to_exactly_its_rows(table_id, tmp_path, monkey
         widths = ("", " 8-bit", " 4-bit", " 2-bit", " 1-bit")
         assert labels == [f"{a}{w}" for a in ("serial stages 1,2,3 g=1", "udta head=concat g=1") for w in widths]
     elif table_id == "fashion_bn":  # each frozen-base strategy under the three base.bn modes, side by side
-        assert all(len(row.jobs) == 3 for row in rows) and len(rows) == 12
+        assert all(len(row.jobs) == 3 for row in rows) and len(rows) == 21
         assert labels[:3] == [f"head only base.bn={mode}" for mode in ("frozen", "recalibrate", "adapt")]
         assert all(row.jobs[0].cfg.base.bn == row.label.rpartition("=")[2] for row in rows)
         assert all(row.jobs[0].cfg.base.epoch == "last" for row in rows)
