@@ -67,7 +67,7 @@ from bnn_adapt.adapters.file_layout import default_codec, layout_hash, load_part
 from bnn_adapt.adapters.file_v1 import attach_v1
 from bnn_adapt.adapters.strategy import make_head_prunable
 from bnn_adapt.adapters.udta import ThinBlock
-from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded, sign_weight_names
+from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded
 from bnn_adapt.errors import ConfigError, ExportError, FingerprintError
 from bnn_adapt.files import atomic_output
 from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, mark_folded
@@ -203,9 +203,9 @@ def export_adapter(
         if part is not None:
             _write_part(records, prefix, part, model.base)
     differences = base_differences(model.base, reference)
-    signs = sign_weight_names(model.base)
+    kinds = {n: kind for n, kind, _ in canonical_tensors(reference)}  # as attach_adapter reads them back
     for name, t in differences.items():
-        records.add(f"base.{name}", t, default_codec("sign" if name in signs else "value", dtype, t.dim()))
+        records.add(f"base.{name}", t, default_codec("sign" if kinds[name] == "bits" else "value", dtype, t.dim()))
     names = [str(c) for c in class_names or ()]
     meta = {
         "format": FORMAT,
