@@ -257,3 +257,83 @@ def test_recalibrated_base_feeds_the_tap_cache_and_the_export(pretrained_base, m
     packed, _ = read_packed_base(out / BASE_FILE)
     adapter = attach_adapter(next(p for p in out.glob("*.safetensors")), packed)
     assert evaluate(plain_cfg, "target", adapter) == pytest.approx(plain["test_top1"], abs=1e-6)
+
+
+# ------------------------------------------------------------------ at the end of an adaptation
+
+
+@pytest.mark.parametrize(("overrides", "trained"), [
+    (["adapter=head_only"], {"head"}),  # the STE head is binary: BinaryLinear + BatchNorm1d
+    (["adapter=lora"], {"head"}),
+    (["adapter=udta"], {"adapter", "head"}),  # + the thin blocks' own BNs
+    (["adapter=udta", "base.bn=recalibrate"], {"adapter", "head"}),
+    (["adapter=udta", "base.bn=adapt"], {"adapter", "base", "head"}),  # the thesis's drift
+    (["adapter=full_finetune"], {"base", "head"}),
+])  # fmt: skip
+def test_trained_norms_are_the_bns_whose_statistics_the_adaptation_updates(pretrained_base, make_cfg, overrides, trained):
+    cfg = make_cfg("data=cifar5_5", *overrides)
+    model = builders.build_adapted(cfg, builders.load_trained_base(cfg), 5)
+    names = {id(m): n for n, m in model.named_modules()}
+    model.eval()
+    found = pbn.trained_norms(model)
+    assert {names[id(m)].split(".")[0] for m in found} == trained
+    assert not any(m.training for m in model.modules())  # the modes are left as they were
+    with torch.no_grad():  # the rule is the model's own: exactly the BNs whose buffers a training forward moves
+        before = copy.deepcopy(model.state_dict())
+        model.train()
+        model(torch.randn(4, 3, 32, 32))
+        moved = {k.rpartition(".")[0] for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert moved <= {names[id(m)] for m in found}
+    assert {names[id(m)] for m in found} - moved <= {"base.classifier.1"}  # the base's own head, replaced
+
+
+def test_precise_bn_leaves_a_bn_the_forward_does_not_reach_as_it_was():
+    unused = nn.BatchNorm1d(3)
+    unused.running_mean.fill_(2.0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model.add_module("unused", unused)
+    model.forward = lambda x: model[1](model[0](x))
+    assert precise_bn(model, [torch.randn(2, 3, 8, 8)]) == 1
+    assert torch.all(unused.running_mean == 2.0) and int(unused.num_batches_tracked) == 0
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def adapt(make_cfg, *overrides: str, name: str):
+    cfg = make_cfg("data=cifar5_5", "trainer.max_epochs=2", *overrides, name=name)
+    return cfg, task.run(cfg)
+
+
+@pytest.mark.parametrize("adapter", ["full_finetune", "udta"])
+def test_adaptation_re_estimates_the_statistics_it_trains_and_only_those(pretrained_base, make_cfg, adapter, tmp_path):
+    """Off and on: the same training; on, the last validation measures both statistics, the run leaves with
+    the re-estimated ones of its trained BNs (a frozen base's stay the stored ones), its adapter file
+    carries them and the packed export scores the headline top-1."""
+    _, off = adapt(make_cfg, f"adapter={adapter}", "base.precise_bn.adaptation=false", name=f"{adapter}_off")
+    cfg, on = adapt(make_cfg, f"adapter={adapter}", name=f"{adapter}_on")
+    assert [h["val/acc"] for h in on["history"]] == [h["val/acc"] for h in off["history"]]
+    assert "test_top1_precise_bn" not in off and off["test_top1"] == off["history"][-1]["val/acc"]
+    assert on["test_top1_averaged_bn"] == off["test_top1"]
+    assert on["test_top1"] == on["test_top1_precise_bn"] == on["history"][-1][pbn.PRECISE_KEY]
+
+    run_dir = Path(cfg.paths.output_dir)
+    averaged = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    model = builders.build_adapted(cfg, builders.load_trained_base(cfg), 5)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in averaged.items()})
+    assert evaluate(cfg, "target", model) == pytest.approx(on["test_top1_averaged_bn"], abs=1e-6)
+
+    out = tmp_path / f"{adapter}_export"
+    task.run(make_cfg("task=export", f"export.adapter_run=[{run_dir}]", f"export.dir={out}", name=f"{adapter}_export"))
+    packed, _ = read_packed_base(out / BASE_FILE)
+    exported = attach_adapter(next(out.glob("*.safetensors")), packed)
+    assert evaluate(cfg, "target", exported) == pytest.approx(on["test_top1"], abs=1e-6)
+    saved = stored_tensors(run_dir / ADAPTER_FILE, builders.load_trained_base(cfg))
+    assert any(k.startswith("base.") for k in saved) == (adapter == "full_finetune")  # base.bn=frozen: untouched
+    assert on["test_top1"] != on["test_top1_averaged_bn"] or adapter == "udta"  # finetuning's statistics moved
+
+
+def test_adaptation_without_trained_bns_gets_no_precise_bn_pass(make_cfg):
+    cfg = make_cfg("data=cifar5_5")
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval().requires_grad_(False))
+    frozen.train = lambda mode=True: frozen  # a model whose train() keeps its only BN in eval mode
+    assert pbn.trained_norms(frozen) == [] and task.precise_bn_callback(cfg, frozen) is None
+    assert task.precise_bn_callback(cfg, nn.Sequential(nn.BatchNorm2d(4))).only_trained

@@ -249,7 +249,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=1 if key.startswith("base.precise_bn") else None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key}={value!r} is invalid: it must be a positive integer")
-    for key in ("summary_only", "resume", "debug", "base.precise_bn.enabled", "base.precise_bn.every_epoch"):
+    for key in ("summary_only", "resume", "debug", "base.precise_bn.enabled", "base.precise_bn.every_epoch",
+                "base.precise_bn.adaptation"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid: use true or false")

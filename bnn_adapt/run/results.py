@@ -64,7 +64,12 @@ ADDED_SINCE_V1: dict[str, object] = {
     "trainer.channels_last": False,
     # precise BN (issue #22) off: what every base computed before it (on by default for the STE base)
     "base.precise_bn": {"enabled": False, "batches": 100, "every_epoch": False},
+    # ... and at the end of an adaptation, for the BNs it trains (issue #22): what adaptations computed before
+    "base.precise_bn.adaptation": False,
 }
+#: of those, the keys only an adaptation reads: neutral at any value in the other tasks (a pretraining
+#: run's hash does not move with them)
+ADAPTATION_ONLY = ("base.precise_bn.adaptation",)
 
 #: ``_target_``s as 0.1 spelled them, before the package was split into subpackages
 V1_TARGETS = {
@@ -122,7 +127,10 @@ def _drop_neutral(data: dict) -> None:
         node = data
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and (node[leaf] == neutral or _switched_off(node[leaf], neutral)):
+        if not (isinstance(node, dict) and leaf in node):
+            continue
+        unread = key in ADAPTATION_ONLY and data.get("task") != "adapt"
+        if unread or node[leaf] == neutral or _switched_off(node[leaf], neutral):
             del node[leaf]
 
 

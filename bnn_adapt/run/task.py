@@ -52,7 +52,7 @@ from bnn_adapt.training import tap_cache
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 from bnn_adapt.training.lean import set_memory_mode
 from bnn_adapt.training.module import Classifier
-from bnn_adapt.training.precise_bn import PreciseBN, final_top1, recalibrate
+from bnn_adapt.training.precise_bn import PreciseBN, final_top1, recalibrate, trained_norms
 
 
 def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
@@ -213,23 +213,41 @@ def run_pretrain(cfg: DictConfig) -> dict:
         )
     meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
             "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
-    settings = cfg.base.get("precise_bn") or {}
-    precise = PreciseBN(settings.batches, settings.every_epoch) if settings.get("enabled") else None
+    precise = precise_bn_callback(cfg, base)
     best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta, precise=precise)  # the thesis adapted it
     result, fit_error = fit(cfg, base, datamodule.num_classes, datamodule,
                             callbacks=[best, *([precise] if precise else [])])  # fmt: skip
-    if precise is not None:  # the base is saved with the re-estimated statistics: their top-1 is the headline
-        evaluated = "val" if datamodule.val_fraction else "test"  # trainer.test already ran on them
-        result.update(final_top1(result.get("history") or [], precise.every_epoch, evaluated))
+    if precise is not None:
+        with_precise_top1(result, precise, datamodule)
         result["best_epoch_top1_precise_bn"] = best.top1_precise_bn
-        if result[f"{evaluated}_top1_precise_bn"] is not None:
-            result[f"{evaluated}_top1"] = result[f"{evaluated}_top1_precise_bn"]
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
     summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
                "best_epoch_checkpoint": str(best.path), "best_epoch": best.epoch,
                **operation_counts(base, cfg.data.image_size)}  # fmt: skip
     measured = {**result, **summary}
     return after_training(cfg, measured, pretrain_steps(cfg, base, meta, measured), fit_error)
+
+
+def precise_bn_callback(cfg: DictConfig, model) -> PreciseBN | None:
+    """Precise BN for this fit (``base.precise_bn``): every BN of a base being pretrained; in an
+    adaptation (``adaptation: true``) the BNs it trains, none where it trains none (a frozen base
+    under a head or LoRA)."""
+    settings = cfg.base.get("precise_bn") or {}
+    adapting = cfg.task == "adapt"
+    if not settings.get("enabled") or (adapting and not settings.get("adaptation", False)):
+        return None
+    if adapting and not trained_norms(model):
+        return None
+    return PreciseBN(settings.batches, settings.every_epoch, only_trained=adapting)
+
+
+def with_precise_top1(result: dict, precise: PreciseBN, datamodule) -> None:
+    """The last epoch's top-1 with both statistics into ``result``; the network leaves the fit with the
+    re-estimated ones (what is saved, exported and tested), so their top-1 is the headline."""
+    evaluated = "val" if datamodule.val_fraction else "test"  # trainer.test already ran on them
+    result.update(final_top1(result.get("history") or [], precise.every_epoch, evaluated))
+    if result[f"{evaluated}_top1_precise_bn"] is not None:
+        result[f"{evaluated}_top1"] = result[f"{evaluated}_top1_precise_bn"]
 
 
 def pretrain_steps(cfg: DictConfig, base, meta: dict, measured: dict) -> list[tuple[str, Any]]:
@@ -259,19 +277,28 @@ def run_adapt(cfg: DictConfig) -> dict:
     base = builders.load_trained_base(cfg)
     model = builders.build_adapted(cfg, base, datamodule.num_classes)
     plan = builders.pruning_plan(cfg)
-    training_data = datamodule
     before_fit = None
     if cfg.base.bn == "recalibrate":  # AdaBN, before a tap cache reads the base
         batches = OmegaConf.select(cfg, "base.precise_bn.batches", default=PreciseBN().batches)
         before_fit = functools.partial(recalibrate, model.base, datamodule, batches)
-    if cfg.tap_cache.enabled:
-        training_data = tap_cache.TapCacheDataModule(datamodule, model, cfg.tap_cache.views, cfg.tap_cache.max_gb)
-    elif cfg.tap_cache.views > 1:
-        print(f"note: tap_cache.views={cfg.tap_cache.views} has no effect without tap_cache.enabled=true", file=sys.stderr)
-    result, fit_error = fit(cfg, model, datamodule.num_classes, training_data, plan, before_fit=before_fit)
+    training_data = adaptation_data(cfg, model, datamodule)
+    precise = precise_bn_callback(cfg, model)
+    result, fit_error = fit(cfg, model, datamodule.num_classes, training_data, plan,
+                            callbacks=[precise] if precise else [], before_fit=before_fit)  # fmt: skip
+    if precise is not None:
+        with_precise_top1(result, precise, datamodule)
     summary = accounting.summarize(model, cfg.data.image_size)
     summary["class_names"] = datamodule.class_names
     return after_training(cfg, {**result, **summary}, adapt_steps(cfg, model, datamodule), fit_error)
+
+
+def adaptation_data(cfg: DictConfig, model, datamodule):
+    """What the adaptation trains on: ``datamodule``, or the tap cache of ``model``'s frozen base over it."""
+    if cfg.tap_cache.enabled:
+        return tap_cache.TapCacheDataModule(datamodule, model, cfg.tap_cache.views, cfg.tap_cache.max_gb)
+    if cfg.tap_cache.views > 1:
+        print(f"note: tap_cache.views={cfg.tap_cache.views} has no effect without tap_cache.enabled=true", file=sys.stderr)
+    return datamodule
 
 
 def adapt_steps(cfg: DictConfig, model, datamodule) -> list[tuple[str, Any]]:
@@ -323,19 +350,25 @@ def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
     step = earlier.get("failed_step")
     print(f"resuming {out} after training: redoing {step!r} from {out / resume.CHECKPOINT}, no training")
     measured = {k: v for k, v in earlier.items() if k not in ("status", "failed_step", "error")}
+    last_epoch = max(measured.get("epochs_run", 1) - 1, 0)
     if cfg.task == "pretrain":
         datamodule = builders.build_datamodule(cfg, "base")
         base = resume.load_trained_weights(builders.build_base(cfg), out)
-        settings = cfg.base.get("precise_bn") or {}
-        if settings.get("enabled"):  # the checkpoint holds the averaged statistics: re-estimate, as the fit did
-            recalibrate(base, datamodule, settings.batches, torch.device("cpu"))
+        precise = precise_bn_callback(cfg, base)
+        if precise is not None:  # the checkpoint holds the averaged statistics: re-estimate, as the fit did
+            recalibrate(base, datamodule, precise.batches, torch.device("cpu"), epoch=last_epoch)
         meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
                 "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
         steps = pretrain_steps(cfg, base, meta, measured)
     else:
         datamodule = builders.build_datamodule(cfg, "target")
         model = builders.build_adapted(cfg, builders.load_trained_base(cfg), datamodule.num_classes)
-        steps = adapt_steps(cfg, resume.load_trained_weights(model, out), datamodule)
+        model = resume.load_trained_weights(model, out)
+        precise = precise_bn_callback(cfg, model)
+        if precise is not None:  # as the fit did: the checkpoint holds the averaged statistics
+            recalibrate(model, adaptation_data(cfg, model, datamodule), precise.batches, torch.device("cpu"),
+                        precise.norms(model), epoch=last_epoch)  # fmt: skip
+        steps = adapt_steps(cfg, model, datamodule)
     return after_training(cfg, measured, steps, first=step)
 
 

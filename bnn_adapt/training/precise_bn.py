@@ -29,6 +29,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 
 import lightning as L
+from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -45,9 +46,22 @@ def batch_norms(model: nn.Module) -> list[BatchNorm]:
     return [m for m in model.modules() if isinstance(m, BatchNorm) and m.track_running_stats]
 
 
-def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every BN's running statistics, by buffer name (for ``torch.func.functional_call``)."""
-    norms = {id(m) for m in batch_norms(model)}
+def trained_norms(model: nn.Module) -> list[BatchNorm]:
+    """The BNs whose running statistics ``model`` updates while it trains: those its own ``train()``
+    leaves in train mode (an adapted model keeps a frozen base in eval mode: ``base.bn=frozen``)."""
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    try:
+        return [m for m in batch_norms(model) if m.training]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def bn_statistics(model: nn.Module, norms: list[BatchNorm] | None = None) -> dict[str, torch.Tensor]:
+    """A copy of the running statistics of ``norms`` (default: every BN), by buffer name (for
+    ``torch.func.functional_call``)."""
+    norms = {id(m) for m in (batch_norms(model) if norms is None else norms)}
     owners = dict(model.named_modules())
     return {
         name: buffer.detach().clone()
@@ -68,15 +82,17 @@ def _images(batch):
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, batches: Iterable, num_batches: int | None = None) -> int:
-    """Recompute every BN's running mean and variance of ``model`` over ``batches`` (images, or
-    ``(images, labels)``; the first ``num_batches``); returns how many batches it used.
+def precise_bn(model: nn.Module, batches: Iterable, num_batches: int | None = None,
+               norms: list[BatchNorm] | None = None) -> int:  # fmt: skip
+    """Recompute the running mean and variance of ``model``'s BNs (``norms``; default: every one)
+    over ``batches`` (images, or ``(images, labels)``; the first ``num_batches``); returns how many
+    batches it used.
 
-    Each BN runs in train mode with ``momentum=None`` (a cumulative average over the batches, as
-    detectron2's ``PreciseBN``); every other module stays in eval mode, no gradient is computed,
-    and the modules' modes and momenta are restored afterwards. Nothing but BN buffers changes.
+    Each of them runs in train mode with ``momentum=None`` (a cumulative average over the batches,
+    as detectron2's ``PreciseBN``); every other module stays in eval mode, no gradient is computed,
+    and the modules' modes and momenta are restored afterwards. Nothing but their buffers changes.
     """
-    norms = batch_norms(model)
+    norms = batch_norms(model) if norms is None else norms
     stream = iter(batches if num_batches is None else itertools.islice(batches, num_batches))
     first = next(stream, None)
     if first is None:
@@ -86,6 +102,7 @@ def precise_bn(model: nn.Module, batches: Iterable, num_batches: int | None = No
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
+    before = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms}
     model.eval()
     for m in norms:
         m.reset_running_stats()
@@ -94,13 +111,17 @@ def precise_bn(model: nn.Module, batches: Iterable, num_batches: int | None = No
     used = 0
     try:
         for batch in itertools.chain([first], stream):
-            model(_images(batch).to(device, non_blocking=True))
+            model(move_data_to_device(_images(batch), device))  # images, or a tap cache's features
             used += 1
     finally:
         for m, mode in modes.items():
             m.training = mode
         for m, momentum in momenta.items():
             m.momentum = momentum
+        for m, buffers in before.items():
+            if not used or int(m.num_batches_tracked) == 0:  # a BN the forward does not reach keeps its statistics
+                for buffer, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), buffers):
+                    buffer.copy_(value)
     return used
 
 
@@ -142,15 +163,27 @@ def rounds(loader: Iterable) -> Iterator:
             return
 
 
-def recalibrate(model: nn.Module, datamodule, num_batches: int, device: torch.device) -> int:
-    """``model``'s BN statistics re-estimated on ``datamodule``'s training data (its training
-    transforms) on ``device``: ``base.bn=recalibrate`` (AdaBN) passes the frozen base, before
-    adaptation keeps them frozen."""
+def at_epoch(loader, epoch: int):
+    """``loader`` with its shuffle at ``epoch`` (where Lightning sets it before each epoch)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            break
+    return loader
+
+
+def recalibrate(model: nn.Module, datamodule, num_batches: int, device: torch.device,
+                norms: list[BatchNorm] | None = None, epoch: int = 0) -> int:  # fmt: skip
+    """``model``'s BN statistics (``norms``; default: every BN) re-estimated on ``datamodule``'s
+    training data (its training transforms, its shuffle at ``epoch``) on ``device``:
+    ``base.bn=recalibrate`` (AdaBN) passes the frozen base, before adaptation keeps them frozen; a
+    run resumed after training, its last epoch, to get what its fit's :class:`PreciseBN` got."""
     datamodule.setup("fit")
     home = next(model.parameters()).device
     model.to(device)
     with _own_random_stream(device):
-        used = precise_bn(model, rounds(datamodule.train_dataloader()), num_batches)
+        used = precise_bn(model, rounds(at_epoch(datamodule.train_dataloader(), epoch)), num_batches, norms)
     model.to(home)
     return used
 
@@ -164,20 +197,26 @@ class PreciseBN(L.Callback):
     ``torch.func.functional_call``. The averaged statistics are put back after each validation,
     so training (and a resumed run) proceeds as without this callback; when training ends the
     network keeps the re-estimated ones, ready to be saved.
+
+    ``only_trained``: only the BNs the fit trains (:func:`trained_norms`; an adaptation leaves a
+    frozen base's statistics as they are), else every BN (pretraining).
     """
 
-    def __init__(self, batches: int = 100, every_epoch: bool = False):
-        self.batches, self.every_epoch = batches, every_epoch
+    def __init__(self, batches: int = 100, every_epoch: bool = False, only_trained: bool = False):
+        self.batches, self.every_epoch, self.only_trained = batches, every_epoch, only_trained
         self.final: dict[str, torch.Tensor] | None = None  # the last epoch's re-estimated statistics
         self._restore: dict[str, torch.Tensor] | None = None
         self._side: tuple[str, dict[str, torch.Tensor]] | None = None  # (key, statistics) measured beside
         self._accuracy: MulticlassAccuracy | None = None
 
+    def norms(self, model: nn.Module) -> list[BatchNorm]:
+        return trained_norms(model) if self.only_trained else batch_norms(model)
+
     def re_estimate(self, trainer: L.Trainer, model: nn.Module) -> int:
         """:func:`precise_bn` of ``model`` over this fit's training batches, on the trainer's device."""
         batches = (trainer.strategy.batch_to_device(batch) for batch in rounds(trainer.train_dataloader))
         with _own_random_stream(trainer.strategy.root_device):
-            return precise_bn(model, batches, self.batches)
+            return precise_bn(model, batches, self.batches, self.norms(model))
 
     @staticmethod
     def _last_epoch(trainer: L.Trainer) -> bool:
@@ -188,9 +227,10 @@ class PreciseBN(L.Callback):
         last = self._last_epoch(trainer)
         if trainer.sanity_checking or trainer.state.fn != "fit" or not (self.every_epoch or last):
             return
-        averaged = bn_statistics(pl_module)
+        norms = self.norms(pl_module)
+        averaged = bn_statistics(pl_module, norms)
         self.re_estimate(trainer, pl_module)
-        precise = bn_statistics(pl_module)
+        precise = bn_statistics(pl_module, norms)
         if last:
             self.final = precise
         if self.every_epoch:
