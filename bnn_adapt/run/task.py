@@ -8,11 +8,9 @@ data). It returns the metrics dict, which Hydra sweepers (Optuna included)
 read. ``task=export`` (bit-packed base + adapter files) and ``task=predict``
 (one base, many adapters) are deployment steps: :mod:`bnn_adapt.deploy`.
 
-What follows training (the end of Lightning's fit with its trackers, the adapter
-file, the pretrained base) runs as named steps: when one fails, the measured
-numbers are written first, with the step and its error beside them
-(``status: failed_after_training``), and ``resume=true`` redoes that step and
-those after it from the run's last checkpoint, without training again.
+What follows training runs as named steps that never lose the measured numbers
+(:mod:`bnn_adapt.run.records`); ``resume=true`` redoes a failed one from the
+run's last checkpoint, without training again (:func:`resume_after_training`).
 """
 
 from __future__ import annotations
@@ -35,17 +33,19 @@ from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter
 from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
-from bnn_adapt.files import file_sha256, read_json_or_none, write_json
+from bnn_adapt.files import read_json_or_none, write_json
 from bnn_adapt.run import builders, claims, preflight, ranks, resume, study, tracking
 from bnn_adapt.run.config import validate, without_hydra_node
-from bnn_adapt.run.provenance import environment, torch_threads
-from bnn_adapt.run.results import (
-    RESULTS_SCHEMA,
-    completed_metrics,
-    config_hash,
-    dataset_identity,
-    package_versions,
-    result_problem,
+from bnn_adapt.run.provenance import torch_threads
+from bnn_adapt.run.results import completed_metrics, config_hash, dataset_identity, result_problem
+from bnn_adapt.run.records import (
+    ADAPTER_FILE_STEP,
+    BASE_FILE_STEP,
+    FAILED_AFTER_TRAINING,
+    FailedAfterTraining,
+    adapted_base_sha256,
+    after_training,
+    record_failure,
 )  # fmt: skip
 from bnn_adapt.run.trial_report import TrialReport
 from bnn_adapt.training import tap_cache
@@ -81,21 +81,6 @@ def run_summary(cfg: DictConfig) -> dict:
     summary.update(task=cfg.task, config_hash=config_hash(cfg))
     write_json(Path(cfg.paths.output_dir) / "summary.json", summary)
     return summary
-
-
-FAILED_AFTER_TRAINING = "failed_after_training"  # status: every epoch ran and was measured, a later step failed
-#: the steps after training, as metrics.json names a failed one (``failed_step``)
-FIT_END_STEP = "end of fitting"  # Lightning's end-of-fit hooks (callbacks, the trackers' last records)
-ADAPTER_FILE_STEP = "adapter file"
-BASE_FILE_STEP = "base checkpoint"
-
-
-class FailedAfterTraining(RuntimeError):
-    """A step after training failed; ``run_dir``'s metrics.json holds the measured numbers beside it."""
-
-    def __init__(self, message: str, run_dir: str):
-        super().__init__(message)
-        self.run_dir = run_dir
 
 
 def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=(),
@@ -167,41 +152,6 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
         tested = trainer.test(module, datamodule=datamodule, verbose=False)
         result["test_top1"] = tested[0].get("test/acc") if tested else None
     return result, fit_error
-
-
-def results_record(cfg: DictConfig, measured: dict, status: str, **extra) -> dict:
-    """A run's ``metrics.json``: ``measured`` (its numbers and counts) and what they depend on (config
-    and its hash, results schema, data, base checkpoint, versions and environment: README, reproducibility)."""
-    return {
-        "status": status,
-        **extra,
-        "task": cfg.task,
-        "seed": cfg.seed,
-        "config_hash": config_hash(cfg),
-        "results_schema": RESULTS_SCHEMA,
-        "data": dataset_identity(cfg),
-        **({"base_checkpoint_sha256": adapted_base_sha256(cfg)} if cfg.task == "adapt" else {}),
-        "versions": package_versions(),
-        "environment": environment(),
-        **measured,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-
-
-def finish(cfg: DictConfig, result: dict, summary: dict) -> dict:
-    metrics = results_record(cfg, {**result, **summary}, "complete")
-    out = Path(cfg.paths.output_dir)
-    write_json(out / "metrics.json", metrics)
-    top1 = metrics.get("test_top1")
-    line = f"{cfg.task} done: top-1 {top1:.4f}" if top1 is not None else f"{cfg.task} done"
-    if metrics.get("val_top1") is not None:
-        line += f" (validation {metrics['val_top1']:.4f})"
-    if "size_pct" in metrics:
-        line += f", size {metrics['size_pct']:.3f}% of the base"
-    if metrics.get("epoch_time_s"):
-        line += f", {metrics['epoch_time_s']:.2f} s/epoch"
-    print(f"{line}; results in {out / 'metrics.json'}")
-    return metrics
 
 
 def run_pretrain(cfg: DictConfig) -> dict:
@@ -312,36 +262,6 @@ def adapt_steps(cfg: DictConfig, model, datamodule) -> list[tuple[str, Any]]:
     return [(ADAPTER_FILE_STEP, write_adapter_file)]
 
 
-def after_training(cfg: DictConfig, measured: dict, steps: list[tuple[str, Any]],
-                   fit_error: BaseException | None = None, first: str | None = None) -> dict:  # fmt: skip
-    """The steps after training in order (from step ``first`` on), then the complete ``metrics.json``.
-
-    When Lightning's end of fit (``fit_error``) or a step fails, ``metrics.json`` gets everything
-    measured, with status ``failed_after_training``, the step and its error, and
-    :class:`FailedAfterTraining` is raised.
-    """
-    failed = (FIT_END_STEP, fit_error) if fit_error is not None else None
-    names = [name for name, _ in steps]
-    for name, step in steps[names.index(first) if first in names else 0:]:
-        if failed is not None:
-            break
-        try:
-            step()
-        except Exception as exc:  # noqa: BLE001 - recorded beside the measured numbers, then raised
-            failed = (name, exc)
-    if failed is None:
-        return finish(cfg, measured, {})
-    name, exc = failed
-    out = Path(cfg.paths.output_dir)
-    error = f"{type(exc).__name__}: {exc}"
-    write_json(out / "metrics.json", results_record(cfg, measured, FAILED_AFTER_TRAINING, failed_step=name, error=error))
-    raise FailedAfterTraining(
-        f"{name} failed after training ({error}); every epoch ran and its numbers are in {out / 'metrics.json'}; "
-        "the same command with resume=true finishes the run from its last checkpoint, without training again",
-        str(out),
-    ) from exc
-
-
 def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
     """``resume=true`` on a run that failed after training: the model from its last checkpoint, then
     the step that failed and those after it (a failed end of fitting is not called again: its trackers
@@ -388,30 +308,10 @@ def choose_run_dir(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def adapted_base_sha256(cfg: DictConfig) -> str | None:
-    """What an adaptation run records of its base: the SHA-256 of the checkpoint file it reads."""
-    return file_sha256(builders.base_checkpoint_file(cfg))
-
-
 def pretrained_files_missing(cfg: DictConfig) -> list[str]:
     """What a finished pretraining run wrote and is gone (its base, last and best epoch): it runs again."""
     last = Path(cfg.base.save_to)
     return [str(p) for p in (last, best_epoch_path(last)) if not p.is_file()]
-
-
-def record_failure(cfg: DictConfig, exc: BaseException) -> None:
-    """A failed run leaves its reason where its results would be."""
-    write_json(
-        Path(cfg.paths.output_dir) / "metrics.json",
-        {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "task": cfg.get("task"),
-            "seed": cfg.get("seed"),
-            "config_hash": config_hash(cfg),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        },
-    )
 
 
 def run(cfg: DictConfig) -> dict:
