@@ -25,7 +25,7 @@ from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.run import study
 from bnn_adapt.run.config import search_as_multirun
 from bnn_adapt.run.study import PRUNED_ATTR, SIZE_ATTR
-from bnn_adapt.run.trial_report import should_prune
+from bnn_adapt.run.trial_report import TrialReport, should_prune
 from bnn_adapt.tools import search_trials
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from tests.test_tables import run_module
@@ -254,7 +254,7 @@ def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
     is judged from epoch 2 on, the first whose top-1 is of its pruned weights, and stops after it."""
     never_good_enough = "+search.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"  # top-1 never exceeds 1
     result = run_module(tmp_path, "bnn_adapt", *SEARCH, never_good_enough, "trainer.max_epochs=3",
-                        "hydra.sweeper.n_trials=2")  # fmt: skip
+                        "hydra.sweeper.n_trials=2", "reduction=prune", "reduction.rate=0.5")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("pruned after epoch 2") == 2, result.stdout[-3000:]
     spec = f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}"
@@ -265,6 +265,20 @@ def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
     assert search_trials.trial_counts(spec, "size_vs_accuracy") == {"PRUNED": 2}
     assert "study: 2 pruned" in result.stdout + result.stderr
     assert len((tmp_path / SWEEP / "trials.csv").read_text().splitlines()) <= 1  # no finished trial
+
+
+@pytest.mark.parametrize(("reduction", "first_judged"), [({"name": "prune", "rate": 0.9, "at_epoch": None}, 4),
+                                                        ({"name": "prune", "rate": 0.0, "at_epoch": None}, 1),
+                                                        ({"name": "prune", "rate": 0.0, "head_rate": 0.5,
+                                                          "at_epoch": 2}, 3),
+                                                        ({"name": "none"}, 1)])  # fmt: skip
+def test_a_trial_is_judged_from_the_first_epoch_of_its_final_weights(reduction, first_judged):
+    """Weights pruned at the end of epoch 3 of 6 (max_epochs // 2): judged from epoch 4; rates of 0 prune
+    nothing, so such a trial is judged from its first epoch, as one without reduction."""
+    rates = {"depthwise_rate": reduction.get("rate"), "pointwise_rate": reduction.get("rate")}
+    cfg = OmegaConf.create({"search": {"pruner": None}, "optimized_metrics": ["val_top1", "size_pct"],
+                            "trainer": {"max_epochs": 6}, "reduction": {**rates, **reduction}})  # fmt: skip
+    assert TrialReport(cfg, size_pct=3.0).first_judged_epoch == first_judged
 
 
 def test_a_front_reaches_the_points_it_equals_and_the_epochs_of_a_search_are_counted(tmp_path):

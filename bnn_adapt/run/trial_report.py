@@ -8,7 +8,8 @@ it trains, so the pruner judges it among the trials no larger than it (:func:`sh
 that those beat at the same epoch cannot reach the Pareto front. It is judged only once its weights
 are pruned as they will end (after the last round of ``reduction=prune``, at ``reduction.at_epoch``):
 the top-1 before one-shot weight pruning does not tell the top-1 after it (a trial of a Fashion-MNIST
-search, commit d231b29: 0.728 before, 0.316 after pruning 95 %). A pruned trial stops after that epoch; its
+search, commit d231b29: 0.728 before, 0.316 after pruning 95 %); a trial whose rates are all 0 prunes no
+weight and is judged from its first epoch. A pruned trial stops after that epoch; its
 ``metrics.json`` says ``"status": "pruned"``, and its trial records the epoch
 (``bnn_adapt:pruned_after_epoch``). hydra-optuna-sweeper tells Optuna only COMPLETE or FAIL, so the
 study holds a pruned trial as FAIL with that attribute.
@@ -26,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from bnn_adapt.run import study
 from bnn_adapt.run.builders import instantiate
 from bnn_adapt.run.study import PRUNED_ATTR, SIZE_ATTR
-from bnn_adapt.training.pruning import pruning_epochs
+from bnn_adapt.training.pruning import PruningPlan
 
 METRIC = "val/acc"
 
@@ -81,8 +82,10 @@ class TrialReport(L.Callback):
         names = list(cfg.get("optimized_metrics") or ["test_top1", "size_pct"])
         self.size_index = names.index("size_pct") if "size_pct" in names else 1
         self.accuracy_index = 1 - self.size_index if len(names) == 2 else 0
-        # the first epoch whose top-1 is of the weights as they end (weight pruning at the end of epoch ``at``)
-        self.first_judged_epoch = max(pruning_epochs(cfg.reduction, cfg.trainer.max_epochs), default=0) + 1
+        # the first epoch whose top-1 is of the weights as they end (weight pruning at the end of epoch ``at``;
+        # a trial whose rates prune nothing is judged from its first epoch)
+        plan = PruningPlan.from_config(cfg.reduction, cfg.trainer.max_epochs)
+        self.first_judged_epoch = max(plan.epochs) + 1 if plan is not None else 1
         self.pruned_after_epoch: int | None = None
         self._ids: tuple[BaseStorage, int, int] | None = None
 
