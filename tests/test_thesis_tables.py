@@ -101,6 +101,11 @@ def test_each_row_shows_ours_beside_the_thesis_with_the_difference(tmp_path, mon
     assert {c["thesis top-1 %"] for c in cells.values()} == {UNKNOWN}
     assert "table 6.5's finetuning" in (out / "table_6_4.md").read_text()
 
+    # the claims of every table, in one order whichever table was rendered last
+    claims_then = (out / "claims.md").read_text()
+    tables.render_tables(["6.2"], "smoke", out)
+    assert (out / "claims.md").read_text() == claims_then
+
 
 def test_pretraining_and_count_tables_say_the_thesis_values_are_unknown(tmp_path, monkeypatch):
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path))
@@ -185,3 +190,13 @@ def test_claims_are_checked_against_the_runs(tmp_path, monkeypatch):
     assert found["Adapter epochs are 1.3-1.45x faster than finetuning (relative speed-up 2 - t/t_ft)"]["6.2"] == (
         "does not hold | 3 adapters: 1.01 .. 1.01, median 1.01")
     assert found["summary"]["UDTA with groups reaches its best within about 10 epochs"] == "holds"  # 6.2 has no UDTA
+
+    # sizes within 3x of each other (one adapter at several bit widths): no trend to fit, however good the line
+    rows = {row.label: row.jobs[0] for row in table_rows(TABLES["6.2"], "smoke")}
+    for label, weights in (("serial stages 1,2,3 g=1", 9_000), ("serial stages 1,2,3 g=10", 10_000),
+                           ("serial stages 3", 13_000)):  # fmt: skip
+        finish(rows[label], "serial", (42 + 3 * math.log(weights)) / 100, 9.9, (weights, 0), 10.0)
+    checked[1] = (TABLES["6.2"], table_rows(TABLES["6.2"], "smoke"))
+    tables.write_claims(checked, tmp_path / "claims.md")
+    narrow = claims(tmp_path / "claims.md")["Accuracy grows with log(weights introduced)"]["6.2"]
+    assert narrow == "not enough runs | 3 adapters whose weights introduced span 1.44x (3x needed)"

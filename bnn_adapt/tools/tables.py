@@ -251,8 +251,8 @@ def render_tables(ids: Sequence[str], profile: str, out: Path, overrides: Sequen
         write_csv(out / f"{table.stem}.csv", r.records)
         plot_curves(table, r.rows, out)
         rendered.append(r)
-    others = [(t, table_rows(t, profile, overrides)) for t in TABLES.values() if t.id not in ids]
-    every = [*((r.table, r.rows) for r in rendered), *others]
+    done = {r.table.id: r.rows for r in rendered}  # every table in TABLES's order, whichever were rendered now
+    every = [(t, done[t.id] if t.id in done else table_rows(t, profile, overrides)) for t in TABLES.values()]
     plot_accuracy_vs_weights(every, out / "accuracy_vs_weights.png")
     write_claims(every, out / "claims.md")
     return rendered
