@@ -220,6 +220,17 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
     assert "| strategy | width | train + eval images |" in table and "| udta + tap cache | 0.1 |" in table
     assert "framework / bare" in table and "<= 1.3x" in table
 
+    # a later run of the step cases alone keeps these epoch records and their report, naming each run
+    epochs_json = (out / "epochs.json").read_text()
+    bench.main(["--tiny", "--only", "steps", "--models", "ste_resnet_cifar", "--strategies", "head_only",
+                "--peak-repeats", "0", "--out", str(out)])  # fmt: skip
+    assert (out / "epochs.json").read_text() == epochs_json
+    runs = json.loads((out / "machine.json").read_text())
+    assert "--only steps" in runs["steps"]["command"] and "--only epochs" in runs["epochs"]["command"]
+    both = (out / "results.md").read_text()
+    assert "| model | strategy | memory |" in both and "| udta + tap cache | 0.1 |" in both
+    assert "Whole epochs: `python -m bnn_adapt.tools.bench --quick --tiny --only epochs" in both
+
 
 @pytest.mark.parametrize("strategy, cache_taps, extra", [("full_finetune", False, ()), ("udta", True, ()),
                                                          ("serial", False, ("trainer.channels_last=true",))])

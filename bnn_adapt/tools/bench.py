@@ -28,7 +28,8 @@ base, before any model is built).
 
 It writes ``benchmarks/results.json`` (one record per case), ``benchmarks/epochs.json``
 (one per epoch case), ``benchmarks/results.md`` (:mod:`bnn_adapt.tools.bench_report`; docs/speed.md includes it)
-and ``benchmarks/machine.json``.
+and ``benchmarks/machine.json`` (each section's run: command, machine, commit, date). ``--only steps`` or
+``--only epochs`` keeps the other section's records and report from the earlier run in the folder.
 """
 
 from __future__ import annotations
@@ -244,6 +245,27 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
+SECTION_FILES = {"steps": "results.json", "epochs": "epochs.json"}
+
+
+def kept_sections(out: Path, running: tuple[str, ...]) -> dict[str, tuple[list[dict], dict]]:
+    """The records and run description (``machine.json``) of the sections an earlier run in ``out`` wrote and
+    this run does not repeat: ``--only epochs`` must not erase the step cases, nor their report."""
+    try:
+        machines = json.loads((out / "machine.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    one_run = "command" in machines  # written before each section kept its own run's description
+    kept = {}
+    for section, name in SECTION_FILES.items():
+        run_meta = machines if one_run else machines.get(section, {})
+        if section in running or not (out / name).is_file() or "command" not in run_meta:
+            continue
+        with contextlib.suppress(ValueError):
+            kept[section] = (json.loads((out / name).read_text()), run_meta)
+    return kept
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
@@ -276,11 +298,16 @@ def main(argv=None) -> list[dict]:
         meta["load_average_end"] = list(os.getloadavg())
     for r in records + epochs:
         r["device"] = meta["device"]
-    text = report(records, meta, epochs)
     out = Path(args.out)
-    files = {"results.json": records, "epochs.json": epochs}
+    runs = kept_sections(out, options.sections)  # a run of one section keeps the other's earlier records
+    runs.update({section: (found, meta) for section, found in (("steps", records), ("epochs", epochs))
+                 if section in options.sections})  # fmt: skip
+    steps, epochs_run = runs.get("steps", ([], meta)), runs.get("epochs", ([], meta))
+    text = report(steps[0], steps[1], epochs_run[0], epochs_run[1])
+    files = {SECTION_FILES[section]: found for section, (found, _) in runs.items()}
     written = {name: json.dumps(found, indent=1) for name, found in files.items() if found}
-    for name, content in (*written.items(), ("results.md", text), ("machine.json", json.dumps(meta, indent=1))):
+    machines = {section: run_meta for section, (found, run_meta) in runs.items() if found}
+    for name, content in (*written.items(), ("results.md", text), ("machine.json", json.dumps(machines, indent=1))):
         with atomic_output(out / name) as tmp:
             tmp.write_text(content + "\n")
     print(text)

@@ -174,22 +174,31 @@ def _baseline(records: list[dict]) -> str:
     )
 
 
-def report(records: list[dict], meta: dict, epochs: list[dict] = ()) -> str:
-    """The Markdown report: what ran where, then the step cases (``records``) and the epoch records."""
+def run_line(meta: dict) -> str:
+    """What ran where: the command, machine, torch, date, commit, duration and load of one bench run."""
     m = meta["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads"
     load = m.get("load_average")
-    lines = [
+    return (
         f"`{meta['command']}` on {where} ({meta['device']}); torch {m['torch']}, {meta['date']}"
         + (f", commit {meta['commit']}" if meta.get("commit") else "")
         + f", {meta['elapsed_s'] / 60:.1f} min"
         + (f"; load average {load[0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end" if load else "")
-        + ".",
-    ]
+        + "."
+    )
+
+
+def report(records: list[dict], meta: dict, epochs: list[dict] = (), epochs_meta: dict | None = None) -> str:
+    """The Markdown report: what ran where, then the step cases (``records``) and the epoch records; the
+    epoch records name their own run (``epochs_meta``) when an earlier run than the steps' timed them."""
+    epochs_meta = epochs_meta or meta
+    lines = [run_line(meta if records or not epochs else epochs_meta)]
     if records:
         lines += ["", *step_sections(records, meta)]
     if epochs:
-        lines += ["", epoch_table(epochs), "", epoch_notes(epochs, meta)]
+        if records and epochs_meta is not meta:
+            lines += ["", "Whole epochs: " + run_line(epochs_meta)]
+        lines += ["", epoch_table(epochs), "", epoch_notes(epochs, epochs_meta)]
     return "\n".join(lines)
 
 
