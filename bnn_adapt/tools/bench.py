@@ -302,8 +302,8 @@ def main(argv=None) -> list[dict]:
     runs = kept_sections(out, options.sections)  # a run of one section keeps the other's earlier records
     runs.update({section: (found, meta) for section, found in (("steps", records), ("epochs", epochs))
                  if section in options.sections})  # fmt: skip
-    steps, epochs_run = runs.get("steps", ([], meta)), runs.get("epochs", ([], meta))
-    text = report(steps[0], steps[1], epochs_run[0], epochs_run[1])
+    (step_records, steps_meta), (timed_epochs, epochs_meta) = (runs.get(s, ([], meta)) for s in SECTION_FILES)
+    text = report(step_records, steps_meta, timed_epochs, epochs_meta)
     files = {SECTION_FILES[section]: found for section, (found, _) in runs.items()}
     written = {name: json.dumps(found, indent=1) for name, found in files.items() if found}
     machines = {section: run_meta for section, (found, run_meta) in runs.items() if found}

@@ -196,7 +196,7 @@ def report(records: list[dict], meta: dict, epochs: list[dict] = (), epochs_meta
     if records:
         lines += ["", *step_sections(records, meta)]
     if epochs:
-        if records and epochs_meta is not meta:
+        if records and epochs_meta != meta:
             lines += ["", "Whole epochs: " + run_line(epochs_meta)]
         lines += ["", epoch_table(epochs), "", epoch_notes(epochs, epochs_meta)]
     return "\n".join(lines)
