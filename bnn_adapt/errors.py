@@ -30,3 +30,19 @@ class ExportError(UserError):
 
 class FingerprintError(ExportError):
     """An adapter was trained on another base than the one it is attached to."""
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print: control and format characters (escape sequences, newlines, bidi overrides)
+    written as ``\\x..`` / ``\\u....`` escapes, so that names read from a file can neither move the cursor,
+    retitle or clear the terminal, nor start a line of their own."""
+    import unicodedata  # noqa: PLC0415
+
+    out = []
+    for ch in str(text):
+        if unicodedata.category(ch)[0] == "C":
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)

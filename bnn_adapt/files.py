@@ -1,13 +1,35 @@
-"""Writing files so that no reader ever sees half of one, and reading result files back."""
+"""Writing files so that no reader ever sees half of one, and reading files back, received ones included.
+
+A file from someone else (a base checkpoint, a run folder) is data, never code:
+:func:`load_weights` reads PyTorch files with ``weights_only=True`` (tensors and
+plain containers only), and :func:`require_finite` refuses NaN and infinities
+before they can binarise to +1 or spread through predictions.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator
+import pickle
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from bnn_adapt.errors import UserError
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (disk full, read-only, no permission): names the path and the cause."""
+
+
+def write_error(path: str | Path, exc: OSError) -> WriteError:
+    """One line for a failed write: the path, the cause in words and its errno name (ENOSPC, EROFS, ...)."""
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    cause = exc.strerror or str(exc)
+    return WriteError(exc.errno, f"cannot write {path}: {cause}{f' ({code})' if code else ''}")
 
 
 @contextlib.contextmanager
@@ -20,16 +42,24 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     mode a plain ``open(path, "w")`` would give it (0o666 less the umask):
     writers of the temporary file (safetensors, ``tempfile``) may create it
     private (0600), and a rename keeps that mode.
+
+    A failed write (a full or read-only disk) raises :class:`WriteError` naming
+    ``path`` and the cause; cleaning up after it never hides that first error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())
         tmp.replace(path)
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def current_umask() -> int:
@@ -72,3 +102,34 @@ def file_sha256(path: str | Path | None) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_weights(path: str | Path, what: str, fix: str, error: type[UserError] = UserError) -> object:
+    """A PyTorch file's content, read as data only (``torch.load(weights_only=True)``: tensors, numbers,
+    strings and plain containers; anything else is refused, as it could run code while it loads).
+    ``what`` names the file in the one-line ``error``, ``fix`` says what to do instead."""
+    import torch  # noqa: PLC0415
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: the file wants to run something
+        found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line), "")
+        raise error(f"{what} {path} holds more than tensors and plain values ({found or 'unsupported content'}); "
+                    f"it is refused, as loading it could run code; {fix}") from None  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and torch errors alike: the file is unreadable
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise error(f"{what} {path} is unreadable ({type(exc).__name__}: {first[:200]}); {fix}") from None
+
+
+def require_finite(tensors: Mapping[str, object], source: str, error: type[UserError] = UserError) -> None:
+    """Refuse NaN or infinite values in any floating tensor (or number) of ``tensors``, naming the first."""
+    import torch  # noqa: PLC0415
+
+    for name, value in tensors.items():
+        if torch.is_tensor(value):
+            bad = value.is_floating_point() and not bool(torch.isfinite(value).all())
+        else:
+            bad = isinstance(value, float) and not math.isfinite(value)
+        if bad:
+            raise error(f"{source}: tensor {name} holds NaN or infinite values; the file is damaged or was "
+                        "written from a diverged run: refused")  # fmt: skip

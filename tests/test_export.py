@@ -101,16 +101,23 @@ def test_packed_base_rebuilds_identical_outputs(name, tmp_path):
             assert m.weight.abs().eq(1).all()
 
 
-def test_fingerprint_follows_the_binary_weights_only():
+def test_fingerprint_follows_what_decides_the_outputs():
+    """Signs, fp32 values and the architecture: a base that predicts otherwise has another fingerprint;
+    a magnitude change of a binary weight (same sign, same outputs) keeps it."""
     base, _ = make_base("ste")
-    other = copy.deepcopy(base)
+    same = copy.deepcopy(base)
     with torch.no_grad():
-        other.stem[1].bias.add_(1.0)  # an fp32 change: same binary weights
-    assert fingerprint(other) == fingerprint(base)
+        w = same.stages[0][0].conv1.weight
+        w[0, 0, 0, 0] = w[0, 0, 0, 0] * 0.5  # same sign
+    assert fingerprint(same) == fingerprint(base)
+    changed = {"fp32": copy.deepcopy(base), "sign": copy.deepcopy(base), "block": copy.deepcopy(base)}
     with torch.no_grad():
-        w = other.stages[0][0].conv1.weight
-        w[0, 0, 0, 0] = -w[0, 0, 0, 0]  # one sign flipped
-    assert fingerprint(other) != fingerprint(base)
+        changed["fp32"].stem[1].bias.add_(1.0)
+        w = changed["sign"].stages[0][0].conv1.weight
+        w[0, 0, 0, 0] = -w[0, 0, 0, 0]
+    changed["block"].block = "binarynet" if base.block != "binarynet" else "thesis"  # its recorded architecture
+    for what, other in changed.items():
+        assert fingerprint(other) != fingerprint(base), what
 
 
 @pytest.mark.parametrize(

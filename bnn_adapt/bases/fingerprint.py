@@ -8,13 +8,17 @@ BatchNorm folded into one scale and one shift per channel
 only ever reaches a sign function (``sign_only_norms`` of the base: the STE
 net's pre-classifier BN, read only by its binary classifiers) becomes an
 exact per-channel threshold, ``direction * (x - t) >= 0``. The fingerprint
-hashes the signs: an adapter file records it and refuses to attach to any
-other base.
+hashes everything that decides a base's outputs: its architecture (name and
+constructor arguments: block type, width, classes), the signs and every
+folded fp32 value. An adapter file records it and refuses to attach to any
+other base; a packed file whose header or values were edited no longer
+matches its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import torch
@@ -91,15 +95,23 @@ def pack_sign_bits(bits: list[torch.Tensor]) -> bytes:
     return np.packbits(flat, bitorder="little").tobytes()
 
 
-def fingerprint_bytes(binary_section: bytes) -> str:
-    return hashlib.sha256(binary_section).hexdigest()[:16]
+def fingerprint_of(arch: str, arch_config: dict, tensors: list[tuple[str, str, torch.Tensor]]) -> str:
+    """Hash of an architecture and its canonical tensors (:func:`canonical_tensors`): names, kinds, shapes
+    and values (signs packed one bit each, fp32 values as little-endian bytes)."""
+    config = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+              for k, v in sorted(arch_config.items())}  # fmt: skip
+    layout = [[name, kind, list(t.shape)] for name, kind, t in tensors]
+    digest = hashlib.sha256(json.dumps([arch, config, layout], sort_keys=True).encode())
+    digest.update(pack_sign_bits([t for _, kind, t in tensors if kind == "bits"]))
+    for _, kind, t in tensors:
+        if kind != "bits":
+            digest.update(t.detach().cpu().float().contiguous().numpy().astype("<f4").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(model: nn.Module) -> str:
-    """Hash of the packed binary weights: the identity adapters check."""
-    signs = sign_weight_names(model)
-    bits = [t.detach().cpu() >= 0 for k, t in model.state_dict().items() if k in signs]
-    return fingerprint_bytes(pack_sign_bits(bits))
+    """The identity adapters check: :func:`fingerprint_of` the base's architecture and canonical tensors."""
+    return fingerprint_of(model.arch, model.arch_config(), canonical_tensors(model))
 
 
 def norms_folded(model: nn.Module) -> bool:

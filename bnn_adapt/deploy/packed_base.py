@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from bnn_adapt.bases import BASES, BaseNetwork, rebuild
-from bnn_adapt.bases.fingerprint import binary_scale, canonical_tensors, fingerprint_bytes, pack_sign_bits
+from bnn_adapt.bases.fingerprint import binary_scale, canonical_tensors, fingerprint_of, pack_sign_bits
 from bnn_adapt.errors import ExportError
 from bnn_adapt.files import atomic_output
 from bnn_adapt.nn.folding import BatchNorm, mark_folded
@@ -102,7 +102,7 @@ def pack_base(base: BaseNetwork, meta: dict | None = None) -> tuple[bytes, dict]
         "version": VERSION,
         "arch": base.arch,
         "arch_config": base.arch_config(),
-        "fingerprint": fingerprint_bytes(binary),
+        "fingerprint": fingerprint_of(base.arch, base.arch_config(), tensors),
         "binary_bits": int(sum(t.numel() for _, kind, t in tensors if kind == "bits")),
         "fp32_values": int(values.size),
         "layout": layout,
@@ -146,8 +146,6 @@ def parse_packed(data: bytes, source: str = "<bytes>") -> tuple[dict, bytes, tor
     if len(data) != bin_end + 4 * n_values:
         raise ExportError(f"{problem} (truncated: {len(data)} bytes, expected {bin_end + 4 * n_values})")
     binary = data[bin_start:bin_end]
-    if fingerprint_bytes(binary) != header["fingerprint"]:
-        raise ExportError(f"{problem}: its binary weights do not match its fingerprint (the file is corrupt)")
     values = torch.from_numpy(np.frombuffer(data, "<f4", count=n_values, offset=bin_end).copy())
     return header, binary, values
 
@@ -202,6 +200,9 @@ def unpack_base(data: bytes, source: str = "<bytes>") -> tuple[BaseNetwork, dict
     missing, unexpected = base.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
     base.eval()
+    if fingerprint_of(header["arch"], header["arch_config"], canonical_tensors(base)) != header["fingerprint"]:
+        raise ExportError(f"{problem}: its architecture or weights do not match its fingerprint (the file is corrupt "
+                          "or was edited)")  # fmt: skip
     return base, header
 
 
