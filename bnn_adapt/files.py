@@ -18,11 +18,14 @@ import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from bnn_adapt.errors import UserError
+from bnn_adapt.errors import UserError, printable
 
 
 class WriteError(UserError, OSError):
     """A file could not be written (disk full, read-only, no permission): names the path and the cause."""
+
+    def __str__(self) -> str:  # the one line alone, without OSError's "[Errno N]" before it
+        return str(self.strerror)
 
 
 def write_error(path: str | Path, exc: OSError) -> WriteError:
@@ -112,12 +115,14 @@ def load_weights(path: str | Path, what: str, fix: str, error: type[UserError] =
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as exc:  # weights_only refused a global: the file wants to run something
-        found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line), "")
-        raise error(f"{what} {path} holds more than tensors and plain values ({found or 'unsupported content'}); "
-                    f"it is refused, as loading it could run code; {fix}") from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - zip, pickle and torch errors alike: the file is unreadable
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        lines = [printable(line.strip()) for line in str(exc).splitlines() if line.strip()]  # names from the file
+        found = next((line for line in lines if "GLOBAL" in line or "global" in line), "")
+        if isinstance(exc, pickle.UnpicklingError) and found:  # weights_only refused a global: code to run
+            raise error(f"{what} {path} holds more than tensors and plain values ({found}); it is refused, as "
+                        f"loading it could run code; {fix}") from None
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        first = next((line for line in lines if not line.startswith(boilerplate)), type(exc).__name__)
         raise error(f"{what} {path} is unreadable ({type(exc).__name__}: {first[:200]}); {fix}") from None
 
 

@@ -1,18 +1,15 @@
 """What users of 0.1 already have keeps working in 0.2.0 (CHANGELOG.md): renamed config keys on the
-command line (with a one-line note; in a config file, one line naming the new key), the old module names,
-adapter files and run directories written before."""
+command line (with a one-line note; in a config file, one line naming the new key), the old module names.
+"""
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import open_dict
-from safetensors.torch import save_file
 
-from bnn_adapt.errors import ConfigError, ExportError
+from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import task
 from bnn_adapt.run.config import rename_deprecated_overrides
 from tests.test_reliability import cli
@@ -70,30 +67,3 @@ def test_old_module_names_run_with_python_m(tmp_path):
     result = run_module(tmp_path, "bnn_adapt.tables", "--list")
     assert result.returncode == 0, result.stderr
     assert "6.5" in result.stdout and "moved to bnn_adapt.tools.tables" in result.stderr
-
-
-def test_a_01_training_runs_adapter_file_is_refused_with_the_upgrade_command(tmp_path):
-    from bnn_adapt.adapters.file import read_adapter_file  # noqa: PLC0415
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    save_file({"head.0.weight": torch.zeros(2, 2)}, str(run_dir / "adapter.safetensors"), metadata={"strategy": "udta"})
-    with pytest.raises(ExportError) as err:
-        read_adapter_file(run_dir / "adapter.safetensors")
-    message = str(err.value)
-    assert f"task=export export.adapter_run=[{run_dir}]" in message and "\n" not in message
-
-
-def test_a_run_written_by_01_still_exports(pretrained_base, make_cfg, tmp_path):
-    """A 0.1 run has metrics.json, checkpoints/last.ckpt and an adapter.safetensors of the old training format."""
-    cfg = make_cfg("data=cifar5_5", "adapter=udta", "trainer.max_epochs=1", name="old_run")
-    metrics = task.run(cfg)
-    run_dir = Path(cfg.paths.output_dir)
-    save_file({"head.0.0.weight": torch.zeros(5, 16)}, str(run_dir / "adapter.safetensors"), metadata={"strategy": "udta"})
-    out = tmp_path / "export"
-    export_cfg = make_cfg("task=export", f"export.adapter_run=[{run_dir}]", f"export.dir={out}", name="export")
-    manifest = task.run(export_cfg)
-    adapters = [f for f in manifest["files"].values() if f["kind"] == "adapter"]
-    assert len(adapters) == 1 and adapters[0]["fp32_params"] + adapters[0]["binary_params"] == (
-        metrics["introduced_fp32_params"] + metrics["introduced_binary_params"]
-    )

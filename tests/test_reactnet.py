@@ -216,7 +216,7 @@ def test_missing_checkpoint_says_where_to_get_it(tmp_path):
 def test_unreadable_checkpoint(tmp_path):
     path = tmp_path / "junk.pth.tar"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="unreadable"):
         load_reactnet_checkpoint(path)
 
 

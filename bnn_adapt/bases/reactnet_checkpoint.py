@@ -13,9 +13,10 @@ from collections import OrderedDict
 
 import torch
 
+from bnn_adapt.bases.checkpoint import check_state, expected_shapes
 from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.errors import CheckpointError
-from bnn_adapt.files import atomic_output
+from bnn_adapt.files import atomic_output, load_weights
 
 # our key prefix -> the authors' key prefix (stem modules share their names)
 _KEY_PREFIXES = (
@@ -62,55 +63,30 @@ def save_reactnet_checkpoint(
         torch.save(payload, tmp)
 
 
-def _few(keys) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:5])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-
-
 def load_reactnet_checkpoint(path: str, num_classes: int = 1000, width: float = 1.0) -> ReActNet18:
     """Build a :class:`ReActNet18` from the authors' ``model_best.pth.tar``.
 
-    Raises :class:`CheckpointError` if the file is missing, unreadable, or
-    holds another architecture (keys or shapes that do not match).
+    The file is read as data only (tensors, numbers and plain containers: all the
+    authors' format holds), and its tensors are checked against the architecture's
+    names and shapes before the network is built. Raises :class:`CheckpointError`
+    if the file is missing, unreadable, holds anything else or another architecture.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"ReActNet checkpoint file is missing: {path}. {_CHECKPOINT_HELP}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle, zip and torch errors alike
-        raise CheckpointError(f"cannot read ReActNet checkpoint {path}: {exc}. {_CHECKPOINT_HELP}") from exc
+    checkpoint = load_weights(path, "ReActNet checkpoint", _CHECKPOINT_HELP, error=CheckpointError)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(
             f"{path} is not a ReActNet checkpoint: expected a dict with a 'state_dict' of tensors. "
             + _CHECKPOINT_HELP
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}
-
+    config = {"num_classes": num_classes, "width": width}
+    shapes = {_to_authors_key(k): shape for k, shape in expected_shapes("reactnet18", config).items()}
+    # BN counters are absent from checkpoints of old PyTorch versions: the new network keeps its own
+    shapes = {k: shape for k, shape in shapes.items() if k in state or not k.endswith("num_batches_tracked")}
+    check_state(state, shapes, f"ReActNet checkpoint {path}", f"ReActNet-18 (num_classes={num_classes}, width={width})")
     model = ReActNet18(num_classes=num_classes, width=width)
-    expected = authors_state_dict(model)
-    # BN counters are absent from checkpoints of old PyTorch versions
-    missing = {k for k in expected.keys() - state.keys() if not k.endswith("num_batches_tracked")}
-    unexpected = state.keys() - expected.keys()
-    if missing or unexpected:
-        parts = [f"{path} does not hold a ReActNet-18 (num_classes={num_classes}, width={width})."]
-        if missing:
-            parts.append(f"Missing keys: {_few(missing)}.")
-        if unexpected:
-            parts.append(f"Unexpected keys: {_few(unexpected)}.")
-        raise CheckpointError(" ".join(parts))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if wrong:
-        raise CheckpointError(
-            f"{path} has shapes of another ReActNet-18 (num_classes={num_classes}, width={width}): "
-            + _few(wrong)
-        )
-    ours = {k: state.get(_to_authors_key(k), v) for k, v in model.state_dict().items()}
-    model.load_state_dict(ours)
+    model.load_state_dict({k: state.get(_to_authors_key(k), v) for k, v in model.state_dict().items()})
     return model

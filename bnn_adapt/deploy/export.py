@@ -22,16 +22,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from bnn_adapt import accounting
 from bnn_adapt.adapters.bitfit import substituted
 from bnn_adapt.adapters.file import ADAPTER_FILE, attach_adapter, export_adapter, is_adapter_file
+from bnn_adapt.bases.checkpoint import checked_arch
 from bnn_adapt.bases.fingerprint import fingerprint
 from bnn_adapt.deploy.packed_base import write_packed_base
-from bnn_adapt.errors import ExportError, FingerprintError
+from bnn_adapt.errors import ExportError, FingerprintError, printable
 from bnn_adapt.files import read_json, read_json_or_none, write_json
 from bnn_adapt.run import builders
 from bnn_adapt.run.labels import run_label
@@ -63,42 +64,98 @@ class TrainedRun:
     base_overrides: dict = field(default_factory=dict)  # base tensors the run changed (finetune, base.bn=adapt)
 
 
+#: what export reads of a run's recorded config: each key, the types it may have and their name
+RECORDED = {
+    "base": (dict, "section"), "base.name": (str, "string"), "base.checkpoint": (str, "string"),
+    "base.width": ((int, float), "number"), "base.net": (dict, "section"), "data": (dict, "section"),
+    "data.image_size": (int, "integer"), "adapter": (dict, "section"), "reduction": (dict, "section"),
+}
+
+
+def interpolation(config: dict) -> str | None:
+    """The key of a string in ``config`` that holds an interpolation (``${``), if any."""
+    stack: list[tuple[str, object]] = [("", config)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, str) and "${" in value:
+            return key
+        if isinstance(value, (dict, list)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack += [(f"{key}.{k}".lstrip("."), v) for k, v in items]
+    return None
+
+
+def recorded_config(metrics: dict, where: str) -> DictConfig:
+    """The part of the config a run recorded in its ``metrics.json`` that export reads (its base), read as
+    data: checked, the base architecture too, and never instantiated. Runs record their config resolved, so
+    an interpolation in one was put there by hand: it is refused (resolving it could read the environment)."""
+    config = metrics.get("config")
+    if not isinstance(config, dict):
+        raise ExportError(f"{where} records no config (a dict) but a {type(config).__name__}: the file is damaged")
+    for key, (kind, word) in RECORDED.items():
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = printable(repr(value))[:80]
+            raise ExportError(f"{where} records {key} as {found}, not a {word}: the file is damaged")
+    found = interpolation(config)
+    if found is not None:
+        raise ExportError(
+            f"{where} records {printable(found)[:120]} as an interpolation (${{...}}), but runs record their "
+            "config resolved: the file was edited, and is refused"
+        )
+    net = {k: v for k, v in config["base"]["net"].items() if k != "_target_"}
+    checked_arch(config["base"]["name"], net, f"{where} (base.net)", error=ExportError)
+    try:
+        return OmegaConf.create({"base": config["base"], "data": {"image_size": config["data"]["image_size"]}})
+    except (OmegaConfBaseException, RecursionError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {printable(exc)[:200]}"
+        raise ExportError(f"{where} records a base section OmegaConf cannot read ({problem})") from None
+
+
 def load_run(run_dir: str | Path) -> TrainedRun:
-    """The trained model of a run: its adapter file attached to its base, or, for a run written by
-    0.1 (no adapter file of today's format), rebuilt from its config and ``checkpoints/last.ckpt``."""
+    """The trained model of a finished adaptation run: its adapter file attached to the base its recorded
+    config names. A run folder may come from someone else: whatever is wrong with it is one line."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise ExportError(
             f"export.adapter_run={run_dir} holds no metrics.json: give a finished adaptation run's directory"
         )
-    metrics = read_json(metrics_path)
+    where = f"export.adapter_run={run_dir}: its metrics.json"
+    try:
+        metrics = read_json(metrics_path)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ExportError(f"{where} is unreadable ({type(exc).__name__}: {printable(exc)[:200]})") from None
+    if not isinstance(metrics, dict):
+        raise ExportError(f"{where} holds a {type(metrics).__name__}, not a run's record: the file is damaged")
     if metrics.get("status", "complete") != "complete":
-        raise ExportError(f"export.adapter_run={run_dir} did not finish (status {metrics.get('status')}: "
-                          f"{metrics.get('error', '-')}); export finished runs only")  # fmt: skip
-    if metrics.get("task") != "adapt" or "config" not in metrics:
-        raise ExportError(f"export.adapter_run={run_dir} is a {metrics.get('task')!r} run, not an adaptation run")
-    cfg = OmegaConf.create(metrics["config"])
-    reference = builders.load_trained_base(cfg)
-    label, source = run_label(metrics), (metrics.get("config_hash"), builders.base_checkpoint_file(cfg))
-    if is_adapter_file(run_dir / ADAPTER_FILE):
-        attached = attach_adapter(run_dir / ADAPTER_FILE, copy.deepcopy(reference))
-        meta = attached.meta
-        return TrainedRun(run_dir, attached.model, reference, meta["class_names"], meta["preprocess"], label,
-                          *source, base_overrides=attached.base_overrides)  # fmt: skip
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
+        status, error = printable(metrics.get("status"))[:40], printable(metrics.get("error", "-"))[:200]
         raise ExportError(
-            f"export.adapter_run={run_dir} has neither an {ADAPTER_FILE} nor checkpoints/last.ckpt to export the "
-            "trained weights from"
+            f"export.adapter_run={run_dir} did not finish (status {status}: {error}); export finished runs only"
         )
-    class_names = list(metrics["class_names"])
-    model = builders.build_adapted(cfg, builders.load_trained_base(cfg), len(class_names))
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    model.eval()
-    preprocess = builders.preprocessing(builders.build_datamodule(cfg, "target"))
-    return TrainedRun(run_dir, model, reference, class_names, preprocess, label, *source)
+    if metrics.get("task") != "adapt":
+        task = printable(repr(metrics.get("task")))[:40]
+        raise ExportError(f"export.adapter_run={run_dir} is a {task} run, not an adaptation run")
+    cfg = recorded_config(metrics, where)
+    adapter = run_dir / ADAPTER_FILE
+    if not is_adapter_file(adapter):
+        raise ExportError(
+            f"export.adapter_run={run_dir} holds no {ADAPTER_FILE} of this version (every adaptation run writes "
+            "one): run the adaptation again with this bnn_adapt"
+        )
+    try:
+        reference = builders.load_trained_base(cfg)
+    except OmegaConfBaseException as exc:  # a key the base's config needs is missing
+        problem = f"{type(exc).__name__}: {printable(exc)[:200]}"
+        raise ExportError(f"{where} records no usable base config ({problem})") from None
+    attached = attach_adapter(adapter, copy.deepcopy(reference))
+    meta = attached.meta
+    return TrainedRun(
+        run_dir, attached.model, reference, meta["class_names"], meta["preprocess"], run_label(metrics),
+        metrics.get("config_hash"), builders.base_checkpoint_file(cfg), base_overrides=attached.base_overrides,
+    )
 
 
 def file_name(label: str, taken: set[str]) -> str:
@@ -165,7 +222,8 @@ def size_table(manifest: dict) -> str:
 
 
 def _finished_adaptation(metrics: dict) -> bool:
-    return metrics.get("task") == "adapt" and metrics.get("status", "complete") == "complete"
+    finished = isinstance(metrics, dict) and metrics.get("status", "complete") == "complete"
+    return finished and metrics.get("task") == "adapt"
 
 
 def adapter_run_dirs(given: list) -> list[Path]:

@@ -16,7 +16,8 @@ import csv
 import sys
 from pathlib import Path
 
-from bnn_adapt.files import read_json
+from bnn_adapt.errors import CheckpointError
+from bnn_adapt.files import load_weights, read_json
 from bnn_adapt.run.labels import run_label
 
 
@@ -71,7 +72,9 @@ def checkpoint_tensors(run_dir: str | Path) -> dict | None:
         return None
     import torch
 
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_weights(path, "checkpoint", "delete it or run the pretraining again", error=CheckpointError)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not Lightning's checkpoint dict")
     tensors = {f"state_dict.{k}": v for k, v in payload.get("state_dict", {}).items()}
     for i, optimizer in enumerate(payload.get("optimizer_states", [])):
         for param, state in optimizer.get("state", {}).items():
@@ -165,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = find_runs(argv[0])
     if not runs and (pretrained := find_runs(argv[0], task="pretrain")):
-        print(memory_table(pretrained))
+        try:
+            print(memory_table(pretrained))
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     if not runs:
         print(f"error: no adaptation runs (metrics.json) under {argv[0]}", file=sys.stderr)

@@ -15,9 +15,10 @@ import copy
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from bnn_adapt.bases.checkpoint import save_base
+from bnn_adapt.errors import CheckpointError
+from bnn_adapt.files import load_weights
 from bnn_adapt.training.precise_bn import PreciseBN, top1
 
 
@@ -61,7 +62,7 @@ class KeepBestEpoch(L.Callback):
             return
         if not trainer.is_global_zero:
             return
-        stored = torch.load(self.path, map_location="cpu", weights_only=False)
+        stored = load_weights(self.path, "best epoch's base", "pretrain the base again", error=CheckpointError)
         model = copy.deepcopy(pl_module.model)
         model.load_state_dict(stored["state_dict"])
         self.precise.re_estimate(trainer, model)
