@@ -10,12 +10,12 @@ is about 18,000 files).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
+from stat import S_ISREG
 
-from bnn_adapt.training.datasets import LAYOUTS, ExistingFilesCIFAR10, ExistingFilesCIFAR100, _fashion_files
+from bnn_adapt.training.datasets import LAYOUTS, ExistingFilesCIFAR10, ExistingFilesCIFAR100, _fashion_files, walk_once
 
 #: the dataset read from a package, not from files under ``data.root``
 EMBEDDED = {"digits": "scikit-learn's bundled digits (sklearn.datasets.load_digits)"}
@@ -33,16 +33,20 @@ def dataset_files(name: str, root: str | None) -> tuple[Path, list[tuple[str, os
     folders = {"cifar10": ExistingFilesCIFAR10.base_folder, "cifar100": ExistingFilesCIFAR100.base_folder,
                **{key: layout[1] for key, layout in LAYOUTS.items()}}  # fmt: skip
     folder = (Path(root) / folders.get(name, "")).resolve()  # imagefolder: root itself
-    return folder, sorted(_walk(str(folder), ""))
+    return folder, sorted(_walk(str(folder)))
 
 
-def _walk(folder: str, prefix: str):
-    with os.scandir(folder) if os.path.isdir(folder) else contextlib.nullcontext(()) as entries:
-        for entry in entries:
-            if entry.is_dir():
-                yield from _walk(entry.path, prefix + entry.name + "/")
-            elif entry.is_file():
-                yield prefix + entry.name, entry.stat()
+def _walk(folder: str):
+    """(name relative to ``folder``, stat) of every file under it, each real directory entered once."""
+    for parent, _, names in walk_once(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                stat = os.stat(path)
+            except OSError:  # a dangling link: no file the readers find
+                continue
+            if S_ISREG(stat.st_mode):
+                yield os.path.relpath(path, folder), stat
 
 
 def data_identity(name: str, root: str | None) -> dict:
