@@ -1,4 +1,4 @@
-"""Adapter files compress their value streams losslessly (format 3); older plain files still load."""
+"""Adapter files compress their value streams losslessly (format 3)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_streams_come_back_byte_for_byte_and_only_what_shrinks_is_compressed():
     packed, packing = compress_streams(arrays)
     assert packing == {"f32": "lzma", "f16": "lzma"}
     assert packed["f32"].nbytes < 0.9 * weights.nbytes and packed["u8"] is noise
-    back = decompress_streams(packed, packing)
+    back = decompress_streams(packed, packing, limit=sum(a.nbytes for a in arrays.values()))
     for name, values in arrays.items():
         assert back[name].dtype == values.dtype and back[name].tobytes() == values.tobytes()
 
@@ -50,13 +50,13 @@ def test_a_compressed_file_loads_what_its_plain_streams_held(strategy, variant, 
     assert meta["version"] == VERSION == 3 and meta["packing"]  # something compressed
     plain, _ = read_adapter_file(path)
     assert sum(a.nbytes for a in arrays.values()) < sum(a.nbytes for a in plain.values())
-    # the same file as format 2 wrote it (plain streams, no packing) loads to the same model
-    rewrite(tmp_path / "v2.safetensors", plain, {k: v for k, v in meta.items() if k != "packing"} | {"version": 2})
+    # the same file with its streams stored plain (no packing) loads to the same model
+    rewrite(tmp_path / "plain.safetensors", plain, meta | {"packing": {}})
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         expected = model(x)
         assert torch.equal(attach_adapter(path, base)(x), expected)
-        assert torch.equal(attach_adapter(tmp_path / "v2.safetensors", base)(x), expected)
+        assert torch.equal(attach_adapter(tmp_path / "plain.safetensors", base)(x), expected)
 
 
 def test_a_damaged_stream_is_one_error_naming_the_fix(tmp_path):

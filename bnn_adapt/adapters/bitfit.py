@@ -98,6 +98,7 @@ class BitFit(AdaptedModel):
     (as a task-specific copy in the adapter), plus the new head (future work, SPEC 2)."""
 
     strategy = "bitfit"
+    options_class = BitFitOptions
 
     def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True, bits: int = 32):
         super().__init__(base, num_classes, freeze_bn)

@@ -138,22 +138,48 @@ def compress_streams(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
     return stored, packing
 
 
-def decompress_streams(stored: dict[str, np.ndarray], packing: dict[str, str]) -> dict[str, np.ndarray]:
-    """The plain streams back from :func:`compress_streams`' output; ValueError when a stream is damaged."""
-    arrays = dict(stored)
-    for name, how in packing.items():
-        if how != "lzma" or name not in STREAM_DTYPES or name not in stored:
+def decompress_streams(stored: dict[str, np.ndarray], packing: dict[str, str], limit: int) -> dict[str, np.ndarray]:
+    """The plain streams back from :func:`compress_streams`' output; ValueError when a stream is damaged, of
+    another type, or holds more than ``limit`` bytes in all (decompression stops there: a small stream that
+    would inflate to gigabytes is refused after ``limit`` bytes)."""
+    arrays, left = {}, limit
+    for name, values in stored.items():
+        how = packing.get(name)
+        if name not in STREAM_DTYPES or how not in (None, "lzma"):
             raise ValueError(f"stream {name!r} is packed as {how!r}, which this version cannot read")
-        try:
-            raw = lzma.decompress(stored[name].tobytes(), **_LZMA)
-        except lzma.LZMAError as exc:
-            raise ValueError(f"stream {name!r} is damaged ({exc})") from None
-        dtype = np.dtype(STREAM_DTYPES[name])
-        if len(raw) % dtype.itemsize:
-            raise ValueError(f"stream {name!r} is damaged (its length is not whole {dtype.name} values)")
-        planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, -1)
-        arrays[name] = np.ascontiguousarray(planes.T).view(dtype).reshape(-1)
+        dtype = np.dtype(np.uint8 if how else STREAM_DTYPES[name])
+        if values.dtype != dtype or values.ndim != 1:
+            raise ValueError(f"stream {name!r} is {values.dtype} of shape {list(values.shape)}, not a {dtype} vector")
+        if how is None:
+            arrays[name] = values
+        else:
+            arrays[name] = _inflate(name, values.tobytes(), left)
+        left -= arrays[name].nbytes
+        if left < 0:
+            raise ValueError(f"the streams hold more than the {limit} bytes the adapter's records can need")
+    if set(packing) - set(stored):
+        raise ValueError(f"streams {sorted(set(packing) - set(stored))} are packed but absent")
     return arrays
+
+
+def _inflate(name: str, packed: bytes, limit: int) -> np.ndarray:
+    """One LZMA-packed stream, decompressed to at most ``limit`` bytes (+1 to tell a longer one). Its window
+    needs no more than ``limit`` bytes either (no match reaches further back), not the writer's 64 MiB."""
+    window = min(max(limit, 4096), 1 << 26)  # liblzma's smallest window and the writer's (preset 9)
+    inflater = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": window}])
+    try:
+        raw = inflater.decompress(packed, max_length=limit + 1)
+    except lzma.LZMAError as exc:
+        raise ValueError(f"stream {name!r} is damaged ({exc})") from None
+    if len(raw) > limit:
+        raise ValueError(f"stream {name!r} inflates past the {limit} bytes the adapter's records can need")
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError(f"stream {name!r} is damaged ({'cut short' if not inflater.eof else 'data after its end'})")
+    dtype = np.dtype(STREAM_DTYPES[name])
+    if len(raw) % dtype.itemsize:
+        raise ValueError(f"stream {name!r} is damaged (its length is not whole {dtype.name} values)")
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, -1)
+    return np.ascontiguousarray(planes.T).view(dtype).reshape(-1)
 
 
 class Cursor:
@@ -188,13 +214,24 @@ class Cursor:
         width = value_bits(codec)
         return unpack_codes(self.take("u8", (count * width + 7) // 8), count, width)
 
-    def gaps(self, nnz: int) -> np.ndarray:
-        """Positions of ``nnz`` non-zeros from escape-coded gaps."""
+    def gaps(self, nnz: int, numel: int) -> np.ndarray:
+        """Positions of ``nnz`` non-zeros among ``numel`` from escape-coded gaps."""
+        if nnz == 0:
+            return np.zeros(0, np.int64)
         stream, start = self.arrays.get("u8", np.zeros(0, np.uint8)), self.at["u8"]
-        ends = np.flatnonzero(stream[start:] != 255)[:nnz] if nnz else np.zeros(0, np.int64)
-        used = int(ends[-1]) + 1 if nnz else 0
-        chunk = self.take("u8", used).astype(np.int64)
-        return np.cumsum(chunk)[chunk != 255] if nnz else np.zeros(0, np.int64)
+        ends = np.flatnonzero(stream[start:] != 255)[:nnz]
+        if len(ends) < nnz:
+            raise ValueError("the file's u8 array ends early")
+        chunk = self.take("u8", int(ends[-1]) + 1).astype(np.int64)
+        index = np.cumsum(chunk)[chunk != 255]
+        if index[-1] >= numel or (len(index) > 1 and not (np.diff(index) > 0).all()):
+            raise ValueError("its gaps point outside the tensor or twice at one position")
+        return index
+
+    def unread(self) -> dict[str, int]:
+        """Values of each stream that no record has read (a complete file leaves none)."""
+        left = {name: len(values) - self.at.get(name, 0) for name, values in self.arrays.items()}
+        return {name: n for name, n in left.items() if n}
 
 
 def _cost(codec: str, count: int) -> float:
@@ -253,6 +290,10 @@ def read_record(cursor: Cursor, shape: list[int], codec: str, enc: str = "dense"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The tensor a record holds (fp32, or bool for ``bits``; ``q*``: ``scale * code``), and its scales (``q*``)."""
     numel = int(np.prod(shape)) if shape else 1
+    if (enc == "rows" and not shape) or (enc == "columns" and len(shape) != 2):
+        raise ValueError(f"a tensor of shape {list(shape)} cannot be stored by {enc}")
+    if enc == "gaps" and not (isinstance(nnz, int) and not isinstance(nnz, bool) and 0 <= nnz <= numel):
+        raise ValueError(f"it declares {nnz!r} non-zeros in {numel} values")
     full = np.zeros(numel, dtype=bool if codec == "bits" else np.float32)
     if enc in ("rows", "columns"):
         keep = cursor.bits(shape[0] if enc == "rows" else shape[1])
@@ -266,7 +307,7 @@ def read_record(cursor: Cursor, shape: list[int], codec: str, enc: str = "dense"
     elif enc == "dense":
         full = cursor.values(numel, codec)
     else:
-        index = np.flatnonzero(cursor.bits(numel)) if enc == "bitmask" else cursor.gaps(int(nnz))
+        index = np.flatnonzero(cursor.bits(numel)) if enc == "bitmask" else cursor.gaps(nnz, numel)
         full[index] = cursor.values(len(index), codec)
     codes = torch.from_numpy(np.array(full).reshape(shape))
     if not scaled(codec):
@@ -278,3 +319,10 @@ def read_record(cursor: Cursor, shape: list[int], codec: str, enc: str = "dense"
     from bnn_adapt.nn.quantizers import dequantize  # noqa: PLC0415 - the one place scale * code is computed
 
     return dequantize(codes, scale), scale
+
+
+def most_bytes(shape) -> int:
+    """The most bytes one record of ``shape`` can take in any codec and encoding: 4 per value, then a position
+    byte per value (a bitmask bit, a gap byte and its 255 escapes, a kept row or column bit), an fp32 scale per row."""
+    numel = int(np.prod(shape)) if len(shape) else 1
+    return 5 * numel + numel // 255 + 1 + 4 * (shape[0] if len(shape) else 1)

@@ -21,7 +21,6 @@ from bnn_adapt.nn.folding import BatchNorm
 from bnn_adapt.nn.layers import weight_bits
 
 
-
 def slots(part: nn.Module, base: nn.Module) -> list[tuple[str, str, object]]:
     """``(state-dict key, kind, detail)`` in state-dict order: the records a file holds for ``part``.
 
@@ -65,13 +64,19 @@ def default_codec(kind: str, dtype: str, ndim: int, detail=None) -> str:
     return "i8" if dtype == "int8" and ndim >= 2 and kind == "value" else "f16"
 
 
-def layout_hash(model: nn.Module) -> str:
-    """Hash of the records' order, kinds and shapes: a file only loads into the model it was written from."""
+def layout(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(name, kind, shape)`` of each slot of the adapter and the head, in the order a file holds them."""
     items = []
     for prefix, part in (("adapter.", model.adapter), ("head.", model.head)):
         if part is not None:
             state = part.state_dict()
-            items += [[prefix + key, kind, list(state[key].shape)] for key, kind, _ in slots(part, model.base)]
+            items += [(prefix + key, kind, tuple(state[key].shape)) for key, kind, _ in slots(part, model.base)]
+    return items
+
+
+def layout_hash(model: nn.Module) -> str:
+    """Hash of the records' order, kinds and shapes: a file only loads into the model it was written from."""
+    items = [[name, kind, list(shape)] for name, kind, shape in layout(model)]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:12]
 
 

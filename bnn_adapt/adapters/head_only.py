@@ -23,6 +23,7 @@ class HeadOnly(AdaptedModel):
     """Only a new classifier on the frozen base's pre-classifier features."""
 
     strategy = "head_only"
+    options_class = HeadOnlyOptions
     feature_cache = True
 
     def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True, bits: int = 32):
@@ -52,6 +53,7 @@ class FullFinetune(HeadOnly):
     """New head, every base parameter trainable (thesis lr 1e-4)."""
 
     strategy = "full_finetune"
+    options_class = None
     trains_base = True
     feature_cache = False
 

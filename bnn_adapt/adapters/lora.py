@@ -109,6 +109,7 @@ class LoRA(AdaptedModel):
     """
 
     strategy = "lora"
+    options_class = LoRAOptions
 
     def __init__(
         self,

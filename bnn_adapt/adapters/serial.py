@@ -44,6 +44,7 @@ class Serial(AdaptedModel):
     """Residual adapters after the chosen stages (1-based), thesis chapter 6.2."""
 
     strategy = "serial"
+    options_class = SerialOptions
 
     def __init__(
         self,

@@ -52,6 +52,8 @@ class AdaptedModel(nn.Module):
     """Base + optional adapter + new head for ``num_classes`` target classes."""
 
     strategy: str
+    #: the options dataclass ``options`` comes from (None: no options): an adapter file's options are its fields
+    options_class: type | None = None
     trains_base = False
     #: reads the base only through ``frozen_features``, so a tap cache can stand in for it
     feature_cache = False

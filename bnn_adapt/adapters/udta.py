@@ -90,6 +90,7 @@ class Parallel(AdaptedModel):
     """
 
     strategy = "udta"
+    options_class = UDTAOptions
     feature_cache = True
 
     def __init__(
