@@ -36,7 +36,7 @@ from torch import nn
 from bnn_adapt.bases import rebuild
 from bnn_adapt.bases.reactnet import ReActBlock, ReActNet18
 from bnn_adapt.deploy import packed_kernels as kernels
-from bnn_adapt.deploy.packed_base import decode_layout, parse_packed, read_packed_base, to_packed_modules
+from bnn_adapt.deploy.packed_base import decode_layout, read_packed, read_packed_base, to_packed_modules
 from bnn_adapt.deploy.packed_blocks import PACKED_BLOCKS, ChannelsLastStem, FoldedDownsample
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear
 from bnn_adapt.errors import ExportError
@@ -139,9 +139,7 @@ def load_packed_base(path: str | Path) -> tuple[nn.Module, dict]:
     give the same base after decoding every weight to fp32).
     """
     path = Path(path)
-    if not path.is_file():
-        return read_packed_base(path)  # its error message
-    header, binary, values = parse_packed(path.read_bytes(), str(path))
+    header, binary, values = read_packed(path)
     with torch.device("meta"):
         base = to_packed_modules(rebuild(header["arch"], header["arch_config"]))
     bits = np.frombuffer(binary, np.uint8)

@@ -120,8 +120,9 @@ def sign_threshold(scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tens
         hi = torch.where(go_low, mid, hi)
         lo = torch.where(go_low, lo, mid)
     threshold = _from_ordered(torch.where(rising, hi, lo))
-    constant = scale == 0
+    # a constant sign: no scale, or an infinite shift (a threshold folded before: folding it again is the same)
+    constant = (scale == 0) | torch.isinf(shift)
     threshold = torch.where(constant & (shift >= 0), float("-inf"), threshold)
     threshold = torch.where(constant & (shift < 0), float("inf"), threshold)
-    direction = torch.where(scale < 0, -1.0, 1.0)
+    direction = torch.where((scale < 0) & ~constant, -1.0, 1.0)
     return direction, threshold
