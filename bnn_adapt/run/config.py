@@ -154,18 +154,23 @@ def quote_path_overrides(args: Sequence[str]) -> list[str]:
     so that ``export.adapter_run=[outputs/tables/full/table_6_5/row=udta_g20]`` works as typed.
 
     A value Hydra could not parse anyway is the only one changed. In a list, commas inside a
-    directory name (``row=lora,seed=2``) are told from separators by what exists on disk.
+    directory name (``row=lora,seed=2``, or a path through one) are told from separators by what exists on disk.
+    ``adapters={name: path, ...}`` (task=predict's named adapters) replaces the default list.
     """
     quoted = []
     for arg in args:
         key, eq, value = arg.partition("=")
+        if key == "adapters" and value.startswith("{") and value.endswith("}"):  # named adapters, task=predict
+            quoted += ["~adapters", f"+adapters={_quoted_dict(value)}"]  # the default is a list: replaced, not merged
+            continue
         if not (eq and key.lstrip("+~") in PATH_KEYS and "=" in value and value[:1] not in "'\""):
             quoted.append(arg)
             continue
         if value.startswith("[") and value.endswith("]"):
             items: list[str] = []
             for piece in value[1:-1].split(","):
-                if items and not Path(items[-1]).exists() and "/" not in piece:
+                continues = ("/" not in piece or Path(f"{items[-1]},{piece}").exists()) if items else False
+                if items and not Path(items[-1]).exists() and continues:
                     items[-1] += "," + piece  # part of the previous name
                 else:
                     items.append(piece)
@@ -174,6 +179,21 @@ def quote_path_overrides(args: Sequence[str]) -> list[str]:
             value = _quoted(value)
         quoted.append(f"{key}={value}")
     return quoted
+
+
+def _quoted_dict(value: str) -> str:
+    """``{name: path, ...}`` with its paths that hold ``=`` quoted; a piece without ``:`` continues a path."""
+    entries: list[str] = []
+    for piece in value[1:-1].split(","):
+        if entries and ":" not in piece:
+            entries[-1] += "," + piece
+        elif piece.strip():
+            entries.append(piece)
+    pairs = []
+    for entry in entries:
+        name, _, path = (part.strip() for part in entry.partition(":"))
+        pairs.append(f"{name}: {_quoted(path)}" if "=" in path and path[:1] not in "'\"" else f"{name}: {path}")
+    return "{" + ", ".join(pairs) + "}"
 
 
 def _quoted(text: str) -> str:
