@@ -11,6 +11,7 @@ network, a few batches) and registered with ``HydraConfig`` so that
 from __future__ import annotations
 
 import os
+import resource
 
 # Two shared cores: torch's default of one thread per core spins and thrashes
 # as soon as anything else runs (a 0.05 s step became 0.8 s). Set before torch loads.
@@ -32,6 +33,19 @@ from bnn_adapt.run.config import compose  # noqa: E402
 from tests.fake_data import write_cifar10, write_imagefolder  # noqa: E402
 
 torch.set_num_threads(1)
+
+#: the file-size limit the session started with; tests/test_write_errors.py fills the disk by lowering it
+FILE_SIZE_LIMIT = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Every test ends with the file-size limit lifted again, before pytest reports it: a test that filled the
+    disk (failed or not) must not make pytest's own output (a log file) fail."""
+    try:
+        return (yield)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT)
 
 
 # What every test run shares: a tiny network, a few small batches, CPU, quiet.

@@ -22,6 +22,7 @@ from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import tracking
 from bnn_adapt.run.config import TRUSTED_TARGETS
 from bnn_adapt.run.console import MacSummary
+from bnn_adapt.run.resume import CheckpointFiles
 from bnn_adapt.training.callbacks import RunStats
 from bnn_adapt.training.pruning import PruningPlan
 
@@ -156,9 +157,13 @@ def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, Run
     loggers = build_loggers(cfg)
     # Lightning's arguments, resolved and detached (Hydra 1.4 instantiates a node in its root's context)
     trainer_keys = OmegaConf.to_container(cfg.trainer, resolve=True)
-    arguments = OmegaConf.create({k: v for k, v in trainer_keys.items() if k not in TRAINER_OPTIONS})
+    arguments = OmegaConf.create({k: v for k, v in trainer_keys.items() if k not in (*TRAINER_OPTIONS, "plugins")})
+    # checkpoints are written whole or not at all, and read as data only
+    plugins = [*(instantiate(p) for p in trainer_keys.get("plugins") or []), CheckpointFiles()]
     try:
-        trainer = instantiate(arguments, callbacks=callbacks, logger=loggers, enable_model_summary=False)
+        trainer = instantiate(
+            arguments, callbacks=callbacks, logger=loggers, plugins=plugins, enable_model_summary=False
+        )
     except MisconfigurationException as exc:  # e.g. accelerator=gpu on a machine without one
         raise ConfigError(f"trainer: {exc}") from None
     if trainer.world_size > 1 and cfg.trainer.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):

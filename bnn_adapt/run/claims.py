@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from bnn_adapt.files import write_error
+
 RUN_LOCK = "run.lock"
 HEARTBEAT_S = 30.0  # how often a held claim's file is touched
 STALE_AFTER_S = 600.0  # a claim from another host not touched for this long is stale
@@ -140,8 +142,12 @@ class Claim:
     # -- taking
 
     def try_acquire(self) -> dict | None:
-        """Take the claim if free or stale; returns None when taken, else the live holder's record."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the claim if free or stale; returns None when taken, else the live holder's record.
+        A claim that cannot be written (a full or read-only disk) is one line naming it, and none is left."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
         for _ in range(5):
             owner = this_process()
             try:
@@ -160,8 +166,15 @@ class Claim:
                     return held or {"pid": "?", "host": "?", "since": time.time() - age}  # garbled: wait it out
                 self._take_over(held)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(owner, f)
+            except OSError as exc:
+                raise write_error(self.path, exc) from exc
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(owner, f)
+            except OSError as exc:  # an empty claim would hold the directory until it is stale
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                raise write_error(self.path, exc) from exc
             self.owner = owner
             self._start_heartbeat()
             return None
@@ -220,7 +233,8 @@ class Claim:
         self._stop.set()
         held, _ = self.holder()
         if held == self.owner:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only disk: the claim outlives its owner, then is taken over
+                self.path.unlink(missing_ok=True)
         self.owner = None
 
     def __enter__(self) -> Claim:

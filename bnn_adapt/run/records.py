@@ -6,16 +6,20 @@ hash, results schema, data, base checkpoint, versions and environment). What fol
 named steps (:func:`after_training`): when one fails, the measured numbers are written first,
 with the step and its error beside them (``status: failed_after_training``), and ``resume=true``
 redoes that step and those after it from the run's last checkpoint, without training again.
+A record that cannot be written (a full or read-only disk) is printed to stderr instead.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bnn_adapt.files import file_sha256, write_json
+from bnn_adapt.errors import UserError
+from bnn_adapt.files import WriteError, file_sha256, write_json
 from bnn_adapt.run import builders
 from bnn_adapt.run.provenance import environment
 from bnn_adapt.run.results import RESULTS_SCHEMA, config_hash, dataset_identity, package_versions
@@ -27,8 +31,9 @@ ADAPTER_FILE_STEP = "adapter file"
 BASE_FILE_STEP = "base checkpoint"
 
 
-class FailedAfterTraining(RuntimeError):
-    """A step after training failed; ``run_dir``'s metrics.json holds the measured numbers beside it."""
+class FailedAfterTraining(UserError):
+    """A step after training failed; ``run_dir``'s metrics.json holds the measured numbers beside it (or,
+    where it could not be written, they were printed)."""
 
     def __init__(self, message: str, run_dir: str):
         super().__init__(message)
@@ -54,10 +59,28 @@ def results_record(cfg: DictConfig, measured: dict, status: str, **extra) -> dic
     }
 
 
+def write_record(path: Path, record: dict) -> None:
+    """``record`` to ``path``; when that fails, printed to stderr in one block (what was measured stays with
+    the user) before the :class:`WriteError` naming the path and the cause is raised."""
+    try:
+        write_json(path, record)
+    except WriteError:
+        print(f"{path} could not be written; its content:", file=sys.stderr)
+        print(json.dumps(record, indent=2, default=str), file=sys.stderr, flush=True)
+        raise
+
+
 def finish(cfg: DictConfig, result: dict, summary: dict) -> dict:
     metrics = results_record(cfg, {**result, **summary}, "complete")
     out = Path(cfg.paths.output_dir)
-    write_json(out / "metrics.json", metrics)
+    try:
+        write_record(out / "metrics.json", metrics)
+    except WriteError as exc:
+        raise FailedAfterTraining(
+            f"{exc}; every epoch ran and its numbers are printed above; free space and run the same command "
+            "with resume=true to write them, without training again",
+            str(out),
+        ) from exc
     top1 = metrics.get("test_top1")
     line = f"{cfg.task} done: top-1 {top1:.4f}" if top1 is not None else f"{cfg.task} done"
     if metrics.get("val_top1") is not None:
@@ -97,24 +120,33 @@ def after_training(cfg: DictConfig, measured: dict, steps: list[tuple[str, Any]]
     name, exc = failed
     out = Path(cfg.paths.output_dir)
     error = f"{type(exc).__name__}: {exc}"
-    write_json(out / "metrics.json", results_record(cfg, measured, FAILED_AFTER_TRAINING, failed_step=name, error=error))
+    record = results_record(cfg, measured, FAILED_AFTER_TRAINING, failed_step=name, error=error)
+    try:
+        write_record(out / "metrics.json", record)
+        kept = f"its numbers are in {out / 'metrics.json'}"
+    except WriteError as unwritten:
+        kept = f"its numbers are printed above ({unwritten})"
     raise FailedAfterTraining(
-        f"{name} failed after training ({error}); every epoch ran and its numbers are in {out / 'metrics.json'}; "
+        f"{name} failed after training ({error}); every epoch ran and {kept}; "
         "the same command with resume=true finishes the run from its last checkpoint, without training again",
         str(out),
     ) from exc
 
 
 def record_failure(cfg: DictConfig, exc: BaseException) -> None:
-    """A failed run leaves its reason where its results would be."""
-    write_json(
-        Path(cfg.paths.output_dir) / "metrics.json",
-        {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "task": cfg.get("task"),
-            "seed": cfg.get("seed"),
-            "config_hash": config_hash(cfg),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        },
-    )
+    """A failed run leaves its reason where its results would be; when even that cannot be written, a note
+    says so and ``exc`` stays the error the run ends with."""
+    try:
+        write_json(
+            Path(cfg.paths.output_dir) / "metrics.json",
+            {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "task": cfg.get("task"),
+                "seed": cfg.get("seed"),
+                "config_hash": config_hash(cfg),
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            },
+        )
+    except WriteError as unwritten:
+        print(f"note: this failure is not recorded: {unwritten}", file=sys.stderr, flush=True)

@@ -2,22 +2,27 @@
 
 Lightning's checkpoint holds model, optimiser, loop and callback states; this
 module adds what it lacks for an identical continuation (the global RNG
-states, see :class:`RNGState`) and finds the checkpoint to continue from: the
-run directory itself (fixed sweep directories) or, for a single run started
-with the same command, the newest unfinished run with the same config hash.
+states, see :class:`RNGState`), writes and reads checkpoints so that none is
+ever half there (:class:`CheckpointFiles`), and finds the checkpoint to
+continue from: the run directory itself (fixed sweep directories) or, for a
+single run started with the same command, the newest unfinished run with the
+same config hash.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import random
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
-from bnn_adapt.files import atomic_output
+from bnn_adapt.errors import CheckpointError
+from bnn_adapt.files import atomic_output, load_weights
 from bnn_adapt.run.claims import held_by_another
 from bnn_adapt.run.results import read_json_or_none
 
@@ -44,6 +49,28 @@ class RNGState(L.Callback):
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+DAMAGED = "it was cut short or damaged; run the same command without resume=true to train afresh"
+
+
+class CheckpointFiles(TorchCheckpointIO):
+    """Lightning's checkpoint writer and reader for the run directory.
+
+    Written beside its final name and renamed onto it (:func:`bnn_adapt.files.atomic_output`): a full or
+    read-only disk leaves the previous checkpoint and one line naming the path and the cause, never a
+    truncated file under a checkpoint's name (Lightning's own writer stages it in the system's temporary
+    folder and copies it across file systems). Read as data only, a damaged one refused in one line.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()  # torch.save's own writer reports a failed write without its errno
+        torch.save(checkpoint, buffer)
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_weights(path, "checkpoint", DAMAGED, error=CheckpointError)
 
 
 def unfinished(run_dir: Path, cfg_hash: str, data: dict | None = None) -> bool:
@@ -74,7 +101,7 @@ def find_resumable(output_dir: Path, runs_root: Path, cfg_hash: str, data: dict 
 def load_trained_weights(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
     """``model`` (built as the run built it) with the weights of the run's last checkpoint: what
     training left, for the steps after it that failed (``resume=true``, bnn_adapt.run.task)."""
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_weights(run_dir / CHECKPOINT, "checkpoint", DAMAGED, error=CheckpointError)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return model
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter
 from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
-from bnn_adapt.files import read_json_or_none, write_json
+from bnn_adapt.files import WriteError, read_json_or_none, write_error, write_json
 from bnn_adapt.run import builders, claims, preflight, ranks, resume, study, tracking
 from bnn_adapt.run.config import validate, without_hydra_node
 from bnn_adapt.run.provenance import torch_threads
@@ -115,7 +116,7 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
     checkpoint = out / resume.CHECKPOINT
     data = dataset_identity(cfg)
     resuming = bool(cfg.get("resume")) and resume.unfinished(out, config_hash(cfg), data)
-    write_json(out / resume.RUN_FILE, {"config_hash": config_hash(cfg), "data": data, "status": "running"})
+    write_json(out / resume.RUN_FILE, {"config_hash": config_hash(cfg), "data": data})  # its status: metrics.json
     kept_csv = resume.keep_csv_before_resume(out / "csv") if resuming else None
     fit_error = None
     try:
@@ -129,8 +130,8 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
                           "set trainer.compile=false, or try trainer.compile=aot_eager") from exc  # fmt: skip
     except Exception as exc:
         if not stats.training_ended:
-            raise
-        fit_error = exc
+            raise failed_write(exc, out)
+        fit_error = failed_write(exc, out)
     if kept_csv is not None:
         resume.merge_resumed_csv(kept_csv, out / "csv", resumed_epoch=stats.resumed_at_epoch)
     stats.recover_spawned(trainer)  # trainer=ddp (ddp_spawn) trained in child processes
@@ -152,6 +153,24 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
         tested = trainer.test(module, datamodule=datamodule, verbose=False)
         result["test_top1"] = tested[0].get("test/acc") if tested else None
     return result, fit_error
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # what a write fails with, not a read
+
+
+def failed_write(exc: Exception, run_dir: Path) -> Exception:
+    """``exc``, or the one line it stands for when a write failed while fitting (a full or read-only disk):
+    the first :class:`WriteError` in its chain (Lightning's loggers, closing on the same disk, fail again
+    and hide it), else a :class:`WriteError` naming ``run_dir``, where Lightning writes its logs."""
+    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
+        return exc
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, WriteError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        cause = write_error(exc.filename or run_dir, exc)
+        cause.__cause__ = exc
+    return cause
 
 
 def run_pretrain(cfg: DictConfig) -> dict:
