@@ -119,6 +119,22 @@ def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
     assert len(list((tmp_path / SWEEP).glob("trial_*"))) == 6
 
 
+@pytest.mark.slow  # two searches of three trials each at once
+def test_two_workers_on_a_narrow_base_complete_every_trial(tmp_path):
+    """At width 0.1 (stages of 8/16/32 channels) the thesis's group counts 5, 10 and 20 divide nothing: the search
+    proposes what this base runs (bnn_adapt.tools.search_space), so every trial it starts completes."""
+    spec = str(tmp_path / "shared" / "narrow.log")
+    overrides = ("base.width=0.1", f"search.storage={spec}", "hydra.sweeper.n_trials=3")
+    workers = [worker(tmp_path, *overrides) for _ in range(2)]
+    outputs = [w.communicate(timeout=900) for w in workers]
+    for w, (_, stderr) in zip(workers, outputs):
+        assert w.returncode == 0, stderr[-3000:]
+        assert "Failed experiment" not in stderr and "does not divide" not in stderr
+    trials = load(spec).trials
+    assert len(trials) == 6 and [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    assert {t.params["adapter.groups"] for t in trials} <= {1, 2, 4, 8, "channels"}
+
+
 # ------------------------------------------------------------------ killed workers
 
 

@@ -38,6 +38,7 @@ from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc.
 from bnn_adapt.run import study
 from bnn_adapt.run.results import read_json_or_none
 from bnn_adapt.tools import search_trials
+from bnn_adapt.tools.search_space import check_search_space, suggest_groups
 from bnn_adapt.tools.report import run_label
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,14 @@ def search_space(cfg: DictConfig, trial) -> None:
     the trials of workers killed meanwhile (:mod:`bnn_adapt.tools.search_trials`); hand the job its
     trial's number as ``search.trial`` (a parameter of one value: the sweeper makes every parameter an
     override of the job, which names its run directory and reports to its trial with it); then the
-    conditional part of the space."""
+    conditional part of the space, and the group counts the base runs
+    (:mod:`bnn_adapt.tools.search_space`)."""
     search_trials.watch(trial)
     for line in search_trials.fail_stale(trial.storage, trial.study._study_id):
         print(f"note: marked failed, {line}", file=sys.stderr)
     trial.suggest_int("search.trial", trial.number, trial.number)
     serial_stages(cfg, trial)
+    suggest_groups(cfg, trial)
 
 
 # ----------------------------------------------------------------------------- the front
@@ -261,8 +264,8 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
 
 
 class ParetoFrontReport(Callback):
-    """Hydra callback of the search: makes the sweep directory before Optuna opens its storage there,
-    checks the storage (:func:`bnn_adapt.run.study.storage_setting`), fails the trials that killed
+    """Hydra callback of the search: checks the search space against the base, makes the sweep directory
+    before Optuna opens its storage there, checks the storage (:func:`bnn_adapt.run.study.storage_setting`), fails the trials that killed
     workers left RUNNING, and writes the report when the search ends."""
 
     storage: str | None = None
@@ -270,6 +273,7 @@ class ParetoFrontReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            check_search_space(config)  # a group count the base cannot run: one line before the first trial
             self.storage = study.storage_setting(config)
             Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
             if self.storage:  # a stored study that this worker continues or shares
