@@ -38,7 +38,7 @@ from the defaults. Each array is stored LZMA-compressed where that is smaller
 cost bits the size formula does not count, which compression wins back.
 
 A file may come from anyone, so reading one checks it before trusting it: the
-metadata first (every key of its type, the strategy's own options, sane class
+metadata first (:mod:`.file_meta`: every key of its type, the strategy's own options, sane class
 counts, names and image sizes), then the model it declares is built on the meta
 device (nothing allocated) to bound what the streams may hold; decompression
 stops at that bound, every stream must end with the last record, and NaN or
@@ -49,9 +49,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import types
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +61,6 @@ from bnn_adapt.adapters import STRATEGIES
 from bnn_adapt.adapters.bitfit import substituted
 from bnn_adapt.adapters.file_codec import (
     DTYPES,
-    ENCODINGS,
     Cursor,
     Streams,
     choose_encoding,
@@ -75,19 +71,26 @@ from bnn_adapt.adapters.file_codec import (
     write_record,
 )
 from bnn_adapt.adapters.file_layout import default_codec, layout, layout_hash, load_part, slots
+from bnn_adapt.adapters.file_meta import (
+    ADAPTER_SCALE,
+    FORMAT,
+    METADATA_KEY,
+    VERSION,
+    checked_meta,
+    refused,
+    shown,
+)
 from bnn_adapt.adapters.strategy import make_head_prunable
 from bnn_adapt.adapters.udta import ThinBlock
-from bnn_adapt.bases.checkpoint import checked_arch, rebuild
 from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded
+from bnn_adapt.bases.received import checked_arch
+from bnn_adapt.bases.registry import rebuild
 from bnn_adapt.errors import ConfigError, ExportError, FingerprintError, printable
 from bnn_adapt.files import atomic_output, require_finite
 from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, mark_folded
 from bnn_adapt.nn.layers import ColumnPrunedLinear, quantized_weight, weight_bits
 from bnn_adapt.nn.quantizers import ChannelQuantizer
 
-FORMAT = "bnn_adapt.adapter"
-VERSION = 3  # the only one this version reads
-METADATA_KEY = "bnn_adapt"
 ADAPTER_FILE = "adapter.safetensors"  # what an adaptation run writes in its directory
 
 
@@ -253,153 +256,6 @@ def is_adapter_file(path: str | Path) -> bool:
         return False
 
 
-#: what a received file may declare: no adapter anyone trains has more classes or larger images, no class name
-#: (an ImageFolder's folder name) is longer than a file name can be; options that build an adapter larger than
-#: ``ADAPTER_SCALE`` times its base are refused before building
-NUM_CLASSES, NAME_CHARS, IMAGE_SIZES, ADAPTER_SCALE = (2, 100_000), 255, (8, 1024), 16
-#: the metadata of an adapter file: every key, with the type of its value
-KEYS = {
-    "format": str,
-    "version": int,
-    "strategy": str,
-    "options": dict,
-    "num_classes": int,
-    "class_names": (list, type(None)),
-    "head_columns": bool,
-    "pruned": bool,
-    "base": dict,
-    "dtype": str,
-    "preprocess": (dict, type(None)),
-    "source": dict,
-    "layout": str,
-    "base_tensors": list,
-    "encodings": dict,
-    "packing": dict,
-}
-FIX = "the file is damaged or was not written by task=export: export the adapter again"
-
-
-def _refused(path: Path, what: str) -> ExportError:
-    return ExportError(f"adapter file {path}: {what}; {FIX}")
-
-
-def _shown(value: object) -> str:
-    """A value read from a file, escaped and cut short for a message."""
-    return printable(repr(value))[:80]
-
-
-def _is(value: object, kind) -> bool:
-    """``isinstance`` where a bool is no number (JSON tells them apart) and a float is finite."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool):
-        return bool in kinds
-    return isinstance(value, kinds) and not (isinstance(value, float) and not math.isfinite(value))
-
-
-def _fits(value: object, hint) -> bool:
-    """Whether a JSON value is a plain value of an options field's type (``int``, ``float``, ``str``,
-    ``list[int]`` and unions of them), or null (as a config may give: the strategy checks it)."""
-    if value is None:
-        return True
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and len(value) <= 64 and all(_fits(v, typing.get_args(hint)[0]) for v in value)
-    return _is(value, (int, float) if hint is float else hint)
-
-
-def _check_options(meta: dict, path: Path) -> None:
-    """The strategy is known and its options are exactly its options dataclass's fields, of their types."""
-    strategy, options = meta["strategy"], meta["options"]
-    if strategy not in STRATEGIES:
-        raise _refused(path, f"strategy {_shown(strategy)} is unknown to this version (known: {', '.join(STRATEGIES)})")
-    options_class = STRATEGIES[strategy].options_class
-    fields = typing.get_type_hints(options_class) if options_class else {}
-    unknown, missing = sorted(set(options) - set(fields)), sorted(set(fields) - set(options))
-    if unknown or missing:
-        what = f"unknown option {_shown(unknown[0])}" if unknown else f"no option {missing[0]}"
-        raise _refused(path, f"options: {what} for {strategy}, whose options are {', '.join(fields) or 'none'}")
-    for key, value in options.items():
-        if not _fits(value, fields[key]):
-            kind = fields[key].__name__ if isinstance(fields[key], type) else str(fields[key])
-            raise _refused(path, f"options.{key}={_shown(value)} is not {kind}")
-
-
-def _check_preprocess(preprocess: dict | None, path: Path) -> None:
-    """None, or the image size (within :data:`IMAGE_SIZES`), 3 means and 3 positive stds of the run's eval."""
-    if preprocess is None:
-        return
-    if set(preprocess) != {"image_size", "mean", "std"}:
-        raise _refused(path, f"preprocess holds {_shown(sorted(preprocess))}, not image_size, mean and std")
-    size, (low, high) = preprocess["image_size"], IMAGE_SIZES
-    if not _is(size, int) or not low <= size <= high:
-        raise _refused(path, f"preprocess.image_size={_shown(size)} is not an integer within {low}..{high}")
-    for key in ("mean", "std"):
-        values = preprocess[key]
-        numbers = isinstance(values, list) and len(values) == 3 and all(_is(v, (int, float)) for v in values)
-        if not numbers or (key == "std" and min(values) <= 0):
-            positive = " > 0" if key == "std" else ""
-            raise _refused(path, f"preprocess.{key}={_shown(values)} is not 3 finite numbers{positive}")
-
-
-def _check_version(meta: object, path: Path) -> None:
-    """An object of this format, at this version (the only one read: bnn_adapt is unreleased)."""
-    if not isinstance(meta, dict):
-        raise _refused(path, f"its {METADATA_KEY} metadata is a JSON {type(meta).__name__}, not an object")
-    if meta.get("format") != FORMAT:
-        raise ExportError(f"{path} holds {_shown(meta.get('format'))}, not an exported adapter")
-    version = meta.get("version")
-    if _is(version, int) and version > VERSION:
-        raise ExportError(
-            f"{path} is an adapter file of format version {version}, newer than this bnn_adapt reads ({VERSION}); "
-            "upgrade bnn_adapt"
-        )
-    if not _is(version, int) or version != VERSION:
-        raise ExportError(
-            f"{path} is an adapter file of format version {_shown(version)}, which this bnn_adapt does not read "
-            f"(it reads {VERSION}); export the adapter again with task=export"
-        )
-
-
-def _checked_meta(raw: str, path: Path) -> dict:
-    """The metadata a file declares, every key checked (present, of its type, within sane limits) before
-    anything is built or decompressed from it."""
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise _refused(path, f"its {METADATA_KEY} metadata is not JSON ({_shown(str(exc))})") from None
-    _check_version(meta, path)
-    missing, unknown = [k for k in KEYS if k not in meta], sorted(set(meta) - set(KEYS))
-    if missing:
-        raise _refused(path, f"its metadata lacks {missing[0]}")
-    if unknown:
-        raise _refused(path, f"unknown metadata {_shown(unknown[0])}")
-    for key, kind in KEYS.items():
-        if not _is(meta[key], kind):
-            raise _refused(path, f"{key}={_shown(meta[key])} is of the wrong type")
-    _check_options(meta, path)
-    count, names, (low, high) = meta["num_classes"], meta["class_names"], NUM_CLASSES
-    if not low <= count <= high:
-        raise _refused(path, f"num_classes={count} is outside {low}..{high}")
-    if names is not None and not (len(names) == count and all(_is(n, str) and len(n) <= NAME_CHARS for n in names)):
-        raise _refused(path, f"class_names are not {count} strings of at most {NAME_CHARS} characters")
-    _check_preprocess(meta["preprocess"], path)
-    if meta["dtype"] not in DTYPES:
-        raise _refused(path, f"dtype={_shown(meta['dtype'])} is none of {', '.join(DTYPES)}")
-    if set(meta["base"]) != {"arch", "arch_config", "fingerprint"} or not _is(meta["base"]["fingerprint"], str):
-        raise _refused(path, "base is not an architecture (arch, arch_config) with its fingerprint")
-    tensors = meta["base_tensors"]
-    if not all(_is(n, str) for n in tensors) or len(set(tensors)) < len(tensors):
-        raise _refused(path, "base_tensors are not distinct names")
-    if any(how != "lzma" for how in meta["packing"].values()):
-        raise _refused(path, f"packing={_shown(meta['packing'])} names a packing other than lzma")
-    for name, entry in meta["encodings"].items():
-        fields = isinstance(entry, dict) and set(entry) <= {"codec", "enc", "nnz"}
-        if not fields or not _is(entry.get("codec", ""), str) or entry.get("enc", "dense") not in ENCODINGS:
-            raise _refused(path, f"encodings.{_shown(name)}={_shown(entry)} is no encoding of a tensor")
-    return meta
-
-
 def _build(meta: dict, base: nn.Module, path: Path) -> nn.Module:
     """The adapted model ``meta`` declares, on ``base``; options that do not fit the base are one line."""
     try:
@@ -407,7 +263,7 @@ def _build(meta: dict, base: nn.Module, path: Path) -> nn.Module:
         if meta["head_columns"]:
             make_head_prunable(model)
     except (ConfigError, ValueError, TypeError, RuntimeError) as exc:
-        raise _refused(path, f"its {meta['strategy']} options do not fit its base ({printable(exc)})") from None
+        raise refused(path, f"its {meta['strategy']} options do not fit its base ({printable(exc)})") from None
     return model
 
 
@@ -421,7 +277,7 @@ def _model_on_meta(meta: dict, path: Path) -> nn.Module:
         model = _build(meta, rebuild(base["arch"], config), path)
     size = sum(p.numel() for p in model.adapter.parameters()) if model.adapter is not None else 0
     if size > ADAPTER_SCALE * sum(p.numel() for p in model.base.parameters()):
-        raise _refused(
+        raise refused(
             path,
             f"its {meta['strategy']} options build an adapter of {size:,} parameters, "
             f"more than {ADAPTER_SCALE} times its base's",
@@ -443,7 +299,7 @@ def _most_bytes(model: nn.Module, meta: dict, path: Path) -> int:
         if name in state or (name.endswith(".scale") and weight in state):
             shapes.append(state[name] if name in state else state[weight][:1])
         else:
-            raise _refused(path, f"base_tensors names {_shown(name)}, which its {meta['base']['arch']} base lacks")
+            raise refused(path, f"base_tensors names {shown(name)}, which its {meta['base']['arch']} base lacks")
     return sum(most_bytes(shape) for shape in shapes)
 
 
@@ -462,7 +318,7 @@ def _read_stored(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             f"{path} holds no {METADATA_KEY} metadata: it is no adapter file written by task=export or an "
             "adaptation run of this version; run the adaptation again with this bnn_adapt"
         )
-    meta = _checked_meta(raw, path)
+    meta = checked_meta(raw, path)
     meta["class_names"] = meta["class_names"] or _indices(meta["num_classes"])
     return stored, meta
 
@@ -512,11 +368,11 @@ class _Reader:
         entry = self.meta["encodings"].get(name, {})
         codec, enc, start = entry.get("codec", default), entry.get("enc", "dense"), self.cursor.bytes_read()
         if codec not in (default, "f16" if default == "i8" else default):
-            raise _refused(self.path, f"tensor {name} is stored as {_shown(codec)}, not {default}")
+            raise refused(self.path, f"tensor {name} is stored as {shown(codec)}, not {default}")
         try:
             found = read_record(self.cursor, list(shape), codec, enc, entry.get("nnz"))
         except ValueError as exc:
-            raise _refused(self.path, f"tensor {name} cannot be read: {exc}") from None
+            raise refused(self.path, f"tensor {name} cannot be read: {exc}") from None
         require_finite({name: found[0], f"{name} (scales)": found[1]}, f"adapter file {self.path}", ExportError)
         self.meta["records"][name] = {"codec": codec, "enc": enc, "bytes": self.cursor.bytes_read() - start}
         return found
@@ -525,10 +381,10 @@ class _Reader:
         unread = self.cursor.unread()
         if unread:
             stream, count = next(iter(unread.items()))
-            raise _refused(self.path, f"its {stream} stream holds {count} values beyond its last tensor")
+            raise refused(self.path, f"its {stream} stream holds {count} values beyond its last tensor")
         unknown = sorted(set(self.meta["encodings"]) - set(self.meta["records"]))
         if unknown:
-            raise _refused(self.path, f"encodings name {_shown(unknown[0])}, which is no tensor of its adapter")
+            raise refused(self.path, f"encodings name {shown(unknown[0])}, which is no tensor of its adapter")
 
 
 @torch.no_grad()
@@ -583,7 +439,7 @@ def attach_adapter(path: str | Path, base: nn.Module, base_fingerprint: str | No
     base_tensors = {}
     for tensor in meta["base_tensors"]:
         if tensor not in canonical:
-            raise _refused(path, f"base_tensors names {_shown(tensor)}, which its base does not store")
+            raise refused(path, f"base_tensors names {shown(tensor)}, which its base does not store")
         kind, shape = canonical[tensor]
         default = default_codec("sign" if kind == "bits" else "value", meta["dtype"], len(shape))
         base_tensors[tensor] = reader.read(f"base.{tensor}", shape, default)[0]

@@ -13,8 +13,8 @@ from collections import OrderedDict
 
 import torch
 
-from bnn_adapt.bases.checkpoint import check_state, expected_shapes
 from bnn_adapt.bases.reactnet import ReActNet18
+from bnn_adapt.bases.received import check_state, expected_shapes
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.files import atomic_output, load_weights
 

@@ -10,3 +10,11 @@ from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 BASES: dict[str, type[BaseNetwork]] = {
     cls.arch: cls for cls in (STEResNetCIFAR, ReActNet18, ResNetCIFAR, ResNet18CIFAR, ResNet18)
 }
+
+#: what a checkpoint written before a constructor argument existed was built with
+LEGACY_ARCH_DEFAULTS = {"ste_resnet_cifar": {"block": "binarynet"}}
+
+
+def rebuild(arch: str, arch_config: dict) -> BaseNetwork:
+    """A fresh ``arch`` from the constructor arguments a checkpoint or packed file recorded."""
+    return BASES[arch](**{**LEGACY_ARCH_DEFAULTS.get(arch, {}), **arch_config})

@@ -29,8 +29,8 @@ from torch import nn
 from bnn_adapt import accounting
 from bnn_adapt.adapters.bitfit import substituted
 from bnn_adapt.adapters.file import ADAPTER_FILE, attach_adapter, export_adapter, is_adapter_file
-from bnn_adapt.bases.checkpoint import checked_arch
 from bnn_adapt.bases.fingerprint import fingerprint
+from bnn_adapt.bases.received import checked_arch
 from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.errors import ExportError, FingerprintError, printable
 from bnn_adapt.files import read_json, read_json_or_none, write_json

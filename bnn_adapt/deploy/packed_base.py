@@ -26,7 +26,7 @@ to attach to any other base (:mod:`bnn_adapt.adapters.file`).
 
 A received file is data to check before anything is built: the header's size
 and inflated size are capped, its keys and types are checked, its architecture
-is checked (:func:`~bnn_adapt.bases.checkpoint.checked_arch`) and its layout
+is checked (:func:`~bnn_adapt.bases.received.checked_arch`) and its layout
 compared with that architecture's, laid out on the meta device, before any
 memory is sized by it; the sections must fill the file exactly, fp32 values be
 finite and everything hash to the header's fingerprint. Anything else is one
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from bnn_adapt.bases import BaseNetwork, rebuild
-from bnn_adapt.bases.checkpoint import checked_arch, describe
+from bnn_adapt.bases.checkpoint import describe
 from bnn_adapt.bases.fingerprint import (
     binary_scale,
     canonical_tensors,
@@ -54,6 +54,7 @@ from bnn_adapt.bases.fingerprint import (
     pack_sign_bits,
     sign_weight_names,
 )
+from bnn_adapt.bases.received import checked_arch
 from bnn_adapt.errors import ExportError, printable
 from bnn_adapt.files import atomic_output, require_finite
 from bnn_adapt.nn.folding import BatchNorm, mark_folded

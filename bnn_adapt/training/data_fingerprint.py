@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from stat import S_ISREG
 
-from bnn_adapt.training.datasets import LAYOUTS, ExistingFilesCIFAR10, ExistingFilesCIFAR100, _fashion_files, walk_once
+from bnn_adapt.training.datasets import LAYOUTS, ExistingFilesCIFAR10, ExistingFilesCIFAR100, _fashion_files
+from bnn_adapt.training.received_data import walk_once
 
 #: the dataset read from a package, not from files under ``data.root``
 EMBEDDED = {"digits": "scikit-learn's bundled digits (sklearn.datasets.load_digits)"}
