@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 # our ${range:...} etc. must exist before Hydra snapshots the OmegaConf resolvers for launcher
 # workers (joblib, submitit), which restore that snapshot before every job
 from bnn_adapt.errors import UserError
-from bnn_adapt.run.config import TRUSTED_TARGETS, quote_path_overrides, rename_deprecated_overrides, search_as_multirun
+from bnn_adapt.run.config import TRUSTED_TARGETS, quote_path_overrides, search_as_multirun
 
 # Lightning 2.6 asks torch's pytree a deprecated question on every step; nothing for our users to act on
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -50,7 +50,6 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = rename_deprecated_overrides(sys.argv[1:])  # 0.1's key names, with a note each
     sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run directories (row=...) as paths, unquoted
     sys.argv[1:] = search_as_multirun(sys.argv[1:])  # hparams_search=...: a multirun, as before Hydra 1.4
     with execution_whitelist(TRUSTED_TARGETS):  # what Hydra instantiates for us (callbacks, the search's hook)

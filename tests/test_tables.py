@@ -184,11 +184,11 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
 
     out = root / "results"
     # the renderer is given the overrides the sweep ran with: they name the run directories
-    result = run_module(root, "bnn_adapt.tables", "--profile", "smoke", "--out", str(out), "6.2",
+    result = run_module(root, "bnn_adapt.tools.tables", "--profile", "smoke", "--out", str(out), "6.2",
                         *(f"--override={o}" for o in QUICK))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "table 6.2: 2 of 8 runs complete" in result.stdout
-    result = run_module(root, "bnn_adapt.tables", "--profile", "smoke", "--out", str(out), "5.2")
+    result = run_module(root, "bnn_adapt.tools.tables", "--profile", "smoke", "--out", str(out), "5.2")
     assert "table 5.2: 2 of 2 runs complete" in result.stdout, result.stderr[-3000:]
 
     md = (out / "table_6_2.md").read_text()

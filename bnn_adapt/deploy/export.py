@@ -2,12 +2,12 @@
 
 Writes into ``export.dir``:
 
-* ``base.bnnpack``: the base bit-packed (:mod:`bnn_adapt.packed_base`);
+* ``base.bnnpack``: the base bit-packed (:mod:`bnn_adapt.deploy.packed_base`);
 * one ``<run label>.safetensors`` per ``export.adapter_run`` (a finished
   adaptation run's directory, or a sweep directory: each of its finished
-  adaptation runs): adapter + head (:mod:`bnn_adapt.adapter_file`);
+  adaptation runs): adapter + head (:mod:`bnn_adapt.adapters.file`);
 * ``manifest.json``: ``{"files": {name: {"bytes": on disk, "predicted_bytes":
-  n_bin / 8 + 4 * n_fp32 (SPEC 4), ...}}}``.
+  n_bin / 8 + 4 * n_fp32, ...}}}`` (the size formula).
 
 The base comes from ``base.checkpoint``, or, when adapter runs are given,
 from the runs' own ``base.checkpoint`` (all of them must share it).

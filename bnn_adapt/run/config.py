@@ -1,9 +1,8 @@
-"""The config: where it lives, how to compose it, its resolvers, deprecated keys and the checks run before any work starts."""
+"""The config: where it lives, how to compose it, its resolvers and the checks run before any work starts."""
 
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,46 +81,6 @@ def choices() -> dict[str, tuple[str, ...]]:
 
     return {"task": TASKS, "base.bn": BN_MODES, "base.epoch": BASE_EPOCHS, "memory": MEMORY_MODES,
             "export.dtype": DTYPES, "adapter.bits": BITS}  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- renamed keys
-
-#: old key -> new key: 0.2.0 gave the memory mode and the tap cache one node each, and groups to the adapter
-#: (CHANGELOG.md). On the command line the old key still works, with a note; a config file that sets it
-#: stops with one line naming the new key (:func:`validate`)
-DEPRECATED_KEYS = {
-    "trainer.memory": "memory",
-    "adapter.cache_taps": "tap_cache.enabled",
-    "adapter.cache_max_gb": "tap_cache.max_gb",
-    "data.cached_views": "tap_cache.views",
-    "reduction.groups": "adapter.groups",
-}
-
-
-def rename_deprecated_overrides(args: Sequence[str]) -> list[str]:
-    """Command-line overrides with keys renamed in 0.2.0 spelled the new way, one note each on stderr.
-
-    The one place renamed keys are translated: ``python -m bnn_adapt`` and :func:`compose` apply it.
-    ``reduction=groups`` (0.1's way to group the 1x1 convs, g=10 by default) is
-    dropped: groups are ``adapter.groups`` now.
-    """
-    args = list(args)
-    renamed = []
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        prefix = key[: len(key) - len(key.lstrip("+~"))]
-        bare = key[len(prefix):]
-        if eq and bare in DEPRECATED_KEYS:
-            new = f"{prefix.replace('+', '')}{DEPRECATED_KEYS[bare]}={value}"
-            print(f"note: {bare} is deprecated, use {DEPRECATED_KEYS[bare]} (running with {new})", file=sys.stderr)
-            renamed.append(new)
-        elif eq and bare == "reduction" and value == "groups":
-            print("note: reduction=groups is deprecated: groups are adapter.groups=N (reduction=none)", file=sys.stderr)
-            if not any(a.partition("=")[0].lstrip("+~") in ("reduction.groups", "adapter.groups") for a in args):
-                renamed.append("adapter.groups=10")  # what reduction=groups meant alone
-        else:
-            renamed.append(arg)
-    return renamed
 
 
 #: what our configs' ``_target_``s may name (Hydra 1.4's execution whitelist,
@@ -222,7 +181,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", config_d
     try:
         with initialize_config_dir(config_dir=str(config_dir)):
             cfg = hydra_compose(config_name=config_name,
-                                overrides=[*searchpath, *quote_path_overrides(rename_deprecated_overrides(overrides))],
+                                overrides=[*searchpath, *quote_path_overrides(overrides)],
                                 return_hydra_config=return_hydra_config or output_dir is not None)  # fmt: skip
     finally:
         if running is not None:
@@ -258,9 +217,6 @@ def without_hydra_node(cfg: DictConfig) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of values no constructor checks; raise ConfigError."""
-    for old, new in DEPRECATED_KEYS.items():
-        if OmegaConf.select(cfg, old, default=None) is not None:
-            raise ConfigError(f"{old} was renamed to {new} in bnn_adapt 0.2.0: set {new} in your config file instead")
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

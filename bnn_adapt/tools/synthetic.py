@@ -253,7 +253,7 @@ def write_smoke_data(root) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     default = Path(os.environ.get("BNN_ADAPT_ROOT", ".")) / "data" / "smoke"
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", default=str(default), help=f"where to write (default {default})")
     args = parser.parse_args(argv)
     write_smoke_data(args.root)

@@ -276,7 +276,7 @@ def write_claims(tables: list[tuple[Table, list[Row]]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tables", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.tables", description=__doc__.split("\n")[0])
     parser.add_argument("tables", nargs="*", help="table ids (default: every thesis table): " + ", ".join(TABLES))
     parser.add_argument("--profile", default="full", help="the profile the sweeps ran with (default full)")
     parser.add_argument("--out", default="results", help="output folder (default results)")
