@@ -57,7 +57,7 @@ def test_report_without_runs_says_so(tmp_path, capsys):
 
 RESIDENT_AFTER_FREE = """
 import sys, torch
-from bnn_adapt import allocator
+from bnn_adapt.training import allocator
 assert getattr(allocator, sys.argv[1])()
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024

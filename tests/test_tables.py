@@ -173,7 +173,7 @@ def test_resnet18_loads_torchvisions_weights_strictly_and_computes_the_same():
 
 def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_path):
     root = tmp_path
-    result = run_module(root, "bnn_adapt.synthetic")
+    result = run_module(root, "bnn_adapt.tools.synthetic")
     assert result.returncode == 0, result.stderr[-2000:]
     sweep(root, "table_6_1", "base=ste_resnet_cifar", *QUICK)
     base = root / "outputs" / "bases" / "smoke" / "ste_resnet_cifar_thesis_w0.25_cifar10_0-4.pt"

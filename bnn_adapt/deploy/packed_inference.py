@@ -1,6 +1,6 @@
 """Packed execution of a stored base: its binary layers run on bits, XNOR-popcount.
 
-:func:`use_packed_kernels` turns a base (as :mod:`bnn_adapt.packed_base` rebuilds
+:func:`use_packed_kernels` turns a base (as :mod:`bnn_adapt.deploy.packed_base` rebuilds
 it) into one whose binary convs and linears hold their weights as bits only and
 compute on bit-packed activations with the kernels of :mod:`.packed_kernels`
 (integer dot products, exact); the fp32 stem, BN, activations and the adapters
