@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from bnn_adapt.adapters.file import METADATA_KEY, attach_adapter, export_adapter
 from bnn_adapt.bases.checkpoint import load_base, save_base
@@ -75,6 +75,21 @@ def read_or_refuse(read) -> str:
         assert message and "\n" not in message and "\x1b" not in message, message
         return "refused"
     return "read"
+
+
+def fuzz(files, path: Path, read) -> None:
+    """Each mutated file of ``files`` (a strategy of bytes) written to ``path`` and read with ``read(path)``:
+    read or refused in one line, and at least one refused (the mutations reach the checks)."""
+    outcomes = []
+
+    @FUZZ
+    @given(data=files)
+    def check(data):
+        path.write_bytes(data)
+        outcomes.append(read_or_refuse(lambda: read(path)))
+
+    check()
+    assert "refused" in outcomes
 
 
 def edit_json(draw, document):
@@ -128,9 +143,9 @@ def adapter_mutations(draw, adapter_file):
     _, data, arrays, meta = adapter_file
     kind = draw(st.sampled_from(["bytes", "metadata", "arrays"]))
     if kind == "bytes":
-        return ("bytes", damaged_bytes(draw, data))
+        return damaged_bytes(draw, data)
     if kind == "metadata":
-        return ("file", dict(arrays), edit_json(draw, meta))
+        return save(dict(arrays), metadata={METADATA_KEY: json.dumps(edit_json(draw, meta))})
     arrays = dict(arrays)
     name = draw(st.sampled_from(sorted(arrays)))
     raw = bytearray(arrays[name].tobytes())
@@ -142,25 +157,12 @@ def adapter_mutations(draw, adapter_file):
                 raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
     usable = len(raw) - len(raw) % arrays[name].itemsize
     arrays[name] = np.frombuffer(bytes(raw[:usable]), dtype=arrays[name].dtype).copy()
-    return ("file", arrays, meta)
+    return save(arrays, metadata={METADATA_KEY: json.dumps(meta)})
 
 
 def test_mutated_adapter_files_are_read_or_refused_in_one_line(adapter_file, tmp_path):
     base = adapter_file[0]
-    path = tmp_path / "received.safetensors"
-    outcomes = []
-
-    @FUZZ
-    @given(mutation=adapter_mutations(adapter_file))
-    def check(mutation):
-        if mutation[0] == "bytes":
-            path.write_bytes(mutation[1])
-        else:
-            save_file(mutation[1], str(path), metadata={METADATA_KEY: json.dumps(mutation[2])})
-        outcomes.append(read_or_refuse(lambda: attach_adapter(path, base)))
-
-    check()
-    assert "refused" in outcomes  # the mutations reach the checks
+    fuzz(adapter_mutations(adapter_file), tmp_path / "received.safetensors", lambda path: attach_adapter(path, base))
 
 
 # ----------------------------------------------------------------------------- packed bases
@@ -189,17 +191,7 @@ def packed_mutations(draw, packed_file):
 
 
 def test_mutated_packed_bases_are_read_or_refused_in_one_line(packed_file, tmp_path):
-    path = tmp_path / "received.bnnpack"
-    outcomes = []
-
-    @FUZZ
-    @given(data=packed_mutations(packed_file))
-    def check(data):
-        path.write_bytes(data)
-        outcomes.append(read_or_refuse(lambda: read_packed_base(path)))
-
-    check()
-    assert "refused" in outcomes
+    fuzz(packed_mutations(packed_file), tmp_path / "received.bnnpack", read_packed_base)
 
 
 # ----------------------------------------------------------------------------- base checkpoints
@@ -243,14 +235,5 @@ def checkpoint_mutations(draw, checkpoint):
 
 
 def test_mutated_base_checkpoints_are_read_or_refused_in_one_line(checkpoint, tmp_path):
-    path = tmp_path / "received.pt"
-    outcomes = []
-
-    @FUZZ
-    @given(data=checkpoint_mutations(checkpoint))
-    def check(data):
-        path.write_bytes(data)
-        outcomes.append(read_or_refuse(lambda: load_base("ste_resnet_cifar", path, "pretrain one")))
-
-    check()
-    assert "refused" in outcomes
+    read = lambda path: load_base("ste_resnet_cifar", path, "pretrain one")  # noqa: E731
+    fuzz(checkpoint_mutations(checkpoint), tmp_path / "received.pt", read)
