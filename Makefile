@@ -30,7 +30,7 @@ lock:
 
 # the oldest supported torch / torchvision / lightning in a second venv (the rest from the lock; CUDA wheels,
 # which run on CPU: PyPI has no CPU-only torch 2.11), then a digits adaptation, export and predict, and the
-# tests of folding, packing and lean backprop (DEVELOPERS.md: Dependencies)
+# tests of folding, packing, lean backprop and received files (weights_only loading) (DEVELOPERS.md: Dependencies)
 COMPAT := .venv-compat
 COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 lightning==2.5.6
 test-compat:
@@ -43,7 +43,9 @@ test-compat:
 	$(COMPAT)/bin/python -m bnn_adapt.tools.gpu_check --device cpu --expect $(COMPAT_PINS) --only predict_cpu \
 	  --work outputs/gpu_check_compat
 	OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_bits.py \
-	  tests/test_packed_inference.py tests/test_export.py tests/test_predict.py tests/test_lean.py tests/test_lean_steps.py
+	  tests/test_packed_inference.py tests/test_export.py tests/test_predict.py tests/test_lean.py tests/test_lean_steps.py \
+  tests/test_received_checkpoints.py tests/test_received_packed_base.py tests/test_received_adapter_files.py \
+  tests/test_fuzz_received_files.py tests/test_write_errors.py
 
 # digits comparison: base pretraining if needed, then five strategies, one table
 # (ARGS: extra overrides, e.g. `make demo ARGS=logger=[csv,tensorboard]`)
