@@ -156,6 +156,8 @@ docs-screenshots: docs
 	@ls site/screenshots/*.png
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 test-all: install

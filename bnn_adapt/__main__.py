@@ -7,8 +7,8 @@ import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import execution_whitelist
 from hydra.types import RunMode
+from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
 # our ${range:...} etc. must exist before Hydra snapshots the OmegaConf resolvers for launcher

@@ -119,8 +119,10 @@ def load_weights(path: str | Path, what: str, fix: str, error: type[UserError] =
         lines = [printable(line.strip()) for line in str(exc).splitlines() if line.strip()]  # names from the file
         found = next((line for line in lines if "GLOBAL" in line or "global" in line), "")
         if isinstance(exc, pickle.UnpicklingError) and found:  # weights_only refused a global: code to run
-            raise error(f"{what} {path} holds more than tensors and plain values ({found}); it is refused, as "
-                        f"loading it could run code; {fix}") from None
+            raise error(
+                f"{what} {path} holds more than tensors and plain values ({found}); it is refused, as "
+                f"loading it could run code; {fix}"
+            ) from None
         boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
         first = next((line for line in lines if not line.startswith(boilerplate)), type(exc).__name__)
         raise error(f"{what} {path} is unreadable ({type(exc).__name__}: {first[:200]}); {fix}") from None
@@ -136,5 +138,7 @@ def require_finite(tensors: Mapping[str, object], source: str, error: type[UserE
         else:
             bad = isinstance(value, float) and not math.isfinite(value)
         if bad:
-            raise error(f"{source}: tensor {name} holds NaN or infinite values; the file is damaged or was "
-                        "written from a diverged run: refused")  # fmt: skip
+            raise error(
+                f"{source}: tensor {name} holds NaN or infinite values; the file is damaged or was "
+                "written from a diverged run: refused"
+            )

@@ -29,6 +29,8 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from bnn_adapt.adapters.file import export_adapter  # noqa: E402
+from bnn_adapt.deploy.packed_base import write_packed_base  # noqa: E402
 from bnn_adapt.run.config import compose  # noqa: E402
 from tests.fake_data import write_cifar10, write_imagefolder  # noqa: E402
 
@@ -138,3 +140,24 @@ def pretrained_base(tmp_path_factory, data_dir, shared_base_dir) -> dict:
     )
     metrics = run(cfg)
     return {"checkpoint": Path(cfg.base.save_to), "metrics": metrics, "output_dir": out}
+
+
+PREPROCESS = {"image_size": 32, "mean": [0.4906, 0.4856, 0.4508], "std": [0.2454, 0.2415, 0.2620]}
+CLASSES = {"udta": ["ant", "bee", "cat", "dog"], "lora": ["elm", "fir", "oak", "yew"]}
+
+
+@pytest.fixture
+def exported(tmp_path) -> dict:
+    """A packed STE base and two adapters for it (udta, lora), with their trained-like models."""
+    from tests.test_export import adapted, make_base
+
+    base, _ = make_base("ste")
+    write_packed_base(base, tmp_path / "base.bnnpack")
+    models, files = {}, {}
+    for strategy in CLASSES:
+        models[strategy] = adapted(strategy, base)
+        files[strategy] = tmp_path / f"{strategy}.safetensors"
+        export_adapter(
+            models[strategy], files[strategy], reference_base=base, class_names=CLASSES[strategy], preprocess=PREPROCESS
+        )
+    return {"base": tmp_path / "base.bnnpack", "models": models, "files": files}

@@ -35,8 +35,11 @@ def _install() -> str | None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "PostgreSQL is not installed (apt-get install postgresql), and the tests are not root to install it"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "install", "-y", "-q", "postgresql"], ["apt-get", "update", "-q"],
-                    ["apt-get", "install", "-y", "-q", "postgresql"]):  # fmt: skip
+    for command in (
+        ["apt-get", "install", "-y", "-q", "postgresql"],
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "postgresql"],
+    ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if done.returncode == 0 and command[1] == "install":
             return None

@@ -166,7 +166,9 @@ def test_summarize_on_reactnet_counts_an_fp32_head():
     )
     # base binary = the scaled binary convs' weights only
     binary_convs = sum(
-        m.binary_conv.weight.numel() for stage in base.stages for m in stage  # one per block
+        m.binary_conv.weight.numel()
+        for stage in base.stages
+        for m in stage  # one per block
     )
     assert s["base_binary_params"] == binary_convs
 
@@ -218,9 +220,7 @@ def test_prune_now_counts_and_summary():
     assert after["head_binary_params"] == before["head_binary_params"]
     assert after["base_bits"] == before["base_bits"]
     assert after["size_pct"] == pytest.approx(
-        size_percent(
-            after["adapter_fp32_params"] + 6, 195, after["base_fp32_params"], after["base_binary_params"]
-        )
+        size_percent(after["adapter_fp32_params"] + 6, 195, after["base_fp32_params"], after["base_binary_params"])
     )
     assert after["size_pct"] < before["size_pct"]
 

@@ -39,8 +39,10 @@ def test_streams_come_back_byte_for_byte_and_only_what_shrinks_is_compressed():
         assert back[name].dtype == values.dtype and back[name].tobytes() == values.tobytes()
 
 
-@pytest.mark.parametrize(("strategy", "variant", "bits"), [("udta", "pruned", None), ("serial", "plain", 4),
-                                                           ("udta", "pruned", 1), ("bitfit", "bn_drift", None)])
+@pytest.mark.parametrize(
+    ("strategy", "variant", "bits"),
+    [("udta", "pruned", None), ("serial", "plain", 4), ("udta", "pruned", 1), ("bitfit", "bn_drift", None)],
+)
 def test_a_compressed_file_loads_what_its_plain_streams_held(strategy, variant, bits, tmp_path):
     base, size = make_base("ste")
     model = adapted(strategy, base, variant, bits=bits, jitter=0.05)
@@ -78,7 +80,9 @@ def test_a_file_from_a_newer_format_is_refused_with_the_fix(tmp_path):
     export_adapter(adapted("serial", base), path, reference_base=base)
     arrays, meta = stored(path)
     rewrite(path, arrays, meta | {"version": VERSION + 1})
-    with pytest.raises(ExportError, match=r"format version 4, newer than this bnn_adapt reads \(3\); upgrade bnn_adapt"):
+    with pytest.raises(
+        ExportError, match=r"format version 4, newer than this bnn_adapt reads \(3\); upgrade bnn_adapt"
+    ):
         attach_adapter(path, base)
 
 

@@ -261,9 +261,13 @@ def test_parallel_rejects_unknown_head():
 
 def test_strategy_registry():
     assert STRATEGIES == {
-        "head_only": HeadOnly, "full_finetune": FullFinetune, "serial": Serial, "udta": Parallel,
-        "lora": LoRA, "bitfit": BitFit,
-    }  # fmt: skip
+        "head_only": HeadOnly,
+        "full_finetune": FullFinetune,
+        "serial": Serial,
+        "udta": Parallel,
+        "lora": LoRA,
+        "bitfit": BitFit,
+    }
 
 
 # ---------------------------------------------------------------------------

@@ -46,8 +46,9 @@ def check_records(records: list[dict], models: set[str]) -> None:
         for name in bench.adapter_names():
             assert {(name, False, "standard"), (name, False, "lean")} <= strategies
         assert {("udta", True, "standard"), ("udta", True, "lean")} <= strategies
-        finetune = next(r for r in records if r["model"] == model and r["strategy"] == "full_finetune"
-                        and r["memory"] == "standard")  # fmt: skip
+        finetune = next(
+            r for r in records if r["model"] == model and r["strategy"] == "full_finetune" and r["memory"] == "standard"
+        )
         assert finetune["speedup_vs_finetune"] == 1.0 and finetune["activation_ratio_vs_standard"] == 1.0
         check_amortized(records, finetune)
 
@@ -111,9 +112,14 @@ def test_every_case_trains_on_the_same_batch():
 
 @pytest.mark.parametrize(
     "strategy, cache_taps, runs_base",
-    [("udta", False, True), ("head_only", False, True), ("serial", False, True), ("full_finetune", False, True),
-     ("udta", True, False)],
-)  # fmt: skip
+    [
+        ("udta", False, True),
+        ("head_only", False, True),
+        ("serial", False, True),
+        ("full_finetune", False, True),
+        ("udta", True, False),
+    ],
+)
 def test_which_cases_run_the_base_forward(strategy, cache_taps, runs_base):
     case = Case(STE, strategy, "lean", cache_taps=cache_taps)
     prepare(case, make_base(STE), CPU)
@@ -133,8 +139,15 @@ LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU pea
 
 @LINUX
 def test_peaks_come_from_repeated_fresh_processes():
-    spec = {"setup": STE.__dict__, "strategy": "udta", "memory": "lean", "cache_taps": False, "device": "cpu",
-            "threads": 1, "steps": 1}  # fmt: skip
+    spec = {
+        "setup": STE.__dict__,
+        "strategy": "udta",
+        "memory": "lean",
+        "cache_taps": False,
+        "device": "cpu",
+        "threads": 1,
+        "steps": 1,
+    }
     result = bench_memory.isolated_peaks(spec, repeats=3)
     runs = result["runs"]
     assert len(runs) == 3 and len({r["pid"] for r in runs} | {os.getpid()}) == 4
@@ -194,10 +207,20 @@ def test_meter_counts_storages_once_and_skips_parameters():
 # ------------------------------------------------------------------ whole epochs
 
 
-EPOCH_KEYS = {"strategy": str, "cache_taps": bool, "train_images": int, "eval_images": int, "epoch_time_s": float,
-              "bare_epoch_time_s": float, "images_per_s": float, "bare_images_per_s": float,
-              "framework_vs_bare": float, "epoch_cpu_s": float, "bare_epoch_cpu_s": float,
-              "framework_vs_bare_cpu": float}  # fmt: skip
+EPOCH_KEYS = {
+    "strategy": str,
+    "cache_taps": bool,
+    "train_images": int,
+    "eval_images": int,
+    "epoch_time_s": float,
+    "bare_epoch_time_s": float,
+    "images_per_s": float,
+    "bare_images_per_s": float,
+    "framework_vs_bare": float,
+    "epoch_cpu_s": float,
+    "bare_epoch_cpu_s": float,
+    "framework_vs_bare_cpu": float,
+}
 
 
 def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
@@ -222,8 +245,21 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
 
     # a later run of the step cases alone keeps these epoch records and their report, naming each run
     epochs_json = (out / "epochs.json").read_text()
-    bench.main(["--tiny", "--only", "steps", "--models", "ste_resnet_cifar", "--strategies", "head_only",
-                "--peak-repeats", "0", "--out", str(out)])  # fmt: skip
+    bench.main(
+        [
+            "--tiny",
+            "--only",
+            "steps",
+            "--models",
+            "ste_resnet_cifar",
+            "--strategies",
+            "head_only",
+            "--peak-repeats",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert (out / "epochs.json").read_text() == epochs_json
     runs = json.loads((out / "machine.json").read_text())
     assert "--only steps" in runs["steps"]["command"] and "--only epochs" in runs["epochs"]["command"]
@@ -232,8 +268,10 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
     assert "Whole epochs: `python -m bnn_adapt.tools.bench --quick --tiny --only epochs" in both
 
 
-@pytest.mark.parametrize("strategy, cache_taps, extra", [("full_finetune", False, ()), ("udta", True, ()),
-                                                         ("serial", False, ("trainer.channels_last=true",))])
+@pytest.mark.parametrize(
+    "strategy, cache_taps, extra",
+    [("full_finetune", False, ()), ("udta", True, ()), ("serial", False, ("trainer.channels_last=true",))],
+)
 def test_the_bare_loop_trains_exactly_as_the_framework(tmp_path, strategy, cache_taps, extra):
     """Same work: from one model on un-augmented data, both paths end with the same weights and BN statistics
     (trainer.channels_last too: the run's model in NHWC memory, as the bare loop puts it)."""
@@ -250,4 +288,6 @@ def test_the_bare_loop_trains_exactly_as_the_framework(tmp_path, strategy, cache
     for key, value in after.items():
         assert torch.equal(value, other[key]), key
     stem = framework.base.stem[0].weight
-    assert stem.is_contiguous(memory_format=torch.channels_last) == bool(extra) and not stem.is_contiguous() == bool(extra)
+    assert stem.is_contiguous(memory_format=torch.channels_last) == bool(extra) and not stem.is_contiguous() == bool(
+        extra
+    )

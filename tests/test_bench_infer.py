@@ -11,8 +11,15 @@ from bnn_adapt.deploy import packed_kernels
 from bnn_adapt.tools import bench_infer
 
 pytestmark = pytest.mark.skipif(not packed_kernels.available(), reason="the packed kernels are not built here")
-REQUIRED = {"model": str, "batch": int, "layer": str, "packed_s": float, "float_s": float, "speedup": float,
-            "exact": bool}  # fmt: skip
+REQUIRED = {
+    "model": str,
+    "batch": int,
+    "layer": str,
+    "packed_s": float,
+    "float_s": float,
+    "speedup": float,
+    "exact": bool,
+}
 
 
 def test_tiny_bench_writes_layer_end_to_end_and_memory_records(tmp_path):

@@ -234,14 +234,14 @@ def test_stage_outputs_stay_real_valued_and_unchanged():
         assert t.abs().max() > 1
     logits = net.classifier(net.pre_classifier(taps[-1]))
     (logits.sum() + sum(t.sum() for t in taps[:-1])).backward()
-    for t, c in zip(taps, clones):
+    for t, c in zip(taps, clones, strict=True):
         assert torch.equal(t.detach(), c)
     assert torch.equal(x.detach(), x_before)
     # and the full forward from the same input agrees (eval: no BN stat drift)
     net.eval()
     a = net.stage_outputs(x_before)
     b = net.stage_outputs(x_before)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
 
 
@@ -252,7 +252,10 @@ def test_frozen_binary_weights_are_reused_and_follow_every_change():
 
     torch.manual_seed(0)
     x = torch.randn(2, 4, 6, 6)
-    for conv, binarise in ((BinaryConv2d(4, 3, 3, padding=1, bias=False), sign), (ScaledBinaryConv2d(4, 3), scaled_sign)):
+    for conv, binarise in (
+        (BinaryConv2d(4, 3, 3, padding=1, bias=False), sign),
+        (ScaledBinaryConv2d(4, 3), scaled_sign),
+    ):
         conv.weight.requires_grad_(False)
 
         def expected(conv=conv, binarise=binarise):

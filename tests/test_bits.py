@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from fractions import Fraction
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_bits_shrink_the_size_and_never_the_binary_or_bn_counts():
         s = summarize(Parallel(STEResNetCIFAR(num_classes=10, width=0.25), 5, bits=bits))
         sizes[bits] = s["size_pct"]
         assert s["introduced_binary_params"] == 805 and s["head_fp32_params"] == 10
-    assert all(sizes[a] > sizes[b] for a, b in zip(BITS, BITS[1:]))  # strictly smaller at each step down
+    assert all(sizes[a] > sizes[b] for a, b in pairwise(BITS))  # strictly smaller at each step down
 
 
 # ------------------------------------------------------------------ BN folding and thresholds
@@ -226,8 +227,14 @@ def test_sign_thresholds_are_exact_at_and_beside_the_boundary():
     shift[1] = -1.0
     direction, threshold = sign_threshold(scale, shift)
     up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
-    x = torch.cat([torch.randn(5000, 32) * 5, threshold[None], torch.nextafter(threshold, up)[None],
-                   torch.nextafter(threshold, down)[None]])  # fmt: skip
+    x = torch.cat(
+        [
+            torch.randn(5000, 32) * 5,
+            threshold[None],
+            torch.nextafter(threshold, up)[None],
+            torch.nextafter(threshold, down)[None],
+        ]
+    )
     folded = nn.BatchNorm1d(32).eval()
     load_folded(folded, scale, shift)
     with torch.no_grad():
@@ -264,13 +271,22 @@ def test_fma32_rounds_once_as_fmaf_does():
     gen = torch.Generator().manual_seed(8)
     a, b = torch.randn(2000, generator=gen) * 10, torch.randn(2000, generator=gen)
     c = torch.randn(2000, generator=gen) * torch.logspace(-6, 6, 2000)
-    tricky = [(2.0**-24 * (1 + 2.0**-20), 1 - 2.0**-20, 1 + 2.0**-23), (2.0**-24 * (1 + 2.0**-20), -(1 - 2.0**-20), 1.0),
-              (2.0**-100, -(2.0**-50), 0.0), (2.0**-149, 0.5, 0.0), (-(2.0**-149), 0.5, 0.0), (3.0, 2.0**-149, -(2.0**-148))]
+    tricky = [
+        (2.0**-24 * (1 + 2.0**-20), 1 - 2.0**-20, 1 + 2.0**-23),
+        (2.0**-24 * (1 + 2.0**-20), -(1 - 2.0**-20), 1.0),
+        (2.0**-100, -(2.0**-50), 0.0),
+        (2.0**-149, 0.5, 0.0),
+        (-(2.0**-149), 0.5, 0.0),
+        (3.0, 2.0**-149, -(2.0**-148)),
+    ]
     a = torch.cat([a, torch.tensor([t[0] for t in tricky])])
     b = torch.cat([b, torch.tensor([t[1] for t in tricky])])
     c = torch.cat([c, torch.tensor([t[2] for t in tricky])])
     got = fma32(a, b, c)
-    want = [float32_nearest(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))) for x, y, z in zip(a, b, c)]
+    want = [
+        float32_nearest(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+        for x, y, z in zip(a, b, c, strict=True)
+    ]
     assert torch.equal(got, torch.tensor(want)) and got[-6] == 1 + 2.0**-23
 
 
@@ -337,7 +353,7 @@ def test_fewer_bits_make_smaller_files(strategy, tmp_path):
         path = tmp_path / f"{bits}.safetensors"
         export_adapter(trained(strategy, base, bits), path, reference_base=base)
         sizes.append(path.stat().st_size)
-    assert all(a > b for a, b in zip(sizes, sizes[1:])) and sizes[-1] < sizes[0] / 3
+    assert all(a > b for a, b in pairwise(sizes)) and sizes[-1] < sizes[0] / 3
 
 
 def test_attaching_onto_an_unfolded_base_folds_a_copy(tmp_path):
@@ -345,7 +361,9 @@ def test_attaching_onto_an_unfolded_base_folds_a_copy(tmp_path):
     model = trained("bitfit", base, 1, "bn_drift")
     export_adapter(model, tmp_path / "a.safetensors", reference_base=base)
     attached = attach_adapter(tmp_path / "a.safetensors", base)  # as stored, BN unfolded
-    assert attached.model.base is not base and not any(is_folded(m) for m in base.modules() if isinstance(m, nn.BatchNorm2d))
+    assert attached.model.base is not base and not any(
+        is_folded(m) for m in base.modules() if isinstance(m, nn.BatchNorm2d)
+    )
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert torch.equal(model(x), attached(x))
@@ -364,8 +382,14 @@ def test_adapter_files_stay_within_10_percent_of_the_formula_at_real_bits(bits, 
     charge; there the file is held to 1.10 x (formula + that least cost)."""
     from bnn_adapt.tools import sizes
 
-    chosen = ("serial, stages 1-3, g=20", "udta concat, g=channels", "udta concat, prune 0.9", "udta concat, prune 0.99",
-              "bitfit", "udta concat")  # fmt: skip
+    chosen = (
+        "serial, stages 1-3, g=20",
+        "udta concat, g=channels",
+        "udta concat, prune 0.9",
+        "udta concat, prune 0.99",
+        "bitfit",
+        "udta concat",
+    )
     configs = [c for c in sizes.ADAPTERS if c[0].startswith("CIFAR") and c[1] in chosen]
     files = [f for f in sizes.adapter_files(tmp_path, configs, bits=(bits,)) if f.dtype == "fp32"]
     assert len(files) == (6 if bits == 32 else 5)  # the STE BitFit has no weights below 32 bits to change
@@ -396,8 +420,14 @@ def test_labels_name_the_bits():
 
 
 def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained(pretrained_base, make_cfg, capsys):
-    overrides = ("data=cifar5_5", "adapter=udta", "adapter.bits=2", "reduction=prune", "reduction.rate=0.5",
-                 "trainer.max_epochs=2")  # fmt: skip
+    overrides = (
+        "data=cifar5_5",
+        "adapter=udta",
+        "adapter.bits=2",
+        "reduction=prune",
+        "reduction.rate=0.5",
+        "trainer.max_epochs=2",
+    )
     cfg = make_cfg(*overrides)
     metrics = task.run(cfg)
     summary = task.run(make_cfg(*overrides, "summary_only=true", name="summary"))
@@ -408,12 +438,17 @@ def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained
     assert metrics["weight_bits"] == 2 and metrics["introduced_quantized_params"] > 0
     on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert on_disk["size_pct"] == pytest.approx(metrics["size_pct"])
-    assert metrics["size_pct"] < task.run(make_cfg(*overrides[:2], "reduction=prune", "reduction.rate=0.5",
-                                                   "summary_only=true", name="s32"))["size_pct"]  # fmt: skip
+    assert (
+        metrics["size_pct"]
+        < task.run(make_cfg(*overrides[:2], "reduction=prune", "reduction.rate=0.5", "summary_only=true", name="s32"))[
+            "size_pct"
+        ]
+    )
     # the run's own file: task=export re-encodes it to the same tensors, the manifest counts real bits
     out = Path(cfg.paths.output_dir).parent / "export"
-    manifest = task.run(make_cfg("task=export", f"export.adapter_run=[{cfg.paths.output_dir}]", f"export.dir={out}",
-                                 name="export"))  # fmt: skip
+    manifest = task.run(
+        make_cfg("task=export", f"export.adapter_run=[{cfg.paths.output_dir}]", f"export.dir={out}", name="export")
+    )
     name, entry = next((n, e) for n, e in manifest["files"].items() if e["kind"] == "adapter")
     assert entry["predicted_bytes"] == metrics["introduced_bits"] / 8 and entry["weight_bits"] == 2
     base, _ = read_packed_base(out / BASE_FILE)
@@ -439,13 +474,19 @@ def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
     assert len(rows) == 1 and rows[0][1:3] == ["udta, prune 0.5", "2"]
     file = (Path(cfg.paths.output_dir) / ADAPTER_FILE).stat().st_size
-    assert rows[0][3:5] == [f"{round(metrics['introduced_bits'] / 8):,}", f"{file:,}"] and int(rows[0][6].replace(",", "")) > file
+    assert (
+        rows[0][3:5] == [f"{round(metrics['introduced_bits'] / 8):,}", f"{file:,}"]
+        and int(rows[0][6].replace(",", "")) > file
+    )
 
 
 def test_front_comparison_and_hypervolume_by_hand():
     front = [{"size_pct": 1.0, "val_top1": 0.6}, {"size_pct": 3.0, "val_top1": 0.8}]
-    baseline = [{"size_pct": 2.0, "val_top1": 0.55}, {"size_pct": 4.0, "val_top1": 0.8},
-                {"size_pct": 9.0, "val_top1": 0.9}]
+    baseline = [
+        {"size_pct": 2.0, "val_top1": 0.55},
+        {"size_pct": 4.0, "val_top1": 0.8},
+        {"size_pct": 9.0, "val_top1": 0.9},
+    ]
     assert hypervolume(front) == pytest.approx(2 * 0.6 + 2 * 0.8)
     assert hypervolume(baseline) == pytest.approx(2 * 0.55 + 1 * 0.8)
     found = compare_fronts(front, baseline)
@@ -454,8 +495,11 @@ def test_front_comparison_and_hypervolume_by_hand():
 
 
 @pytest.mark.parametrize("head", ["adapter", "concat"])
-@pytest.mark.parametrize("make", [lambda: STEResNetCIFAR(num_classes=10, width=0.25),
-                                  lambda: ReActNet18(num_classes=10, width=0.125)], ids=["ste", "reactnet"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: STEResNetCIFAR(num_classes=10, width=0.25), lambda: ReActNet18(num_classes=10, width=0.125)],
+    ids=["ste", "reactnet"],
+)
 def test_the_thesis_convention_counts_quantised_weights_at_their_width(head, make):
     """SPEC 4b's size % at real bits: the adapter's quantised weights and a quantised (fp32, ReActNet) concat
     head's extra columns count at their width, never as fp32 and never dropped."""

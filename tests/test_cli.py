@@ -24,10 +24,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
 
 ADAPT_SUMMARY_KEYS = {
-    "base_binary_params", "base_fp32_params", "adapter_fp32_params", "adapter_binary_params",
-    "head_fp32_params", "head_binary_params", "size_pct", "adapter_size_pct", "task", "config_hash",
-    "macs_binary", "macs_fp32", "binary_mac_share", "adapter_macs", "macs_per_layer",
-}  # fmt: skip
+    "base_binary_params",
+    "base_fp32_params",
+    "adapter_fp32_params",
+    "adapter_binary_params",
+    "head_fp32_params",
+    "head_binary_params",
+    "size_pct",
+    "adapter_size_pct",
+    "task",
+    "config_hash",
+    "macs_binary",
+    "macs_fp32",
+    "binary_mac_share",
+    "adapter_macs",
+    "macs_per_layer",
+}
 PRETRAIN_SUMMARY_KEYS = {"base_binary_params", "base_fp32_params", "task", "config_hash", "macs_binary", "macs_fp32"}
 
 
@@ -66,7 +78,7 @@ def udta_params(channels: list[int], rate: float = 0.0, groups: int = 1) -> int:
     """``c_in*(9 + 2) + c_in*c_out/g + 2*c_out`` per thin block, minus what pruning zeroes:
     whole depthwise filters (9 weights each) and single pointwise weights, ``round(rate * n)`` each."""
     total = 0
-    for c_in, c_out in zip(channels, [*channels[1:], channels[-1]]):
+    for c_in, c_out in zip(channels, [*channels[1:], channels[-1]], strict=True):
         pointwise = c_in * c_out // groups
         total += c_in * 9 - 9 * round(rate * c_in) + pointwise - round(rate * pointwise) + 2 * c_in + 2 * c_out
     return total
@@ -152,9 +164,13 @@ def test_cli_summary_only_multirun_reports_pruned_counts(tmp_path):
     """One process, two Hydra jobs: the UDTA adapter without and with 90% pruning."""
     sweep = tmp_path / "sweep"
     result = cli(
-        tmp_path, "--multirun", "+experiment=cifar80_20_udta", "reduction=none,prune",
-        "summary_only=true", f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
+        tmp_path,
+        "--multirun",
+        "+experiment=cifar80_20_udta",
+        "reduction=none,prune",
+        "summary_only=true",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     plain, pruned = (read_json(sweep / str(job) / "summary.json") for job in (0, 1))
@@ -179,9 +195,12 @@ def test_cli_summary_only_multirun_reports_pruned_counts(tmp_path):
 def test_cli_bad_groups_value_is_one_error_line(tmp_path):
     run_dir = tmp_path / "run"
     result = cli(
-        tmp_path, "+experiment=cifar80_20_serial", "adapter.groups=7",
-        "summary_only=true", f"hydra.run.dir={run_dir}",
-    )  # fmt: skip
+        tmp_path,
+        "+experiment=cifar80_20_serial",
+        "adapter.groups=7",
+        "summary_only=true",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -209,11 +228,19 @@ def test_cli_imagefolder_pretrains_base_then_adapts(tmp_path):
     run_dir = tmp_path / "run"
     result = cli(
         tmp_path,
-        "data=imagefolder", "data.base_classes=[cat,3]", "data.target_classes=[dog,7,bird]",
-        "base.width=0.1", "base.pretrain={epochs:1,lr:1e-3}", "trainer.max_epochs=2", "data.batch_size=16",
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
-    )  # fmt: skip
+        "data=imagefolder",
+        "data.base_classes=[cat,3]",
+        "data.target_classes=[dog,7,bird]",
+        "base.width=0.1",
+        "base.pretrain={epochs:1,lr:1e-3}",
+        "trainer.max_epochs=2",
+        "data.batch_size=16",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "adapt done: top-1" in result.stdout
@@ -223,8 +250,14 @@ def test_cli_imagefolder_pretrains_base_then_adapts(tmp_path):
     pretrain = read_json(run_dir / "base_pretrain" / "metrics.json")
     assert pretrain["task"] == "pretrain" and pretrain["epochs_run"] == 1
 
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "csv/metrics.csv", "checkpoints/last.ckpt",
-                 "adapter.safetensors", "metrics.json"):  # fmt: skip
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "csv/metrics.csv",
+        "checkpoints/last.ckpt",
+        "adapter.safetensors",
+        "metrics.json",
+    ):
         assert (run_dir / name).is_file(), f"{name} missing from the run dir"
     hydra_config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert hydra_config["data"]["target_classes"] == ["dog", 7, "bird"]

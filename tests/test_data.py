@@ -72,8 +72,14 @@ def check_served(dm: ClassSplitDataModule, served: list, image_size: int) -> Non
 
 
 def test_cifar10_target_split_remaps_in_given_order(cifar10_root):
-    dm = ClassSplitDataModule("cifar10", root=str(cifar10_root), base_classes=[0, 1, 2, 3, 4],
-                              target_classes=[9, 5, 7], split="target", batch_size=8)  # fmt: skip
+    dm = ClassSplitDataModule(
+        "cifar10",
+        root=str(cifar10_root),
+        base_classes=[0, 1, 2, 3, 4],
+        target_classes=[9, 5, 7],
+        split="target",
+        batch_size=8,
+    )
     check_served(dm, [9, 5, 7], 32)
     assert dm.class_names == ["truck", "dog", "horse"]
     assert len(dm.train_set) == 3 * 4 and len(dm.eval_set) == 3 * 4
@@ -94,8 +100,14 @@ def test_cifar10_resized_when_image_size_differs(cifar10_root):
 
 
 def test_cifar100_fine_labels_base_split(cifar100_root):
-    dm = ClassSplitDataModule("cifar100", root=str(cifar100_root), base_classes=list(range(20, 100)),
-                              target_classes=list(range(20)), split="base", limit_per_class=1)  # fmt: skip
+    dm = ClassSplitDataModule(
+        "cifar100",
+        root=str(cifar100_root),
+        base_classes=list(range(20, 100)),
+        target_classes=list(range(20)),
+        split="base",
+        limit_per_class=1,
+    )
     check_served(dm, list(range(20, 100)), 32)
     assert dm.class_names[0] == "chair" == dm.train_set.dataset.classes[20]
     assert len(dm.train_set) == 80 and len(dm.eval_set) == 160
@@ -106,8 +118,9 @@ def test_cifar100_fine_labels_base_split(cifar100_root):
 @pytest.mark.parametrize("torchvision_layout", [False, True])
 def test_fashion_idx_files(tmp_path, no_system_fashion, gz, torchvision_layout):
     write_fashion_idx(tmp_path, n_per_class=3, gz=gz, torchvision_layout=torchvision_layout)
-    dm = ClassSplitDataModule("fashion_mnist", root=str(tmp_path), base_classes=[0, 1, 2, 3, 4],
-                              target_classes=[5, 6, 7, 8, 9], batch_size=4)  # fmt: skip
+    dm = ClassSplitDataModule(
+        "fashion_mnist", root=str(tmp_path), base_classes=[0, 1, 2, 3, 4], target_classes=[5, 6, 7, 8, 9], batch_size=4
+    )
     check_served(dm, [5, 6, 7, 8, 9], 32)
     assert dm.class_names == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert len(dm.train_set) == 15
@@ -117,15 +130,22 @@ def test_fashion_idx_files(tmp_path, no_system_fashion, gz, torchvision_layout):
 
 @pytest.mark.skipif(not Path(data_module.DEBIAN_FASHION_DIR).is_dir(), reason="needs dataset-fashion-mnist")
 def test_fashion_debian_copy_is_found_from_any_root(tmp_path):
-    dm = ClassSplitDataModule("fashion_mnist", root=str(tmp_path), target_classes=[5, 6],
-                              limit_per_class=10, eval_limit_per_class=10)  # fmt: skip
+    dm = ClassSplitDataModule(
+        "fashion_mnist", root=str(tmp_path), target_classes=[5, 6], limit_per_class=10, eval_limit_per_class=10
+    )
     check_served(dm, [5, 6], 32)
     assert len(dm.train_set.dataset) == 60000 and len(dm.eval_set.dataset) == 10000
 
 
 def test_imagefolder_with_grayscale_images_and_numeric_names(folder_root):
-    dm = ClassSplitDataModule("imagefolder", root=str(folder_root), base_classes=["cat"],
-                              target_classes=["dog", 3], image_size=16, batch_size=4)  # fmt: skip
+    dm = ClassSplitDataModule(
+        "imagefolder",
+        root=str(folder_root),
+        base_classes=["cat"],
+        target_classes=["dog", 3],
+        image_size=16,
+        batch_size=4,
+    )
     check_served(dm, ["dog", "3"], 16)
     assert dm.class_names == ["dog", "3"]
     assert dm.mean == (0.5, 0.5, 0.5)
@@ -137,9 +157,7 @@ def test_imagefolder_default_target_is_every_other_folder(folder_root):
 
 
 def test_imagefolder_large_images_use_imagenet_pipeline(folder_root):
-    dm = ClassSplitDataModule(
-        "imagefolder", root=str(folder_root), target_classes=["cat", "dog"], image_size=128
-    )
+    dm = ClassSplitDataModule("imagefolder", root=str(folder_root), target_classes=["cat", "dog"], image_size=128)
     check_served(dm, ["cat", "dog"], 128)
     assert dm.mean == data_module.IMAGENET_MEAN
 
@@ -157,8 +175,9 @@ def test_digits_split_is_fixed_and_normalised():
 
 def test_limit_per_class_is_honoured_and_deterministic(cifar10_root):
     def make():
-        dm = ClassSplitDataModule("cifar10", root=str(cifar10_root), target_classes=[0, 3, 8],
-                                  limit_per_class=2, eval_limit_per_class=3)  # fmt: skip
+        dm = ClassSplitDataModule(
+            "cifar10", root=str(cifar10_root), target_classes=[0, 3, 8], limit_per_class=2, eval_limit_per_class=3
+        )
         dm.setup()
         return dm
 
@@ -169,8 +188,9 @@ def test_limit_per_class_is_honoured_and_deterministic(cifar10_root):
 
 
 def test_loaders_shuffle_train_only(cifar10_root):
-    dm = ClassSplitDataModule("cifar10", root=str(cifar10_root), target_classes=list(range(10)),
-                              batch_size=100, augment=False)  # fmt: skip
+    dm = ClassSplitDataModule(
+        "cifar10", root=str(cifar10_root), target_classes=list(range(10)), batch_size=100, augment=False
+    )
     dm.setup()
     val_labels = next(iter(dm.val_dataloader()))[1].tolist()
     assert val_labels == dm.eval_set.labels == next(iter(dm.test_dataloader()))[1].tolist()
@@ -265,7 +285,7 @@ def test_imagefolder_without_images(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
     with pytest.raises(DataError, match="no class folders"):
-        ClassSplitDataModule("imagefolder", root=str(tmp_path)).num_classes
+        _ = ClassSplitDataModule("imagefolder", root=str(tmp_path)).num_classes
 
 
 def test_imagefolder_class_missing_lists_available(folder_root):

@@ -22,12 +22,25 @@ from bnn_adapt.training.datasets import CIFAR10_CLASSES
 from bnn_adapt.training.pruning import PruningPlan
 
 SUMMARY_KEYS = {
-    "base_binary_params", "base_fp32_params", "adapter_fp32_params", "adapter_binary_params",
-    "head_fp32_params", "head_binary_params", "size_pct", "adapter_size_pct",
-}  # fmt: skip
+    "base_binary_params",
+    "base_fp32_params",
+    "adapter_fp32_params",
+    "adapter_binary_params",
+    "head_fp32_params",
+    "head_binary_params",
+    "size_pct",
+    "adapter_size_pct",
+}
 RUN_KEYS = {
-    "test_top1", "best_test_top1", "epoch_time_s", "step_time_s", "peak_mem_bytes", "seed", "versions", "config",
-}  # fmt: skip
+    "test_top1",
+    "best_test_top1",
+    "epoch_time_s",
+    "step_time_s",
+    "peak_mem_bytes",
+    "seed",
+    "versions",
+    "config",
+}
 
 STRATEGIES = {
     "head_only": ["adapter=head_only"],
@@ -112,8 +125,19 @@ def test_pretrain_writes_base_checkpoint_and_metrics(pretrained_base):
     assert base.num_classes == 5 and base.stage_channels == [8, 16, 32]
 
     metrics = read_json(out / "metrics.json")
-    required = {"test_top1", "best_test_top1", "epoch_time_s", "step_time_s", "peak_mem_bytes",
-                "base_binary_params", "base_fp32_params", "base_checkpoint", "seed", "versions", "config"}  # fmt: skip
+    required = {
+        "test_top1",
+        "best_test_top1",
+        "epoch_time_s",
+        "step_time_s",
+        "peak_mem_bytes",
+        "base_binary_params",
+        "base_fp32_params",
+        "base_checkpoint",
+        "seed",
+        "versions",
+        "config",
+    }
     assert not required - metrics.keys()
     assert metrics["task"] == "pretrain" and metrics["base_checkpoint"] == str(path)
     assert payload["top1"] == pytest.approx(metrics["test_top1"])
@@ -243,9 +267,7 @@ class PruningProbe(L.Callback):
             {
                 "epoch": trainer.current_epoch,
                 "pointwise_zero": [(m.weight == 0).detach().clone() for m in pointwise],
-                "depthwise_zero_filters": [
-                    (m.weight.flatten(1) == 0).all(dim=1).detach().clone() for m in depthwise
-                ],
+                "depthwise_zero_filters": [(m.weight.flatten(1) == 0).all(dim=1).detach().clone() for m in depthwise],
                 "has_masks": all(hasattr(m, "weight_mask") for m in depthwise + pointwise),
             }
         )
@@ -273,9 +295,9 @@ def test_prune_zeroes_the_configured_fraction_and_keeps_it(pretrained_base, make
         assert int(filters.sum()) == round(rate * filters.numel())
     # training on keeps the pruned weights at zero
     last = probe.epochs[-1]
-    for before, after in zip(pruned["pointwise_zero"], last["pointwise_zero"]):
+    for before, after in zip(pruned["pointwise_zero"], last["pointwise_zero"], strict=True):
         assert after[before].all()
-    for before, after in zip(pruned["depthwise_zero_filters"], last["depthwise_zero_filters"]):
+    for before, after in zip(pruned["depthwise_zero_filters"], last["depthwise_zero_filters"], strict=True):
         assert after[before].all()
 
     # files: pruning made permanent (no masks, no *_orig), zeros where the masks were
@@ -286,10 +308,10 @@ def test_prune_zeroes_the_configured_fraction_and_keeps_it(pretrained_base, make
     pointwise = sorted(k for k in saved if k.endswith("pointwise.weight"))
     depthwise = sorted(k for k in saved if k.endswith("depthwise.weight"))
     assert len(pointwise) == len(depthwise) == 3
-    for key, zeros in zip(pointwise, pruned["pointwise_zero"]):
+    for key, zeros in zip(pointwise, pruned["pointwise_zero"], strict=True):
         assert torch.equal(saved[key] == 0, zeros)
         assert torch.equal(ckpt["model." + key] == 0, zeros)  # the checkpoint names it "model.adapter.<key>"
-    for key, filters in zip(depthwise, pruned["depthwise_zero_filters"]):
+    for key, filters in zip(depthwise, pruned["depthwise_zero_filters"], strict=True):
         assert torch.equal((saved[key].flatten(1) == 0).all(dim=1), filters)
 
     # headline = the final (pruned) epoch; best-before-pruning reported beside it
@@ -315,8 +337,10 @@ def test_prune_zeroes_the_configured_fraction_and_keeps_it(pretrained_base, make
 
 @pytest.mark.parametrize(
     ("experiment", "hint"),
-    [("cifar5_5_head_only", r"pretrain it first with `python -m bnn_adapt \+experiment=cifar5_5_base "),
-     ("flowers102_udta", "liuzechun/ReActNet")],  # fmt: skip
+    [
+        ("cifar5_5_head_only", r"pretrain it first with `python -m bnn_adapt \+experiment=cifar5_5_base "),
+        ("flowers102_udta", "liuzechun/ReActNet"),
+    ],
 )
 def test_missing_base_checkpoint_is_a_clear_error(experiment, hint, make_cfg, tmp_path):
     cfg = make_cfg(f"+experiment={experiment}", "base.width=0.1", base_dir=tmp_path / "no_bases")

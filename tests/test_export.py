@@ -52,8 +52,9 @@ def make_base(name: str, seed: int = 0) -> tuple[nn.Module, int]:
     return base.eval(), size
 
 
-def adapted(strategy: str, base: nn.Module, variant: str = "plain", bits: int | None = None,
-            jitter: float = 0.0) -> nn.Module:  # fmt: skip
+def adapted(
+    strategy: str, base: nn.Module, variant: str = "plain", bits: int | None = None, jitter: float = 0.0
+) -> nn.Module:
     """``strategy`` on ``base`` as a finished run leaves it (``variant``: plain, pruned, bn_drift;
     ``bits``: adapter.bits; ``jitter``: noise on the adapter and head, weights of both signs and sizes)."""
     if strategy == "full_finetune" or variant == "bn_drift":
@@ -90,7 +91,7 @@ def test_packed_base_rebuilds_identical_outputs(name, tmp_path):
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert torch.equal(base(x), loaded(x))
-        assert all(torch.equal(a, b) for a, b in zip(base.stage_outputs(x), loaded.stage_outputs(x)))
+        assert all(torch.equal(a, b) for a, b in zip(base.stage_outputs(x), loaded.stage_outputs(x), strict=True))
     assert read_header == header and header["arch"] == base.arch and header["arch_config"] == base.arch_config()
     assert header["fingerprint"] == fingerprint(base) == fingerprint(loaded)
     # every binary weight is one bit, and the rebuilt ones are exactly +-1
@@ -299,10 +300,17 @@ def test_a_training_runs_adapter_file_is_not_an_export(tmp_path):
 
 def test_task_export_from_runs_writes_files_and_a_truthful_manifest(pretrained_base, make_cfg, tmp_path):
     runs = {
-        "udta": make_cfg("data=cifar5_5", "adapter=udta", "reduction=prune", "reduction.rate=0.5",
-                         "reduction.head_rate=0.25", "trainer.max_epochs=2", name="udta_run"),
+        "udta": make_cfg(
+            "data=cifar5_5",
+            "adapter=udta",
+            "reduction=prune",
+            "reduction.rate=0.5",
+            "reduction.head_rate=0.25",
+            "trainer.max_epochs=2",
+            name="udta_run",
+        ),
         "bitfit": make_cfg("data=cifar5_5", "adapter=bitfit", "trainer.max_epochs=1", name="bitfit_run"),
-    }  # fmt: skip
+    }
     metrics = {k: task.run(cfg) for k, cfg in runs.items()}
     dirs = [cfg.paths.output_dir for cfg in runs.values()]
     out = tmp_path / "export"

@@ -29,8 +29,14 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_next_one_still_runs(tmp_p
 def test_without_a_gpu_the_cuda_check_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
-    result = subprocess.run([sys.executable, "-m", "bnn_adapt.tools.gpu_check", "--work", str(tmp_path)], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "bnn_adapt.tools.gpu_check", "--work", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2 and "make gpu-check DEVICE=cpu" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -44,10 +50,27 @@ def test_an_environment_with_other_versions_is_refused_before_any_step(tmp_path)
 def test_the_cpu_rehearsal_runs_every_step_and_reports_each(tmp_path):
     """``make gpu-check DEVICE=cpu``: all steps pass at tiny sizes; the report has a row and measures for each."""
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "bnn_adapt.tools.gpu_check", "--device", "cpu", "--work",
-                             str(tmp_path / "work"), "--out", str(out), "--budget", "3000"], cwd=REPO_ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=3600, check=False)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnn_adapt.tools.gpu_check",
+            "--device",
+            "cpu",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+            "--budget",
+            "3000",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     steps = {r["step"]: r for r in report["steps"]}
@@ -55,8 +78,14 @@ def test_the_cpu_rehearsal_runs_every_step_and_reports_each(tmp_path):
     assert set(steps) == expected and len(expected) == 20
     assert steps.pop("udta_ddp_sync_bn")["status"].startswith("skipped: needs 2+ GPUs")
     assert all(r["status"] == "ok" for r in steps.values()), {n: r["status"] for n, r in steps.items()}
-    trained = [*gpu_check.STRATEGIES, "udta_bf16", "udta_lean", "udta_tap_cache", "udta_ddp",
-               *(f"thesis_epoch_{n}" for n in gpu_check.THESIS_STRATEGIES)]  # fmt: skip
+    trained = [
+        *gpu_check.STRATEGIES,
+        "udta_bf16",
+        "udta_lean",
+        "udta_tap_cache",
+        "udta_ddp",
+        *(f"thesis_epoch_{n}" for n in gpu_check.THESIS_STRATEGIES),
+    ]
     for name in trained:
         r = steps[name]
         assert r["top1"] is not None and r["epoch_time_s"] > 0 and r["images_per_s"] > 0 and r["peak_mem_bytes"] > 0, r

@@ -43,8 +43,12 @@ def no_system_fashion(monkeypatch):
 
 
 def make(name: str, roots, **kwargs) -> ClassSplitDataModule:
-    classes = {"cifar10": [5, 6, 7, 8, 9], "fashion_mnist": [5, 6, 7], "imagefolder": ["cat", "dog", "3"],
-               "digits": [5, 6, 7]}
+    classes = {
+        "cifar10": [5, 6, 7, 8, 9],
+        "fashion_mnist": [5, 6, 7],
+        "imagefolder": ["cat", "dog", "3"],
+        "digits": [5, 6, 7],
+    }
     dm = ClassSplitDataModule(name, root=str(roots.get(name, "unused")), **{"target_classes": classes[name], **kwargs})
     dm.setup()
     return dm
@@ -59,14 +63,24 @@ def per_image(dm: ClassSplitDataModule, dataset, train: bool = False) -> torch.T
 # ---------------------------------------------------------------- the same evaluation tensors
 
 
-@pytest.mark.parametrize("name, size", [("cifar10", 32), ("cifar10", 40), ("cifar10", 24), ("fashion_mnist", 32),
-                                        ("imagefolder", 16), ("digits", 32), ("digits", 8)])
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("cifar10", 32),
+        ("cifar10", 40),
+        ("cifar10", 24),
+        ("fashion_mnist", 32),
+        ("imagefolder", 16),
+        ("digits", 32),
+        ("digits", 8),
+    ],
+)
 def test_evaluation_tensors_equal_the_per_image_pipeline(roots, no_system_fashion, name, size):
     dm = make(name, roots, image_size=size, batch_size=7)
     assert isinstance(dm.eval_set, ImageTensors) and isinstance(dm.train_set, ImageTensors)
     expected = per_image(dm, dm.eval_set)
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
-        images, labels = (torch.cat(parts) for parts in zip(*loader))
+        images, labels = (torch.cat(parts) for parts in zip(*loader, strict=True))
         assert images.dtype == torch.float32 and images.shape == (len(dm.eval_set), 3, size, size)
         assert torch.equal(images, expected)  # bit for bit
         assert labels.tolist() == dm.eval_set.labels
@@ -116,12 +130,12 @@ def drawn_augmentations(dm: ClassSplitDataModule, epochs: int) -> list[list[tupl
     for epoch in range(epochs):
         loader.batch_sampler.sampler.set_epoch(epoch)
         order = list(loader.batch_sampler.sampler)
-        served, labels = (torch.cat(parts) for parts in zip(*loader))
+        served, labels = (torch.cat(parts) for parts in zip(*loader, strict=True))
         assert labels.tolist() == [dm.train_set.labels[i] for i in order]  # each image with its own label
-        for image, source in zip(served, order):
+        for image, source in zip(served, order, strict=True):
             keys, found = candidates[source]
             close = (found - image).abs().amax(dim=(1, 2, 3)) < 1e-6
-            drawn.append([key for key, match in zip(keys, close.tolist()) if match])
+            drawn.append([key for key, match in zip(keys, close.tolist(), strict=True) if match])
     return drawn
 
 
@@ -212,7 +226,7 @@ def test_a_resumed_epoch_sees_the_same_batches(roots):
     torch.set_rng_state(state)
     got = epoch_batches(resumed, 1)
     assert len(got) == len(expected) == 3
-    for (a, la), (b, lb) in zip(got, expected):
+    for (a, la), (b, lb) in zip(got, expected, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
@@ -224,7 +238,7 @@ def test_set_up_datamodule_pickles_for_ddp_spawn(roots):
     a = epoch_batches(dm, 2)
     torch.manual_seed(0)
     b = epoch_batches(copy, 2)
-    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b, strict=True))
 
 
 def test_placed_copies_are_made_once_and_not_pickled():
@@ -265,9 +279,16 @@ def test_digits_base_with_a_remainder_of_one_trains_and_evaluates_every_image(ma
     BatchNorm1d stopped every such run with ``Expected more than 1 value per channel``."""
     from bnn_adapt.run.task import run
 
-    cfg = make_cfg("+experiment=digits5_5_base", "data.limit_per_class=13", "data.eval_limit_per_class=13",
-                   "data.batch_size=64", "trainer.max_epochs=2", "trainer.limit_train_batches=1.0",
-                   "trainer.limit_val_batches=1.0", f"base.save_to={tmp_path / 'base.pt'}")  # fmt: skip
+    cfg = make_cfg(
+        "+experiment=digits5_5_base",
+        "data.limit_per_class=13",
+        "data.eval_limit_per_class=13",
+        "data.batch_size=64",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=1.0",
+        "trainer.limit_val_batches=1.0",
+        f"base.save_to={tmp_path / 'base.pt'}",
+    )
     with caplog.at_level(logging.INFO, logger="bnn_adapt.training.datamodule"):
         metrics = run(cfg)
     assert metrics["status"] == "complete" and len(metrics["history"]) == 2

@@ -53,9 +53,16 @@ def test_two_job_joblib_multirun_on_cpu(tmp_path):
     and our own (``${classes_tag:...}`` in base.checkpoint) must be in it."""
     sweep = tmp_path / "sweep"
     result = run_module(
-        tmp_path, "bnn_adapt", "--multirun", "hydra/launcher=parallel", "+experiment=cifar80_20_udta",
-        "summary_only=true", "reduction=prune", "reduction.rate=0.0,0.5,0.9,0.99", f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
+        tmp_path,
+        "bnn_adapt",
+        "--multirun",
+        "hydra/launcher=parallel",
+        "+experiment=cifar80_20_udta",
+        "summary_only=true",
+        "reduction=prune",
+        "reduction.rate=0.0,0.5,0.9,0.99",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     assert "error:" not in result.stderr
@@ -67,10 +74,19 @@ def test_ddp_spawn_on_two_cpu_processes_reports_the_run(tmp_path):
     """trainer=ddp (ddp_spawn) trains in child processes; the run's statistics still reach metrics.json."""
     run_dir = tmp_path / "run"
     result = run_module(
-        tmp_path, "bnn_adapt", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", "base.width=0.1", "base.pretrain.epochs=1", "trainer.max_epochs=2",
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", f"hydra.run.dir={run_dir}",
-    )  # fmt: skip
+        tmp_path,
+        "bnn_adapt",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "base.width=0.1",
+        "base.pretrain.epochs=1",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
@@ -81,9 +97,15 @@ def test_sync_batchnorm_on_cpu_processes_is_one_line(tmp_path):
     """torch's SyncBatchNorm runs on GPUs only: on CPU processes the run stops before training with one line
     (it used to fail inside each spawned worker). ``make gpu-check`` runs it on GPUs."""
     result = run_module(
-        tmp_path, "bnn_adapt", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.sync_batchnorm=true", "base.width=0.1", f"hydra.run.dir={tmp_path / 'run'}",
-    )  # fmt: skip
+        tmp_path,
+        "bnn_adapt",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.sync_batchnorm=true",
+        "base.width=0.1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert result.returncode != 0 and "trainer.sync_batchnorm=true needs GPUs" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.rglob("*.pt"))  # stopped before pretraining its base
 
@@ -113,8 +135,9 @@ def test_what_ddp_spawn_sends_to_its_workers_pickles(make_cfg, pretrained_base, 
         sent.append(pickle.loads(pickle.dumps((trainer, model, datamodule))))
 
     monkeypatch.setattr(L.Trainer, "fit", fit)
-    cfg = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-                   *overrides)  # fmt: skip
+    cfg = make_cfg(
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", *overrides
+    )
     try:
         task.run(cfg)
     finally:  # the faked fit never reaches TrackerRecords.on_fit_end, which finishes the W&B run
@@ -124,8 +147,13 @@ def test_what_ddp_spawn_sends_to_its_workers_pickles(make_cfg, pretrained_base, 
 
 
 def test_ddp_slurm_takes_nodes_and_devices_from_the_launcher():
-    cfg = composed("hydra/launcher=slurm", "trainer=ddp_slurm", "hydra.launcher.nodes=2",
-                   "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4")  # fmt: skip
+    cfg = composed(
+        "hydra/launcher=slurm",
+        "trainer=ddp_slurm",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.tasks_per_node=4",
+        "hydra.launcher.gpus_per_node=4",
+    )
     HydraConfig().set_config(cfg)  # what ${hydra:launcher.nodes} reads inside a job
     trainer = cfg.trainer
     assert (trainer.strategy, trainer.accelerator, trainer.num_nodes, trainer.devices) == ("ddp", "gpu", 2, 4)
@@ -137,24 +165,63 @@ def test_ddp_slurm_ranks_started_as_srun_would_train_together_and_rank_0_writes_
     ``hydra.launcher.tasks_per_node=2``), each running the job: one DDP run over gloo. Rank 0 writes the
     run's files; rank 1 its own, under rank1/. Not a real cluster: srun and submitit's wrapper are left out."""
     base = tmp_path / "base.pt"
-    tiny = ("base.width=0.1", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-            "trainer.precision=32-true")  # fmt: skip
-    pretrained = run_module(tmp_path, "bnn_adapt", "task=pretrain", "trainer=cpu", *tiny, f"base.save_to={base}",
-                            f"hydra.run.dir={tmp_path / 'pretrain'}")  # fmt: skip
+    tiny = (
+        "base.width=0.1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.precision=32-true",
+    )
+    pretrained = run_module(
+        tmp_path,
+        "bnn_adapt",
+        "task=pretrain",
+        "trainer=cpu",
+        *tiny,
+        f"base.save_to={base}",
+        f"hydra.run.dir={tmp_path / 'pretrain'}",
+    )
     assert pretrained.returncode == 0, pretrained.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HYDRA_FULL_ERROR")}
-    env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
-               SLURM_NNODES="1", SLURM_NODEID="0", SLURM_NODELIST="127.0.0.1", SLURM_JOB_NAME="bnn_adapt",
-               SLURM_JOB_ID="4242", MASTER_PORT=str(port))  # fmt: skip
-    command = [sys.executable, "-m", "bnn_adapt", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
-               "trainer=ddp_slurm", "trainer.accelerator=cpu", *tiny, f"base.checkpoint={base}",
-               f"hydra.run.dir={run_dir}"]  # fmt: skip
-    procs = [subprocess.Popen(command, cwd=REPO_ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]  # fmt: skip
+    env.update(
+        BNN_ADAPT_ROOT=str(tmp_path),
+        OMP_NUM_THREADS="1",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_NODELIST="127.0.0.1",
+        SLURM_JOB_NAME="bnn_adapt",
+        SLURM_JOB_ID="4242",
+        MASTER_PORT=str(port),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "bnn_adapt",
+        "hydra/launcher=slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "trainer=ddp_slurm",
+        "trainer.accelerator=cpu",
+        *tiny,
+        f"base.checkpoint={base}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     ours, other = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, run_dir / "rank1"))
@@ -168,10 +235,18 @@ def test_two_job_submitit_local_multirun_writes_both_results(tmp_path):
     of the sweep in a process of its own, as a SLURM job array would run them."""
     sweep = tmp_path / "sweep"
     result = run_module(
-        tmp_path, "bnn_adapt", "--multirun", "hydra/launcher=submitit_local", "adapter=head_only,udta",
-        "base.width=0.1", "base.pretrain.epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1", f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
+        tmp_path,
+        "bnn_adapt",
+        "--multirun",
+        "hydra/launcher=submitit_local",
+        "adapter=head_only,udta",
+        "base.width=0.1",
+        "base.pretrain.epochs=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
     jobs = [json.loads((sweep / str(job) / "metrics.json").read_text()) for job in (0, 1)]

@@ -176,10 +176,10 @@ def test_lean_training_steps_stay_identical():
     lean = make_lean(copy.deepcopy(standard))
     optimizers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (standard, lean)]
     for _ in range(3):
-        for model, optimizer in zip((standard, lean), optimizers):
+        for model, optimizer in zip((standard, lean), optimizers, strict=True):
             step(model, x, y)
             optimizer.step()
-    for (name, a), b in zip(standard.state_dict().items(), lean.state_dict().values()):
+    for (name, a), b in zip(standard.state_dict().items(), lean.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -328,9 +328,16 @@ def test_invalid_memory_setting_is_a_config_error(make_cfg):
 
 @pytest.mark.parametrize(
     "pool",
-    [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(3, 2, ceil_mode=True),
-     ChannelsLastMaxPool2d(3, 2, 1), nn.AvgPool2d(2, 2), nn.AvgPool2d(3, 2, 1, count_include_pad=False)],
-)  # fmt: skip
+    [
+        nn.MaxPool2d(3, 2, 1),
+        nn.MaxPool2d(2),
+        nn.MaxPool2d(3, 2, 1, dilation=2),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        ChannelsLastMaxPool2d(3, 2, 1),
+        nn.AvgPool2d(2, 2),
+        nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+    ],
+)
 def test_lean_pooling_is_exact_and_keeps_at_most_a_byte_per_output(pool):
     x = torch.randn(3, 4, 13, 13, generator=torch.Generator().manual_seed(0), requires_grad=True)
     out = pool(x)

@@ -109,5 +109,5 @@ def test_lean_binary_linear_weight_gradient_is_autograds(batch):
         module(xi).backward(g)
         grads.append((xi.grad, module.weight.grad, module.bias.grad))
         module.zero_grad(set_to_none=True)
-    for expected, got, name in zip(grads[0], grads[1], ("input", "weight", "bias")):
+    for expected, got, name in zip(grads[0], grads[1], ("input", "weight", "bias"), strict=True):
         assert torch.equal(expected, got), name

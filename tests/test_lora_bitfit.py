@@ -171,9 +171,7 @@ def test_bitfit_trains_a_copy_and_never_the_base(name):
 # ------------------------------------------------------------------ end to end
 
 
-@pytest.mark.parametrize(
-    ("adapter", "extra"), [("lora", ["adapter.rank=2", "adapter.stages=[2,3]"]), ("bitfit", [])]
-)
+@pytest.mark.parametrize(("adapter", "extra"), [("lora", ["adapter.rank=2", "adapter.stages=[2,3]"]), ("bitfit", [])])
 def test_adapt_end_to_end(adapter, extra, pretrained_base, make_cfg):
     cfg = make_cfg("data=cifar5_5", f"adapter={adapter}", *extra)
     metrics = task.run(cfg)

@@ -74,7 +74,9 @@ def test_serial_adapter_macs_by_hand(groups):
     model = Serial(base, 5, stages=[1, 2, 3], groups=groups)
     counts = operation_counts(model, 32)
     # per stage: BN in, 1x1 conv (C*C/g weights at each of H*W positions), BN out
-    expected = sum(h * h * (2 * c + c * c // groups) for c, h in zip(base.stage_channels, stage_sizes(base)))
+    expected = sum(
+        h * h * (2 * c + c * c // groups) for c, h in zip(base.stage_channels, stage_sizes(base), strict=True)
+    )
     assert counts["adapter_macs"] == expected
     # the new head: binary linear 32 -> 5 (binary MACs) + BN1d(5)
     assert counts["head_macs"] == 32 * 5 + 5
@@ -139,8 +141,7 @@ FULL_WIDTH = {  # (macs_binary, macs_fp32) for one image at the base's own size;
 def test_full_width_bases_as_the_readme_reports_them():
     ste = mac_totals(mac_rows(STEResNetCIFAR(num_classes=10), 32), adapted=False)
     # SPEC 1.1 by hand: 80-ch convs at 32x32; 160-ch at 16x16 (+ 1x1 shortcut); 320-ch at 8x8 (+ shortcut); head
-    binary = (4 * 1024 * 80 * 720 + 256 * 160 * (720 + 3 * 1440 + 80) + 64 * 320 * (1440 + 3 * 2880 + 160)
-              + 320 * 10)  # fmt: skip
+    binary = 4 * 1024 * 80 * 720 + 256 * 160 * (720 + 3 * 1440 + 80) + 64 * 320 * (1440 + 3 * 2880 + 160) + 320 * 10
     stem = 1024 * 80 * 27  # binary weights on the real image: fp32 MACs
     bn = 5 * 1024 * 80 + 5 * 256 * 160 + 5 * 64 * 320 + 320 + 10  # every BN: stem, blocks, shortcuts, head
     assert (ste["macs_binary"], ste["macs_fp32"]) == (binary, stem + bn) == FULL_WIDTH["ste_resnet_cifar"]
@@ -184,26 +185,40 @@ ADAPTER_ROWS = {  # the page's table of what the thesis adapters add, by its (da
     ("CIFAR-10 5-5", "serial, stages 1-3, g=20"): ["+experiment=cifar5_5_serial", "adapter.groups=20"],
     ("CIFAR-100 80-20", "udta concat, g=1"): ["+experiment=cifar80_20_udta"],
     ("CIFAR-100 80-20", "udta concat, g=channels"): ["+experiment=cifar80_20_udta", "adapter.groups=channels"],
-    ("CIFAR-100 80-20", "udta concat, prune 0.9"): ["+experiment=cifar80_20_udta", "reduction=prune",
-                                                    "reduction.rate=0.9"],
+    ("CIFAR-100 80-20", "udta concat, prune 0.9"): [
+        "+experiment=cifar80_20_udta",
+        "reduction=prune",
+        "reduction.rate=0.9",
+    ],
     ("CIFAR-100 80-20", "lora, rank 4, all stages"): ["+experiment=cifar80_20_udta", "adapter=lora"],
     ("Flowers-102 (ReActNet)", "head only"): ["+experiment=flowers102_head_only"],
     ("Flowers-102 (ReActNet)", "udta concat"): ["+experiment=flowers102_udta"],
-    ("Flowers-102 (ReActNet)", "udta adapter head, prune 0.9"): ["+experiment=flowers102_udta", "adapter.head=adapter",
-                                                                "reduction=prune", "reduction.rate=0.9"],
-}  # fmt: skip
+    ("Flowers-102 (ReActNet)", "udta adapter head, prune 0.9"): [
+        "+experiment=flowers102_udta",
+        "adapter.head=adapter",
+        "reduction=prune",
+        "reduction.rate=0.9",
+    ],
+}
 
 
 def test_documented_adapter_macs_are_what_summary_only_counts(tmp_path):
     from bnn_adapt.run.config import compose
     from bnn_adapt.run.task import configured_counts
 
-    cells = [line.strip("|").split("|") for line in PAGE.read_text().splitlines()
-             if line.startswith("| ") and line.count("|") == 7]  # fmt: skip
+    cells = [
+        line.strip("|").split("|")
+        for line in PAGE.read_text().splitlines()
+        if line.startswith("| ") and line.count("|") == 7
+    ]
     rows = {(c[0].strip(), c[1].strip()): [v.strip() for v in c[2:]] for c in cells}
     for key, overrides in ADAPTER_ROWS.items():
         cfg = compose([*overrides, f"paths.base_dir={tmp_path}"], output_dir=tmp_path / "run")  # no base: random init
         _, s = configured_counts(cfg)
-        expected = [f"{s['adapter_macs']:,}", f"{s['head_macs']:,}", f"{100 * s['binary_mac_share']:.2f} %",
-                    f"{s['size_pct']:.3f}"]  # fmt: skip
+        expected = [
+            f"{s['adapter_macs']:,}",
+            f"{s['head_macs']:,}",
+            f"{100 * s['binary_mac_share']:.2f} %",
+            f"{s['size_pct']:.3f}",
+        ]
         assert rows.get(key) == expected, f"{PAGE.name} row {key}"

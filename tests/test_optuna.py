@@ -16,9 +16,14 @@ from tests.test_tables import run_module
 
 # digits pretrain their base on the fly: no data to generate; smoke sizes, 2 quick epochs
 SEARCH = (
-    "+experiment=digits5_5", "+profile=smoke", "hparams_search=size_vs_accuracy",
-    "base.pretrain.epochs=2", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-)  # fmt: skip
+    "+experiment=digits5_5",
+    "+profile=smoke",
+    "hparams_search=size_vs_accuracy",
+    "base.pretrain.epochs=2",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+)
 
 
 def test_objectives_are_what_the_search_optimises():

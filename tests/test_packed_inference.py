@@ -82,9 +82,10 @@ def test_packing_reads_any_memory_layout_and_adds_the_bias_in_fp32(level):
     bias = torch.randn(70, generator=gen)
     expected = sign(x + bias.view(1, -1, 1, 1))
     layouts = {
-        "nchw": x, "nhwc": x.contiguous(memory_format=torch.channels_last),
+        "nchw": x,
+        "nhwc": x.contiguous(memory_format=torch.channels_last),
         "strided": x.transpose(2, 3).contiguous().transpose(2, 3),  # neither channels nor pixels innermost
-    }  # fmt: skip
+    }
     with at_level(level):
         words = {name: kernels.pack_signs(t, 2, bias) for name, t in layouts.items()}
     for name, packed in words.items():
@@ -175,7 +176,7 @@ def test_packed_bases_give_the_float_stage_outputs_and_logits(which, batch):
     assert uses_packed_kernels(packed) and not uses_packed_kernels(reference)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
-        for ours, theirs in zip(packed.stage_outputs(x), reference.stage_outputs(x)):
+        for ours, theirs in zip(packed.stage_outputs(x), reference.stage_outputs(x), strict=True):
             # STE: integers exact, float parts with torch's own BN arithmetic; ReActNet's float
             # conv rounds each of its scale * (+-1) products, the kernel scales the exact integer once
             assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
@@ -334,15 +335,23 @@ def test_task_predict_gives_the_same_top_k_on_both_paths(name, make_cfg, tmp_pat
     files = []
     for strategy in ("udta", "head_only"):
         files.append(tmp_path / f"{strategy}.safetensors")
-        export_adapter(adapted(strategy, base), files[-1], reference_base=base, class_names=list("abcd"),
-                       preprocess=preprocess)  # fmt: skip
+        export_adapter(
+            adapted(strategy, base), files[-1], reference_base=base, class_names=list("abcd"), preprocess=preprocess
+        )
     write_images(tmp_path / "images", n=6)
     predictions = {}
     for packed in ("true", "false"):
         out = tmp_path / f"preds_{packed}.json"
-        cfg = make_cfg("task=predict", f"base.file={tmp_path / 'base.bnnpack'}",
-                       f"adapters=[{','.join(map(str, files))}]", f"inputs={tmp_path / 'images'}", "predict.top_k=3",
-                       f"predict.output={out}", f"predict.packed={packed}", name=f"predict_{packed}")  # fmt: skip
+        cfg = make_cfg(
+            "task=predict",
+            f"base.file={tmp_path / 'base.bnnpack'}",
+            f"adapters=[{','.join(map(str, files))}]",
+            f"inputs={tmp_path / 'images'}",
+            "predict.top_k=3",
+            f"predict.output={out}",
+            f"predict.packed={packed}",
+            name=f"predict_{packed}",
+        )
         task.run(cfg)
         predictions[packed] = json.loads(out.read_text())["predictions"]
     for adapter, rows in predictions["true"].items():
@@ -400,8 +409,11 @@ def test_nan_packs_as_plus_one_as_the_float_sign_gives_it(level):
     x[1, 3::7, 2, :] = float("nan")
     bias = torch.randn(70, generator=torch.Generator().manual_seed(10))
     assert (sign(x) == 1).all(dim=1)[0, 0, 0]
-    for name, t in {"nchw": x, "nhwc": x.contiguous(memory_format=torch.channels_last),
-                    "strided": x.transpose(2, 3).contiguous().transpose(2, 3)}.items():  # fmt: skip
+    for name, t in {
+        "nchw": x,
+        "nhwc": x.contiguous(memory_format=torch.channels_last),
+        "strided": x.transpose(2, 3).contiguous().transpose(2, 3),
+    }.items():
         with at_level(level):
             assert torch.equal(kernels.pack_signs(t, 1).to_signs(), sign(x)), name
             assert torch.equal(kernels.pack_signs(t, 1, bias).to_signs(), sign(x + bias.view(1, -1, 1, 1))), name
@@ -415,7 +427,9 @@ def test_nan_inputs_give_the_float_paths_outputs(name):
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(11))
     x[0, :, size // 2, size // 2] = float("nan")
     with torch.no_grad():
-        for ours, theirs in zip(packed.stage_outputs(x), reference.stage_outputs(x)):
+        for ours, theirs in zip(packed.stage_outputs(x), reference.stage_outputs(x), strict=True):
             assert torch.equal(ours.isnan(), theirs.isnan())
             finite = ~theirs.isnan()
-            assert torch.allclose(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5 * theirs[finite].abs().max().item())
+            assert torch.allclose(
+                ours[finite], theirs[finite], rtol=1e-5, atol=1e-5 * theirs[finite].abs().max().item()
+            )

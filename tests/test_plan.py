@@ -22,9 +22,17 @@ def finish(job, epoch_time_s: float, epochs: int = 3) -> None:
     """What the task writes for a complete run of ``job`` (its config resolved as inside that job)."""
     HydraConfig.instance().set_config(job.cfg)  # hydra.runtime.output_dir: the job's run directory
     config = OmegaConf.to_container(without_hydra_node(job.cfg), resolve=True)
-    write_json(job.run_dir / "metrics.json", {"status": "complete", "config_hash": job.config_hash,
-                                              "epoch_time_s": epoch_time_s, "epochs_run": epochs, "device": "cpu",
-                                              "config": config})  # fmt: skip
+    write_json(
+        job.run_dir / "metrics.json",
+        {
+            "status": "complete",
+            "config_hash": job.config_hash,
+            "epoch_time_s": epoch_time_s,
+            "epochs_run": epochs,
+            "device": "cpu",
+            "config": config,
+        },
+    )
 
 
 def jobs(table_id: str) -> dict[str, object]:
@@ -44,12 +52,19 @@ def smoke_root(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_the_plan_lists_every_run_recognises_complete_ones_and_estimates_from_measurements(smoke_root, capsys,
-                                                                                          monkeypatch):
+def test_the_plan_lists_every_run_recognises_complete_ones_and_estimates_from_measurements(
+    smoke_root, capsys, monkeypatch
+):
     no_bench = smoke_root / "no_bench.json"
     first = plan.plan_tables(["6.2", "6.1"], "smoke", bench_path=no_bench)
-    serial_rows = ["row=serial_g1", "row=serial_g10", "row=serial_g20", "row=serial_stage3", "row=serial_stage2",
-                   "row=serial_stage1"]  # fmt: skip
+    serial_rows = [
+        "row=serial_g1",
+        "row=serial_g10",
+        "row=serial_g20",
+        "row=serial_stage3",
+        "row=serial_stage2",
+        "row=serial_stage1",
+    ]
     # 6.2 lists its base (table 6.1's STE row) first; 6.1 then lists only its other row
     assert list(by_row(first[0])) == ["base=ste_resnet_cifar", "row=finetune", "row=head_only", *serial_rows]
     assert list(by_row(first[1])) == ["base=resnet_cifar"]
@@ -77,9 +92,22 @@ def test_the_plan_lists_every_run_recognises_complete_ones_and_estimates_from_me
 
     # the bench's epoch record: seconds per training image x this run's images x (width ratio)^2 x epochs
     bench = smoke_root / "epochs.json"
-    bench.write_text(json.dumps([{"kind": "epoch", "strategy": "full_finetune", "cache_taps": False, "width": 0.1,
-                                  "train_images": 200, "epoch_time_s": 4.0, "images_per_s": 50.0,
-                                  "device": "cpu"}]))  # fmt: skip
+    bench.write_text(
+        json.dumps(
+            [
+                {
+                    "kind": "epoch",
+                    "strategy": "full_finetune",
+                    "cache_taps": False,
+                    "width": 0.1,
+                    "train_images": 200,
+                    "epoch_time_s": 4.0,
+                    "images_per_s": 50.0,
+                    "device": "cpu",
+                }
+            ]
+        )
+    )
     table_plan = plan.plan_tables(["6.2"], "smoke", bench_path=bench)[0]
     finetune = by_row(table_plan)["row=finetune"]
     images = 4 * 16  # 5 x 32 generated images of the target classes, limit_train_batches=4 of 16

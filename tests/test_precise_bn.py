@@ -73,9 +73,17 @@ def test_precise_bn_restores_the_eval_accuracy_of_stale_statistics():
 
 def small_fp32_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+        nn.BatchNorm1d(4),
+    )
 
 
 def test_precise_bn_is_a_no_op_on_a_converged_fp32_net_whose_statistics_are_exact():
@@ -142,8 +150,15 @@ def re_estimated(cfg, state_dict: dict, epoch: int) -> dict[str, torch.Tensor]:
 
 
 def pretrain(make_cfg, tmp_path, *overrides: str, name: str):
-    cfg = make_cfg("data=cifar5_5", "task=pretrain", "adapter=full_finetune", "trainer.max_epochs=3", *overrides,
-                   name=name, base_dir=tmp_path / name)  # fmt: skip
+    cfg = make_cfg(
+        "data=cifar5_5",
+        "task=pretrain",
+        "adapter=full_finetune",
+        "trainer.max_epochs=3",
+        *overrides,
+        name=name,
+        base_dir=tmp_path / name,
+    )
     return cfg, task.run(cfg)
 
 
@@ -182,11 +197,14 @@ def test_every_epoch_changes_only_what_validation_measures(make_cfg, tmp_path):
     """Off, after training, before every validation: the same trained weights, the same final base and
     top-1; with every_epoch the per-epoch curve is the re-estimated one and the averaged one goes beside
     it at the last epoch, as it was without."""
-    runs = {mode: pretrain(make_cfg, tmp_path, *overrides, name=mode) for mode, overrides in {
-        "off": ["base.precise_bn.enabled=false"],
-        "last": [],
-        "every": ["base.precise_bn.every_epoch=true"],
-    }.items()}  # fmt: skip
+    runs = {
+        mode: pretrain(make_cfg, tmp_path, *overrides, name=mode)
+        for mode, overrides in {
+            "off": ["base.precise_bn.enabled=false"],
+            "last": [],
+            "every": ["base.precise_bn.every_epoch=true"],
+        }.items()
+    }
     saved = {mode: torch.load(cfg.base.save_to, weights_only=False)["state_dict"] for mode, (cfg, _) in runs.items()}
     statistics = set(bn_statistics(builders.build_base(runs["off"][0])))
     for key, value in saved["off"].items():
@@ -262,15 +280,20 @@ def test_recalibrated_base_feeds_the_tap_cache_and_the_export(pretrained_base, m
 # ------------------------------------------------------------------ at the end of an adaptation
 
 
-@pytest.mark.parametrize(("overrides", "trained"), [
-    (["adapter=head_only"], {"head"}),  # the STE head is binary: BinaryLinear + BatchNorm1d
-    (["adapter=lora"], {"head"}),
-    (["adapter=udta"], {"adapter", "head"}),  # + the thin blocks' own BNs
-    (["adapter=udta", "base.bn=recalibrate"], {"adapter", "head"}),
-    (["adapter=udta", "base.bn=adapt"], {"adapter", "base", "head"}),  # the thesis's drift
-    (["adapter=full_finetune"], {"base", "head"}),
-])  # fmt: skip
-def test_trained_norms_are_the_bns_whose_statistics_the_adaptation_updates(pretrained_base, make_cfg, overrides, trained):
+@pytest.mark.parametrize(
+    ("overrides", "trained"),
+    [
+        (["adapter=head_only"], {"head"}),  # the STE head is binary: BinaryLinear + BatchNorm1d
+        (["adapter=lora"], {"head"}),
+        (["adapter=udta"], {"adapter", "head"}),  # + the thin blocks' own BNs
+        (["adapter=udta", "base.bn=recalibrate"], {"adapter", "head"}),
+        (["adapter=udta", "base.bn=adapt"], {"adapter", "base", "head"}),  # the thesis's drift
+        (["adapter=full_finetune"], {"base", "head"}),
+    ],
+)
+def test_trained_norms_are_the_bns_whose_statistics_the_adaptation_updates(
+    pretrained_base, make_cfg, overrides, trained
+):
     cfg = make_cfg("data=cifar5_5", *overrides)
     model = builders.build_adapted(cfg, builders.load_trained_base(cfg), 5)
     names = {id(m): n for n, m in model.named_modules()}

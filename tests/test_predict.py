@@ -13,30 +13,14 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import bnn_adapt.deploy.predict as predict_module
-from bnn_adapt.adapters.file import export_adapter
 from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.predict import BaseWithAdapters, image_files
 from bnn_adapt.errors import ConfigError, DataError, ExportError, FingerprintError
 from bnn_adapt.run import task
-from tests.test_export import adapted, make_base
+from tests.conftest import CLASSES, PREPROCESS
+from tests.test_export import make_base
 
 # CIFAR-10 0-4's statistics (SPEC 5): mean and std differ per channel and from each other
-PREPROCESS = {"image_size": 32, "mean": [0.4906, 0.4856, 0.4508], "std": [0.2454, 0.2415, 0.2620]}
-CLASSES = {"udta": ["ant", "bee", "cat", "dog"], "lora": ["elm", "fir", "oak", "yew"]}
-
-
-@pytest.fixture
-def exported(tmp_path) -> dict:
-    """A packed STE base and two adapters for it (udta, lora), with their trained-like models."""
-    base, _ = make_base("ste")
-    write_packed_base(base, tmp_path / "base.bnnpack")
-    models, files = {}, {}
-    for strategy in CLASSES:
-        models[strategy] = adapted(strategy, base)
-        files[strategy] = tmp_path / f"{strategy}.safetensors"
-        export_adapter(models[strategy], files[strategy], reference_base=base, class_names=CLASSES[strategy],
-                       preprocess=PREPROCESS)  # fmt: skip
-    return {"base": tmp_path / "base.bnnpack", "models": models, "files": files}
 
 
 MODES = ("RGB", "RGB", "RGB", "L", "RGBA")  # grayscale and alpha too: each must become 3 channels
@@ -72,7 +56,10 @@ def preprocessed_independently(paths: list[Path], preprocess: dict) -> torch.Ten
 def reference_top_k(model, batch: torch.Tensor, names: list[str], k: int) -> list[list[tuple[str, float]]]:
     with torch.no_grad():
         top = model(batch).softmax(1).topk(k, dim=1)
-    return [[(names[i], p) for p, i in zip(v.tolist(), ix.tolist())] for v, ix in zip(top.values, top.indices)]
+    return [
+        [(names[i], p) for p, i in zip(v.tolist(), ix.tolist(), strict=True)]
+        for v, ix in zip(top.values, top.indices, strict=True)
+    ]
 
 
 def test_api_switches_adapters_on_one_base_without_touching_it(exported):
@@ -92,7 +79,7 @@ def test_api_switches_adapters_on_one_base_without_touching_it(exported):
     assert all(not m._forward_hooks for m in bank.base.modules())  # LoRA hooks only while it runs
     top = bank.predict(x, k=2)
     probs = expected["lora"].softmax(1)
-    for row, p in zip(top, probs):
+    for row, p in zip(top, probs, strict=True):
         assert [c for c, _ in row] == [CLASSES["lora"][i] for i in p.topk(2).indices.tolist()]
         assert [q for _, q in row] == pytest.approx(p.topk(2).values.tolist())
     with pytest.raises(ConfigError, match="attached: udta, lora"):
@@ -112,7 +99,7 @@ def test_predict_from_files_uses_the_adapters_eval_preprocessing(exported, tmp_p
     expected = reference_top_k(exported["models"]["udta"], batch, CLASSES["udta"], 3)
     top = bank.predict(paths, k=3, batch_size=2)
     assert [[c for c, _ in row] for row in top] == [[c for c, _ in row] for row in expected]
-    for row, reference in zip(top, expected):
+    for row, reference in zip(top, expected, strict=True):
         assert [p for _, p in row] == pytest.approx([p for _, p in reference], rel=1e-5)
 
 
@@ -124,9 +111,14 @@ def test_task_predict_loads_the_base_once_and_writes_every_adapters_top_k(export
     files = ",".join(str(exported["files"][s]) for s in CLASSES)
     out = tmp_path / "preds.json"
     cfg = make_cfg(
-        "task=predict", f"base.file={exported['base']}", f"adapters=[{files}]", f"inputs={tmp_path / 'images'}",
-        "predict.top_k=3", f"predict.output={out}", name="predict",
-    )  # fmt: skip
+        "task=predict",
+        f"base.file={exported['base']}",
+        f"adapters=[{files}]",
+        f"inputs={tmp_path / 'images'}",
+        "predict.top_k=3",
+        f"predict.output={out}",
+        name="predict",
+    )
     result = task.run(cfg)
     assert len(loads) == 1 and result["images"] == 5 and result["adapters"] == list(CLASSES)
     written = json.loads(out.read_text())
@@ -136,9 +128,11 @@ def test_task_predict_loads_the_base_once_and_writes_every_adapters_top_k(export
         rows = written["predictions"][strategy]
         assert list(rows) == [str(p) for p in paths]
         expected = reference_top_k(exported["models"][strategy], batch, CLASSES[strategy], 3)
-        for path, reference in zip(paths, expected):
+        for path, reference in zip(paths, expected, strict=True):
             assert [r["class"] for r in rows[str(path)]] == [c for c, _ in reference]
-            assert [r["prob"] for r in rows[str(path)]] == pytest.approx([p for _, p in reference], abs=1e-6)  # 6 decimals
+            assert [r["prob"] for r in rows[str(path)]] == pytest.approx(
+                [p for _, p in reference], abs=1e-6
+            )  # 6 decimals
 
 
 def test_task_predict_errors_are_clear(exported, make_cfg, tmp_path):
@@ -149,11 +143,17 @@ def test_task_predict_errors_are_clear(exported, make_cfg, tmp_path):
         (["task=predict", f"adapters=[{adapter}]", f"inputs={images}"], ExportError, "base.file"),
         (["task=predict", f"base.file={exported['base']}", f"inputs={images}"], ConfigError, "adapters="),
         (["task=predict", f"base.file={exported['base']}", f"adapters=[{adapter}]"], ConfigError, "inputs="),
-        (["task=predict", f"base.file={exported['base']}", f"adapters=[{adapter}]", f"inputs={tmp_path / 'none'}"],
-         DataError, "neither an image"),
-        (["task=predict", f"base.file={tmp_path / 'x.bnnpack'}", f"adapters=[{adapter}]", f"inputs={images}"],
-         ExportError, "does not exist"),
-    ]  # fmt: skip
+        (
+            ["task=predict", f"base.file={exported['base']}", f"adapters=[{adapter}]", f"inputs={tmp_path / 'none'}"],
+            DataError,
+            "neither an image",
+        ),
+        (
+            ["task=predict", f"base.file={tmp_path / 'x.bnnpack'}", f"adapters=[{adapter}]", f"inputs={images}"],
+            ExportError,
+            "does not exist",
+        ),
+    ]
     for i, (overrides, error, match) in enumerate(cases):
         with pytest.raises(error, match=match):
             task.run(make_cfg(*overrides, name=f"case{i}"))

@@ -24,8 +24,9 @@ from bnn_adapt.errors import ConfigError, DataError, ExportError
 from bnn_adapt.files import WriteError
 from bnn_adapt.run import task
 from bnn_adapt.training.datasets import open_rgb
+from tests.conftest import CLASSES, PREPROCESS
 from tests.test_export import adapted, make_base
-from tests.test_predict import CLASSES, PREPROCESS, exported, write_images  # noqa: F401 - exported: a fixture
+from tests.test_predict import write_images
 
 
 def png_declaring(path: Path, width: int, height: int) -> Path:

@@ -31,15 +31,20 @@ def test_keep_best_epoch_stores_the_first_best_epoch_and_its_weights(tmp_path):
     for epoch, acc in enumerate([0.5, 0.7, 0.6, 0.7]):
         with torch.no_grad():
             base.stem[0].weight.fill_(epoch / 10)  # this epoch's weights
-        trainer = SimpleNamespace(callback_metrics={"val/acc": torch.tensor(acc)}, sanity_checking=False,
-                                  current_epoch=epoch, is_global_zero=True)  # fmt: skip
+        trainer = SimpleNamespace(
+            callback_metrics={"val/acc": torch.tensor(acc)},
+            sanity_checking=False,
+            current_epoch=epoch,
+            is_global_zero=True,
+        )
         keep.on_validation_end(trainer, module)
         stored[epoch] = torch.load(tmp_path / "base_best.pt", weights_only=False)
     assert (keep.best, keep.epoch) == (pytest.approx(0.7), 1)  # a later tie does not replace it
     assert stored[3]["epoch"] == 1 and stored[3]["top1"] == pytest.approx(0.7) and stored[3]["image_size"] == 32
     assert torch.all(stored[3]["state_dict"]["stem.0.weight"] == 0.1)
-    sanity = SimpleNamespace(callback_metrics={"val/acc": torch.tensor(1.0)}, sanity_checking=True,
-                             current_epoch=0, is_global_zero=True)  # fmt: skip
+    sanity = SimpleNamespace(
+        callback_metrics={"val/acc": torch.tensor(1.0)}, sanity_checking=True, current_epoch=0, is_global_zero=True
+    )
     keep.on_validation_end(sanity, module)
     assert keep.epoch == 1  # sanity-check validation is not an epoch
     restored = KeepBestEpoch(tmp_path / "base_best.pt")
@@ -56,20 +61,29 @@ def test_pretraining_writes_its_best_epoch_and_base_epoch_best_adapts_it(pretrai
     stored = torch.load(best, weights_only=False)
     assert stored["epoch"] == metrics["best_epoch"] and stored["top1"] == pytest.approx(max(accs))
 
-    adapted = task.run(make_cfg("data=cifar5_5", "adapter=head_only", "base.epoch=best", "trainer.max_epochs=1",
-                                name="adapt_best"))  # fmt: skip
+    adapted = task.run(
+        make_cfg("data=cifar5_5", "adapter=head_only", "base.epoch=best", "trainer.max_epochs=1", name="adapt_best")
+    )
     assert adapted["base_checkpoint_sha256"] == file_sha256(best)
     assert adapted["config"]["base"]["epoch"] == "best"
 
 
 def test_a_missing_best_epoch_is_one_clear_error_and_pretraining_runs_again(make_cfg, tmp_path, capsys):
-    cfg = make_cfg("data=cifar5_5", "task=pretrain", "adapter=full_finetune", "trainer.max_epochs=1",
-                   name="pretrain", base_dir=tmp_path / "bases")  # fmt: skip
+    cfg = make_cfg(
+        "data=cifar5_5",
+        "task=pretrain",
+        "adapter=full_finetune",
+        "trainer.max_epochs=1",
+        name="pretrain",
+        base_dir=tmp_path / "bases",
+    )
     task.run(cfg)
     best = best_epoch_path(cfg.base.save_to)
     best.unlink()
     adapt = make_cfg("data=cifar5_5", "adapter=head_only", "base.epoch=best", name="adapt", base_dir=tmp_path / "bases")
-    with pytest.raises(CheckpointError, match=r"_best\.pt does not exist; base\.epoch=best reads the best-test-accuracy"):
+    with pytest.raises(
+        CheckpointError, match=r"_best\.pt does not exist; base\.epoch=best reads the best-test-accuracy"
+    ):
         task.run(adapt)
     capsys.readouterr()
     task.run(cfg)  # the complete pretraining run left no best epoch: it runs again
@@ -88,7 +102,7 @@ def test_table_sweeps_run_the_thesis_protocol_and_clean_runs_apart(tmp_path, mon
     for row in thesis:
         (job,) = row.jobs
         assert (job.cfg.base.bn, job.cfg.base.epoch, job.cfg.protocol.name) == ("adapt", "best", "thesis")
-    for a, b in zip(thesis, clean):
+    for a, b in zip(thesis, clean, strict=True):
         assert (b.jobs[0].cfg.base.bn, b.jobs[0].cfg.base.epoch) == ("frozen", "last")
         assert b.jobs[0].run_dir.name == f"protocol=clean,{a.jobs[0].run_dir.name}"
         assert a.key == b.key and a.label == b.label  # the same thesis row either way
@@ -101,7 +115,9 @@ def test_table_sweeps_run_the_thesis_protocol_and_clean_runs_apart(tmp_path, mon
 
 def test_the_sweeps_a_table_needs_first_run_without_the_protocol(monkeypatch):
     commands = []
-    monkeypatch.setattr(subprocess, "run", lambda command, **kw: commands.append(command) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(
+        subprocess, "run", lambda command, **kw: commands.append(command) or SimpleNamespace(returncode=0)
+    )
     table_runs.run_sweeps(TABLES["6.2"], "smoke", ["protocol=clean", "trainer.max_epochs=2"])
     (base, own) = commands
     assert "table_6_1" in base and "base=ste_resnet_cifar" in base and "protocol=clean" not in base

@@ -140,14 +140,16 @@ def test_iterative_rounds_reach_the_rate_and_counts_match_summary(pretrained_bas
         for w in weights:
             assert abs(int((w == 0).sum()) - fraction * w.numel()) <= 2, fraction
     # zeros of round 1 stay zero in round 2 (PyTorch counts the new amount against the survivors)
-    for w1, w2 in zip(probe.epochs[0], probe.epochs[1]):
+    for w1, w2 in zip(probe.epochs[0], probe.epochs[1], strict=True):
         assert (w2[w1 == 0] == 0).all()
     # headline = final epoch; best-before-pruning before the first round; best after the last round
     history = metrics["history"]
     assert metrics["best_before_pruning_top1"] == pytest.approx(history[0]["val/acc"])
     assert metrics["best_test_top1"] == pytest.approx(max(h["val/acc"] for h in history[2:]))
 
-    saved = stored_tensors(run_dir / "adapter.safetensors", builders.load_trained_base(make_cfg("data=cifar5_5", name="b")))
+    saved = stored_tensors(
+        run_dir / "adapter.safetensors", builders.load_trained_base(make_cfg("data=cifar5_5", name="b"))
+    )
     nonzero = sum(
         int(v.count_nonzero()) if k.endswith(("pointwise.weight", "depthwise.weight")) else v.numel()
         for k, v in saved.items()
@@ -158,8 +160,11 @@ def test_iterative_rounds_reach_the_rate_and_counts_match_summary(pretrained_bas
     kept = saved["head.0.kept_columns"]
     assert int((~kept).sum()) == 32
     assert metrics["head_binary_params"] == 32 * 5 + 5
-    summary = task.run(make_cfg("data=cifar5_5", "adapter=udta", *ITERATIVE, "reduction.head_rate=0.5",
-                                "summary_only=true", name="summary"))  # fmt: skip
+    summary = task.run(
+        make_cfg(
+            "data=cifar5_5", "adapter=udta", *ITERATIVE, "reduction.head_rate=0.5", "summary_only=true", name="summary"
+        )
+    )
     for key in ("adapter_fp32_params", "head_binary_params", "head_fp32_params"):
         assert summary[key] == metrics[key], key
 
@@ -169,7 +174,7 @@ def test_rewind_resets_survivors_to_their_initial_values(rewind, pretrained_base
     overrides = (*ITERATIVE, "reduction.rounds=1", "trainer.max_epochs=2", f"reduction.rewind={rewind}")
     _, _, probe = run_with_probe(make_cfg, monkeypatch, *overrides)
     pruned = probe.epochs[0]  # right after the only round (end of epoch 0)
-    for w, w0 in zip(pruned, probe.initial):
+    for w, w0 in zip(pruned, probe.initial, strict=True):
         survivors = w != 0
         assert int((~survivors).sum()) == round(0.75 * w.numel())
         assert torch.equal(w[survivors], w0[survivors]) == rewind

@@ -55,7 +55,7 @@ def test_per_layer_parameter_counts(full):
         512: (1_179_648, 2_359_296),
     }
     c_prev = 64
-    for stage, c in zip(full.stages, full.stage_channels):
+    for stage, c in zip(full.stages, full.stage_channels, strict=True):
         first, other = binary_sizes[c]
         for j, block in enumerate(stage):
             c_in = c_prev if j == 0 else c
@@ -196,8 +196,16 @@ def test_checkpoint_round_trip(tmp_path):
     assert {"state_dict", "epoch", "best_top1_acc", "optimizer"} <= raw.keys()
     keys = list(raw["state_dict"])
     assert all(k.startswith("module.") for k in keys)
-    for k in ("conv1.weight", "bn1.running_mean", "layer1.0.move0.bias", "layer1.0.binary_conv.weight",
-              "layer1.0.prelu.weight", "layer2.0.downsample.1.weight", "layer4.3.move2.bias", "fc.bias"):
+    for k in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.move0.bias",
+        "layer1.0.binary_conv.weight",
+        "layer1.0.prelu.weight",
+        "layer2.0.downsample.1.weight",
+        "layer4.3.move2.bias",
+        "fc.bias",
+    ):
         assert "module." + k in keys
 
     loaded = load_reactnet_checkpoint(path, num_classes=10, width=TINY).eval()

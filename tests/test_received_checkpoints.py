@@ -257,4 +257,3 @@ def test_an_interpolation_in_a_received_config_is_refused_unresolved(received_ru
         load_run(run)
     message = one_line(err, "base.checkpoint", "interpolation")
     assert "s3cret" not in message
-

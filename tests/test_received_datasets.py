@@ -76,8 +76,9 @@ def test_wrong_cifar100_class_names_are_one_line(tmp_path):
     assert str(folder / "meta") in str(err.value) and "100 class names" in str(err.value)
 
 
-@pytest.mark.parametrize(("ours", "torchvision_class"), [(ExistingFilesCIFAR10, tvd.CIFAR10),
-                                                         (ExistingFilesCIFAR100, tvd.CIFAR100)])
+@pytest.mark.parametrize(
+    ("ours", "torchvision_class"), [(ExistingFilesCIFAR10, tvd.CIFAR10), (ExistingFilesCIFAR100, tvd.CIFAR100)]
+)
 def test_real_format_cifar_loads_as_torchvisions_reader_loads_it(ours, torchvision_class, tmp_path):
     """The restricted reader gives what ``pickle.load`` gave: pixels, labels, class names, items."""
     (write_cifar10 if ours is ExistingFilesCIFAR10 else write_cifar100)(tmp_path, n_per_class=2)

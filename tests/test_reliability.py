@@ -27,18 +27,28 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: metrics that must not depend on whether a run was interrupted (timings do)
 OUTCOME_KEYS = (
-    "test_top1", "best_test_top1", "epochs_run", "size_pct", "adapter_fp32_params",
-    "head_binary_params", "config_hash", "status",
-)  # fmt: skip
+    "test_top1",
+    "best_test_top1",
+    "epochs_run",
+    "size_pct",
+    "adapter_fp32_params",
+    "head_binary_params",
+    "config_hash",
+    "status",
+)
 
 
 def cli(tmp_path: Path, *args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "bnn_adapt", *args], cwd=REPO_ROOT, env=env,
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, "-m", "bnn_adapt", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def outcome(metrics: dict) -> dict:
@@ -86,8 +96,11 @@ BAD_CONFIGS = [
     (["optimizer.lr=0"], ConfigError, ["optimizer.lr", "positive"]),
     (["base.width=0"], ConfigError, ["base.width", "positive"]),
     (["data.limit_per_class=0"], ConfigError, ["limit_per_class"]),
-    (["trainer.accelerator=gpu"] if not torch.cuda.is_available() else ["trainer.accelerator=tpu"],
-     ConfigError, ["trainer"]),  # fmt: skip
+    (
+        ["trainer.accelerator=gpu"] if not torch.cuda.is_available() else ["trainer.accelerator=tpu"],
+        ConfigError,
+        ["trainer"],
+    ),
     (["resume=maybe"], ConfigError, ["resume", "true or false"]),
 ]
 
@@ -107,14 +120,26 @@ def test_bad_config_is_one_clear_error_before_any_work(overrides, error, words, 
 
 
 BAD_FILES = [
-    ("missing checkpoint", lambda p, g, o: [f"base.checkpoint={p / 'nope.pt'}", "base.pretrain=null"],
-     CheckpointError, ["nope.pt", "task=pretrain"]),
+    (
+        "missing checkpoint",
+        lambda p, g, o: [f"base.checkpoint={p / 'nope.pt'}", "base.pretrain=null"],
+        CheckpointError,
+        ["nope.pt", "task=pretrain"],
+    ),
     ("unreadable checkpoint", lambda p, g, o: [f"base.checkpoint={g}"], CheckpointError, ["unreadable"]),
-    ("checkpoint of another architecture", lambda p, g, o: [f"base.checkpoint={o}"], CheckpointError,
-     ["reactnet18", "ste_resnet_cifar"]),
-    ("missing dataset directory", lambda p, g, o: ["data=cifar5_5", f"data.root={p / 'no_cifar'}"], DataError,
-     ["no_cifar", "data.download=true"]),
-]  # fmt: skip
+    (
+        "checkpoint of another architecture",
+        lambda p, g, o: [f"base.checkpoint={o}"],
+        CheckpointError,
+        ["reactnet18", "ste_resnet_cifar"],
+    ),
+    (
+        "missing dataset directory",
+        lambda p, g, o: ["data=cifar5_5", f"data.root={p / 'no_cifar'}"],
+        DataError,
+        ["no_cifar", "data.download=true"],
+    ),
+]
 
 
 @pytest.mark.parametrize(("name", "overrides", "error", "words"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
@@ -129,7 +154,9 @@ def test_bad_files_are_one_clear_error(
 
 
 def test_checkpoint_of_another_width_is_refused(make_cfg, pretrained_base):
-    cfg = make_cfg("data=cifar5_5", "adapter=udta", "base.width=0.2", f"base.checkpoint={pretrained_base['checkpoint']}")
+    cfg = make_cfg(
+        "data=cifar5_5", "adapter=udta", "base.width=0.2", f"base.checkpoint={pretrained_base['checkpoint']}"
+    )
     with pytest.raises(CheckpointError, match=r"base.width=0.1"):
         task.run(cfg)
 
@@ -149,13 +176,21 @@ def test_checkpoint_of_another_block_is_refused(make_cfg, tmp_path):
     message = str(err.value)
     assert "block=binarynet" in message and "block=thesis" in message and "set base.block=binarynet" in message
     assert "\n" not in message
-    cfg = make_cfg("data=cifar5_5", "adapter=udta", f"base.checkpoint={old}", "base.block=binarynet",
-                   "trainer.max_epochs=1", name="old_block_run")  # fmt: skip
+    cfg = make_cfg(
+        "data=cifar5_5",
+        "adapter=udta",
+        f"base.checkpoint={old}",
+        "base.block=binarynet",
+        "trainer.max_epochs=1",
+        name="old_block_run",
+    )
     assert task.run(cfg)["status"] == "complete"
 
 
 def test_checkpoint_of_another_image_size_is_refused(make_cfg, pretrained_base):
-    cfg = make_cfg("data=cifar5_5", "adapter=udta", "data.image_size=16", f"base.checkpoint={pretrained_base['checkpoint']}")
+    cfg = make_cfg(
+        "data=cifar5_5", "adapter=udta", "data.image_size=16", f"base.checkpoint={pretrained_base['checkpoint']}"
+    )
     with pytest.raises(CheckpointError, match=r"image_size=32.*image_size=16.*set data.image_size=32"):
         task.run(cfg)
 
@@ -165,11 +200,24 @@ def test_empty_or_wrong_format_dataset_directories(make_cfg, tmp_path, pretraine
     (tmp_path / "empty_tree" / "test").mkdir(parents=True)
     wrong = tmp_path / "wrong" / "cifar-10-batches-py"
     wrong.mkdir(parents=True)
-    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
-                 "batches.meta"):  # fmt: skip
+    for name in (
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+        "batches.meta",
+    ):
         (wrong / name).write_text("not a pickle")
-    empty = make_cfg("data=imagefolder", f"data.root={tmp_path / 'empty_tree'}", "data.base_classes=[a]",
-                     "data.target_classes=[b]", "base.pretrain=null", f"base.checkpoint={pretrained_base['checkpoint']}")  # fmt: skip
+    empty = make_cfg(
+        "data=imagefolder",
+        f"data.root={tmp_path / 'empty_tree'}",
+        "data.base_classes=[a]",
+        "data.target_classes=[b]",
+        "base.pretrain=null",
+        f"base.checkpoint={pretrained_base['checkpoint']}",
+    )
     with pytest.raises(UserError):
         task.run(empty)
     garbled = make_cfg("data=cifar5_5", f"data.root={tmp_path / 'wrong'}", "adapter=head_only")
@@ -182,8 +230,15 @@ def test_corrupt_image_is_named(make_cfg, tmp_path, pretrained_base):
     write_imagefolder(root, classes=("a", "b", "c"), n_per_class=4)
     bad = next((root / "train" / "b").iterdir())
     bad.write_bytes(b"\x89PNG broken")
-    cfg = make_cfg("data=imagefolder", f"data.root={root}", "data.base_classes=[a]", "data.target_classes=[b,c]",
-                   "adapter=head_only", "base.pretrain=null", f"base.checkpoint={pretrained_base['checkpoint']}")  # fmt: skip
+    cfg = make_cfg(
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.base_classes=[a]",
+        "data.target_classes=[b,c]",
+        "adapter=head_only",
+        "base.pretrain=null",
+        f"base.checkpoint={pretrained_base['checkpoint']}",
+    )
     with pytest.raises(DataError, match=bad.name):
         task.run(cfg)
 
@@ -219,20 +274,40 @@ def cifar_root(tmp_path_factory) -> Path:
 
 def resume_args(root: Path, run_dir: Path, base: Path, *extra: str) -> list[str]:
     return [
-        "data=cifar5_5", f"data.root={root / 'cifar10'}", "adapter=udta", "reduction=prune", "reduction.rate=0.5",
-        "base.width=0.1", f"base.checkpoint={base}", "data.batch_size=8", "trainer.max_epochs=6",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "seed=7", f"hydra.run.dir={run_dir}", *extra,
-    ]  # fmt: skip
+        "data=cifar5_5",
+        f"data.root={root / 'cifar10'}",
+        "adapter=udta",
+        "reduction=prune",
+        "reduction.rate=0.5",
+        "base.width=0.1",
+        f"base.checkpoint={base}",
+        "data.batch_size=8",
+        "trainer.max_epochs=6",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "seed=7",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def resume_base(tmp_path_factory, cifar_root) -> Path:
     tmp = tmp_path_factory.mktemp("resume_base")
     base = tmp / "base.pt"
-    done = cli(tmp, "data=cifar5_5", f"data.root={cifar_root / 'cifar10'}", "task=pretrain", "adapter=full_finetune",
-               "base.width=0.1", f"base.save_to={base}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-               f"hydra.run.dir={tmp / 'pretrain'}")  # fmt: skip
+    done = cli(
+        tmp,
+        "data=cifar5_5",
+        f"data.root={cifar_root / 'cifar10'}",
+        "task=pretrain",
+        "adapter=full_finetune",
+        "base.width=0.1",
+        f"base.save_to={base}",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        f"hydra.run.dir={tmp / 'pretrain'}",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return base
 
@@ -248,8 +323,13 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_bas
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
     killed_args = resume_args(cifar_root, run_dir, resume_base, f"threads={threads}")
-    proc = subprocess.Popen([sys.executable, "-m", "bnn_adapt", *killed_args],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnn_adapt", *killed_args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -321,8 +401,9 @@ def test_diverging_run_is_recorded_as_failed(make_cfg, pretrained_base, monkeypa
 
 def test_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    done = cli(tmp_path, "--multirun", "summary_only=true", "adapter.groups=3,1",
-               "base.width=0.1", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    done = cli(
+        tmp_path, "--multirun", "summary_only=true", "adapter.groups=3,1", "base.width=0.1", f"hydra.sweep.dir={sweep}"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "the sweep goes on" in done.stderr
     assert json.loads((sweep / "1" / "summary.json").read_text())["adapter_fp32_params"] > 0
@@ -331,9 +412,18 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path):
 def test_training_job_failure_recorded_in_sweep(tmp_path, cifar_root, resume_base):
     sweep = tmp_path / "sweep"
     missing = tmp_path / "no_such_data"
-    done = cli(tmp_path, "--multirun", "data=cifar5_5", f"data.root={missing},{cifar_root / 'cifar10'}",
-               "adapter=head_only", "base.width=0.1", f"base.checkpoint={resume_base}", "trainer.max_epochs=1",
-               "trainer.accelerator=cpu", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    done = cli(
+        tmp_path,
+        "--multirun",
+        "data=cifar5_5",
+        f"data.root={missing},{cifar_root / 'cifar10'}",
+        "adapter=head_only",
+        "base.width=0.1",
+        f"base.checkpoint={resume_base}",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     failed = json.loads((sweep / "0" / "metrics.json").read_text())
     ok = json.loads((sweep / "1" / "metrics.json").read_text())
@@ -356,8 +446,10 @@ def test_result_files_are_replaced_atomically(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 2])  # issue 23: a run repeats bit for bit at any given thread count
 def test_same_seed_same_metrics(make_cfg, pretrained_base, threads):
-    runs = [task.run(make_cfg("data=cifar5_5", "adapter=serial", "seed=3", f"threads={threads}", name=f"run{i}"))
-            for i in range(2)]  # fmt: skip
+    runs = [
+        task.run(make_cfg("data=cifar5_5", "adapter=serial", "seed=3", f"threads={threads}", name=f"run{i}"))
+        for i in range(2)
+    ]
     assert outcome(runs[0]) == outcome(runs[1])
     assert runs[0]["environment"]["threads"] == threads
 

@@ -48,8 +48,14 @@ def dead_pid() -> int:
 
 def test_the_readme_search_in_a_fresh_clone_stops_before_the_first_trial(tmp_path):
     """docs/search.md's Pareto smoke command before any base (or smoke data) exists: one line, exit 2, nothing on disk."""
-    result = run_module(tmp_path, "bnn_adapt", "+experiment=cifar5_5_serial", "+profile=smoke",
-                        "hparams_search=size_vs_accuracy", "hydra.sweeper.n_trials=8")  # fmt: skip
+    result = run_module(
+        tmp_path,
+        "bnn_adapt",
+        "+experiment=cifar5_5_serial",
+        "+profile=smoke",
+        "hparams_search=size_vs_accuracy",
+        "hydra.sweeper.n_trials=8",
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = error_lines(result.stderr)
     assert "Traceback" not in result.stderr
@@ -155,8 +161,13 @@ def test_a_claim_is_exclusive_and_taken_over_only_when_its_owner_is_gone(tmp_pat
     lock = tmp_path / "run" / claims.RUN_LOCK
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = {"host": socket.gethostname(), "boot": claims.boot_id(), "pid": other.pid,
-                 "start": claims.process_start(other.pid), "since": time.time()}  # fmt: skip
+        alive = {
+            "host": socket.gethostname(),
+            "boot": claims.boot_id(),
+            "pid": other.pid,
+            "start": claims.process_start(other.pid),
+            "since": time.time(),
+        }
         lock.parent.mkdir()
         lock.write_text(json.dumps(alive))
         claim = claims.run_claim(tmp_path / "run")
@@ -195,12 +206,21 @@ def test_a_row_that_failed_in_the_invocation_holding_it_is_not_run_again(make_cf
     cfg = make_cfg("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=1")
     run_dir = Path(cfg.paths.output_dir)
     failed = {"status": "failed", "error": "DataError: boom", "config_hash": config_hash(without_hydra_node(cfg))}
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from bnn_adapt.run import claims; from bnn_adapt.files import write_json\n"
-        f"with claims.run_claim({str(run_dir)!r}):\n"
-        "    print('held', flush=True); time.sleep(2)\n"
-        f"    write_json({str(run_dir / 'metrics.json')!r}, {failed!r})\n"
-    )], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time; from bnn_adapt.run import claims; from bnn_adapt.files import write_json\n"
+                f"with claims.run_claim({str(run_dir)!r}):\n"
+                "    print('held', flush=True); time.sleep(2)\n"
+                f"    write_json({str(run_dir / 'metrics.json')!r}, {failed!r})\n"
+            ),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="failed in the process that held .*DataError: boom; not running it again"):
@@ -215,25 +235,46 @@ def digits_base(tmp_path_factory) -> Path:
     """A tiny digits base at an explicit path, so that the sweeps below only adapt."""
     root = tmp_path_factory.mktemp("digits_base")
     base = root / "base.pt"
-    done = run_module(root, "bnn_adapt", "+experiment=digits5_5_base", "base.width=0.1", f"base.save_to={base}",
-                      "trainer.max_epochs=1", "trainer.accelerator=cpu",
-                      "trainer.enable_progress_bar=false")  # fmt: skip
+    done = run_module(
+        root,
+        "bnn_adapt",
+        "+experiment=digits5_5_base",
+        "base.width=0.1",
+        f"base.save_to={base}",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return base
 
 
 def test_the_same_sweep_started_twice_runs_each_row_once(tmp_path, digits_base):
     sweep_dir = tmp_path / "sweep"
-    args = [sys.executable, "-m", "bnn_adapt", "--multirun", "+experiment=digits5_5", "base.width=0.1",
-            f"base.checkpoint={digits_base}", "adapter=head_only,udta", "trainer.max_epochs=6",
-            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${adapter.name}"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "bnn_adapt",
+        "--multirun",
+        "+experiment=digits5_5",
+        "base.width=0.1",
+        f"base.checkpoint={digits_base}",
+        "adapter=head_only,udta",
+        "trainer.max_epochs=6",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${adapter.name}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     stdout = "".join(out for out, _ in outputs)
     assert stdout.count("adapt done") == 2, stdout  # each row trained once, by one of the two
@@ -250,8 +291,16 @@ def test_the_same_sweep_started_twice_runs_each_row_once(tmp_path, digits_base):
 
 
 def owned(host: str, pid: int, alive_at: float) -> dict:
-    return {search_trials.OWNER_ATTR: {"host": host, "boot": claims.boot_id(), "pid": pid, "start": None,
-                                       "since": alive_at}, search_trials.ALIVE_ATTR: alive_at}  # fmt: skip
+    return {
+        search_trials.OWNER_ATTR: {
+            "host": host,
+            "boot": claims.boot_id(),
+            "pid": pid,
+            "start": None,
+            "since": alive_at,
+        },
+        search_trials.ALIVE_ATTR: alive_at,
+    }
 
 
 def test_stale_running_trials_are_failed_and_live_ones_kept(tmp_path):
@@ -274,29 +323,43 @@ def test_stale_running_trials_are_failed_and_live_ones_kept(tmp_path):
     done = study.ask()
     study.tell(done, [0.5, 3.0])
     with sqlite3.connect(tmp_path / "optuna.db") as db:  # the legacy trial started long ago
-        db.execute("UPDATE trials SET datetime_start = '2000-01-01 00:00:00' WHERE number = ?",
-                   (trials["no owner (older version)"],))  # fmt: skip
+        db.execute(
+            "UPDATE trials SET datetime_start = '2000-01-01 00:00:00' WHERE number = ?",
+            (trials["no owner (older version)"],),
+        )
 
     failed = search_trials.fail_stale_trials(url, "s")
     after = {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
     gone = ("dead pid here", "elsewhere, silent", "no owner (older version)")
     assert {name for name, n in trials.items() if after[n] == optuna.trial.TrialState.FAIL} == set(gone)
     assert {name for name, n in trials.items() if after[n] == optuna.trial.TrialState.RUNNING} == {
-        "this process", "elsewhere, beating"}  # fmt: skip
+        "this process",
+        "elsewhere, beating",
+    }
     assert len(failed) == 3 and all(line.startswith("trial ") for line in failed)
     assert search_trials.trial_counts(url, "s") == {"FAIL": 3, "RUNNING": 2, "COMPLETE": 1}
 
 
 def test_a_search_killed_mid_trial_continues_without_a_phantom_trial(tmp_path):
-    search = ("+experiment=digits5_5", "+profile=smoke", "hparams_search=size_vs_accuracy", "base.pretrain.epochs=1",
-              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")  # fmt: skip
+    search = (
+        "+experiment=digits5_5",
+        "+profile=smoke",
+        "hparams_search=size_vs_accuracy",
+        "base.pretrain.epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+    )
     sweep_dir = tmp_path / "outputs" / "pareto" / "smoke" / "digits_ste_resnet_cifar_w0.25"
     url = f"sqlite:///{sweep_dir / 'optuna.db'}"
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "bnn_adapt", *search, "trainer.max_epochs=1000",
-                             "hydra.sweeper.n_trials=1"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnn_adapt", *search, "trainer.max_epochs=1000", "hydra.sweeper.n_trials=1"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if list(sweep_dir.glob("*/csv/metrics.csv")):  # the trial is training
@@ -324,18 +387,26 @@ def test_export_takes_a_sweep_directory_and_row_directories_unquoted(pretrained_
     sweep = tmp_path / "sweep"
     for row in ("row=head_only", "row=udta,seed=2"):
         extra = ["seed=2"] if "seed" in row else []
-        cfg = make_cfg("data=cifar5_5", f"adapter={row.split(',')[0].removeprefix('row=')}", "trainer.max_epochs=1",
-                       *extra, name=f"sweep/{row}")  # fmt: skip
+        cfg = make_cfg(
+            "data=cifar5_5",
+            f"adapter={row.split(',')[0].removeprefix('row=')}",
+            "trainer.max_epochs=1",
+            *extra,
+            name=f"sweep/{row}",
+        )
         assert task.run(cfg)["status"] == "complete"
     write_json(sweep / "row=broken" / "metrics.json", {"status": "failed", "task": "adapt", "error": "x"})
 
-    whole = run_module(tmp_path, "bnn_adapt", "task=export", f"export.adapter_run={sweep}",
-                       f"export.dir={tmp_path / 'all'}")  # fmt: skip
+    whole = run_module(
+        tmp_path, "bnn_adapt", "task=export", f"export.adapter_run={sweep}", f"export.dir={tmp_path / 'all'}"
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "not row=broken" in whole.stderr
     manifest = json.loads((tmp_path / "all" / "manifest.json").read_text())
     assert sorted(Path(f["run_dir"]).name for f in manifest["files"].values() if f["kind"] == "adapter") == [
-        "row=head_only", "row=udta,seed=2"]  # fmt: skip
+        "row=head_only",
+        "row=udta,seed=2",
+    ]
 
     rows = f"export.adapter_run=[{sweep / 'row=head_only'},{sweep / 'row=udta,seed=2'}]"  # as typed, no quotes
     listed = run_module(tmp_path, "bnn_adapt", "task=export", rows, f"export.dir={tmp_path / 'listed'}")
@@ -344,32 +415,51 @@ def test_export_takes_a_sweep_directory_and_row_directories_unquoted(pretrained_
     assert len([f for f in manifest["files"].values() if f["kind"] == "adapter"]) == 2
 
     with pytest.raises(ExportError, match=r"row=broken did not finish \(status failed: x\)"):
-        task.run(make_cfg("task=export", f"export.adapter_run={sweep / 'row=broken'}", f"export.dir={tmp_path / 'no'}",
-                          name="export_failed"))  # fmt: skip
+        task.run(
+            make_cfg(
+                "task=export",
+                f"export.adapter_run={sweep / 'row=broken'}",
+                f"export.dir={tmp_path / 'no'}",
+                name="export_failed",
+            )
+        )
     write_json(tmp_path / "failed_sweep" / "row=broken" / "metrics.json", {"status": "failed", "task": "adapt"})
     with pytest.raises(ExportError, match="nor run directories of finished adaptation runs"):
-        task.run(make_cfg("task=export", f"export.adapter_run={tmp_path / 'failed_sweep'}",
-                          f"export.dir={tmp_path / 'no'}", name="export_none"))  # fmt: skip
+        task.run(
+            make_cfg(
+                "task=export",
+                f"export.adapter_run={tmp_path / 'failed_sweep'}",
+                f"export.dir={tmp_path / 'no'}",
+                name="export_none",
+            )
+        )
     assert not (tmp_path / "no").exists()
 
 
 def test_only_unparseable_path_values_are_quoted(tmp_path):
     (tmp_path / "row=a").mkdir()
     assert quote_path_overrides(["adapter.groups=3", "export.adapter_run=out/t", "seed=1"]) == [
-        "adapter.groups=3", "export.adapter_run=out/t", "seed=1"]  # fmt: skip
+        "adapter.groups=3",
+        "export.adapter_run=out/t",
+        "seed=1",
+    ]
     assert quote_path_overrides([f"export.adapter_run=[{tmp_path}/row=a,{tmp_path}/row=b,seed=2]"]) == [
-        f"export.adapter_run=['{tmp_path}/row=a','{tmp_path}/row=b,seed=2']"]  # fmt: skip
+        f"export.adapter_run=['{tmp_path}/row=a','{tmp_path}/row=b,seed=2']"
+    ]
     assert quote_path_overrides(["base.checkpoint=x/row=a/base.pt"]) == ["base.checkpoint='x/row=a/base.pt'"]
 
 
 # ------------------------------------------------------------------ 8: a failed download
 
 
-@pytest.mark.parametrize(("name", "url"), [
-    ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    ("fashion_mnist", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
-    ("flowers102", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+        ("fashion_mnist", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+        ("flowers102", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"),
+    ],
+)
 def test_a_failed_download_says_so_with_url_and_folder(name, url, tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError(OSError(101, "Network is unreachable"))

@@ -40,7 +40,9 @@ def test_threads_sets_torchs_threads_before_anything_is_built_and_the_run_record
 ):
     seen = []
     build = builders.build_adapted
-    monkeypatch.setattr(builders, "build_adapted", lambda *a, **k: seen.append(torch.get_num_threads()) or build(*a, **k))
+    monkeypatch.setattr(
+        builders, "build_adapted", lambda *a, **k: seen.append(torch.get_num_threads()) or build(*a, **k)
+    )
     before = torch.get_num_threads()
     metrics = task.run(make_cfg("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=1", "threads=2"))
     assert seen and set(seen) == {2}, "every model was built at 2 threads"
@@ -111,8 +113,9 @@ def test_another_bnn_adapt_root_is_other_data(make_cfg, pretrained_base, data_di
     """``paths`` resolve from BNN_ADAPT_ROOT when the run starts: the same composed config on two roots."""
     for root in ("a", "b"):
         shutil.copytree(data_dir / "cifar10", tmp_path / root / "data" / "cifar10")
-    cfg = make_cfg("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=1",
-                   f"base.checkpoint={pretrained_base['checkpoint']}")  # fmt: skip
+    cfg = make_cfg(
+        "data=cifar5_5", "adapter=head_only", "trainer.max_epochs=1", f"base.checkpoint={pretrained_base['checkpoint']}"
+    )
     cfg.paths.root_dir = "${oc.env:BNN_ADAPT_ROOT}"
     cfg.paths.data_dir = "${paths.root_dir}/data"
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path / "a"))
@@ -150,7 +153,13 @@ def written_before(tmp_path) -> tuple:
     text = json.dumps(fixture["metrics"]).replace("@ROOT@", str(tmp_path))
     (run_dir / "metrics.json").write_text(text)
     # precise BN (issue #22) came later: today the same run is the one with it off
-    cfg = compose_config([*fixture["overrides"], "base.precise_bn.enabled=false"], run_dir, tmp_path / "data", tmp_path / "outputs" / "bases", tiny=False)
+    cfg = compose_config(
+        [*fixture["overrides"], "base.precise_bn.enabled=false"],
+        run_dir,
+        tmp_path / "data",
+        tmp_path / "outputs" / "bases",
+        tiny=False,
+    )
     cfg.paths.root_dir, cfg.paths.log_dir = str(tmp_path), str(tmp_path / "outputs")
     for path in (cfg.base.save_to, str(cfg.base.save_to).replace(".pt", "_best.pt")):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +212,9 @@ def test_a_failed_adapter_file_keeps_the_metrics_and_resume_writes_only_it(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(task, "export_adapter", full_disk)
-    with pytest.raises(task.FailedAfterTraining, match="adapter file failed after training .*resume=true finishes the run"):
+    with pytest.raises(
+        task.FailedAfterTraining, match="adapter file failed after training .*resume=true finishes the run"
+    ):
         task.run(cfg)
     recorded = read_json(run_dir / "metrics.json")
     assert recorded["status"] == "failed_after_training" and recorded["failed_step"] == "adapter file"
@@ -230,8 +241,9 @@ def test_a_failed_adapter_file_keeps_the_metrics_and_resume_writes_only_it(
     assert torch.equal(resumed, expected), "the adapter from the last checkpoint is the one training left"
 
 
-def test_a_tracker_failing_at_the_end_of_fitting_keeps_the_metrics(make_cfg, pretrained_base, monkeypatch,
-                                                                   counted_training):  # fmt: skip
+def test_a_tracker_failing_at_the_end_of_fitting_keeps_the_metrics(
+    make_cfg, pretrained_base, monkeypatch, counted_training
+):
     from bnn_adapt.run.tracking import TrackerRecords
 
     def unreachable(self, trainer, pl_module):
@@ -299,7 +311,8 @@ def test_another_dataset_without_its_base_stops_with_one_line(tmp_path):
 
 def test_with_its_data_there_the_run_still_stops_before_pretraining(make_cfg, tmp_path):
     cfg = make_cfg("data=cifar5_5", "adapter=serial", base_dir=tmp_path / "bases")
-    with pytest.raises(CheckpointError, match=r"pretrain it first with `python -m bnn_adapt \+experiment=cifar5_5_base"):
+    with pytest.raises(
+        CheckpointError, match=r"pretrain it first with `python -m bnn_adapt \+experiment=cifar5_5_base"
+    ):
         task.run(cfg)
     assert not (tmp_path / "bases").exists() and not (tmp_path / "run" / "base_pretrain").exists()
-

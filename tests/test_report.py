@@ -12,8 +12,9 @@ import torch
 from bnn_adapt.tools import report
 
 
-def write_pretrain_run(root, memory: str, seed: int, top1: float, losses=(2.0, 1.5, 1.25), weight=0.5,
-                       spelling: str = "current") -> None:  # fmt: skip
+def write_pretrain_run(
+    root, memory: str, seed: int, top1: float, losses=(2.0, 1.5, 1.25), weight=0.5, spelling: str = "current"
+) -> None:
     """A pretraining run's files as the task writes them: metrics.json, Lightning's CSV log, last.ckpt
     (``spelling="0.1"``: the memory mode under ``trainer.memory``, as runs of 0.1 recorded it)."""
     run = root / f"{memory}_seed{seed}"
@@ -71,7 +72,8 @@ print(rss() - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt and /proc")
 @pytest.mark.parametrize("setting, kept", [("keep_freed_memory", True), ("return_freed_memory", False)])
 def test_allocator_keeps_or_returns_a_freed_large_tensor(setting, kept):
-    out = subprocess.run([sys.executable, "-c", RESIDENT_AFTER_FREE, setting], capture_output=True, text=True,
-                         check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", RESIDENT_AFTER_FREE, setting], capture_output=True, text=True, check=True
+    )
     grown = int(out.stdout.strip())
     assert (grown > 32 << 20) == kept, grown

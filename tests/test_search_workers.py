@@ -33,8 +33,15 @@ from tests.test_tables import run_module
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OLD_STUDY = Path(__file__).parent / "data" / "optuna_2_10_1_study.db.gz"
 # digits pretrain their base on the fly; smoke sizes, tiny trials; no pruner unless a test sets one
-SEARCH = ("+experiment=digits5_5", "+profile=smoke", "hparams_search=size_vs_accuracy", "base.pretrain.epochs=1",
-          "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")  # fmt: skip
+SEARCH = (
+    "+experiment=digits5_5",
+    "+profile=smoke",
+    "hparams_search=size_vs_accuracy",
+    "base.pretrain.epochs=1",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+)
 SWEEP = Path("outputs") / "pareto" / "smoke" / "digits_ste_resnet_cifar_w0.25"
 
 
@@ -42,8 +49,14 @@ def worker(root: Path, *overrides: str) -> subprocess.Popen:
     """One search worker, ``python -m bnn_adapt SEARCH OVERRIDES``, as a user starts it in a terminal."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(root), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "bnn_adapt", *SEARCH, *overrides], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnn_adapt", *SEARCH, *overrides],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def load(spec: str) -> optuna.Study:
@@ -78,7 +91,10 @@ def test_storages_open_and_bad_ones_are_one_line(tmp_path):
 
 def test_a_search_is_a_multirun_without_the_flag():
     assert search_as_multirun(["hparams_search=size_vs_accuracy", "a=1"]) == [
-        "--multirun", "hparams_search=size_vs_accuracy", "a=1"]  # fmt: skip
+        "--multirun",
+        "hparams_search=size_vs_accuracy",
+        "a=1",
+    ]
     assert search_as_multirun(["-m", "hparams_search=x"]) == ["-m", "hparams_search=x"]
     assert search_as_multirun(["hparams_search=x", "--cfg", "job"]) == ["hparams_search=x", "--cfg", "job"]
     assert search_as_multirun(["a=1"]) == ["a=1"]
@@ -89,9 +105,11 @@ def test_the_storage_is_set_through_search_storage_in_one_line(tmp_path):
     result = run_module(tmp_path, "bnn_adapt", *SEARCH, f"hydra.sweeper.storage={tmp_path / 'x.log'}")
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: give the search's study storage as search.storage={tmp_path / 'x.log'} "
-                      "(hydra.sweeper.storage follows it: a journal file PATH.log, sqlite:///PATH.db or a "
-                      "database URL)"]  # fmt: skip
+    assert errors == [
+        f"error: give the search's study storage as search.storage={tmp_path / 'x.log'} "
+        "(hydra.sweeper.storage follows it: a journal file PATH.log, sqlite:///PATH.db or a "
+        "database URL)"
+    ]
     assert not list((tmp_path / SWEEP).glob("trial_*"))
 
 
@@ -103,7 +121,7 @@ def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
     spec = storage_spec(kind, tmp_path, request)
     workers = [worker(tmp_path, f"search.storage={spec}", "hydra.sweeper.n_trials=2") for _ in range(3)]
     outputs = [w.communicate(timeout=600) for w in workers]
-    for w, (_, stderr) in zip(workers, outputs):
+    for w, (_, stderr) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, stderr[-3000:]
     trials = load(spec).trials
     assert sorted(t.number for t in trials) == list(range(6))  # 3 x 2, none lost, none twice
@@ -127,7 +145,7 @@ def test_two_workers_on_a_narrow_base_complete_every_trial(tmp_path):
     overrides = ("base.width=0.1", f"search.storage={spec}", "hydra.sweeper.n_trials=3")
     workers = [worker(tmp_path, *overrides) for _ in range(2)]
     outputs = [w.communicate(timeout=900) for w in workers]
-    for w, (_, stderr) in zip(workers, outputs):
+    for w, (_, stderr) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, stderr[-3000:]
         assert "Failed experiment" not in stderr and "does not divide" not in stderr
     trials = load(spec).trials
@@ -199,12 +217,18 @@ def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgr
     refused = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: the study in {url} was written by optuna 2.10.1: upgrade it once with "
-                      f"`optuna storage upgrade --storage {url}` (optuna 2.10.1 cannot read it afterwards)"]  # fmt: skip
+    assert errors == [
+        f"error: the study in {url} was written by optuna 2.10.1: upgrade it once with "
+        f"`optuna storage upgrade --storage {url}` (optuna 2.10.1 cannot read it afterwards)"
+    ]
     assert "Traceback" not in refused.stderr
 
-    upgrade = subprocess.run([Path(sys.executable).parent / "optuna", "storage", "upgrade", "--storage", url],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    upgrade = subprocess.run(
+        [Path(sys.executable).parent / "optuna", "storage", "upgrade", "--storage", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert upgrade.returncode == 0, upgrade.stderr
     again = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -219,8 +243,14 @@ def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgr
 
 def test_a_configuration_proposed_again_is_not_trained_again(tmp_path):
     # every searched key fixed on the command line: the sampler can only propose this configuration
-    one_point = ["adapter=udta", "adapter.groups=channels", "reduction=prune", "reduction.rate=0.5", "adapter.bits=8",
-                 "adapter.lr=0.001"]  # fmt: skip
+    one_point = [
+        "adapter=udta",
+        "adapter.groups=channels",
+        "reduction=prune",
+        "reduction.rate=0.5",
+        "adapter.bits=8",
+        "adapter.lr=0.001",
+    ]
     result = run_module(tmp_path, "bnn_adapt", *SEARCH, *one_point, "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}").trials
@@ -238,8 +268,13 @@ def test_a_configuration_proposed_again_is_not_trained_again(tmp_path):
 def finished(s: optuna.Study, size: float, curve: list[float]) -> None:
     """A finished trial of ``size`` whose validation top-1 went along ``curve`` (successive halving's first
     rung recorded, as when it passed there)."""
-    s.add_trial(create_trial(values=[curve[-1], size], intermediate_values=dict(enumerate(curve, start=1)),
-                             system_attrs={SIZE_ATTR: size, "completed_rung_0": curve[0]}))  # fmt: skip
+    s.add_trial(
+        create_trial(
+            values=[curve[-1], size],
+            intermediate_values=dict(enumerate(curve, start=1)),
+            system_attrs={SIZE_ATTR: size, "completed_rung_0": curve[0]},
+        )
+    )
 
 
 def test_the_pruner_judges_a_trial_among_the_trials_no_larger_than_it(tmp_path):
@@ -269,8 +304,16 @@ def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
     """The search prunes weights at the end of epoch 1 of 3 (reduction=prune, at max_epochs // 2): a trial
     is judged from epoch 2 on, the first whose top-1 is of its pruned weights, and stops after it."""
     never_good_enough = "+search.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"  # top-1 never exceeds 1
-    result = run_module(tmp_path, "bnn_adapt", *SEARCH, never_good_enough, "trainer.max_epochs=3",
-                        "hydra.sweeper.n_trials=2", "reduction=prune", "reduction.rate=0.5")  # fmt: skip
+    result = run_module(
+        tmp_path,
+        "bnn_adapt",
+        *SEARCH,
+        never_good_enough,
+        "trainer.max_epochs=3",
+        "hydra.sweeper.n_trials=2",
+        "reduction=prune",
+        "reduction.rate=0.5",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("pruned after epoch 2") == 2, result.stdout[-3000:]
     spec = f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}"
@@ -283,17 +326,27 @@ def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
     assert len((tmp_path / SWEEP / "trials.csv").read_text().splitlines()) <= 1  # no finished trial
 
 
-@pytest.mark.parametrize(("reduction", "first_judged"), [({"name": "prune", "rate": 0.9, "at_epoch": None}, 4),
-                                                        ({"name": "prune", "rate": 0.0, "at_epoch": None}, 1),
-                                                        ({"name": "prune", "rate": 0.0, "head_rate": 0.5,
-                                                          "at_epoch": 2}, 3),
-                                                        ({"name": "none"}, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("reduction", "first_judged"),
+    [
+        ({"name": "prune", "rate": 0.9, "at_epoch": None}, 4),
+        ({"name": "prune", "rate": 0.0, "at_epoch": None}, 1),
+        ({"name": "prune", "rate": 0.0, "head_rate": 0.5, "at_epoch": 2}, 3),
+        ({"name": "none"}, 1),
+    ],
+)
 def test_a_trial_is_judged_from_the_first_epoch_of_its_final_weights(reduction, first_judged):
     """Weights pruned at the end of epoch 3 of 6 (max_epochs // 2): judged from epoch 4; rates of 0 prune
     nothing, so such a trial is judged from its first epoch, as one without reduction."""
     rates = {"depthwise_rate": reduction.get("rate"), "pointwise_rate": reduction.get("rate")}
-    cfg = OmegaConf.create({"search": {"pruner": None}, "optimized_metrics": ["val_top1", "size_pct"],
-                            "trainer": {"max_epochs": 6}, "reduction": {**rates, **reduction}})  # fmt: skip
+    cfg = OmegaConf.create(
+        {
+            "search": {"pruner": None},
+            "optimized_metrics": ["val_top1", "size_pct"],
+            "trainer": {"max_epochs": 6},
+            "reduction": {**rates, **reduction},
+        }
+    )
     assert TrialReport(cfg, size_pct=3.0).first_judged_epoch == first_judged
 
 
@@ -301,11 +354,16 @@ def test_a_front_reaches_the_points_it_equals_and_the_epochs_of_a_search_are_cou
     from bnn_adapt.files import write_json  # noqa: PLC0415
     from bnn_adapt.tools.pareto import compare_fronts, epochs_trained  # noqa: PLC0415
 
-    found = compare_fronts([{"size_pct": 2.0, "val_top1": 0.7, "test_top1": 0.6}],
-                           [{"size_pct": 2.0, "val_top1": 0.7, "test_top1": 0.8}], limit=100)  # fmt: skip
+    found = compare_fronts(
+        [{"size_pct": 2.0, "val_top1": 0.7, "test_top1": 0.6}],
+        [{"size_pct": 2.0, "val_top1": 0.7, "test_top1": 0.8}],
+        limit=100,
+    )
     assert found["baseline_points_reached"] == 1 and found["baseline_points_dominated"] == 0  # judged on validation
-    for name, metrics in {"trial_0": {"status": "complete", "epochs_run": 6},
-                          "trial_1": {"status": "pruned", "epochs_run": 1},
-                          "trial_2": {"status": "complete", "epochs_run": 6, "same_as": "trial_0"}}.items():  # fmt: skip
+    for name, metrics in {
+        "trial_0": {"status": "complete", "epochs_run": 6},
+        "trial_1": {"status": "pruned", "epochs_run": 1},
+        "trial_2": {"status": "complete", "epochs_run": 6, "same_as": "trial_0"},
+    }.items():
         write_json(tmp_path / name / "metrics.json", metrics)
     assert epochs_trained(tmp_path) == 7

@@ -194,9 +194,15 @@ def test_arch_config_round_trip():
 
 def hand_block(block: BasicBlock, x: torch.Tensor, clip_after_add: bool) -> torch.Tensor:
     """SPEC 1.1's basic block written out: sign -> conv -> BN -> hardtanh, twice, + shortcut."""
+
     def bconv(conv, t):
-        return nn.functional.conv2d(torch.where(t >= 0, 1.0, -1.0), torch.where(conv.weight >= 0, 1.0, -1.0),
-                                    stride=conv.stride, padding=conv.padding)
+        return nn.functional.conv2d(
+            torch.where(t >= 0, 1.0, -1.0),
+            torch.where(conv.weight >= 0, 1.0, -1.0),
+            stride=conv.stride,
+            padding=conv.padding,
+        )
+
     h = nn.functional.hardtanh(block.bn1(bconv(block.conv1, x)))
     out = block.bn2(bconv(block.conv2, h))
     residual = x if block.shortcut is None else block.shortcut[1](bconv(block.shortcut[0], x))

@@ -18,8 +18,8 @@ from bnn_adapt.adapters import Parallel
 from bnn_adapt.bases import BASES, ResNet18, ResNet18CIFAR
 from bnn_adapt.run.results import read_json_or_none, write_json
 from bnn_adapt.tools import tables
-from bnn_adapt.tools.table_runs import expand_sweep
 from bnn_adapt.tools.synthetic import write_smoke_data
+from bnn_adapt.tools.table_runs import expand_sweep
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +28,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 THESIS_ROWS = {
     "5.2": ["ReActNet-18", "ResNet-18, fp32 (torchvision)"],
     "6.1": ["STE BNN (BinaryNet ResNet-18, CIFAR)", "ResNet-18, fp32 (BinaryNet.pytorch CIFAR, 16/32/64 ch)"],
-    "6.2": ["finetune", "head only", "serial stages 1,2,3 g=1", "serial stages 1,2,3 g=10",
-            "serial stages 1,2,3 g=20", "serial stages 3", "serial stages 2", "serial stages 1"],
+    "6.2": [
+        "finetune",
+        "head only",
+        "serial stages 1,2,3 g=1",
+        "serial stages 1,2,3 g=10",
+        "serial stages 1,2,3 g=20",
+        "serial stages 3",
+        "serial stages 2",
+        "serial stages 1",
+    ],
     "6.3": [f"serial stages 1,2,3 g={g}" for g in (1, 2, 5, 10, 20)],
     "6.4": [f"udta head=concat prune {r}" for r in (0.0, 0.8, 0.9, 0.95, 0.99)],
     "6.5": ["head only", "finetune", *(f"udta head=concat g={g}" for g in ("channels", 20, 10, 5, 2, 1))],
-    "6.6": ["finetune", *(f"udta head={h} prune {r}" for h in ("concat", "adapter")
-                          for r in (0.0, 0.8, 0.9, 0.95, 0.99))],
-}  # fmt: skip
+    "6.6": [
+        "finetune",
+        *(f"udta head={h} prune {r}" for h in ("concat", "adapter") for r in (0.0, 0.8, 0.9, 0.95, 0.99)),
+    ],
+}
 THESIS_ROWS["6.7"] = ["finetune", "head only", *THESIS_ROWS["6.6"][1:]]
 # a tiny, quick version of the smoke profile for the reduced reproduction below
 QUICK = ("trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
@@ -45,13 +55,15 @@ def run_module(root: Path, module: str, *args: str, timeout: int = 600) -> subpr
     """``python -m MODULE ARGS`` from the repository root, every output under ``root``."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(BNN_ADAPT_ROOT=str(root), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def sweep(root: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    result = run_module(root, "bnn_adapt", "--multirun", "--config-dir", "sweeps", "--config-name", name,
-                        "profile=smoke", *overrides)  # fmt: skip
+    result = run_module(
+        root, "bnn_adapt", "--multirun", "--config-dir", "sweeps", "--config-name", name, "profile=smoke", *overrides
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -124,8 +136,9 @@ def test_smoke_data_is_read_by_the_real_readers(tmp_path):
         assert dm.num_classes == classes and len(dm.eval_set) >= classes
         image, label = dm.train_set[0]
         assert image.shape == (3, 64, 64) and 0 <= label < classes
-    dm = ClassSplitDataModule("cifar100", root=str(tmp_path / "cifar100"), base_classes=list(range(20, 100)),
-                              split="base")  # fmt: skip
+    dm = ClassSplitDataModule(
+        "cifar100", root=str(tmp_path / "cifar100"), base_classes=list(range(20, 100)), split="base"
+    )
     dm.setup()
     assert dm.num_classes == 80
     assert (tmp_path / "reactnet18" / "model_best.pth.tar").is_file()
@@ -184,8 +197,16 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
 
     out = root / "results"
     # the renderer is given the overrides the sweep ran with: they name the run directories
-    result = run_module(root, "bnn_adapt.tools.tables", "--profile", "smoke", "--out", str(out), "6.2",
-                        *(f"--override={o}" for o in QUICK))  # fmt: skip
+    result = run_module(
+        root,
+        "bnn_adapt.tools.tables",
+        "--profile",
+        "smoke",
+        "--out",
+        str(out),
+        "6.2",
+        *(f"--override={o}" for o in QUICK),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "table 6.2: 2 of 8 runs complete" in result.stdout
     result = run_module(root, "bnn_adapt.tools.tables", "--profile", "smoke", "--out", str(out), "5.2")
@@ -204,7 +225,8 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
         else:
             assert cells[-1] == "not run" and cells[1] == "-"
         assert cells[2] == {"finetune": "96.06", "head only": "74.44", "serial stages 1,2,3 g=10": "83.56"}.get(
-            label, cells[2])  # the thesis's printed top-1 beside ours
+            label, cells[2]
+        )  # the thesis's printed top-1 beside ours
     with (out / "table_6_2.csv").open() as f:
         records = list(csv.DictReader(f))
     assert [r["strategy"] for r in records] == THESIS_ROWS["6.2"]
@@ -258,10 +280,21 @@ def test_make_reproduce_tables_smoke_end_to_end(tmp_path):
     env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
     out = tmp_path / "results"
     result = subprocess.run(
-        ["make", "-o", ".venv/.installed", "reproduce-tables", "PROFILE=smoke", f"RESULTS={out}",
-         f"PY={sys.executable}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
+        [
+            "make",
+            "-o",
+            ".venv/.installed",
+            "reproduce-tables",
+            "PROFILE=smoke",
+            f"RESULTS={out}",
+            f"PY={sys.executable}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for table in tables.THESIS_TABLES:
         rows = markdown_rows(out / f"{table.stem}.md")

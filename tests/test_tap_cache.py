@@ -63,9 +63,15 @@ def test_drifting_base_bn_cannot_cache():
 
 def digits(**kwargs) -> ClassSplitDataModule:
     dm = ClassSplitDataModule(
-        "digits", base_classes=[0, 1, 2, 3, 4], target_classes=[5, 6, 7, 8, 9], image_size=16,
-        batch_size=16, limit_per_class=6, eval_limit_per_class=4, **kwargs,
-    )  # fmt: skip
+        "digits",
+        base_classes=[0, 1, 2, 3, 4],
+        target_classes=[5, 6, 7, 8, 9],
+        image_size=16,
+        batch_size=16,
+        limit_per_class=6,
+        eval_limit_per_class=4,
+        **kwargs,
+    )
     dm.setup()
     return dm
 
@@ -107,7 +113,9 @@ def test_cache_holds_every_view_and_serves_one_per_image_per_epoch():
     assert len(labels) == 30 and sorted(labels.tolist()) == sorted(train.labels.tolist())
     first_epoch = [b[1] for b in batches]
     loader.sampler.set_epoch(1)
-    assert all(torch.equal(a, b[1]) for a, b in zip(first_epoch, loader))  # (seed, epoch) fixes the batches
+    assert all(
+        torch.equal(a, b[1]) for a, b in zip(first_epoch, loader, strict=True)
+    )  # (seed, epoch) fixes the batches
     features, _ = batches[0]
     assert isinstance(features, (tuple, list)) and model(features).shape == (len(batches[0][1]), 5)
 
@@ -126,9 +134,15 @@ def test_cached_run_end_to_end(make_cfg, pretrained_base):
     from bnn_adapt.run.task import run
 
     metrics = run(
-        make_cfg("data=cifar5_5", "adapter=udta", "tap_cache.enabled=true", "tap_cache.views=2",
-                 "memory=lean", "trainer.max_epochs=2")
-    )  # fmt: skip
+        make_cfg(
+            "data=cifar5_5",
+            "adapter=udta",
+            "tap_cache.enabled=true",
+            "tap_cache.views=2",
+            "memory=lean",
+            "trainer.max_epochs=2",
+        )
+    )
     assert metrics["status"] == "complete" and metrics["test_top1"] is not None
     assert metrics["epochs_run"] == 2
 
@@ -171,10 +185,13 @@ class Views(torch.utils.data.Dataset):
         return view, self.labels[i]
 
 
-@pytest.mark.parametrize("make_model", [
-    lambda: Parallel(STEResNetCIFAR(5, width=0.1), 5, head="concat"),
-    lambda: HeadOnly(STEResNetCIFAR(5, width=0.1), 5),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        lambda: Parallel(STEResNetCIFAR(5, width=0.1), 5, head="concat"),
+        lambda: HeadOnly(STEResNetCIFAR(5, width=0.1), 5),
+    ],
+)
 def test_build_stores_every_view_view_major_in_batches(make_model, monkeypatch):
     """build_features: pass v over the images fills rows v * n ... v * n + n - 1, batch by batch,
     each row equal to the base's features of that view of that image. (Computed here for all ten
@@ -194,6 +211,6 @@ def test_build_stores_every_view_view_major_in_batches(make_model, monkeypatch):
         with torch.no_grad():
             expected = model.frozen_features(images + view)
         assert len(store) == len(expected)
-        for kept, features in zip(store, expected):
+        for kept, features in zip(store, expected, strict=True):
             assert kept.shape[0] == 30
             assert torch.equal(kept[view * 10 : view * 10 + 10], features), view

@@ -26,13 +26,18 @@ def thesis_summary(make_cfg, tmp_path, *overrides: str) -> dict:
 # Flowers-102 on ReActNet-18 (thesis table 6.6): UDTA, adapter / concat head, no pruning / pruned 0.99
 @pytest.mark.parametrize(
     "head, rate, introduced, printed_pct",
-    [("adapter", 0.0, 447_552, 74.4), ("adapter", 0.99, 9_168, 1.5), ("concat", 0.0, 499_827, 83.1),
-     ("concat", 0.99, 61_443, 10.2)],
-)  # fmt: skip
+    [
+        ("adapter", 0.0, 447_552, 74.4),
+        ("adapter", 0.99, 9_168, 1.5),
+        ("concat", 0.0, 499_827, 83.1),
+        ("concat", 0.99, 61_443, 10.2),
+    ],
+)
 def test_flowers102_check_values(head, rate, introduced, printed_pct, make_cfg, tmp_path):
     pruning = ("reduction=prune", f"reduction.rate={rate}") if rate else ()
-    t = thesis_summary(make_cfg, tmp_path, "+experiment=flowers102_udta", "base.checkpoint=null",
-                       f"adapter.head={head}", *pruning)  # fmt: skip
+    t = thesis_summary(
+        make_cfg, tmp_path, "+experiment=flowers102_udta", "base.checkpoint=null", f"adapter.head={head}", *pruning
+    )
     assert list(t) == list(KEYS)
     # N: the backbone + a plain 512->102 classifier, not the 1000-class fc (19.25 Mbit, not 34)
     assert 32 * t["base_fp32_params"] + t["base_binary_params"] == FLOWERS_BASE_BITS == 19_250_368

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import csv
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from omegaconf import OmegaConf
 
 from bnn_adapt.run.results import write_json
@@ -23,24 +23,41 @@ def markdown_rows(path: Path) -> dict[str, dict[str, str]]:
     lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
-    return {r[0]: dict(zip(header, r)) for r in rows}
+    return {r[0]: dict(zip(header, r, strict=True)) for r in rows}
 
 
-def finish(job: Job, strategy: str, top1: float, epoch_time: float, weights: tuple[int, int] = (0, 0),
-           size: float = 0.0, accs: list[float] | None = None, epochs: int = 75) -> None:  # fmt: skip
+def finish(
+    job: Job,
+    strategy: str,
+    top1: float,
+    epoch_time: float,
+    weights: tuple[int, int] = (0, 0),
+    size: float = 0.0,
+    accs: list[float] | None = None,
+    epochs: int = 75,
+) -> None:
     """A complete run of ``job`` with these numbers, as the task writes it."""
     config = OmegaConf.to_container(job.cfg, resolve=False)
     config.pop("hydra")
     config["trainer"]["max_epochs"] = epochs
     accs = accs or [top1] * 3
-    write_json(job.run_dir / "metrics.json", {
-        "status": "complete", "config_hash": job.config_hash, "strategy": strategy, "test_top1": top1,
-        "best_test_top1": max(accs), "epoch_time_s": epoch_time, "history": [{"epoch": i, "val/acc": a}
-                                                                             for i, a in enumerate(accs)],
-        "introduced_fp32_params": weights[0] + 10, "introduced_binary_params": weights[1] + 405, "size_pct": size + 1,
-        "thesis": {"introduced_fp32_params": weights[0], "introduced_binary_params": weights[1], "size_pct": size},
-        "config": config,
-    })  # fmt: skip
+    write_json(
+        job.run_dir / "metrics.json",
+        {
+            "status": "complete",
+            "config_hash": job.config_hash,
+            "strategy": strategy,
+            "test_top1": top1,
+            "best_test_top1": max(accs),
+            "epoch_time_s": epoch_time,
+            "history": [{"epoch": i, "val/acc": a} for i, a in enumerate(accs)],
+            "introduced_fp32_params": weights[0] + 10,
+            "introduced_binary_params": weights[1] + 405,
+            "size_pct": size + 1,
+            "thesis": {"introduced_fp32_params": weights[0], "introduced_binary_params": weights[1], "size_pct": size},
+            "config": config,
+        },
+    )
 
 
 def test_thesis_values_ship_with_the_package_and_every_mapped_row_exists():
@@ -75,20 +92,39 @@ def test_each_row_shows_ours_beside_the_thesis_with_the_difference(tmp_path, mon
     g1 = cells["udta head=concat g=1"]
     assert (g1["top-1 %"], g1["thesis top-1 %"], g1["Δ top-1"]) == ("76.40", "76.40", "+0.00")
     assert (g1["gap to finetune (points)"], g1["thesis gap"]) == ("+1.40", "+1.40")
-    assert (g1["weights introduced (thesis conv.)"], g1["thesis weights"], g1["Δ weights"]) == ("180,570",) * 2 + ("+0",)
+    assert (g1["weights introduced (thesis conv.)"], g1["thesis weights"], g1["Δ weights"]) == ("180,570",) * 2 + (
+        "+0",
+    )
     assert (g1["% base memory (thesis conv.)"], g1["thesis %"], g1["Δ %"]) == ("123.01", "123.0", "+0.01")
     assert (g1["speed-up 2 - t/t_ft"], g1["thesis speed-up"], g1["speed-up t_ft/t"]) == ("1.30", "1.31", "1.43")
     assert g1["weights introduced (ours)"] == "180,985" and g1["% base memory (ours)"] == "124.007"  # ours apart
     head = cells["head only"]
     assert (head["top-1 %"], head["thesis top-1 %"], head["Δ top-1"], head["gap to finetune (points)"]) == (
-        "65.40", "65.40", "+0.00", "-9.60")
+        "65.40",
+        "65.40",
+        "+0.00",
+        "-9.60",
+    )
     finetune = cells["finetune"]
     assert finetune["thesis weights"] == "not printed" and finetune["Δ weights"] == "-"
     # rows in the thesis's order, each beside its own thesis row (the table as the thesis printed it)
-    assert [c["thesis top-1 %"] for c in cells.values()] == ["65.40", "75.00", "70.20", "72.20", "73.20", "74.50",
-                                                             "75.80", "76.40"]  # fmt: skip
+    assert [c["thesis top-1 %"] for c in cells.values()] == [
+        "65.40",
+        "75.00",
+        "70.20",
+        "72.20",
+        "73.20",
+        "74.50",
+        "75.80",
+        "76.40",
+    ]
     unrun = cells["udta head=concat g=20"]  # not run: the thesis's values still show
-    assert (unrun["top-1 %"], unrun["thesis top-1 %"], unrun["thesis %"], unrun["status"]) == ("-", "72.20", "11.4", "not run")
+    assert (unrun["top-1 %"], unrun["thesis top-1 %"], unrun["thesis %"], unrun["status"]) == (
+        "-",
+        "72.20",
+        "11.4",
+        "not run",
+    )
     with (out / "table_6_5.csv").open() as f:
         record = next(r for r in csv.DictReader(f) if r["strategy"] == "udta head=concat g=1")
     assert float(record["Δ %"]) == pytest.approx(0.00713) and float(record["thesis top-1 %"]) == 76.4
@@ -156,8 +192,15 @@ def test_claims_are_checked_against_the_runs(tmp_path, monkeypatch):
     for label, weights, time in (("channels", 8_560, 7.0), (20, 16_080, 6.5), (10, 24_400, 6.8), (1, 174_160, 8.0)):
         top1 = (42 + 3 * math.log(weights + 6_410)) / 100
         size = {8_560: 6.2, 16_080: 9.5, 24_400: 17.4, 174_160: 123.0}[weights]
-        finish(rows[f"udta head=concat g={label}"], "udta", top1, time, (weights, 6_410), size,
-               accs=[0.6 * top1, 0.96 * top1, *[top1] * 73])  # 95 % of the final top-1 at epoch 2  # fmt: skip
+        finish(
+            rows[f"udta head=concat g={label}"],
+            "udta",
+            top1,
+            time,
+            (weights, 6_410),
+            size,
+            accs=[0.6 * top1, 0.96 * top1, *[top1] * 73],
+        )  # 95 % of the final top-1 at epoch 2
     checked = [(TABLES["6.5"], table_rows(TABLES["6.5"], "smoke")), (TABLES["6.2"], table_rows(TABLES["6.2"], "smoke"))]
     tables.write_claims(checked, tmp_path / "claims.md")
     found = claims(tmp_path / "claims.md")
@@ -177,8 +220,11 @@ def test_claims_are_checked_against_the_runs(tmp_path, monkeypatch):
     rows = {row.label: row.jobs[0] for row in table_rows(TABLES["6.2"], "smoke")}
     finish(rows["finetune"], "full_finetune", 0.96, 10.0, (6_250, 4_330_165), 100.0)
     late = [0.1] * 30 + [0.8] * 45
-    for label, weights, top1 in (("serial stages 1,2,3 g=1", 136_640, 0.80), ("serial stages 1,2,3 g=10", 15_680, 0.82),
-                                 ("serial stages 3", 103_680, 0.70)):  # fmt: skip
+    for label, weights, top1 in (
+        ("serial stages 1,2,3 g=1", 136_640, 0.80),
+        ("serial stages 1,2,3 g=10", 15_680, 0.82),
+        ("serial stages 3", 103_680, 0.70),
+    ):
         finish(rows[label], "serial", top1, 9.9, (weights, 0), 10.0, accs=[*late[:-1], top1])
     checked[1] = (TABLES["6.2"], table_rows(TABLES["6.2"], "smoke"))
     tables.write_claims(checked, tmp_path / "claims.md")
@@ -188,13 +234,17 @@ def test_claims_are_checked_against_the_runs(tmp_path, monkeypatch):
     assert found["An adapter of 8-11 % of the base's memory costs 2.5-4 points"]["6.2"].startswith("does not hold")
     assert found["Accuracy grows with log(weights introduced)"]["6.2"].startswith("does not hold")
     assert found["Adapter epochs are 1.3-1.45x faster than finetuning (relative speed-up 2 - t/t_ft)"]["6.2"] == (
-        "does not hold | 3 adapters: 1.01 .. 1.01, median 1.01")
+        "does not hold | 3 adapters: 1.01 .. 1.01, median 1.01"
+    )
     assert found["summary"]["UDTA with groups reaches its best within about 10 epochs"] == "holds"  # 6.2 has no UDTA
 
     # sizes within 3x of each other (one adapter at several bit widths): no trend to fit, however good the line
     rows = {row.label: row.jobs[0] for row in table_rows(TABLES["6.2"], "smoke")}
-    for label, weights in (("serial stages 1,2,3 g=1", 9_000), ("serial stages 1,2,3 g=10", 10_000),
-                           ("serial stages 3", 13_000)):  # fmt: skip
+    for label, weights in (
+        ("serial stages 1,2,3 g=1", 9_000),
+        ("serial stages 1,2,3 g=10", 10_000),
+        ("serial stages 3", 13_000),
+    ):
         finish(rows[label], "serial", (42 + 3 * math.log(weights)) / 100, 9.9, (weights, 0), 10.0)
     checked[1] = (TABLES["6.2"], table_rows(TABLES["6.2"], "smoke"))
     tables.write_claims(checked, tmp_path / "claims.md")

@@ -41,8 +41,9 @@ def tracked_run(tmp_path_factory, data_dir, shared_base_dir, pretrained_base) ->
     if not INSTALLED:
         pytest.skip(NONE)
     out = tmp_path_factory.mktemp("tracked") / "run"
-    cfg = compose_config(["data=cifar5_5", "adapter=udta", f"logger=[csv,{','.join(INSTALLED)}]"], out, data_dir,
-                         shared_base_dir)  # fmt: skip
+    cfg = compose_config(
+        ["data=cifar5_5", "adapter=udta", f"logger=[csv,{','.join(INSTALLED)}]"], out, data_dir, shared_base_dir
+    )
     return task.run(cfg), out
 
 
@@ -131,16 +132,24 @@ def test_wandb_writes_its_offline_run_directory(tracked_run):
     assert config["summary"]["size_pct"] == pytest.approx(metrics["size_pct"])
     assert config["summary"]["binary_mac_share"] == pytest.approx(metrics["binary_mac_share"])
     # a key with a slash is stored split: nested_key ["val", "acc"]
-    logged = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in h.item}
-              for h in of_kind(records, "history")]  # fmt: skip
+    logged = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in h.item} for h in of_kind(records, "history")
+    ]
     assert [h["val/acc"] for h in logged if "val/acc" in h] == pytest.approx(epoch_accuracies(metrics))
 
 
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
     env.update(BNN_ADAPT_ROOT=str(root), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "bnn_adapt", *args], check=False, cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bnn_adapt", *args],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_multirun_groups_its_runs_and_the_console_prints_each_line_once(tmp_path):
@@ -148,9 +157,18 @@ def test_a_multirun_groups_its_runs_and_the_console_prints_each_line_once(tmp_pa
     experiment and one W&B group for the sweep; Lightning's lines once each; our MACs, no FLOPs."""
     if not INSTALLED:
         pytest.skip(NONE)
-    result = cli(tmp_path, "--multirun", "adapter=head_only,udta", f"logger=[csv,{','.join(INSTALLED)}]",
-                 "hydra.sweep.dir=${paths.log_dir}/sweeps/trackers", "base.width=0.1", "base.pretrain.epochs=1",
-                 "trainer.max_epochs=2", "data.limit_per_class=16", "trainer.enable_progress_bar=false")  # fmt: skip
+    result = cli(
+        tmp_path,
+        "--multirun",
+        "adapter=head_only,udta",
+        f"logger=[csv,{','.join(INSTALLED)}]",
+        "hydra.sweep.dir=${paths.log_dir}/sweeps/trackers",
+        "base.width=0.1",
+        "base.pretrain.epochs=1",
+        "trainer.max_epochs=2",
+        "data.limit_per_class=16",
+        "trainer.enable_progress_bar=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "outputs" / "sweeps" / "trackers"
     runs = {"0", "0/base_pretrain", "1"}  # job directories relative to the sweep; job 0 pretrained the base

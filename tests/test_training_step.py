@@ -51,8 +51,16 @@ def data(n: int = 48) -> DataLoader:
 
 
 def trainer(**kwargs) -> L.Trainer:
-    options = {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-               "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0, **kwargs}  # fmt: skip
+    options = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        **kwargs,
+    }
     return L.Trainer(**options)
 
 
@@ -96,8 +104,9 @@ def test_step_loss_logged_on_logging_steps_and_epoch_loss_weighted_by_batch(tmp_
     module, logged_names = classifier(Small()), []
     log = module.log
     module.log = lambda name, *args, **kwargs: (logged_names.append(name), log(name, *args, **kwargs))
-    fit = trainer(max_epochs=2, log_every_n_steps=3, logger=CSVLogger(tmp_path, name="csv", version=""),
-                  callbacks=[Losses()])  # fmt: skip
+    fit = trainer(
+        max_epochs=2, log_every_n_steps=3, logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[Losses()]
+    )
     fit.fit(module, data(46))  # 12 batches per epoch, the last one of 2 images
     # self.log only where Lightning writes: 4 logging steps per epoch; the metric objects also at its first step
     assert [logged_names.count(k) for k in ("train/loss_step", "train/loss_epoch", "train/acc")] == [8, 10, 10]
@@ -216,15 +225,22 @@ def test_trainer_compile_errors_name_the_key(make_cfg, pretrained_base):
     def without_compiler_for_tests(graph, example_inputs):  # as inductor fails on a machine without a C++ compiler
         raise RuntimeError("no C++ compiler found")
 
-    with pytest.raises(ConfigError, match=r"trainer.compile=without_compiler_for_tests: torch.compile failed "
-                                          r"\(RuntimeError: no C\+\+ compiler found\); set trainer.compile=false"):  # fmt: skip
-        task.run(make_cfg("data=cifar5_5", "adapter=udta", "trainer.compile=without_compiler_for_tests",
-                          name="failing_backend"))  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.compile=without_compiler_for_tests: torch.compile failed "
+        r"\(RuntimeError: no C\+\+ compiler found\); set trainer.compile=false",
+    ):
+        task.run(
+            make_cfg(
+                "data=cifar5_5", "adapter=udta", "trainer.compile=without_compiler_for_tests", name="failing_backend"
+            )
+        )
 
 
 @pytest.mark.slow
 def test_trainer_compile_true_runs_inductor_on_cpu(make_cfg, pretrained_base):
     """The default backend generates C++ on CPU: the smallest graph (a head on cached features) keeps it short."""
-    cfg = make_cfg("data=cifar5_5", "adapter=head_only", "tap_cache.enabled=true", "trainer.compile=true",
-                   "trainer.max_epochs=2")  # fmt: skip
+    cfg = make_cfg(
+        "data=cifar5_5", "adapter=head_only", "tap_cache.enabled=true", "trainer.compile=true", "trainer.max_epochs=2"
+    )
     assert task.run(cfg)["epochs_run"] == 2

@@ -12,6 +12,7 @@ import json
 from collections import Counter
 
 import pytest
+
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.run.config import compose
 from bnn_adapt.run.task import run, sweeper_value
@@ -70,8 +71,16 @@ def test_a_split_too_small_for_the_classes_is_one_config_error():
 
 
 def test_a_run_validates_each_epoch_and_tests_once(make_cfg, pretrained_base):
-    metrics = run(make_cfg("data=cifar5_5", "adapter=udta", "data.val_fraction=0.25", "trainer.max_epochs=2",
-                           "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0"))  # fmt: skip
+    metrics = run(
+        make_cfg(
+            "data=cifar5_5",
+            "adapter=udta",
+            "data.val_fraction=0.25",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=1.0",
+            "trainer.limit_val_batches=1.0",
+        )
+    )
     assert metrics["status"] == "complete"
     history = metrics["history"]
     # the last epoch's headline: with the trained BNs' statistics re-estimated (precise BN); the curve: averaged
@@ -90,8 +99,16 @@ def test_a_run_validates_each_epoch_and_tests_once(make_cfg, pretrained_base):
 
 
 def test_a_cached_run_validates_and_tests_on_their_own_features(make_cfg, pretrained_base):
-    metrics = run(make_cfg("data=cifar5_5", "adapter=udta", "tap_cache.enabled=true", "data.val_fraction=0.25",
-                           "trainer.max_epochs=1", "trainer.limit_val_batches=1.0"))  # fmt: skip
+    metrics = run(
+        make_cfg(
+            "data=cifar5_5",
+            "adapter=udta",
+            "tap_cache.enabled=true",
+            "data.val_fraction=0.25",
+            "trainer.max_epochs=1",
+            "trainer.limit_val_batches=1.0",
+        )
+    )
     assert abs(metrics["val_top1"] * 20 - round(metrics["val_top1"] * 20)) < 1e-4
     assert abs(metrics["test_top1"] * 80 - round(metrics["test_top1"] * 80)) < 1e-4
 

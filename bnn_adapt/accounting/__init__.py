@@ -11,6 +11,12 @@ from bnn_adapt.accounting.parameters import (
 from bnn_adapt.accounting.summary import layer_table, summarize
 
 __all__ = [
-    "LayerCount", "layer_table", "parameter_rows", "quantized_total", "size_percent", "summarize", "total_bits",
+    "LayerCount",
+    "layer_table",
+    "parameter_rows",
+    "quantized_total",
+    "size_percent",
+    "summarize",
+    "total_bits",
     "totals",
-]  # fmt: skip
+]

@@ -102,8 +102,9 @@ def mac_rows(model: nn.Module, image_size: int, pruned: Iterable[nn.Module] = ()
         kind, macs = counted
         row = found.get(id(module))
         if row is None:
-            found[id(module)] = LayerMacs(names[id(module)], part_of.get(id(module), "base"), type(module).__name__,
-                                          kind, macs)  # fmt: skip
+            found[id(module)] = LayerMacs(
+                names[id(module)], part_of.get(id(module), "base"), type(module).__name__, kind, macs
+            )
         else:  # a layer called twice counts twice
             row.macs += macs
 

@@ -58,8 +58,12 @@ def summarize(model: nn.Module, image_size: int | None = None) -> dict:
 def quantized_counts(model: nn.Module, adapter_rows: list, head_rows: list) -> dict:
     """``adapter.bits`` and the weights trained at it (their fp32 scales count with the fp32 params)."""
     adapter, head = quantized_total(adapter_rows), quantized_total(head_rows)
-    return {"weight_bits": getattr(model, "bits", 32), "adapter_quantized_params": adapter,
-            "head_quantized_params": head, "introduced_quantized_params": adapter + head}  # fmt: skip
+    return {
+        "weight_bits": getattr(model, "bits", 32),
+        "adapter_quantized_params": adapter,
+        "head_quantized_params": head,
+        "introduced_quantized_params": adapter + head,
+    }
 
 
 def layer_table(model: nn.Module) -> str:
@@ -71,7 +75,9 @@ def layer_table(model: nn.Module) -> str:
     lines.append("-" * len(lines[0]))
     for part, modules in introduced.items():
         for m in modules:
-            for row in parameter_rows(m, prefix=named.get(id(m)) or part, pruned=pruned_modules(model) if is_adapted else ()):
+            for row in parameter_rows(
+                m, prefix=named.get(id(m)) or part, pruned=pruned_modules(model) if is_adapted else ()
+            ):
                 kind = f"{row.width}-bit" if row.kind == "quantized" else row.kind
                 lines.append(f"{row.name:<48} {part:<8} {kind:<9} {row.params:>12,} {row.bits:>14,}")
     lines.append("-" * len(lines[0]))
@@ -81,11 +87,12 @@ def layer_table(model: nn.Module) -> str:
         return "\n".join(lines)
     s = summarize(model)
     lines.append(
-        f"base: {s['base_binary_params']:,} binary + {s['base_fp32_params']:,} fp32 params "
-        f"({s['base_bits']:,} bits)"
+        f"base: {s['base_binary_params']:,} binary + {s['base_fp32_params']:,} fp32 params ({s['base_bits']:,} bits)"
     )
-    quantized = [f" + {s[k]:,} {s['weight_bits']}-bit" if s[k] else "" for k in ("adapter_quantized_params",
-                                                                                     "head_quantized_params")]
+    quantized = [
+        f" + {s[k]:,} {s['weight_bits']}-bit" if s[k] else ""
+        for k in ("adapter_quantized_params", "head_quantized_params")
+    ]
     lines.append(
         f"introduced: adapter {s['adapter_binary_params']:,} binary + {s['adapter_fp32_params']:,} fp32{quantized[0]}, "
         f"head {s['head_binary_params']:,} binary + {s['head_fp32_params']:,} fp32{quantized[1]} -> "

@@ -25,11 +25,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnn_adapt.accounting.parameters import LayerCount, parameter_rows, quantized_total, size_percent, total_bits, totals
+from bnn_adapt.accounting.parameters import (
+    LayerCount,
+    parameter_rows,
+    quantized_total,
+    size_percent,
+    total_bits,
+    totals,
+)
 
 #: what ``thesis_counts`` returns, in this order
-KEYS = ("base_fp32_params", "base_binary_params", "introduced_fp32_params", "introduced_binary_params", "size_pct",
-        "introduced_quantized_params")
+KEYS = (
+    "base_fp32_params",
+    "base_binary_params",
+    "introduced_fp32_params",
+    "introduced_binary_params",
+    "size_pct",
+    "introduced_quantized_params",
+)
 
 
 def plain_head(model: nn.Module) -> nn.Module:
@@ -52,7 +65,7 @@ def _linear_rows(rows: list[LayerCount], head: nn.Module) -> tuple[LayerCount | 
     if prefix is None:
         return None, None
     dotted = f"{prefix}." if prefix else ""
-    found = {r.name[len(dotted):]: r for r in rows if r.name.startswith(dotted) and "." not in r.name[len(dotted):]}
+    found = {r.name[len(dotted) :]: r for r in rows if r.name.startswith(dotted) and "." not in r.name[len(dotted) :]}
     return found.get("weight"), found.get("bias")
 
 
@@ -95,4 +108,4 @@ def thesis_counts(model: nn.Module, pruned=()) -> dict:
         quantized = quantized_total(adapter_q) + head_q
         quantized_bits = total_bits(adapter_q) + head_q_bits
     values = (n_fp32, n_bin, fp32, binary, size_percent(fp32, binary, n_fp32, n_bin, quantized_bits), quantized)
-    return dict(zip(KEYS, values))
+    return dict(zip(KEYS, values, strict=True))

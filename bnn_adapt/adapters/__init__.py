@@ -28,6 +28,19 @@ STRATEGIES: dict[str, type[AdaptedModel]] = {
 }
 
 __all__ = [
-    "STRATEGIES", "AdaptedModel", "BitFit", "BitFitAdapter", "FullFinetune", "HeadOnly", "LoRA", "LoRAAdapter",
-    "LoRABranch", "Parallel", "Serial", "SerialAdapter", "ThinBlock", "UDTA", "resolve_groups",
-]  # fmt: skip
+    "STRATEGIES",
+    "AdaptedModel",
+    "BitFit",
+    "BitFitAdapter",
+    "FullFinetune",
+    "HeadOnly",
+    "LoRA",
+    "LoRAAdapter",
+    "LoRABranch",
+    "Parallel",
+    "Serial",
+    "SerialAdapter",
+    "ThinBlock",
+    "UDTA",
+    "resolve_groups",
+]

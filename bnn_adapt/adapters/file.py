@@ -415,8 +415,9 @@ def _read_part(reader: _Reader, prefix: str, part: nn.Module, base: nn.Module) -
         modules[owner].weight_quantizer = ChannelQuantizer(weight_bits(modules[owner]), scale=scale)
 
 
-def attach_adapter(path: str | Path, base: nn.Module, base_fingerprint: str | None = None, name: str | None = None
-                   ) -> AttachedAdapter:  # fmt: skip
+def attach_adapter(
+    path: str | Path, base: nn.Module, base_fingerprint: str | None = None, name: str | None = None
+) -> AttachedAdapter:
     """Rebuild the adapter in ``path`` on ``base``; refused when it was trained on another base."""
     path = Path(path)
     stored, meta = _read_stored(path)

@@ -69,7 +69,7 @@ def unpack_codes(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
     flat = np.unpackbits(packed, count=count * bits, bitorder="little")
     if bits == 1:
         return np.where(flat.astype(bool), 1.0, -1.0).astype(np.float32)
-    weights = (1 << np.arange(bits, dtype=np.int64))
+    weights = 1 << np.arange(bits, dtype=np.int64)
     unsigned = (flat.reshape(count, bits).astype(np.int64) * weights).sum(axis=1)
     return (unsigned - (2 ** (bits - 1) - 1)).astype(np.float32)
 
@@ -251,8 +251,14 @@ def choose_encoding(values: torch.Tensor, codec: str) -> str:
     return min(costs, key=lambda k: (costs[k], k != "dense"))
 
 
-def write_record(streams: Streams, t: torch.Tensor, codec: str, enc: str = "dense", scale: torch.Tensor | None = None,
-                 keep: torch.Tensor | None = None) -> dict:  # fmt: skip
+def write_record(
+    streams: Streams,
+    t: torch.Tensor,
+    codec: str,
+    enc: str = "dense",
+    scale: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> dict:
     """Append ``t`` (for ``q*`` codecs: its integer codes, with ``scale``) to ``streams``; returns the
     record's extra fields (``nnz`` for gaps). ``keep``: the kept rows or columns (``rows``/``columns``)."""
     t = t.detach().cpu()
@@ -286,8 +292,9 @@ def write_record(streams: Streams, t: torch.Tensor, codec: str, enc: str = "dens
     return extra
 
 
-def read_record(cursor: Cursor, shape: list[int], codec: str, enc: str = "dense", nnz: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def read_record(
+    cursor: Cursor, shape: list[int], codec: str, enc: str = "dense", nnz: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The tensor a record holds (fp32, or bool for ``bits``; ``q*``: ``scale * code``), and its scales (``q*``)."""
     numel = int(np.prod(shape)) if shape else 1
     if (enc == "rows" and not shape) or (enc == "columns" and len(shape) != 2):

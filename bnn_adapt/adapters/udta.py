@@ -43,7 +43,7 @@ def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
 def thin_block_shapes(stage_channels: list[int]) -> list[tuple[int, int]]:
     """Block k maps stage k's channels to stage k+1's; the last keeps its own."""
     outs = list(stage_channels[1:]) + [stage_channels[-1]]
-    return list(zip(stage_channels, outs))
+    return list(zip(stage_channels, outs, strict=True))
 
 
 class UDTA(nn.Module):
@@ -58,12 +58,12 @@ class UDTA(nn.Module):
         shapes = thin_block_shapes(stage_channels)
         if isinstance(groups, int):
             groups = [groups] * len(shapes)
-        self.blocks = nn.ModuleList(ThinBlock(ci, co, g) for (ci, co), g in zip(shapes, groups))
+        self.blocks = nn.ModuleList(ThinBlock(ci, co, g) for (ci, co), g in zip(shapes, groups, strict=True))
         self.out_features = shapes[-1][1]
 
     def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
         carried = None
-        for k, (block, tap) in enumerate(zip(self.blocks, taps)):
+        for k, (block, tap) in enumerate(zip(self.blocks, taps, strict=True)):
             tap = channels_last_on_cpu(tap)
             y = block(tap if carried is None else tap + carried)
             if k + 1 < len(taps):

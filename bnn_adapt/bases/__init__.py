@@ -8,6 +8,14 @@ from bnn_adapt.bases.resnet import ResNet18, ResNet18CIFAR, ResNetCIFAR
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 
 __all__ = [
-    "BASES", "BaseNetwork", "ReActNet18", "ResNet18", "ResNet18CIFAR", "ResNetCIFAR", "STEResNetCIFAR", "load_base", "rebuild",
+    "BASES",
+    "BaseNetwork",
+    "ReActNet18",
+    "ResNet18",
+    "ResNet18CIFAR",
+    "ResNetCIFAR",
+    "STEResNetCIFAR",
+    "load_base",
+    "rebuild",
     "save_base",
-]  # fmt: skip
+]

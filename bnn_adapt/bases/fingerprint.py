@@ -98,8 +98,10 @@ def pack_sign_bits(bits: list[torch.Tensor]) -> bytes:
 def fingerprint_of(arch: str, arch_config: dict, tensors: list[tuple[str, str, torch.Tensor]]) -> str:
     """Hash of an architecture and its canonical tensors (:func:`canonical_tensors`): names, kinds, shapes
     and values (signs packed one bit each, fp32 values as little-endian bytes)."""
-    config = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-              for k, v in sorted(arch_config.items())}  # fmt: skip
+    config = {
+        k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        for k, v in sorted(arch_config.items())
+    }
     layout = [[name, kind, list(t.shape)] for name, kind, t in tensors]
     digest = hashlib.sha256(json.dumps([arch, config, layout], sort_keys=True).encode())
     digest.update(pack_sign_bits([t for _, kind, t in tensors if kind == "bits"]))

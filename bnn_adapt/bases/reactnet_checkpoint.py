@@ -43,14 +43,12 @@ def _to_authors_key(key: str) -> str:
     raise KeyError(key)
 
 
-def authors_state_dict(model: ReActNet18) -> "OrderedDict[str, torch.Tensor]":
+def authors_state_dict(model: ReActNet18) -> OrderedDict[str, torch.Tensor]:
     """The model's state dict under the authors' key names (no ``module.`` prefix)."""
     return OrderedDict((_to_authors_key(k), v) for k, v in model.state_dict().items())
 
 
-def save_reactnet_checkpoint(
-    model: ReActNet18, path: str, epoch: int = 0, best_top1_acc: float = 0.0
-) -> None:
+def save_reactnet_checkpoint(model: ReActNet18, path: str, epoch: int = 0, best_top1_acc: float = 0.0) -> None:
     """Write ``model`` as the authors' training script does (DataParallel keys)."""
     state = OrderedDict(("module." + k, v.detach().cpu()) for k, v in authors_state_dict(model).items())
     payload = {
@@ -78,8 +76,7 @@ def load_reactnet_checkpoint(path: str, num_classes: int = 1000, width: float = 
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(
-            f"{path} is not a ReActNet checkpoint: expected a dict with a 'state_dict' of tensors. "
-            + _CHECKPOINT_HELP
+            f"{path} is not a ReActNet checkpoint: expected a dict with a 'state_dict' of tensors. " + _CHECKPOINT_HELP
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     config = {"num_classes": num_classes, "width": width}

@@ -27,20 +27,29 @@ def checked_arch(arch: object, arch_config: object, source: str, error: type[Use
     that constructor's own arguments, each a plain value of the default's type within :data:`ARCH_LIMITS`.
     Returns the full constructor arguments (defaults of older files filled in)."""
     if not isinstance(arch, str) or arch not in BASES:
-        raise error(f"{source} declares the architecture {printable(repr(arch))[:80]}, which this version does "
-                    f"not know (known: {', '.join(BASES)})")  # fmt: skip
+        raise error(
+            f"{source} declares the architecture {printable(repr(arch))[:80]}, which this version does "
+            f"not know (known: {', '.join(BASES)})"
+        )
     if not isinstance(arch_config, dict):
-        raise error(f"{source} declares no architecture arguments (arch_config is {type(arch_config).__name__}, "
-                    "not a dict)")  # fmt: skip
+        raise error(
+            f"{source} declares no architecture arguments (arch_config is {type(arch_config).__name__}, not a dict)"
+        )
     params = {k: p for k, p in inspect.signature(BASES[arch].__init__).parameters.items() if k != "self"}
     unknown = sorted(map(str, set(arch_config) - set(params)))
     if unknown:
-        raise error(f"{source} declares {printable(', '.join(unknown))[:120]} for {arch}, whose arguments are "
-                    f"{', '.join(params)}")  # fmt: skip
+        raise error(
+            f"{source} declares {printable(', '.join(unknown))[:120]} for {arch}, whose arguments are "
+            f"{', '.join(params)}"
+        )
     for key, value in arch_config.items():
         default = params[key].default
         kind, word = {float: ((int, float), "a number"), int: (int, "an integer")}.get(type(default), (str, "a string"))
-        if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kind)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
             raise error(f"{source} declares {arch} {key}={printable(repr(value))[:80]}, not {word}")
         low, high = ARCH_LIMITS.get(key, (None, None))
         if low is not None and not low <= value <= high:
@@ -72,8 +81,12 @@ def check_state(state: object, shapes: dict[str, tuple[int, ...]], source: str, 
     dense real tensors by name, none missing, none unknown, each of its shape and finite (NaN in a base's
     weights would binarise to +1 and predict confidently)."""
     plain = isinstance(state, dict) and all(
-        isinstance(k, str) and torch.is_tensor(v) and v.layout == torch.strided and not v.is_quantized
-        and not v.is_complex() for k, v in state.items()
+        isinstance(k, str)
+        and torch.is_tensor(v)
+        and v.layout == torch.strided
+        and not v.is_quantized
+        and not v.is_complex()
+        for k, v in state.items()
     )
     if not plain:
         raise CheckpointError(f"{source} holds no state_dict of named dense real tensors: it is not a {what}")

@@ -96,5 +96,9 @@ class STEResNetCIFAR(BaseNetwork):
         return nn.Sequential(BinaryLinear(in_features, num_classes), nn.BatchNorm1d(num_classes))
 
     def arch_config(self) -> dict:
-        return {"num_classes": self.num_classes, "width": self.width, "blocks_per_stage": self.blocks_per_stage,
-                "block": self.block}
+        return {
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "blocks_per_stage": self.blocks_per_stage,
+            "block": self.block,
+        }

@@ -66,9 +66,15 @@ class TrainedRun:
 
 #: what export reads of a run's recorded config: each key, the types it may have and their name
 RECORDED = {
-    "base": (dict, "section"), "base.name": (str, "string"), "base.checkpoint": (str, "string"),
-    "base.width": ((int, float), "number"), "base.net": (dict, "section"), "data": (dict, "section"),
-    "data.image_size": (int, "integer"), "adapter": (dict, "section"), "reduction": (dict, "section"),
+    "base": (dict, "section"),
+    "base.name": (str, "string"),
+    "base.checkpoint": (str, "string"),
+    "base.width": ((int, float), "number"),
+    "base.net": (dict, "section"),
+    "data": (dict, "section"),
+    "data.image_size": (int, "integer"),
+    "adapter": (dict, "section"),
+    "reduction": (dict, "section"),
 }
 
 
@@ -153,8 +159,15 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     attached = attach_adapter(adapter, copy.deepcopy(reference))
     meta = attached.meta
     return TrainedRun(
-        run_dir, attached.model, reference, meta["class_names"], meta["preprocess"], run_label(metrics),
-        metrics.get("config_hash"), builders.base_checkpoint_file(cfg), base_overrides=attached.base_overrides,
+        run_dir,
+        attached.model,
+        reference,
+        meta["class_names"],
+        meta["preprocess"],
+        run_label(metrics),
+        metrics.get("config_hash"),
+        builders.base_checkpoint_file(cfg),
+        base_overrides=attached.base_overrides,
     )
 
 
@@ -187,9 +200,14 @@ def export_all(base: nn.Module, runs: list[TrainedRun], out: Path, dtype: str, b
         source = {"run_dir": str(run.run_dir), "config_hash": run.config_hash}
         with substituted(run.model.base, run.base_overrides):  # what the run changed in its base travels along
             meta = export_adapter(
-                run.model, out / name, reference_base=base, dtype=dtype, class_names=run.class_names,
-                preprocess=run.preprocess, source=source,
-            )  # fmt: skip
+                run.model,
+                out / name,
+                reference_base=base,
+                dtype=dtype,
+                class_names=run.class_names,
+                preprocess=run.preprocess,
+                source=source,
+            )
         c = accounting.summarize(run.model)
         files[name] = {
             "kind": "adapter",
@@ -206,8 +224,11 @@ def export_all(base: nn.Module, runs: list[TrainedRun], out: Path, dtype: str, b
         if dtype != "fp32" and meta["strategy"] in SIGN_SENSITIVE:
             log.warning(
                 "%s: a %s adapter's output is binarised again downstream, so %s rounding can flip signs "
-                "and change predictions; check them (task=predict) or export fp32", name, meta["strategy"], dtype,
-            )  # fmt: skip
+                "and change predictions; check them (task=predict) or export fp32",
+                name,
+                meta["strategy"],
+                dtype,
+            )
     manifest = {"base_fingerprint": header["fingerprint"], "dtype": dtype, "files": files}
     write_json(out / "manifest.json", manifest)
     return manifest
@@ -243,8 +264,11 @@ def adapter_run_dirs(given: list) -> list[Path]:
             )
         skipped = [row.name for row in rows if row not in usable]
         if skipped:
-            print(f"note: export.adapter_run={folder}: exporting its {len(usable)} finished adaptation runs; "
-                  f"not {', '.join(skipped)} (unfinished, failed or not adaptation runs)", file=sys.stderr)  # fmt: skip
+            print(
+                f"note: export.adapter_run={folder}: exporting its {len(usable)} finished adaptation runs; "
+                f"not {', '.join(skipped)} (unfinished, failed or not adaptation runs)",
+                file=sys.stderr,
+            )
         found += usable
     return found
 

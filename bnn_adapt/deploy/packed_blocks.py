@@ -2,7 +2,6 @@
 integer interval test (activations stay bits from conv1 to conv2), ReActNet's block with a fused
 epilogue, and the float stems and shortcuts run channels-last with BN folded in."""
 
-
 from __future__ import annotations
 
 import torch
@@ -22,7 +21,7 @@ from bnn_adapt.deploy.packed_kernels import (
     ConvPlan,
     channel_vector,
     pack_signs,
-)  # fmt: skip
+)
 from bnn_adapt.deploy.packed_layers import (
     INT32_MAX,
     INT32_MIN,
@@ -37,7 +36,7 @@ from bnn_adapt.nn.layers import (
     ApproxSignActivation,
     ChannelsLastMaxPool2d,
     LearnableBias,
-)  # fmt: skip
+)
 from bnn_adapt.nn.quantizers import sign
 
 
@@ -105,8 +104,15 @@ class PackedBasicBlock(BasicBlock):
         """(shortcut conv + BN, conv1 writing ``sign(act1(bn1(.)))`` as bits, conv2 + BN + hardtanh +
         residual), rebuilt when a tensor they fold changes; None if the signs are no interval."""
         conv1, conv2, bn1, bn2, shortcut = self.conv1, self.conv2, self.bn1, self.bn2, self.shortcut
-        sources = (conv1.weight, conv2.weight, *bn_sources(bn1), self.act1.min_val, self.act1.max_val,
-                   *bn_sources(bn2), self.clip_after_add)  # fmt: skip
+        sources = (
+            conv1.weight,
+            conv2.weight,
+            *bn_sources(bn1),
+            self.act1.min_val,
+            self.act1.max_val,
+            *bn_sources(bn2),
+            self.clip_after_add,
+        )
         if shortcut is not None:
             sources += (shortcut[0].weight, *bn_sources(shortcut[1]))
         return cached(self, "fused", sources, self.build_plans)
@@ -157,17 +163,27 @@ class PackedReActBlock(ReActBlock):
         """(move0's bias for packing, the conv with scale, BN, move1, PReLU and move2 in its epilogue),
         rebuilt when a tensor they fold changes."""
         conv, bn = self.binary_conv, self.bn1
-        sources = (conv.weight, conv.scale, *bn_sources(bn), self.move0.bias, self.move1.bias, self.prelu.weight,
-                   self.move2.bias)  # fmt: skip
+        sources = (
+            conv.weight,
+            conv.scale,
+            *bn_sources(bn),
+            self.move0.bias,
+            self.move1.bias,
+            self.prelu.weight,
+            self.move2.bias,
+        )
         return cached(self, "fused", sources, self.build_plan)
 
     def build_plan(self) -> tuple[torch.Tensor, ConvPlan]:
         conv, c = self.binary_conv, self.binary_conv.out_channels
         tail = conv.conv_plan(
-            SCALE | AFFINE | RESIDUAL | REACT, scale=channel_vector(conv.scale, c), **bn_arrays(self.bn1, c),
-            bias1=channel_vector(self.move1.bias, c), slope=channel_vector(self.prelu.weight, c),
+            SCALE | AFFINE | RESIDUAL | REACT,
+            scale=channel_vector(conv.scale, c),
+            **bn_arrays(self.bn1, c),
+            bias1=channel_vector(self.move1.bias, c),
+            slope=channel_vector(self.prelu.weight, c),
             bias2=channel_vector(self.move2.bias, c),
-        )  # fmt: skip
+        )
         return self.move0.bias.detach().float().reshape(-1).contiguous(), tail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,5 +249,7 @@ class ChannelsLastOutMaxPool2d(ChannelsLastMaxPool2d):
 
 
 PACKED_BLOCKS = {
-    BasicBlock: PackedBasicBlock, ReActBlock: PackedReActBlock, ChannelsLastMaxPool2d: ChannelsLastOutMaxPool2d,
+    BasicBlock: PackedBasicBlock,
+    ReActBlock: PackedReActBlock,
+    ChannelsLastMaxPool2d: ChannelsLastOutMaxPool2d,
 }

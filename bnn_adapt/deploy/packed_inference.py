@@ -45,7 +45,7 @@ from bnn_adapt.nn.layers import (
     BinaryConv2d,
     BinaryLinear,
     PackedScaledBinaryConv2d,
-)  # fmt: skip
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,11 @@ def packed_layer(module: nn.Module, signs: torch.Tensor, name: str = "") -> Pack
     if isinstance(module, (PackedScaledBinaryConv2d, BinaryConv2d)) and getattr(module, "binarize_input", True):
         problem = unsupported(module)
         if problem is not None:
-            log.warning("packed 1-bit kernels: %s stays on the float path (the kernels do not implement %s)",
-                        name or type(module).__name__, problem)  # fmt: skip
+            log.warning(
+                "packed 1-bit kernels: %s stays on the float path (the kernels do not implement %s)",
+                name or type(module).__name__,
+                problem,
+            )
             return None
         scale = torch.ones(signs.shape[0]) if isinstance(module, PackedScaledBinaryConv2d) else None
         return PackedBinaryConv2d(signs, module.stride, module.padding, scale)

@@ -49,16 +49,41 @@ class ConvArgs(ctypes.Structure):
     """``bnn_conv_args``: one layer and its epilogue; the per-call fields are filled by the C side."""
 
     _fields_ = [
-        ("input", _P), ("n", _I), ("in_h", _I), ("in_w", _I), ("in_pad", _I), ("cw", _I),
-        ("weights", _P), ("tap_pc", _P),
-        ("c_in", _I), ("c_out", _I), ("kh", _I), ("kw", _I), ("stride", _I), ("pad", _I),
-        ("out_h", _I), ("out_w", _I),
+        ("input", _P),
+        ("n", _I),
+        ("in_h", _I),
+        ("in_w", _I),
+        ("in_pad", _I),
+        ("cw", _I),
+        ("weights", _P),
+        ("tap_pc", _P),
+        ("c_in", _I),
+        ("c_out", _I),
+        ("kh", _I),
+        ("kw", _I),
+        ("stride", _I),
+        ("pad", _I),
+        ("out_h", _I),
+        ("out_w", _I),
         ("flags", _I),
-        ("scale", _P), ("alpha", _P), ("beta", _P), ("bias1", _P), ("slope", _P), ("bias2", _P),
-        ("residual", _P), ("res_sn", _L), ("res_sc", _L), ("res_sh", _L), ("res_sw", _L),
-        ("out", _P), ("lo", _P), ("hi", _P), ("out_bits", _P),
-        ("out_pad", _I), ("out_cw", _I),
-    ]  # fmt: skip
+        ("scale", _P),
+        ("alpha", _P),
+        ("beta", _P),
+        ("bias1", _P),
+        ("slope", _P),
+        ("bias2", _P),
+        ("residual", _P),
+        ("res_sn", _L),
+        ("res_sc", _L),
+        ("res_sh", _L),
+        ("res_sw", _L),
+        ("out", _P),
+        ("lo", _P),
+        ("hi", _P),
+        ("out_bits", _P),
+        ("out_pad", _I),
+        ("out_cw", _I),
+    ]
 
 
 _state: dict = {}
@@ -250,8 +275,20 @@ def pack_signs(x: torch.Tensor, pad: int, bias: torch.Tensor | None = None) -> P
     n, c, h, w = x.shape
     out = PackedSigns.zeros(n, c, h, w, pad)
     b = None if bias is None else bias.detach().float().reshape(-1).contiguous()
-    status = _timed(library().bnn_pack_signs, _ptr(x), n, c, h, w, *x.stride(), _ptr(b), _ptr(out.words), pad,
-                    out.words.shape[-1], torch.get_num_threads())  # fmt: skip
+    status = _timed(
+        library().bnn_pack_signs,
+        _ptr(x),
+        n,
+        c,
+        h,
+        w,
+        *x.stride(),
+        _ptr(b),
+        _ptr(out.words),
+        pad,
+        out.words.shape[-1],
+        torch.get_num_threads(),
+    )
     if status != 0:
         raise RuntimeError(f"bnn_pack_signs failed ({status})")
     return out
@@ -265,24 +302,42 @@ def empty_nchw(n: int, c: int, h: int, w: int) -> torch.Tensor:
 class ConvPlan:
     """One binary conv and its epilogue, ready to run: the C struct plus the tensors it points into."""
 
-    def __init__(self, words: torch.Tensor, tap_pc: torch.Tensor, shape: tuple[int, int, int, int], stride: int,
-                 pad: int, flags: int = 0, **arrays: torch.Tensor):  # fmt: skip
+    def __init__(
+        self,
+        words: torch.Tensor,
+        tap_pc: torch.Tensor,
+        shape: tuple[int, int, int, int],
+        stride: int,
+        pad: int,
+        flags: int = 0,
+        **arrays: torch.Tensor,
+    ):
         c_out, c_in, kh, kw = shape
         if kh * kw > MAX_TAPS:
             raise ValueError(f"a {kh}x{kw} kernel has more than {MAX_TAPS} taps")
         self.shape, self.stride, self.pad, self.flags = shape, stride, pad, flags
         self.keep = [words, tap_pc, *arrays.values()]  # the struct holds raw pointers into these
         self.args = ConvArgs(
-            cw=-(-c_in // 32), weights=_ptr(words), tap_pc=_ptr(tap_pc), c_in=c_in, c_out=c_out, kh=kh, kw=kw,
-            stride=stride, pad=pad, flags=flags, **{k: _ptr(v) for k, v in arrays.items()},
-        )  # fmt: skip
+            cw=-(-c_in // 32),
+            weights=_ptr(words),
+            tap_pc=_ptr(tap_pc),
+            c_in=c_in,
+            c_out=c_out,
+            kh=kh,
+            kw=kw,
+            stride=stride,
+            pad=pad,
+            flags=flags,
+            **{k: _ptr(v) for k, v in arrays.items()},
+        )
 
     def out_size(self, height: int, width: int) -> tuple[int, int]:
         _, _, kh, kw = self.shape
         return (height + 2 * self.pad - kh) // self.stride + 1, (width + 2 * self.pad - kw) // self.stride + 1
 
-    def __call__(self, x: PackedSigns, residual: torch.Tensor | None = None, out_pad: int = 0
-                 ) -> torch.Tensor | PackedSigns:  # fmt: skip
+    def __call__(
+        self, x: PackedSigns, residual: torch.Tensor | None = None, out_pad: int = 0
+    ) -> torch.Tensor | PackedSigns:
         """Float NCHW output (NHWC memory), or with ``OUT_BITS`` packed signs with ``out_pad``."""
         c_out, c_in = self.shape[:2]
         if x.channels != c_in or x.pad < self.pad:
@@ -301,10 +356,22 @@ class ConvPlan:
             if residual.shape != (x.batch, c_out, oh, ow):
                 raise ValueError(f"residual of shape {tuple(residual.shape)}, output {(x.batch, c_out, oh, ow)}")
             strides = (ctypes.c_long * 4)(*residual.stride())
-        status = _timed(library().bnn_conv2d,
-            ctypes.byref(self.args), _ptr(x.words), x.batch, x.height, x.width, x.pad, _ptr(residual), strides,
-            out, out_bits, out_pad, out_cw, torch.get_num_threads(),
-        )  # fmt: skip
+        status = _timed(
+            library().bnn_conv2d,
+            ctypes.byref(self.args),
+            _ptr(x.words),
+            x.batch,
+            x.height,
+            x.width,
+            x.pad,
+            _ptr(residual),
+            strides,
+            out,
+            out_bits,
+            out_pad,
+            out_cw,
+            torch.get_num_threads(),
+        )
         if status != 0:
             raise RuntimeError(f"bnn_conv2d failed ({status}) for a {self.shape} conv on {x.words.shape}")
         return result

@@ -6,7 +6,6 @@ it came from, so a substituted tensor (BitFit, ``base.bn=adapt``, a finetuned
 weight) is packed again. Inference only. Used by :mod:`.packed_blocks`.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,15 +21,14 @@ from bnn_adapt.deploy.packed_kernels import (
     pack_signs,
     pack_weights,
     unpack_weights,
-)  # fmt: skip
+)
 from bnn_adapt.nn.folding import fold_batch_norm
 from bnn_adapt.nn.layers import (
     BinaryLinear,
     BinaryModule,
-)  # fmt: skip
+)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
 
 
 class PlanCache(dict):
@@ -55,7 +53,7 @@ def cached(owner: nn.Module, role: str, sources: tuple, build: Callable):
     if (
         hit is not None
         and hit[1] == versions
-        and all(a is b or not isinstance(a, torch.Tensor) for a, b in zip(hit[0], sources))
+        and all(a is b or not isinstance(a, torch.Tensor) for a, b in zip(hit[0], sources, strict=True))
     ):
         return hit[2]
     value = build()
@@ -97,8 +95,9 @@ class PackedBinaryLayer(nn.Module, BinaryModule):
             signs = unpack_weights(self.weight_words, self.kernel_shape)
             destination[prefix + "weight"] = signs.reshape(self.weight.shape)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # fmt: skip
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Loading weights packs their signs (the placeholder stays a placeholder)."""
         key = prefix + "weight"
         weight = state_dict.get(key)
@@ -106,16 +105,18 @@ class PackedBinaryLayer(nn.Module, BinaryModule):
             self.weight_words, self.weight_tap_popcounts = pack_weights(weight.detach().reshape(self.kernel_shape) >= 0)
             self.__dict__.pop("_packed_cache", None)
             state_dict = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)  # fmt: skip
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if weight is not None and key in missing_keys:
             missing_keys.remove(key)
 
     def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.weight.is_meta:
             return self.weight_words, self.weight_tap_popcounts
-        return cached(self, "weight", (self.weight,),
-                      lambda: pack_weights(self.weight.detach().reshape(self.kernel_shape) >= 0))  # fmt: skip
+        return cached(
+            self, "weight", (self.weight,), lambda: pack_weights(self.weight.detach().reshape(self.kernel_shape) >= 0)
+        )
 
     def conv_plan(self, flags: int = 0, **arrays: torch.Tensor) -> ConvPlan:
         """The kernel call with this epilogue (``packed_kernels.ConvPlan``) on the current weights."""
@@ -160,8 +161,10 @@ class PackedBinaryConv2d(PackedBinaryLayer):
         return self.float_plan()(pack_signs(x, self.pad))
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.step}, "
-                f"padding={self.pad}, packed")  # fmt: skip
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.step}, "
+            f"padding={self.pad}, packed"
+        )
 
 
 class PackedBinaryLinear(PackedBinaryLayer):
@@ -180,8 +183,11 @@ class PackedBinaryLinear(PackedBinaryLayer):
         if bias is None:
             plan = self.plan("linear", (), lambda: (0, {}))
         else:
-            plan = self.plan("linear", (bias,), lambda: (AFFINE, {
-                "alpha": channel_vector(torch.ones(c), c), "beta": channel_vector(bias, c)}))  # fmt: skip
+            plan = self.plan(
+                "linear",
+                (bias,),
+                lambda: (AFFINE, {"alpha": channel_vector(torch.ones(c), c), "beta": channel_vector(bias, c)}),
+            )
         out = plan(pack_signs(x.reshape(-1, self.in_features, 1, 1), 0))
         return out.reshape(*x.shape[:-1], c)
 

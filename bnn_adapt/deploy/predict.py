@@ -125,8 +125,10 @@ class BaseWithAdapters:
             name = adapter_name(path, self.adapters)
         elif name in self.adapters:
             picked = adapter_name(path, self.adapters)
-            raise ConfigError(f"an adapter named '{printable(name)}' is attached already; pass another name, or none "
-                              f"to have one picked ('{printable(picked)}')")
+            raise ConfigError(
+                f"an adapter named '{printable(name)}' is attached already; pass another name, or none "
+                f"to have one picked ('{printable(picked)}')"
+            )
         adapter = attach_adapter(path, self.base, self.fingerprint, name)
         self.adapters[adapter.name] = adapter
         self.active = adapter.name
@@ -154,13 +156,16 @@ class BaseWithAdapters:
     def preprocess(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Image files -> the batch the active adapter was evaluated on in training."""
         preprocess = self.adapter.meta.get("preprocess") or {
-            "image_size": self.base.input_size, "mean": HALF, "std": HALF,
-        }  # fmt: skip
+            "image_size": self.base.input_size,
+            "mean": HALF,
+            "std": HALF,
+        }
         transform = eval_transform(preprocess)
         return torch.stack([transform(open_rgb(str(p))) for p in paths])
 
-    def predict(self, images: Sequence[str | Path] | torch.Tensor, k: int = 5, batch_size: int = 64
-                ) -> list[list[tuple[str, float]]]:  # fmt: skip
+    def predict(
+        self, images: Sequence[str | Path] | torch.Tensor, k: int = 5, batch_size: int = 64
+    ) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(class name, probability)`` per image, from files or a preprocessed batch."""
         names = self.adapter.class_names
         k = min(k, len(names))
@@ -171,8 +176,8 @@ class BaseWithAdapters:
             probs = self(batch).softmax(dim=1)
             top = probs.topk(k, dim=1)
             out += [
-                [(names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
-                for values, indices in zip(top.values, top.indices)
+                [(names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+                for values, indices in zip(top.values, top.indices, strict=True)
             ]
         return out
 
@@ -246,7 +251,7 @@ def run_predict(cfg) -> dict:
         if bad := sum(any(r["prob"] is None for r in row) for row in rows):
             shown = printable(name)
             log.warning("adapter %s: NaN or infinite probabilities for %d image(s), written as null", shown, bad)
-        results[name] = {str(f): row for f, row in zip(readable, rows)}
+        results[name] = {str(f): row for f, row in zip(readable, rows, strict=True)}
     for f in readable:
         for name in adapter_paths:
             shown = ", ".join(f"{printable(r['class'])} {shown_prob(r['prob'])}" for r in results[name][str(f)])

@@ -53,8 +53,9 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_batch_norm(bn: BatchNorm, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def fold_batch_norm(
+    bn: BatchNorm, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` with which ``bn`` (eval mode) computes ``fma(x, scale, shift)``; ``weight`` / ``bias``
     stand in for its affine parameters (BitFit's task-specific copies; ``affine=False``: 1 and 0)."""
     mean, var = bn.running_mean.detach().float().cpu(), bn.running_var.detach().float().cpu()

@@ -175,7 +175,12 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or self.return_indices or (torch.is_grad_enabled() and x.requires_grad):
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 4
+            or self.return_indices
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
             return super().forward(x)
         return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
@@ -289,12 +294,23 @@ class QuantLinear(nn.Linear):
 def _quantized_copy(layer: nn.Module, bits: int) -> nn.Module:
     quantizer = ChannelQuantizer(bits)
     if type(layer) is nn.Conv2d:
-        new = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                          weight_quantizer=quantizer, device="meta")  # fmt: skip
+        new = QuantConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            layer.padding_mode,
+            weight_quantizer=quantizer,
+            device="meta",
+        )
     else:
-        new = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, weight_quantizer=quantizer,
-                          device="meta")  # fmt: skip
+        new = QuantLinear(
+            layer.in_features, layer.out_features, layer.bias is not None, weight_quantizer=quantizer, device="meta"
+        )
     new.weight, new.bias = layer.weight, layer.bias  # the same parameter objects
     new.train(layer.training)
     return new

@@ -65,14 +65,17 @@ def load_trained_base(cfg: DictConfig) -> BaseNetwork:
     if checkpoint is None:
         raise CheckpointError(f"no base checkpoint given; {how}")
     if cfg.base.name == "reactnet18":  # the authors' format: shapes tell width and classes
-        return load_base(cfg.base.name, checkpoint, how, num_classes=cfg.base.net.num_classes,
-                         width=cfg.base.width)  # fmt: skip
+        return load_base(cfg.base.name, checkpoint, how, num_classes=cfg.base.net.num_classes, width=cfg.base.width)
     if checkpoint != cfg.base.checkpoint and not Path(checkpoint).is_file() and Path(cfg.base.checkpoint).is_file():
-        how = ("base.epoch=best reads the best-test-accuracy epoch that pretraining keeps beside its last one; "
-               "pretrain this base again to write it, or set base.epoch=last")  # fmt: skip
+        how = (
+            "base.epoch=best reads the best-test-accuracy epoch that pretraining keeps beside its last one; "
+            "pretrain this base again to write it, or set base.epoch=last"
+        )
     net = OmegaConf.to_container(cfg.base.net, resolve=True)
     # the base's own classes do not matter here: adaptation replaces its classifier
-    expected = {k: v for k, v in net.items() if k not in ("_target_", "num_classes")} | {"image_size": cfg.data.image_size}
+    expected = {k: v for k, v in net.items() if k not in ("_target_", "num_classes")} | {
+        "image_size": cfg.data.image_size
+    }
     return load_base(cfg.base.name, checkpoint, how, expected=expected)
 
 
@@ -139,8 +142,10 @@ def compile_model(model, option) -> None:
 
     backends = torch._dynamo.list_backends(exclude_tags=())
     if option is not True and option not in backends:
-        raise ConfigError(f"trainer.compile={option!r} is not a torch.compile backend; use true, false or one of "
-                          f"{', '.join(backends)}")  # fmt: skip
+        raise ConfigError(
+            f"trainer.compile={option!r} is not a torch.compile backend; use true, false or one of "
+            f"{', '.join(backends)}"
+        )
     model.compile(**({} if option is True else {"backend": option}))
 
 
@@ -167,8 +172,10 @@ def make_trainer(cfg: DictConfig, extra_callbacks: list) -> tuple[L.Trainer, Run
     except MisconfigurationException as exc:  # e.g. accelerator=gpu on a machine without one
         raise ConfigError(f"trainer: {exc}") from None
     if trainer.world_size > 1 and cfg.trainer.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
-        raise ConfigError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm has no CPU implementation; "
-                          "leave it false on CPU (each process then normalises over its own batch)")  # fmt: skip
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm has no CPU implementation; "
+            "leave it false on CPU (each process then normalises over its own batch)"
+        )
     return trainer, stats
 
 

@@ -64,8 +64,13 @@ def process_start(pid: int) -> int | None:
 def this_process() -> dict:
     """The owner record of the calling process."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": boot_id(), "pid": pid, "start": process_start(pid),
-            "since": time.time()}  # fmt: skip
+    return {
+        "host": socket.gethostname(),
+        "boot": boot_id(),
+        "pid": pid,
+        "start": process_start(pid),
+        "since": time.time(),
+    }
 
 
 def pid_running(pid: int) -> bool:
@@ -116,8 +121,14 @@ class Claim:
     held it first (what they left may be finished now).
     """
 
-    def __init__(self, path: str | Path, what: str, heartbeat_s: float = HEARTBEAT_S,
-                 stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        what: str,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_after_s: float = STALE_AFTER_S,
+        poll_s: float = 1.0,
+    ):
         self.path, self.what = Path(path), what
         self.heartbeat_s, self.stale_after_s, self.poll_s = heartbeat_s, stale_after_s, poll_s
         self.owner: dict | None = None
@@ -161,7 +172,7 @@ class Claim:
                 if isinstance(held, dict) and {k: held.get(k) for k in ("host", "pid", "start")} == {
                     k: owner[k] for k in ("host", "pid", "start")
                 }:
-                    raise RuntimeError(f"{self.what} is already claimed by this process ({self.path})")
+                    raise RuntimeError(f"{self.what} is already claimed by this process ({self.path})") from None
                 if not owner_gone(held, age, self.stale_after_s):
                     return held or {"pid": "?", "host": "?", "since": time.time() - age}  # garbled: wait it out
                 self._take_over(held)
@@ -208,8 +219,11 @@ class Claim:
             held, age = self.holder()
             if age is not None and held == stale:  # still the one judged stale: nobody took over meanwhile
                 self.path.unlink(missing_ok=True)
-                print(f"note: {self.what} was held by {describe(stale)}, which is gone: taking it over",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"note: {self.what} was held by {describe(stale)}, which is gone: taking it over",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             mutex.unlink(missing_ok=True)
 
@@ -259,7 +273,8 @@ def held_by_another(run_dir: str | Path) -> bool:
     """Whether a live process other than this one holds ``run_dir``."""
     claim = run_claim(run_dir)
     owner, age = claim.holder()
-    if age is None or (isinstance(owner, dict) and owner.get("pid") == os.getpid()
-                       and owner.get("host") == socket.gethostname()):  # fmt: skip
+    if age is None or (
+        isinstance(owner, dict) and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+    ):
         return False
     return not owner_gone(owner, age, claim.stale_after_s)

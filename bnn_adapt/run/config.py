@@ -75,12 +75,17 @@ BASE_EPOCHS = ("last", "best")  # base.epoch: which pretraining epoch adaptation
 def choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the keys no constructor checks, each listed once where it is used."""
     from bnn_adapt.adapters.file_codec import DTYPES  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
+    from bnn_adapt.nn.quantizers import BITS  # noqa: PLC0415
     from bnn_adapt.training.lean import MEMORY_MODES  # noqa: PLC0415
 
-    from bnn_adapt.nn.quantizers import BITS  # noqa: PLC0415
-
-    return {"task": TASKS, "base.bn": BN_MODES, "base.epoch": BASE_EPOCHS, "memory": MEMORY_MODES,
-            "export.dtype": DTYPES, "adapter.bits": BITS}  # fmt: skip
+    return {
+        "task": TASKS,
+        "base.bn": BN_MODES,
+        "base.epoch": BASE_EPOCHS,
+        "memory": MEMORY_MODES,
+        "export.dtype": DTYPES,
+        "adapter.bits": BITS,
+    }
 
 
 #: what our configs' ``_target_``s may name (Hydra 1.4's execution whitelist,
@@ -88,16 +93,32 @@ def choices() -> dict[str, tuple[str, ...]]:
 TRUSTED_TARGETS = ("bnn_adapt.*", "lightning.*", "torch.optim.*", "optuna.pruners.*")
 
 #: Hydra's command-line flags that choose what to do (run, show the config, help, ...)
-HYDRA_COMMANDS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-r", "--run", "-m", "--multirun",
-                  "-sc", "--shell-completion", "-i", "--info", "--experimental-rerun"}  # fmt: skip
+HYDRA_COMMANDS = {
+    "-h",
+    "--help",
+    "--hydra-help",
+    "--version",
+    "-c",
+    "--cfg",
+    "-r",
+    "--run",
+    "-m",
+    "--multirun",
+    "-sc",
+    "--shell-completion",
+    "-i",
+    "--info",
+    "--experimental-rerun",
+}
 
 
 def search_as_multirun(args: Sequence[str]) -> list[str]:
     """``hparams_search=NAME`` runs its search as a multirun without ``--multirun``: Hydra 1.4 takes
     ``hydra.mode`` only from the primary config or the command line, no longer from a config group."""
     args = list(args)
-    search = any(a.partition("=")[0].lstrip("+~") == "hparams_search" and a.partition("=")[2] not in ("", "null")
-                 for a in args)  # fmt: skip
+    search = any(
+        a.partition("=")[0].lstrip("+~") == "hparams_search" and a.partition("=")[2] not in ("", "null") for a in args
+    )
     if search and not HYDRA_COMMANDS.intersection(a.partition("=")[0] for a in args):
         return ["--multirun", *args]
     return args
@@ -162,8 +183,13 @@ def _quoted(text: str) -> str:
 # ----------------------------------------------------------------------------- composing
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Path = CONF_DIR,
-            return_hydra_config: bool = False, output_dir: str | Path | None = None) -> DictConfig:  # fmt: skip
+def compose(
+    overrides: Sequence[str] = (),
+    config_name: str = "config",
+    config_dir: Path = CONF_DIR,
+    return_hydra_config: bool = False,
+    output_dir: str | Path | None = None,
+) -> DictConfig:
     """``conf/config.yaml`` (or a sweep of ``sweeps/``) composed with ``overrides``, as ``python -m bnn_adapt`` would.
 
     With ``output_dir`` the config is that of a job running there (``${hydra:runtime.output_dir}``
@@ -180,9 +206,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", config_d
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir)):
-            cfg = hydra_compose(config_name=config_name,
-                                overrides=[*searchpath, *quote_path_overrides(overrides)],
-                                return_hydra_config=return_hydra_config or output_dir is not None)  # fmt: skip
+            cfg = hydra_compose(
+                config_name=config_name,
+                overrides=[*searchpath, *quote_path_overrides(overrides)],
+                return_hydra_config=return_hydra_config or output_dir is not None,
+            )
     finally:
         if running is not None:
             GlobalHydra.instance().clear()
@@ -225,8 +253,14 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=1 if key.startswith("base.precise_bn") else None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key}={value!r} is invalid: it must be a positive integer")
-    for key in ("summary_only", "resume", "debug", "base.precise_bn.enabled", "base.precise_bn.every_epoch",
-                "base.precise_bn.adaptation"):
+    for key in (
+        "summary_only",
+        "resume",
+        "debug",
+        "base.precise_bn.enabled",
+        "base.precise_bn.every_epoch",
+        "base.precise_bn.adaptation",
+    ):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid: use true or false")
@@ -237,8 +271,10 @@ def validate(cfg: DictConfig) -> None:
     check_image_size(cfg)
     threads = OmegaConf.select(cfg, "threads", default=None)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads={threads!r} is invalid: give a positive number of torch threads, or null for "
-                          "torch's own choice (OMP_NUM_THREADS, else one per core)")  # fmt: skip
+        raise ConfigError(
+            f"threads={threads!r} is invalid: give a positive number of torch threads, or null for "
+            "torch's own choice (OMP_NUM_THREADS, else one per core)"
+        )
     for key in ("reduction.rate", "reduction.depthwise_rate", "reduction.pointwise_rate", "reduction.head_rate"):
         value = OmegaConf.select(cfg, key, default=0.0)
         if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

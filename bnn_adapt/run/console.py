@@ -69,11 +69,20 @@ class MacSummary(L.Callback):
         rows = [("name", "type", "params", "trainable", "binary MACs", "fp32 MACs")]
         for name, module in model.named_children():
             done = macs.get(name, {"binary": 0, "fp32": 0})
-            rows.append((name, type(module).__name__, human(_params(module)), human(_params(module, trainable=True)),
-                         human(done["binary"]), human(done["fp32"])))  # fmt: skip
+            rows.append(
+                (
+                    name,
+                    type(module).__name__,
+                    human(_params(module)),
+                    human(_params(module, trainable=True)),
+                    human(done["binary"]),
+                    human(done["fp32"]),
+                )
+            )
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = [
-            " | ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))) for r in rows
+            " | ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows
         ]
         rule = "-" * len(lines[0])
         footer = f"{human(_params(model, trainable=True))} trainable of {human(_params(model))} params; "

@@ -24,8 +24,24 @@ from bnn_adapt.run import builders
 from bnn_adapt.run.config import CONF_DIR, compose, validate
 
 #: override keys that change neither the base nor the data a job needs (the rest are composed to check)
-INERT = ("adapter", "reduction", "optimizer", "scheduler", "trainer", "seed", "threads", "memory", "tap_cache",
-         "logger", "callbacks", "resume", "debug", "export", "predict", "hydra")  # fmt: skip
+INERT = (
+    "adapter",
+    "reduction",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "seed",
+    "threads",
+    "memory",
+    "tap_cache",
+    "logger",
+    "callbacks",
+    "resume",
+    "debug",
+    "export",
+    "predict",
+    "hydra",
+)
 #: bases whose checkpoint comes from elsewhere (the authors' ReActNet-18), never pretrained here
 DOWNLOADED_BASES = ("reactnet18",)
 #: what a base pretraining command must repeat of an adaptation config to write the base it reads
@@ -106,9 +122,11 @@ def base_problem(cfg: DictConfig, choices: dict | None = None) -> str | None:
     elif cfg.base.name in DOWNLOADED_BASES:
         line = f"base checkpoint {checkpoint} does not exist; {how}"
     elif not managed_checkpoint(cfg):
-        line = (f"base.checkpoint={checkpoint} does not exist; check the path, or pretrain a base there first "
-                f"(task=pretrain base.save_to={checkpoint}): a missing base is pretrained automatically only at "
-                f"its default place under paths.base_dir={cfg.paths.base_dir}")  # fmt: skip
+        line = (
+            f"base.checkpoint={checkpoint} does not exist; check the path, or pretrain a base there first "
+            f"(task=pretrain base.save_to={checkpoint}): a missing base is pretrained automatically only at "
+            f"its default place under paths.base_dir={cfg.paths.base_dir}"
+        )
     else:
         command = pretraining_command(cfg, choices)
         line = f"base checkpoint {checkpoint} does not exist; " + (
@@ -202,6 +220,9 @@ class SweepPreflight(Callback):
         distinct = list(dict.fromkeys(problems.values()))
         reason = distinct[0] + (f" (and {len(distinct) - 1} other problems)" if len(distinct) > 1 else "")
         every = "every trial" if kind == "trial" else f"each of its {len(jobs)} jobs"
-        print(f"error: this multirun cannot succeed, so it stops before the first {kind}: {every} would fail "
-              f"with: {reason}", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: this multirun cannot succeed, so it stops before the first {kind}: {every} would fail "
+            f"with: {reason}",
+            file=sys.stderr,
+        )
         sys.exit(2)

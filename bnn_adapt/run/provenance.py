@@ -37,13 +37,25 @@ def git_commit() -> str | None:
     """The checkout's commit (``+dirty`` with uncommitted changes to tracked files), or None when
     the package does not run from a git checkout of its own (an installed wheel, no git)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, check=False, timeout=10)  # fmt: skip
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
         lines = top.stdout.split()
         if top.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != REPO_ROOT:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=False, timeout=30).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        ).stdout.strip()
         return lines[1] + ("+dirty" if dirty else "")
     return None
 

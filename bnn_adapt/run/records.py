@@ -98,8 +98,13 @@ def adapted_base_sha256(cfg: DictConfig) -> str | None:
     return file_sha256(builders.base_checkpoint_file(cfg))
 
 
-def after_training(cfg: DictConfig, measured: dict, steps: list[tuple[str, Any]],
-                   fit_error: BaseException | None = None, first: str | None = None) -> dict:  # fmt: skip
+def after_training(
+    cfg: DictConfig,
+    measured: dict,
+    steps: list[tuple[str, Any]],
+    fit_error: BaseException | None = None,
+    first: str | None = None,
+) -> dict:
     """The steps after training in order (from step ``first`` on), then the complete ``metrics.json``.
 
     When Lightning's end of fit (``fit_error``) or a step fails, ``metrics.json`` gets everything
@@ -108,7 +113,7 @@ def after_training(cfg: DictConfig, measured: dict, steps: list[tuple[str, Any]]
     """
     failed = (FIT_END_STEP, fit_error) if fit_error is not None else None
     names = [name for name, _ in steps]
-    for name, step in steps[names.index(first) if first in names else 0:]:
+    for name, step in steps[names.index(first) if first in names else 0 :]:
         if failed is not None:
             break
         try:

@@ -137,8 +137,12 @@ def _drop_neutral(data: dict) -> None:
 def _switched_off(value, neutral) -> bool:
     """An option block whose neutral state is ``enabled: false`` is neutral whatever else it sets
     (the smoke profile's ``base.precise_bn.batches`` does not matter while precise BN is off)."""
-    return (isinstance(value, dict) and isinstance(neutral, dict) and neutral.get("enabled") is False
-            and value.get("enabled") is False)  # fmt: skip
+    return (
+        isinstance(value, dict)
+        and isinstance(neutral, dict)
+        and neutral.get("enabled") is False
+        and value.get("enabled") is False
+    )
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -201,7 +205,9 @@ def completed_metrics(run_dir: str | Path, cfg: DictConfig, base_sha256: str | N
     changed (a base retrained in place) or gone, the run no longer counts.
     """
     metrics = read_json_or_none(Path(run_dir) / "metrics.json")
-    if not (metrics and metrics.get("status", "complete") == "complete" and result_problem(metrics, run_dir, cfg) is None):
+    if not (
+        metrics and metrics.get("status", "complete") == "complete" and result_problem(metrics, run_dir, cfg) is None
+    ):
         return None
     recorded = metrics.get("base_checkpoint_sha256")
     return metrics if recorded is None or recorded == base_sha256 else None

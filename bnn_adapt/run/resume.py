@@ -93,8 +93,11 @@ def find_resumable(output_dir: Path, runs_root: Path, cfg_hash: str, data: dict 
         return output_dir
     if not runs_root.is_dir():
         return None
-    candidates = [d for d in runs_root.iterdir()
-                  if d.is_dir() and d != output_dir and unfinished(d, cfg_hash, data) and not held_by_another(d)]  # fmt: skip
+    candidates = [
+        d
+        for d in runs_root.iterdir()
+        if d.is_dir() and d != output_dir and unfinished(d, cfg_hash, data) and not held_by_another(d)
+    ]
     return max(candidates, key=lambda d: (d / CHECKPOINT).stat().st_mtime, default=None)
 
 

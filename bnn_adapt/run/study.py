@@ -77,23 +77,29 @@ def open_storage(spec: str) -> BaseStorage:
     if is_journal(spec):
         return _journal_storage(Path(spec).absolute())
     if "://" not in spec:
-        raise ConfigError(f"search.storage={spec} is no Optuna storage: give a journal file (PATH{JOURNAL_SUFFIX}), "
-                          "an SQLite file (sqlite:///PATH.db) or a database URL (postgresql://USER@HOST/DB)")
+        raise ConfigError(
+            f"search.storage={spec} is no Optuna storage: give a journal file (PATH{JOURNAL_SUFFIX}), "
+            "an SQLite file (sqlite:///PATH.db) or a database URL (postgresql://USER@HOST/DB)"
+        )
     if spec.startswith("sqlite:///"):
         _make_folder(Path(spec.removeprefix("sqlite:///")).absolute())
     try:
         return _rdb_storage(spec)
     except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError as an ImportError
         missing = getattr(exc.__cause__, "name", None) or exc.name
-        raise UserError(f"the study storage {shown(spec)} needs its database driver, the Python module {missing} "
-                        f"(postgresql://: pip install 'psycopg[binary]')") from None  # fmt: skip
+        raise UserError(
+            f"the study storage {shown(spec)} needs its database driver, the Python module {missing} "
+            f"(postgresql://: pip install 'psycopg[binary]')"
+        ) from None
     except RuntimeError as exc:
         if "storage upgrade" not in str(exc):
             raise
         found = re.search(r"set up by optuna ([\w.]+)", str(exc))
-        raise UserError(f"the study in {shown(spec)} was written by optuna {found.group(1) if found else '(older)'}: "
-                        f"upgrade it once with `optuna storage upgrade --storage {spec}` (optuna "
-                        f"{found.group(1) if found else 'versions'} cannot read it afterwards)") from None  # fmt: skip
+        raise UserError(
+            f"the study in {shown(spec)} was written by optuna {found.group(1) if found else '(older)'}: "
+            f"upgrade it once with `optuna storage upgrade --storage {spec}` (optuna "
+            f"{found.group(1) if found else 'versions'} cannot read it afterwards)"
+        ) from None
     except Exception as exc:  # sqlalchemy's OperationalError and kin: the database cannot be reached
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise UserError(f"cannot open the study storage {shown(spec)}: {first}") from None
@@ -257,8 +263,10 @@ def storage_setting(config: DictConfig) -> str | None:
         return None
     given = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("storage")
     if given != STORAGE_NODE:
-        raise UserError(f"give the search's study storage as search.storage={given} (hydra.sweeper.storage follows "
-                        f"it: a journal file PATH{JOURNAL_SUFFIX}, sqlite:///PATH.db or a database URL)")  # fmt: skip
+        raise UserError(
+            f"give the search's study storage as search.storage={given} (hydra.sweeper.storage follows "
+            f"it: a journal file PATH{JOURNAL_SUFFIX}, sqlite:///PATH.db or a database URL)"
+        )
     spec = str(config.search.storage)
     open_storage(spec)
     return spec
@@ -304,4 +312,3 @@ def finished_twin(cfg: DictConfig, base_sha256: str | None) -> dict | None:
         print(f"trial {trial_number(cfg)}: this configuration was trained by {path.parent}; its results are reused")
         return twin
     return None
-

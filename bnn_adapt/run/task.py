@@ -38,7 +38,6 @@ from bnn_adapt.files import WriteError, read_json_or_none, write_error, write_js
 from bnn_adapt.run import builders, claims, preflight, ranks, resume, study, tracking
 from bnn_adapt.run.config import validate, without_hydra_node
 from bnn_adapt.run.provenance import torch_threads
-from bnn_adapt.run.results import completed_metrics, config_hash, dataset_identity, result_problem
 from bnn_adapt.run.records import (
     ADAPTER_FILE_STEP,
     BASE_FILE_STEP,
@@ -47,7 +46,8 @@ from bnn_adapt.run.records import (
     adapted_base_sha256,
     after_training,
     record_failure,
-)  # fmt: skip
+)
+from bnn_adapt.run.results import completed_metrics, config_hash, dataset_identity, result_problem
 from bnn_adapt.run.trial_report import TrialReport
 from bnn_adapt.training import tap_cache
 from bnn_adapt.training.best_epoch import KeepBestEpoch
@@ -62,8 +62,11 @@ def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
     if cfg.task == "pretrain":
         model = builders.build_base(cfg)
         fp32, binary = accounting.totals(accounting.parameter_rows(model))
-        return model, {"base_binary_params": binary, "base_fp32_params": fp32,
-                       **operation_counts(model, cfg.data.image_size)}  # fmt: skip
+        return model, {
+            "base_binary_params": binary,
+            "base_fp32_params": fp32,
+            **operation_counts(model, cfg.data.image_size),
+        }
     checkpoint = builders.base_checkpoint_file(cfg)
     have_checkpoint = checkpoint and Path(checkpoint).is_file()
     base = builders.load_trained_base(cfg) if have_checkpoint else builders.build_base(cfg)
@@ -84,8 +87,9 @@ def run_summary(cfg: DictConfig) -> dict:
     return summary
 
 
-def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=(),
-        before_fit=None) -> tuple[dict, BaseException | None]:  # fmt: skip
+def fit(
+    cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=(), before_fit=None
+) -> tuple[dict, BaseException | None]:
     """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint.
 
     ``before_fit(device)``: called with the device the trainer will train on, before it starts.
@@ -126,11 +130,13 @@ def fit(cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbac
             raise
         cause = getattr(exc, "inner_exception", None) or exc  # what the backend raised
         first = (str(cause).strip().splitlines() or [""])[0]
-        raise ConfigError(f"trainer.compile={compiled}: torch.compile failed ({type(cause).__name__}: {first}); "
-                          "set trainer.compile=false, or try trainer.compile=aot_eager") from exc  # fmt: skip
+        raise ConfigError(
+            f"trainer.compile={compiled}: torch.compile failed ({type(cause).__name__}: {first}); "
+            "set trainer.compile=false, or try trainer.compile=aot_eager"
+        ) from exc
     except Exception as exc:
         if not stats.training_ended:
-            raise failed_write(exc, out)
+            raise failed_write(exc, out) from exc
         fit_error = failed_write(exc, out)
     if kept_csv is not None:
         resume.merge_resumed_csv(kept_csv, out / "csv", resumed_epoch=stats.resumed_at_epoch)
@@ -177,22 +183,29 @@ def run_pretrain(cfg: DictConfig) -> dict:
     datamodule = builders.build_datamodule(cfg, "base")
     base = builders.build_base(cfg)
     if base.num_classes != datamodule.num_classes:
-        raise ConfigError(
-            f"base has {base.num_classes} classes but data.base_classes lists {datamodule.num_classes}"
-        )
-    meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
-            "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
+        raise ConfigError(f"base has {base.num_classes} classes but data.base_classes lists {datamodule.num_classes}")
+    meta = {
+        "base_classes": datamodule.class_names,
+        "image_size": cfg.data.image_size,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
     precise = precise_bn_callback(cfg, base)
     best = KeepBestEpoch(best_epoch_path(cfg.base.save_to), meta, precise=precise)  # the thesis adapted it
-    result, fit_error = fit(cfg, base, datamodule.num_classes, datamodule,
-                            callbacks=[best, *([precise] if precise else [])])  # fmt: skip
+    result, fit_error = fit(
+        cfg, base, datamodule.num_classes, datamodule, callbacks=[best, *([precise] if precise else [])]
+    )
     if precise is not None:
         with_precise_top1(result, precise, datamodule)
         result["best_epoch_top1_precise_bn"] = best.top1_precise_bn
     fp32, binary = accounting.totals(accounting.parameter_rows(base))
-    summary = {"base_binary_params": binary, "base_fp32_params": fp32, "base_checkpoint": str(cfg.base.save_to),
-               "best_epoch_checkpoint": str(best.path), "best_epoch": best.epoch,
-               **operation_counts(base, cfg.data.image_size)}  # fmt: skip
+    summary = {
+        "base_binary_params": binary,
+        "base_fp32_params": fp32,
+        "base_checkpoint": str(cfg.base.save_to),
+        "best_epoch_checkpoint": str(best.path),
+        "best_epoch": best.epoch,
+        **operation_counts(base, cfg.data.image_size),
+    }
     measured = {**result, **summary}
     return after_training(cfg, measured, pretrain_steps(cfg, base, meta, measured), fit_error)
 
@@ -232,13 +245,17 @@ def run_adapt(cfg: DictConfig) -> dict:
     preflight.check_base(cfg)  # a missing base: one line naming the command that makes it
     if preflight.pretrains_missing_base(cfg):  # its default place only; one run pretrains it, others wait
         if ranks.launched_world_size() > 1:  # rank 0 would pretrain under a claim the other ranks wait for
-            raise ConfigError(f"no base checkpoint at {cfg.base.checkpoint}: with one process per device "
-                              "(trainer=ddp_slurm) pretrain it first, in a run of its own")  # fmt: skip
+            raise ConfigError(
+                f"no base checkpoint at {cfg.base.checkpoint}: with one process per device "
+                "(trainer=ddp_slurm) pretrain it first, in a run of its own"
+            )
         with claims.file_claim(cfg.base.checkpoint, f"base checkpoint {cfg.base.checkpoint}"):
             if not Path(cfg.base.checkpoint).is_file():
                 sub = builders.pretraining_config(cfg)
-                print(f"no base checkpoint at {cfg.base.checkpoint}: pretraining it first "
-                      f"({sub.trainer.max_epochs} epochs)")  # fmt: skip
+                print(
+                    f"no base checkpoint at {cfg.base.checkpoint}: pretraining it first "
+                    f"({sub.trainer.max_epochs} epochs)"
+                )
                 L.seed_everything(sub.seed, workers=True, verbose=False)  # the base a pretraining run would train
                 run_pretrain(sub)
     # the same adaptation whether or not this run pretrained its base (and whatever the check above drew)
@@ -252,8 +269,15 @@ def run_adapt(cfg: DictConfig) -> dict:
         before_fit = functools.partial(recalibrate, model.base, datamodule, batches)
     training_data = adaptation_data(cfg, model, datamodule)
     precise = precise_bn_callback(cfg, model)
-    result, fit_error = fit(cfg, model, datamodule.num_classes, training_data, plan,
-                            callbacks=[precise] if precise else [], before_fit=before_fit)  # fmt: skip
+    result, fit_error = fit(
+        cfg,
+        model,
+        datamodule.num_classes,
+        training_data,
+        plan,
+        callbacks=[precise] if precise else [],
+        before_fit=before_fit,
+    )
     if precise is not None:
         with_precise_top1(result, precise, datamodule)
     summary = accounting.summarize(model, cfg.data.image_size)
@@ -266,7 +290,9 @@ def adaptation_data(cfg: DictConfig, model, datamodule):
     if cfg.tap_cache.enabled:
         return tap_cache.TapCacheDataModule(datamodule, model, cfg.tap_cache.views, cfg.tap_cache.max_gb)
     if cfg.tap_cache.views > 1:
-        print(f"note: tap_cache.views={cfg.tap_cache.views} has no effect without tap_cache.enabled=true", file=sys.stderr)
+        print(
+            f"note: tap_cache.views={cfg.tap_cache.views} has no effect without tap_cache.enabled=true", file=sys.stderr
+        )
     return datamodule
 
 
@@ -274,9 +300,14 @@ def adapt_steps(cfg: DictConfig, model, datamodule) -> list[tuple[str, Any]]:
     """What follows adaptation: the run's adapter file (the trained adapter and head)."""
 
     def write_adapter_file() -> None:
-        export_adapter(model, Path(cfg.paths.output_dir) / ADAPTER_FILE, reference_base=builders.load_trained_base(cfg),
-                       class_names=datamodule.class_names, preprocess=builders.preprocessing(datamodule),
-                       source={"run_dir": str(cfg.paths.output_dir), "config_hash": config_hash(cfg)})  # fmt: skip
+        export_adapter(
+            model,
+            Path(cfg.paths.output_dir) / ADAPTER_FILE,
+            reference_base=builders.load_trained_base(cfg),
+            class_names=datamodule.class_names,
+            preprocess=builders.preprocessing(datamodule),
+            source={"run_dir": str(cfg.paths.output_dir), "config_hash": config_hash(cfg)},
+        )
 
     return [(ADAPTER_FILE_STEP, write_adapter_file)]
 
@@ -296,8 +327,11 @@ def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
         precise = precise_bn_callback(cfg, base)
         if precise is not None:  # the checkpoint holds the averaged statistics: re-estimate, as the fit did
             recalibrate(base, datamodule, precise.batches, torch.device("cpu"), epoch=last_epoch)
-        meta = {"base_classes": datamodule.class_names, "image_size": cfg.data.image_size,
-                "config": OmegaConf.to_container(cfg, resolve=True)}  # fmt: skip
+        meta = {
+            "base_classes": datamodule.class_names,
+            "image_size": cfg.data.image_size,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
         steps = pretrain_steps(cfg, base, meta, measured)
     else:
         datamodule = builders.build_datamodule(cfg, "target")
@@ -305,8 +339,14 @@ def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
         model = resume.load_trained_weights(model, out)
         precise = precise_bn_callback(cfg, model)
         if precise is not None:  # as the fit did: the checkpoint holds the averaged statistics
-            recalibrate(model, adaptation_data(cfg, model, datamodule), precise.batches, torch.device("cpu"),
-                        precise.norms(model), epoch=last_epoch)  # fmt: skip
+            recalibrate(
+                model,
+                adaptation_data(cfg, model, datamodule),
+                precise.batches,
+                torch.device("cpu"),
+                precise.norms(model),
+                epoch=last_epoch,
+            )
         steps = adapt_steps(cfg, model, datamodule)
     return after_training(cfg, measured, steps, first=step)
 
@@ -314,8 +354,11 @@ def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
 def choose_run_dir(cfg: DictConfig) -> DictConfig:
     """With ``resume=true``, continue the newest unfinished run of this config."""
     output_dir = Path(cfg.paths.output_dir)
-    found = (resume.find_resumable(output_dir, output_dir.parent, config_hash(cfg), dataset_identity(cfg))
-             if cfg.get("resume") else None)  # fmt: skip
+    found = (
+        resume.find_resumable(output_dir, output_dir.parent, config_hash(cfg), dataset_identity(cfg))
+        if cfg.get("resume")
+        else None
+    )
     if cfg.get("resume") and found is None:
         print(f"resume=true: no unfinished run of this config under {output_dir.parent}; starting afresh")
     if found is None or found == output_dir:
@@ -429,8 +472,9 @@ def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
     earlier = read_json_or_none(out / "metrics.json") or {}
     same_config = earlier.get("config_hash") == config_hash(cfg)
     if waited and same_config and earlier.get("status") in ("failed", FAILED_AFTER_TRAINING):
-        raise UserError(f"this run failed in the process that held {out} until now: "
-                        f"{earlier.get('error')}; not running it again")  # fmt: skip
+        raise UserError(
+            f"this run failed in the process that held {out} until now: {earlier.get('error')}; not running it again"
+        )
     if earlier.get("status") == "complete" and same_config:
         problem = result_problem(earlier, out, cfg)
         if problem:

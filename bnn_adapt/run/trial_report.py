@@ -40,12 +40,23 @@ def size_of(trial: FrozenTrial, size_index: int) -> float | None:
 
 def _as_single_objective(trial: FrozenTrial, accuracy_index: int, state: TrialState) -> FrozenTrial:
     value = trial.values[accuracy_index] if state == TrialState.COMPLETE else None
-    return create_trial(state=state, value=value, intermediate_values=dict(trial.intermediate_values),
-                        system_attrs=dict(trial.system_attrs))  # fmt: skip
+    return create_trial(
+        state=state,
+        value=value,
+        intermediate_values=dict(trial.intermediate_values),
+        system_attrs=dict(trial.system_attrs),
+    )
 
 
-def should_prune(pruner: BasePruner, storage: BaseStorage, study_id: int, trial_id: int, size_pct: float,
-                 accuracy_index: int = 0, size_index: int = 1) -> bool:  # fmt: skip
+def should_prune(
+    pruner: BasePruner,
+    storage: BaseStorage,
+    study_id: int,
+    trial_id: int,
+    size_pct: float,
+    accuracy_index: int = 0,
+    size_index: int = 1,
+) -> bool:
     """Optuna's ``pruner`` on a single-objective view of the study (maximise validation top-1) that
     holds this trial and the trials no larger than it; what the pruner records (successive halving's
     rungs) is written back to the trial."""
@@ -110,12 +121,15 @@ class TrialReport(L.Callback):
             storage, study_id, trial_id = self._ids
             storage.set_trial_intermediate_value(trial_id, epoch, float(value))
             if self.pruner is not None and self.first_judged_epoch <= epoch < trainer.max_epochs:
-                prune = should_prune(self.pruner, storage, study_id, trial_id, self.size_pct, self.accuracy_index,
-                                     self.size_index)  # fmt: skip
+                prune = should_prune(
+                    self.pruner, storage, study_id, trial_id, self.size_pct, self.accuracy_index, self.size_index
+                )
             if prune:
                 storage.set_trial_system_attr(trial_id, PRUNED_ATTR, epoch)
-                print(f"trial {study.trial_number(self.cfg)} pruned after epoch {epoch} "
-                      f"({METRIC} {float(value):.4f}, size {self.size_pct:.3f}% of the base)")  # fmt: skip
+                print(
+                    f"trial {study.trial_number(self.cfg)} pruned after epoch {epoch} "
+                    f"({METRIC} {float(value):.4f}, size {self.size_pct:.3f}% of the base)"
+                )
         if trainer.world_size > 1:
             prune = trainer.strategy.broadcast(prune, src=0)
         if prune:

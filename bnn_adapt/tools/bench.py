@@ -49,7 +49,6 @@ from pathlib import Path
 import torch
 
 from bnn_adapt.files import atomic_output
-from bnn_adapt.tools.bench_epoch import EPOCH_SETUPS, EpochSetup, epoch_records
 from bnn_adapt.tools.bench_cases import (
     FULL_SETUPS,
     TINY_SETUPS,
@@ -63,6 +62,7 @@ from bnn_adapt.tools.bench_cases import (
     sync,
     train_step,
 )
+from bnn_adapt.tools.bench_epoch import EPOCH_SETUPS, EpochSetup, epoch_records
 from bnn_adapt.tools.bench_memory import SavedTensorMeter, measure_peak, measure_saved  # noqa: F401 (re-exported)
 from bnn_adapt.tools.bench_report import commit, machine, report
 from bnn_adapt.training import allocator
@@ -205,12 +205,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny widths and images (a smoke test)")
     parser.add_argument("--models", default=None, help="comma-separated base names (default: all)")
     parser.add_argument("--strategies", default=None, help="comma-separated strategies and/or pretrain (default: all)")
-    parser.add_argument("--peak-repeats", type=int, default=3, help="fresh processes per case for peak memory (0: skip)")
+    parser.add_argument(
+        "--peak-repeats", type=int, default=3, help="fresh processes per case for peak memory (0: skip)"
+    )
     parser.add_argument("--out", default="benchmarks", help="folder for results.json / results.md")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--only", choices=SECTIONS, default=None,
-                        help="only the step cases (time, memory) or only the whole-epoch records")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        default=None,
+        help="only the step cases (time, memory) or only the whole-epoch records",
+    )
     return parser.parse_args(argv)
 
 
@@ -233,9 +239,13 @@ def options_from(args: argparse.Namespace, device: torch.device) -> Options:
     if args.peak_repeats < 0:
         raise SystemExit(f"error: --peak-repeats {args.peak_repeats} is negative; use 0 to skip peak memory")
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
-    common = {"setups": setups, "strategies": tuple(strategies) if strategies else None,
-              "peak_repeats": args.peak_repeats, "sections": (args.only,) if args.only else SECTIONS,
-              "epoch_setup": EPOCH_SETUPS[("cuda" if device.type == "cuda" else "cpu", size)]}  # fmt: skip
+    common = {
+        "setups": setups,
+        "strategies": tuple(strategies) if strategies else None,
+        "peak_repeats": args.peak_repeats,
+        "sections": (args.only,) if args.only else SECTIONS,
+        "epoch_setup": EPOCH_SETUPS[("cuda" if device.type == "cuda" else "cpu", size)],
+    }
     if args.quick or args.tiny:
         return Options(**common, warmup=1, rounds=2 if args.tiny else 3, steps_per_round=1, memory_steps=1)
     return Options(**common, warmup=2, rounds=5, steps_per_round=2, memory_steps=2)
@@ -289,8 +299,10 @@ def main(argv=None) -> list[dict]:
             records += run_setup(setup, options, device)
     if "epochs" in options.sections:
         e = options.epoch_setup
-        print(f"epochs: ste_resnet_cifar width {e.width}, {e.train_per_class} + {e.eval_per_class} images per class, "
-              f"batch {e.batch_size}, {e.rounds} rounds x {e.epochs} epochs")  # fmt: skip
+        print(
+            f"epochs: ste_resnet_cifar width {e.width}, {e.train_per_class} + {e.eval_per_class} images per class, "
+            f"batch {e.batch_size}, {e.rounds} rounds x {e.epochs} epochs"
+        )
         allocator.keep_freed_memory()  # as in training (python -m bnn_adapt)
         epochs = epoch_records(e, device)
     meta["elapsed_s"] = time.perf_counter() - started
@@ -300,8 +312,13 @@ def main(argv=None) -> list[dict]:
         r["device"] = meta["device"]
     out = Path(args.out)
     runs = kept_sections(out, options.sections)  # a run of one section keeps the other's earlier records
-    runs.update({section: (found, meta) for section, found in (("steps", records), ("epochs", epochs))
-                 if section in options.sections})  # fmt: skip
+    runs.update(
+        {
+            section: (found, meta)
+            for section, found in (("steps", records), ("epochs", epochs))
+            if section in options.sections
+        }
+    )
     (step_records, steps_meta), (timed_epochs, epochs_meta) = (runs.get(s, ([], meta)) for s in SECTION_FILES)
     text = report(step_records, steps_meta, timed_epochs, epochs_meta)
     files = {SECTION_FILES[section]: found for section, (found, _) in runs.items()}

@@ -166,5 +166,3 @@ def build_cache(case: Case, device: torch.device) -> tuple[float, int]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-

@@ -30,6 +30,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import lightning as L
@@ -94,7 +95,7 @@ def clock(device: torch.device) -> tuple[float, float]:
 
 
 def spans(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in pairwise(marks)]
 
 
 class EpochClock(L.Callback):
@@ -111,8 +112,9 @@ class EpochClock(L.Callback):
         self.marks.append(clock(self.device))
 
 
-def epoch_config(setup: EpochSetup, case: EpochCase, device: torch.device, data_dir: Path, run_dir: Path,
-                 extra: Sequence[str] = ()) -> DictConfig:  # fmt: skip
+def epoch_config(
+    setup: EpochSetup, case: EpochCase, device: torch.device, data_dir: Path, run_dir: Path, extra: Sequence[str] = ()
+) -> DictConfig:
     """The run's real config (``conf/config.yaml``: its logger, checkpointing, scheduler, trainer defaults)
     on the generated data, shrunk to ``setup``; ``extra``: more overrides."""
     overrides = [
@@ -133,8 +135,9 @@ def epoch_config(setup: EpochSetup, case: EpochCase, device: torch.device, data_
     return cfg
 
 
-def prepare_case(case: EpochCase, setup: EpochSetup, device: torch.device, data_dir: Path, run_dir: Path,
-                 extra: Sequence[str] = ()) -> None:  # fmt: skip
+def prepare_case(
+    case: EpochCase, setup: EpochSetup, device: torch.device, data_dir: Path, run_dir: Path, extra: Sequence[str] = ()
+) -> None:
     """The case's config, initial model (a random base: speed does not depend on its weights) and datamodule."""
     from bnn_adapt.training.tap_cache import TapCacheDataModule
 
@@ -148,7 +151,9 @@ def prepare_case(case: EpochCase, setup: EpochSetup, device: torch.device, data_
     case.datamodule = datamodule
 
 
-def run_framework(case: EpochCase, device: torch.device, run_dir: Path) -> tuple[list[tuple[float, float]], torch.nn.Module]:
+def run_framework(
+    case: EpochCase, device: torch.device, run_dir: Path
+) -> tuple[list[tuple[float, float]], torch.nn.Module]:
     """``epochs`` epochs through :func:`bnn_adapt.run.task.fit`: the (wall, CPU) times of the epochs after the
     first, the model."""
     from bnn_adapt.run import task
@@ -234,7 +239,6 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, f
 def epoch_records(setup: EpochSetup, device: torch.device, log=print) -> list[dict]:
     """Every case of :data:`EPOCH_CASES`, timed round-robin; one record per case."""
     import bnn_adapt.__main__  # noqa: F401 - python -m bnn_adapt's warning filters, as a run has them
-
     from bnn_adapt.tools.synthetic import write_cifar10
 
     cases = [EpochCase(strategy, cached) for strategy, cached in EPOCH_CASES]

@@ -49,8 +49,8 @@ from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d
 from bnn_adapt.deploy.predict import BaseWithAdapters
 from bnn_adapt.nn.layers import BinaryConv2d, ScaledBinaryConv2d
-from bnn_adapt.tools.bench_report import commit, machine
 from bnn_adapt.tools.bench_infer_report import layer_table, markdown, summary_rows
+from bnn_adapt.tools.bench_report import commit, machine
 from bnn_adapt.training import allocator
 
 
@@ -128,8 +128,9 @@ def layer_inputs(base: nn.Module, size: int) -> dict[str, tuple[nn.Module, tuple
     return shapes
 
 
-def bench_layers(setup: Setup, float_base: nn.Module, packed_base: nn.Module, batch: int, rounds: Rounds,
-                 log=print) -> list[dict]:  # fmt: skip
+def bench_layers(
+    setup: Setup, float_base: nn.Module, packed_base: nn.Module, batch: int, rounds: Rounds, log=print
+) -> list[dict]:
     """Every binary conv alone, fp32 conv vs packed kernel on the same +-1 weights, interleaved."""
     gen = torch.Generator().manual_seed(batch)
     cases = []
@@ -141,11 +142,17 @@ def bench_layers(setup: Setup, float_base: nn.Module, packed_base: nn.Module, ba
         plan = kernels.ConvPlan(*packed.packed_weight(), packed.kernel_shape, packed.step, packed.pad)
         bits = kernels.pack_signs(signs, packed.pad)
         stride, pad = packed.step, packed.pad
-        cases.append({
-            "name": name, "signs": signs, "bits": bits, "plan": plan, "pad": pad,
-            "float": lambda x=signs, w=weight, s=stride, p=pad: F.conv2d(x, w, stride=s, padding=p),
-            "times": {"float": [], "packed": [], "pack": []},
-        })  # fmt: skip
+        cases.append(
+            {
+                "name": name,
+                "signs": signs,
+                "bits": bits,
+                "plan": plan,
+                "pad": pad,
+                "float": lambda x=signs, w=weight, s=stride, p=pad: F.conv2d(x, w, stride=s, padding=p),
+                "times": {"float": [], "packed": [], "pack": []},
+            }
+        )
     for _ in range(rounds.layer):
         for case in cases:
             case["times"]["float"].append(timed(case["float"], rounds.min_time_s))
@@ -158,22 +165,37 @@ def bench_layers(setup: Setup, float_base: nn.Module, packed_base: nn.Module, ba
         c_out, c_in, kh, kw = case["plan"].shape
         t = {k: statistics.median(v) for k, v in case["times"].items()}
         macs = expected.numel() * c_in * kh * kw
-        records.append({
-            "model": setup.name, "batch": batch, "layer": case["name"], "kernel": f"{kh}x{kw}",
-            "c_in": c_in, "c_out": c_out, "input_hw": list(case["signs"].shape[2:]), "stride": case["plan"].stride,
-            "packed_s": t["packed"], "float_s": t["float"], "speedup": t["float"] / t["packed"],
-            "pack_s": t["pack"], "speedup_with_pack": t["float"] / (t["packed"] + t["pack"]),
-            "exact": bool(torch.equal(got, expected)), "binary_macs": macs,
-            "packed_gmacs_per_s": macs / t["packed"] / 1e9, "float_gmacs_per_s": macs / t["float"] / 1e9,
-        })  # fmt: skip
+        records.append(
+            {
+                "model": setup.name,
+                "batch": batch,
+                "layer": case["name"],
+                "kernel": f"{kh}x{kw}",
+                "c_in": c_in,
+                "c_out": c_out,
+                "input_hw": list(case["signs"].shape[2:]),
+                "stride": case["plan"].stride,
+                "packed_s": t["packed"],
+                "float_s": t["float"],
+                "speedup": t["float"] / t["packed"],
+                "pack_s": t["pack"],
+                "speedup_with_pack": t["float"] / (t["packed"] + t["pack"]),
+                "exact": bool(torch.equal(got, expected)),
+                "binary_macs": macs,
+                "packed_gmacs_per_s": macs / t["packed"] / 1e9,
+                "float_gmacs_per_s": macs / t["float"] / 1e9,
+            }
+        )
         if mhz:  # per core and cycle at the nominal clock: the kernel's step is xor + popcount + add per 512 MACs
             cycles = mhz * 1e6 * torch.get_num_threads()
             records[-1]["packed_macs_per_cycle_per_core"] = macs / t["packed"] / cycles
             records[-1]["float_macs_per_cycle_per_core"] = macs / t["float"] / cycles
         r = records[-1]
-        log(f"  {setup.name} b{batch} {r['layer']:<28} {r['kernel']} float {r['float_s'] * 1e3:8.3f} ms  "
+        log(
+            f"  {setup.name} b{batch} {r['layer']:<28} {r['kernel']} float {r['float_s'] * 1e3:8.3f} ms  "
             f"packed {r['packed_s'] * 1e3:7.3f} ms (+pack {r['pack_s'] * 1e3:.3f})  {r['speedup']:5.1f}x  "
-            f"exact={r['exact']}")  # fmt: skip
+            f"exact={r['exact']}"
+        )
     return records
 
 
@@ -191,8 +213,7 @@ def make_bank(base: nn.Module, setup: Setup, folder: Path, packed: bool) -> Base
     return bank
 
 
-def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: int, rounds: Rounds,
-                     log=print) -> dict:  # fmt: skip
+def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: int, rounds: Rounds, log=print) -> dict:
     """``BaseWithAdapters.predict`` on a preprocessed batch, and the base alone (its stage outputs)."""
     x = torch.randn(batch, 3, setup.image_size, setup.image_size, generator=torch.Generator().manual_seed(7))
     calls = {}
@@ -216,20 +237,31 @@ def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: in
     t = {k: statistics.median(v) for k, v in times.items()}
     kernel_share = statistics.median(shares)
     record = {
-        "model": setup.name, "batch": batch, "layer": "end_to_end", "adapter": "udta (concat head)",
-        "packed_s": t["packed"], "float_s": t["float"], "speedup": t["float"] / t["packed"],
-        "images_per_s_packed": batch / t["packed"], "images_per_s_float": batch / t["float"],
+        "model": setup.name,
+        "batch": batch,
+        "layer": "end_to_end",
+        "adapter": "udta (concat head)",
+        "packed_s": t["packed"],
+        "float_s": t["float"],
+        "speedup": t["float"] / t["packed"],
+        "images_per_s_packed": batch / t["packed"],
+        "images_per_s_float": batch / t["float"],
         "exact": bool(torch.equal(logits, expected)),
-        "max_abs_logit_diff": float((logits - expected).abs().max()), "max_abs_logit": float(expected.abs().max()),
+        "max_abs_logit_diff": float((logits - expected).abs().max()),
+        "max_abs_logit": float(expected.abs().max()),
         "same_top1": bool(torch.equal(logits.argmax(1), expected.argmax(1))),
-        "base_packed_s": t["base_packed"], "base_float_s": t["base_float"],
+        "base_packed_s": t["base_packed"],
+        "base_float_s": t["base_float"],
         "base_speedup": t["base_float"] / t["base_packed"],
-        "kernel_share_packed": kernel_share, "float_share_packed": 1 - kernel_share,
+        "kernel_share_packed": kernel_share,
+        "float_share_packed": 1 - kernel_share,
         "adapter_share_packed": max(0.0, 1 - t["base_packed"] / t["packed"]),
-    }  # fmt: skip
-    log(f"  {setup.name} b{batch} end to end: float {t['float'] * 1e3:.2f} ms, packed {t['packed'] * 1e3:.2f} ms, "
+    }
+    log(
+        f"  {setup.name} b{batch} end to end: float {t['float'] * 1e3:.2f} ms, packed {t['packed'] * 1e3:.2f} ms, "
         f"{record['speedup']:.2f}x (base alone {record['base_speedup']:.2f}x); packed time: "
-        f"{kernel_share:.0%} kernels, {record['adapter_share_packed']:.0%} adapter and head")
+        f"{kernel_share:.0%} kernels, {record['adapter_share_packed']:.0%} adapter and head"
+    )
     return record
 
 
@@ -247,14 +279,13 @@ def memory_probe(path: str, packed: bool) -> dict:
     after_first = rss()
     second = BaseWithAdapters.load(path, packed=packed)
     after_second = rss()
-    live = sum(
-        t.numel() * t.element_size()
-        for t in (*first.base.parameters(), *first.base.buffers())
-        if not t.is_meta
-    )
+    live = sum(t.numel() * t.element_size() for t in (*first.base.parameters(), *first.base.buffers()) if not t.is_meta)
     assert second.base is not first.base
-    return {"rss_growth_bytes": after_first - before, "rss_growth_second_bytes": after_second - after_first,
-            "live_tensor_bytes": live}  # fmt: skip
+    return {
+        "rss_growth_bytes": after_first - before,
+        "rss_growth_second_bytes": after_second - after_first,
+        "live_tensor_bytes": live,
+    }
 
 
 def bench_memory(setup: Setup, folder: Path) -> dict:
@@ -313,11 +344,16 @@ def main(argv=None) -> dict:
     given = sys.argv[1:] if argv is None else argv
     command = "python -m bnn_adapt.tools.bench_infer" + "".join(f" {a}" for a in given)
     meta = {
-        "command": command, "commit": commit() or "unknown", "machine": machine(), "isa": kernels.isa(),
+        "command": command,
+        "commit": commit() or "unknown",
+        "machine": machine(),
+        "isa": kernels.isa(),
         "cpu_mhz": nominal_mhz(),
-        "openmp": kernels.openmp(), "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "rounds": {"layer": rounds.layer, "end_to_end": rounds.end_to_end}, "allocator": "keep_freed_memory",
-    }  # fmt: skip
+        "openmp": kernels.openmp(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "rounds": {"layer": rounds.layer, "end_to_end": rounds.end_to_end},
+        "allocator": "keep_freed_memory",
+    }
     print(f"{command}: kernels {meta['isa']}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
     started = time.perf_counter()
     records, memory = [], []

@@ -43,8 +43,9 @@ def _epoch(loader: DataLoader, epoch: int, device: torch.device) -> tuple[int, f
     return images, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def loader_records(device: torch.device, images_per_class: int = 1000, batch_size: int = 64, epochs: int = 3,
-                   per_image: bool = True) -> list[dict]:  # fmt: skip
+def loader_records(
+    device: torch.device, images_per_class: int = 1000, batch_size: int = 64, epochs: int = 3, per_image: bool = True
+) -> list[dict]:
     """One record per loader: median images/s (wall and per CPU second) over ``epochs`` timed epochs
     after one warm-up epoch, for ``10 * images_per_class`` generated 32x32 CIFAR-10 images."""
     with tempfile.TemporaryDirectory() as root:
@@ -91,8 +92,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = loader_records(torch.device(args.device), args.images_per_class, args.batch_size, args.epochs)
     print("| loader | device | threads | batch | images/s | images per CPU-s |\n|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['loader']} | {r['device']} | {r['threads']} | {r['batch_size']} | {r['images_per_s']:,.0f} | "
-              f"{r['images_per_cpu_s']:,.0f} |")
+        print(
+            f"| {r['loader']} | {r['device']} | {r['threads']} | {r['batch_size']} | {r['images_per_s']:,.0f} | "
+            f"{r['images_per_cpu_s']:,.0f} |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     return records

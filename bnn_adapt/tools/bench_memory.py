@@ -303,9 +303,14 @@ def isolated_peaks(spec: dict, repeats: int) -> dict:
 def measure_peak(case: Case, device: torch.device, steps: int, repeats: int) -> None:
     """The case's peak over ``steps`` steps: the minimum of ``repeats`` isolated runs."""
     spec = {
-        "setup": asdict(case.setup), "strategy": case.strategy, "memory": case.memory,
-        "cache_taps": case.cache_taps, "device": str(device), "threads": torch.get_num_threads(), "steps": steps,
-    }  # fmt: skip
+        "setup": asdict(case.setup),
+        "strategy": case.strategy,
+        "memory": case.memory,
+        "cache_taps": case.cache_taps,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+    }
     result = isolated_peaks(spec, repeats)
     gpu = device.type == "cuda"
     case.record.update(

@@ -12,7 +12,6 @@ import torch
 
 from bnn_adapt.run.provenance import git_commit as commit  # noqa: F401 - the benchmarks' records name it
 
-
 # (label, goal, strategy, cache_taps, memory, field): the goals of issue #6, as ratios from one run
 TARGETS = (
     ("udta step vs full finetune", 2.5, "udta", False, "standard", "speedup_vs_finetune"),
@@ -110,7 +109,8 @@ def tap_cache_table(records: list[dict]) -> str:
     keys = list(cached[0]["amortized_speedup"])
     rows = [
         "| model | memory | cached step (s) | speed-up per step | build (ms per image and view) "
-        "| features per image and view | " + " | ".join(f"amortised {k.replace('x', ' views x ')} epochs" for k in keys)
+        "| features per image and view | "
+        + " | ".join(f"amortised {k.replace('x', ' views x ')} epochs" for k in keys)
         + " |",
         "|---|---|---|---|---|---|" + "---|" * len(keys),
     ]
@@ -154,9 +154,10 @@ def targets_table(records: list[dict]) -> str:
         cells = []
         for model in models:
             found = [
-                r[key] for r in records
+                r[key]
+                for r in records
                 if (r["model"], r["strategy"], r["cache_taps"], r["memory"]) == (model, strategy, cached, memory)
-            ]  # fmt: skip
+            ]
             value = found[0] if found else None
             cells.append("-" if value is None else f"{value:.2f}x " + ("(met)" if value >= goal else "(short)"))
         rows.append(f"| {text} | >= {goal:g}x | " + " | ".join(cells) + " |")
@@ -251,7 +252,9 @@ def _goal(record: dict) -> str:
     """The record against issue #24's goal: on a CPU the 1.3x ratio (of CPU times), on a GPU images/s at full width."""
     if not record["device"].startswith("cuda"):
         ratio = record["framework_vs_bare_cpu"]
-        return f"<= {EPOCH_RATIO_GOAL}x: " + ("met" if ratio <= EPOCH_RATIO_GOAL else f"short by {ratio / EPOCH_RATIO_GOAL:.2f}x")
+        return f"<= {EPOCH_RATIO_GOAL}x: " + (
+            "met" if ratio <= EPOCH_RATIO_GOAL else f"short by {ratio / EPOCH_RATIO_GOAL:.2f}x"
+        )
     goal = EPOCH_GPU_GOALS.get((record["strategy"], record["cache_taps"]))
     if goal is None or record["width"] != 1.0:
         return "-"

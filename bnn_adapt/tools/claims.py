@@ -65,7 +65,9 @@ def gaps(rows: list[Row], reference: Reference | None) -> list[tuple[Row, float]
     """(row, points below finetuning) of every adapter row."""
     if reference is None or reference.top1 is None:
         return []
-    return [(r, 100 * reference.top1 - row_mean(r, top1_pct)) for r in adapters(rows) if row_mean(r, top1_pct) is not None]
+    return [
+        (r, 100 * reference.top1 - row_mean(r, top1_pct)) for r in adapters(rows) if row_mean(r, top1_pct) is not None
+    ]
 
 
 def within_finetuning(rows: list[Row], reference: Reference | None) -> tuple[str, str]:
@@ -74,9 +76,11 @@ def within_finetuning(rows: list[Row], reference: Reference | None) -> tuple[str
         return TOO_FEW, "no finetuning row or no adapter row finished"
     best_row, best = min(found, key=lambda p: p[1])
     within = sum(g <= 5 for _, g in found)
-    numbers = (f"finetuning {100 * reference.top1:.2f} %; best adapter {best_row.label} {best:+.2f} points below; "
-               f"{within} of {len(found)} adapters within 5 points (gaps {min(g for _, g in found):+.2f} .. "
-               f"{max(g for _, g in found):+.2f})")  # fmt: skip
+    numbers = (
+        f"finetuning {100 * reference.top1:.2f} %; best adapter {best_row.label} {best:+.2f} points below; "
+        f"{within} of {len(found)} adapters within 5 points (gaps {min(g for _, g in found):+.2f} .. "
+        f"{max(g for _, g in found):+.2f})"
+    )
     return (HOLDS if best <= 5 else FAILS), numbers
 
 
@@ -101,17 +105,20 @@ def log_fit(rows: list[Row]) -> tuple[str, str]:
         return TOO_FEW, f"{len(points)} adapter rows with weights introduced > 0 (3 sizes needed)"
     span = max(w for w, _ in points) / min(w for w, _ in points)
     if span < MIN_WEIGHT_SPAN:  # a slope fitted over a narrow range is an extrapolation, not a trend
-        return TOO_FEW, (f"{len(points)} adapters whose weights introduced span {span:.2f}x "
-                         f"({MIN_WEIGHT_SPAN:g}x needed)")  # fmt: skip
+        return TOO_FEW, (
+            f"{len(points)} adapters whose weights introduced span {span:.2f}x ({MIN_WEIGHT_SPAN:g}x needed)"
+        )
     xs, ys = [math.log(w) for w, _ in points], [a for _, a in points]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys, strict=True))
     total = sum((y - my) ** 2 for y in ys)
     r2 = 1 - residual / total if total > 0 else 0.0
-    numbers = (f"{len(points)} adapters: top-1 % = {my - slope * mx:.2f} + {slope:.3f} ln(weights), "
-               f"{slope * math.log(10):+.2f} points per 10x weights, R² = {r2:.3f}")  # fmt: skip
+    numbers = (
+        f"{len(points)} adapters: top-1 % = {my - slope * mx:.2f} + {slope:.3f} ln(weights), "
+        f"{slope * math.log(10):+.2f} points per 10x weights, R² = {r2:.3f}"
+    )
     return (HOLDS if slope > 0 and r2 >= 0.5 else FAILS), numbers
 
 
@@ -130,8 +137,11 @@ def best_epoch(m: dict) -> int | None:
 
 
 def udta_groups_converge(rows: list[Row]) -> tuple[str, str]:
-    grouped = [r for r in rows if strategy(r) == "udta" and any(m["config"]["adapter"].get("groups") is not None
-                                                                  for m in r.runs)]  # fmt: skip
+    grouped = [
+        r
+        for r in rows
+        if strategy(r) == "udta" and any(m["config"]["adapter"].get("groups") is not None for m in r.runs)
+    ]
     if not grouped:
         return TOO_FEW, "no finished UDTA run with grouped convolutions"
     epochs = max(m["config"]["trainer"]["max_epochs"] for r in grouped for m in r.runs)
@@ -163,23 +173,43 @@ def adapter_speedup(rows: list[Row], reference: Reference | None) -> tuple[str, 
 def check_claims(tables: list[tuple[Table, list[Row], Reference | None]]) -> list[Claim]:
     """Every claim over ``(table, rows, finetuning reference)`` of the adaptation tables."""
     claims = [
-        (Claim("Adapters come within 1-5 points of finetuning",
-               "the best adapter of a table is at most 5 points below its finetuning row"),
-         lambda rows, ref: within_finetuning(rows, ref)),
-        (Claim("An adapter of 8-11 % of the base's memory costs 2.5-4 points",
-               "every adapter of 8-11 % (thesis convention) is at most 4 points below finetuning"),
-         lambda rows, ref: small_adapter_cost(rows, ref)),
-        (Claim("Accuracy grows with log(weights introduced)",
-               "least squares top-1 % = a + b ln(weights introduced, thesis convention) over a table's adapters "
-               f"(3 sizes or more, spanning {MIN_WEIGHT_SPAN:g}x or more): b > 0 and R² >= 0.5"),
-         lambda rows, ref: log_fit(rows)),
-        (Claim("UDTA with groups reaches its best within about 10 epochs",
-               "every UDTA run with grouped convolutions reaches 95 % of its final top-1 by epoch 10"),
-         lambda rows, ref: udta_groups_converge(rows)),
-        (Claim("Adapter epochs are 1.3-1.45x faster than finetuning (relative speed-up 2 - t/t_ft)",
-               "the median relative speed-up of a table's adapters lies in [1.30, 1.45]"),
-         lambda rows, ref: adapter_speedup(rows, ref)),
-    ]  # fmt: skip
+        (
+            Claim(
+                "Adapters come within 1-5 points of finetuning",
+                "the best adapter of a table is at most 5 points below its finetuning row",
+            ),
+            lambda rows, ref: within_finetuning(rows, ref),
+        ),
+        (
+            Claim(
+                "An adapter of 8-11 % of the base's memory costs 2.5-4 points",
+                "every adapter of 8-11 % (thesis convention) is at most 4 points below finetuning",
+            ),
+            lambda rows, ref: small_adapter_cost(rows, ref),
+        ),
+        (
+            Claim(
+                "Accuracy grows with log(weights introduced)",
+                "least squares top-1 % = a + b ln(weights introduced, thesis convention) over a table's adapters "
+                f"(3 sizes or more, spanning {MIN_WEIGHT_SPAN:g}x or more): b > 0 and R² >= 0.5",
+            ),
+            lambda rows, ref: log_fit(rows),
+        ),
+        (
+            Claim(
+                "UDTA with groups reaches its best within about 10 epochs",
+                "every UDTA run with grouped convolutions reaches 95 % of its final top-1 by epoch 10",
+            ),
+            lambda rows, ref: udta_groups_converge(rows),
+        ),
+        (
+            Claim(
+                "Adapter epochs are 1.3-1.45x faster than finetuning (relative speed-up 2 - t/t_ft)",
+                "the median relative speed-up of a table's adapters lies in [1.30, 1.45]",
+            ),
+            lambda rows, ref: adapter_speedup(rows, ref),
+        ),
+    ]
     for claim, check in claims:
         for table, rows, reference in tables:
             verdict, numbers = check(rows, reference)
@@ -188,12 +218,25 @@ def check_claims(tables: list[tuple[Table, list[Row], Reference | None]]) -> lis
 
 
 def claims_markdown(claims: list[Claim], settings: str) -> str:
-    lines = ["# The thesis's conclusions, checked against the runs", "", settings, "",
-             "| claim | thesis tables | other tables |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        "# The thesis's conclusions, checked against the runs",
+        "",
+        settings,
+        "",
+        "| claim | thesis tables | other tables |",
+        "|---|---|---|",
+    ]
     lines += [f"| {c.title} | {c.verdict(True)} | {c.verdict(False)} |" for c in claims]
     for claim in claims:
-        lines += ["", f"## {claim.title}: {claim.verdict(True)}", "", f"Rule: {claim.rule}.", "",
-                  "| table | verdict | numbers |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## {claim.title}: {claim.verdict(True)}",
+            "",
+            f"Rule: {claim.rule}.",
+            "",
+            "| table | verdict | numbers |",
+            "|---|---|---|",
+        ]
         for f in claim.findings:
             name = f.table.id if f.table.thesis else f"{f.table.id} (not a thesis table)"
             lines.append(f"| {name} | {f.verdict} | {f.numbers} |")

@@ -152,19 +152,29 @@ def comparison_columns(table: Table, reference: Reference | None) -> list:
     finetune = printed_finetune_top1(reference.table_id if reference else table.id)
     printed_top1 = ThesisColumn("thesis top-1 %", lambda v: v.get("top1_pct"), ".2f", table)
     printed_gap = ThesisColumn(
-        "thesis gap", lambda v: None if finetune is None or v.get("top1_pct") is None else v["top1_pct"] - finetune,
-        "+.2f", table,
-    )  # fmt: skip
+        "thesis gap",
+        lambda v: None if finetune is None or v.get("top1_pct") is None else v["top1_pct"] - finetune,
+        "+.2f",
+        table,
+    )
     printed_weights = ThesisColumn("thesis weights", lambda v: v.get("weights"), ",", table)
     printed_size = ThesisColumn("thesis %", lambda v: v.get("size_pct"), ".1f", table)
     printed_speedup = ThesisColumn("thesis speed-up", lambda v: v.get("relative_speedup"), ".2f", table)
     return [
-        top1, printed_top1, DeltaColumn("Δ top-1", top1, printed_top1, "+.2f"),
-        gap, printed_gap,
-        weights, printed_weights, DeltaColumn("Δ weights", weights, printed_weights, "+,"),
-        size, printed_size, DeltaColumn("Δ %", size, printed_size, "+.2f"),
-        relative, printed_speedup,
-    ]  # fmt: skip
+        top1,
+        printed_top1,
+        DeltaColumn("Δ top-1", top1, printed_top1, "+.2f"),
+        gap,
+        printed_gap,
+        weights,
+        printed_weights,
+        DeltaColumn("Δ weights", weights, printed_weights, "+,"),
+        size,
+        printed_size,
+        DeltaColumn("Δ %", size, printed_size, "+.2f"),
+        relative,
+        printed_speedup,
+    ]
 
 
 def our_columns(reference: Reference | None, pruned: bool) -> list[Column]:

@@ -193,8 +193,11 @@ def render() -> str:
         for path in paths:
             name = path.stem
             plus = "+" if group in ADDED_GROUPS else ""
-            title = (f"### `{group}/{name}`: shared by every choice (`defaults: [{name}]`)" if name.startswith("_")
-                     else f"### {plus}{group}={name}")  # fmt: skip
+            title = (
+                f"### `{group}/{name}`: shared by every choice (`defaults: [{name}]`)"
+                if name.startswith("_")
+                else f"### {plus}{group}={name}"
+            )
             lines += choice_section(path, f"{title} {{#{_anchor(group, name)}}}")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -22,8 +22,11 @@ def training_losses(run_dir: Path, metrics: dict) -> tuple[list[float], list[flo
     path = run_dir / "csv" / "metrics.csv"
     if path.is_file():
         with path.open(newline="") as f:
-            points = [(float(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f)
-                      if r.get("train/loss_step") and r.get("step")]  # fmt: skip
+            points = [
+                (float(r["step"]), float(r["train/loss_step"]))
+                for r in csv.DictReader(f)
+                if r.get("train/loss_step") and r.get("step")
+            ]
         if points:
             return [p[0] for p in points], [p[1] for p in points]
     history = [h for h in metrics.get("history", []) if "train/loss_epoch" in h]
@@ -50,8 +53,9 @@ def plot_curves(table: Table, rows: list[Row], out: Path) -> list[Path]:
                 else:
                     xs, ys = training_losses(job.run_dir, metrics)
                 if xs:
-                    ax.plot(xs, ys, marker="." if len(xs) < 30 else None, alpha=0.85,
-                            label=row.label if i == 0 else None)  # fmt: skip
+                    ax.plot(
+                        xs, ys, marker="." if len(xs) < 30 else None, alpha=0.85, label=row.label if i == 0 else None
+                    )
         ax.set_xlabel("epoch" if name == "test_accuracy" else "training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
@@ -88,11 +92,17 @@ def plot_accuracy_vs_weights(tables: list[tuple[Table, list[Row]]], path: Path) 
     # one colour per strategy in every panel
     strategies = list(markers) + sorted({p[0] for ps in points.values() for p in ps} - set(markers))
     colors = {s: plt.cm.tab10.colors[i % 10] for i, s in enumerate(strategies)}
-    for ax, dataset in zip(axes[0], panels):
+    for ax, dataset in zip(axes[0], panels, strict=True):
         for strategy in sorted({p[0] for p in points.get(dataset, [])}):
             chosen = [p for p in points[dataset] if p[0] == strategy]
-            ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], marker=markers.get(strategy, "x"),
-                       color=colors[strategy], label=strategy, alpha=0.8)  # fmt: skip
+            ax.scatter(
+                [p[1] for p in chosen],
+                [p[2] for p in chosen],
+                marker=markers.get(strategy, "x"),
+                color=colors[strategy],
+                label=strategy,
+                alpha=0.8,
+            )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
         ax.set_xlabel("weights introduced (log scale)")

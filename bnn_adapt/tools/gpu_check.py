@@ -40,8 +40,11 @@ STRATEGIES = {  # step name -> overrides of a digits adaptation
     "lora": ["+experiment=digits5_5", "adapter=lora"],
     "bitfit": ["+experiment=digits5_5", "adapter=bitfit"],
 }
-THESIS_STRATEGIES = {"finetune": "+experiment=cifar5_5_finetune", "serial": "+experiment=cifar5_5_serial",
-                     "udta": "+experiment=cifar80_20_udta"}  # fmt: skip
+THESIS_STRATEGIES = {
+    "finetune": "+experiment=cifar5_5_finetune",
+    "serial": "+experiment=cifar5_5_serial",
+    "udta": "+experiment=cifar80_20_udta",
+}
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,28 @@ CUDA = Sizes(
 )
 CPU = Sizes(
     trainer=("trainer=cpu",),
-    digits=("base.width=0.1", "base.pretrain.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-            "trainer.limit_val_batches=2"),
+    digits=(
+        "base.width=0.1",
+        "base.pretrain.epochs=1",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+    ),
     thesis_per_class=12,
     thesis=("base.width=0.1", "data.batch_size=16", "trainer.limit_val_batches=2"),
     search=("trainer.max_epochs=1",),
-    bench=("--quick", "--tiny", "--device", "cpu", "--peak-repeats", "0", "--models", "ste_resnet_cifar",
-           "--strategies", "head_only,udta"),
+    bench=(
+        "--quick",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--peak-repeats",
+        "0",
+        "--models",
+        "ste_resnet_cifar",
+        "--strategies",
+        "head_only,udta",
+    ),
     limits={"run": 400, "thesis": 400, "search": 900, "bench": 600, "data": 120},
 )
 
@@ -101,8 +119,14 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
 
     def digits(name: str, *overrides: str, kind: str = "run", trainer=sizes.trainer, **kw) -> Step:
         run_dir = work / "runs" / name
-        command = bnn(*STRATEGIES.get(name, STRATEGIES["udta"]), *common, *trainer, *sizes.digits, *overrides,
-                      f"hydra.run.dir={run_dir}")  # fmt: skip
+        command = bnn(
+            *STRATEGIES.get(name, STRATEGIES["udta"]),
+            *common,
+            *trainer,
+            *sizes.digits,
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        )
         return Step(name, kind, command, [run_dir], **kw)
 
     steps = [digits(name, needs=None if name == "head_only" else "head_only") for name in STRATEGIES]
@@ -112,41 +136,127 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
         digits("udta_tap_cache", "tap_cache.enabled=true", needs="head_only"),
     ]
     ddp = ("trainer=ddp",) if device == "cuda" else ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
-    steps.append(digits("udta_ddp", "trainer.precision=32-true" if device == "cpu" else "trainer.devices=-1",
-                        trainer=ddp, needs="head_only"))  # fmt: skip
+    steps.append(
+        digits(
+            "udta_ddp",
+            "trainer.precision=32-true" if device == "cpu" else "trainer.devices=-1",
+            trainer=ddp,
+            needs="head_only",
+        )
+    )
     sync = digits("udta_ddp_sync_bn", "trainer.sync_batchnorm=true", trainer=ddp, needs="head_only")
     sync.skip = None if device == "cuda" and gpus > 1 else "needs 2+ GPUs (torch's SyncBatchNorm runs on GPUs only)"
     steps.append(sync)
     deploy = work / "deploy"
-    steps.append(Step("export", "run", bnn("task=export", f"export.adapter_run=[{work / 'runs' / 'udta'}]",
-                                           f"export.dir={deploy}", f"hydra.run.dir={work / 'runs' / 'export'}"),
-                      needs="udta"))  # fmt: skip
-    steps.append(Step("predict_cpu", "predict", bnn(
-        "task=predict", f"base.file={deploy / 'base.bnnpack'}", f"adapters=[{deploy / 'udta_head_concat.safetensors'}]",
-        f"inputs={work / 'images'}", "predict.top_k=2", f"predict.output={work / 'predictions.json'}",
-        f"hydra.run.dir={work / 'runs' / 'predict'}"), env={"CUDA_VISIBLE_DEVICES": ""}, needs="export"))  # fmt: skip
+    steps.append(
+        Step(
+            "export",
+            "run",
+            bnn(
+                "task=export",
+                f"export.adapter_run=[{work / 'runs' / 'udta'}]",
+                f"export.dir={deploy}",
+                f"hydra.run.dir={work / 'runs' / 'export'}",
+            ),
+            needs="udta",
+        )
+    )
+    steps.append(
+        Step(
+            "predict_cpu",
+            "predict",
+            bnn(
+                "task=predict",
+                f"base.file={deploy / 'base.bnnpack'}",
+                f"adapters=[{deploy / 'udta_head_concat.safetensors'}]",
+                f"inputs={work / 'images'}",
+                "predict.top_k=2",
+                f"predict.output={work / 'predictions.json'}",
+                f"hydra.run.dir={work / 'runs' / 'predict'}",
+            ),
+            env={"CUDA_VISIBLE_DEVICES": ""},
+            needs="export",
+        )
+    )
     search_dir = work / "search"
-    steps.append(Step("pareto_search", "search", bnn(
-        "--multirun", "+experiment=digits5_5", "hparams_search=size_vs_accuracy", "hydra.sweeper.n_trials=4",
-        f"hydra.sweep.dir={search_dir}", *common, *sizes.trainer, *sizes.digits, *sizes.search), needs="head_only"))
-    steps.append(Step("bench_quick", "bench", [sys.executable, "-m", "bnn_adapt.tools.bench", *sizes.bench,
-                                                "--out", str(work / "bench")]))  # fmt: skip
+    steps.append(
+        Step(
+            "pareto_search",
+            "search",
+            bnn(
+                "--multirun",
+                "+experiment=digits5_5",
+                "hparams_search=size_vs_accuracy",
+                "hydra.sweeper.n_trials=4",
+                f"hydra.sweep.dir={search_dir}",
+                *common,
+                *sizes.trainer,
+                *sizes.digits,
+                *sizes.search,
+            ),
+            needs="head_only",
+        )
+    )
+    steps.append(
+        Step(
+            "bench_quick",
+            "bench",
+            [sys.executable, "-m", "bnn_adapt.tools.bench", *sizes.bench, "--out", str(work / "bench")],
+        )
+    )
     data_dir = work / "data"
-    steps.append(Step("thesis_data", "data", [sys.executable, "-c", (
-        "import sys; from bnn_adapt.tools.synthetic import write_cifar10; "
-        "write_cifar10(sys.argv[1], n_per_class=int(sys.argv[2]))"), str(data_dir / "cifar10"),
-        str(sizes.thesis_per_class)]))  # fmt: skip
+    steps.append(
+        Step(
+            "thesis_data",
+            "data",
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import sys; from bnn_adapt.tools.synthetic import write_cifar10; "
+                    "write_cifar10(sys.argv[1], n_per_class=int(sys.argv[2]))"
+                ),
+                str(data_dir / "cifar10"),
+                str(sizes.thesis_per_class),
+            ],
+        )
+    )
     thesis_base = work / "bases" / "thesis_cifar10_0-4.pt"
     thesis = [f"paths.data_dir={data_dir}", *common, *sizes.trainer, *sizes.thesis]
-    steps.append(Step("thesis_base", "thesis", bnn(
-        "+experiment=cifar5_5_base", *thesis, "trainer.max_epochs=1", "trainer.limit_train_batches=20",
-        f"base.save_to={thesis_base}", f"hydra.run.dir={work / 'runs' / 'thesis_base'}"), needs="thesis_data"))
+    steps.append(
+        Step(
+            "thesis_base",
+            "thesis",
+            bnn(
+                "+experiment=cifar5_5_base",
+                *thesis,
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=20",
+                f"base.save_to={thesis_base}",
+                f"hydra.run.dir={work / 'runs' / 'thesis_base'}",
+            ),
+            needs="thesis_data",
+        )
+    )
     for name, experiment in THESIS_STRATEGIES.items():
         run_dir = work / "runs" / f"thesis_{name}"
         overrides = ["data=cifar5_5"] if name == "udta" else []  # the thesis's UDTA experiment, on CIFAR-10 5-5
-        steps.append(Step(f"thesis_epoch_{name}", "thesis", bnn(
-            experiment, *overrides, *thesis, "trainer.max_epochs=1", f"base.checkpoint={thesis_base}",
-            f"hydra.run.dir={run_dir}"), [run_dir], needs="thesis_base"))  # fmt: skip
+        steps.append(
+            Step(
+                f"thesis_epoch_{name}",
+                "thesis",
+                bnn(
+                    experiment,
+                    *overrides,
+                    *thesis,
+                    "trainer.max_epochs=1",
+                    f"base.checkpoint={thesis_base}",
+                    f"hydra.run.dir={run_dir}",
+                ),
+                [run_dir],
+                needs="thesis_base",
+            )
+        )
     return steps
 
 
@@ -169,8 +279,15 @@ def run_step(step: Step, limit: float, log_dir: Path) -> dict:
     start = time.perf_counter()
     try:
         with log.open("w") as out:
-            done = subprocess.run(step.command, cwd=REPO_ROOT, env={**os.environ, **step.env}, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=limit, check=False)  # fmt: skip
+            done = subprocess.run(
+                step.command,
+                cwd=REPO_ROOT,
+                env={**os.environ, **step.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=limit,
+                check=False,
+            )
         record["status"] = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
     except subprocess.TimeoutExpired:
         record["status"] = f"timed out ({limit:.0f} s)"
@@ -189,16 +306,26 @@ def run_measures(path: Path) -> dict:
     m = json.loads(path.read_text())
     batch = (m.get("config") or {}).get("data", {}).get("batch_size")
     step_s = m.get("step_time_s")
-    return {"top1": m.get("test_top1"), "epoch_time_s": m.get("epoch_time_s"),
-            "images_per_s": round(batch / step_s, 1) if batch and step_s else None,
-            "peak_mem_bytes": m.get("peak_mem_bytes"), "run_device": m.get("device")}  # fmt: skip
+    return {
+        "top1": m.get("test_top1"),
+        "epoch_time_s": m.get("epoch_time_s"),
+        "images_per_s": round(batch / step_s, 1) if batch and step_s else None,
+        "peak_mem_bytes": m.get("peak_mem_bytes"),
+        "run_device": m.get("device"),
+    }
 
 
 def environment(device: str) -> dict:
     import torch  # noqa: PLC0415
 
-    env = {"device": device, "python": platform.python_version(), "machine": platform.machine(),
-           "versions": package_versions(), "cuda": torch.version.cuda, "gpus": []}  # fmt: skip
+    env = {
+        "device": device,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "versions": package_versions(),
+        "cuda": torch.version.cuda,
+        "gpus": [],
+    }
     if device == "cuda":
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["cudnn"] = torch.backends.cudnn.version()
@@ -211,17 +338,27 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines = [
-        "# GPU check", "",
-        (f"Device: {env['device']} ({', '.join(env['gpus']) or env.get('cpu_capability', '')}); {versions}; "
-         f"CUDA {env['cuda']}; commit {report['commit']}; {report['total_s']:.0f} s in all."), "",
+        "# GPU check",
+        "",
+        (
+            f"Device: {env['device']} ({', '.join(env['gpus']) or env.get('cpu_capability', '')}); {versions}; "
+            f"CUDA {env['cuda']}; commit {report['commit']}; {report['total_s']:.0f} s in all."
+        ),
+        "",
         "| step | status | time (s) | top-1 | epoch (s) | images/s | peak memory (MB) |",
         "|---|---|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for r in report["steps"]:
-        cells = [r["step"], r["status"], f"{r['time_s']:.1f}" if "time_s" in r else "",
-                 *(f"{r[k]:{fmt}}" if r.get(k) is not None else "" for k, fmt in
-                   (("top1", ".4f"), ("epoch_time_s", ".2f"), ("images_per_s", ".0f"))),
-                 f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else ""]  # fmt: skip
+        cells = [
+            r["step"],
+            r["status"],
+            f"{r['time_s']:.1f}" if "time_s" in r else "",
+            *(
+                f"{r[k]:{fmt}}" if r.get(k) is not None else ""
+                for k, fmt in (("top1", ".4f"), ("epoch_time_s", ".2f"), ("images_per_s", ".0f"))
+            ),
+            f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -240,12 +377,19 @@ def check_versions(expected: list[str]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--out", default=None, help="folder for gpu_check.md / .json (default: benchmarks/ on "
-                        "cuda, the work folder on cpu)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for gpu_check.md / .json (default: benchmarks/ on cuda, the work folder on cpu)",
+    )
     parser.add_argument("--work", default="outputs/gpu_check", help="runs, data and logs of the steps")
     parser.add_argument("--only", default=None, help="comma-separated step names (and the steps they need)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"seconds for the whole check (default: {BUDGET_S} on cuda, 3 x that on cpu)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds for the whole check (default: {BUDGET_S} on cuda, 3 x that on cpu)",
+    )
     parser.add_argument("--expect", nargs="*", default=[], help="pkg==version pins the environment must have")
     args = parser.parse_args(argv)
     wrong = check_versions(args.expect)
@@ -255,8 +399,10 @@ def main(argv=None) -> int:
     import torch  # noqa: PLC0415
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA GPU is visible to torch here; run `make gpu-check DEVICE=cpu` for the CPU rehearsal",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "error: no CUDA GPU is visible to torch here; run `make gpu-check DEVICE=cpu` for the CPU rehearsal",
+            file=sys.stderr,
+        )
         return 2
     work = Path(args.work).resolve()
     out = Path(args.out or ("benchmarks" if args.device == "cuda" else work))
@@ -277,19 +423,25 @@ def main(argv=None) -> int:
     for step in steps:
         left = budget - (time.perf_counter() - start)
         if step.skip or (step.needs and step.needs not in passed) or left < 10:
-            why = step.skip or (f"{step.needs} did not pass" if step.needs and step.needs not in passed
-                                else "over the time budget")  # fmt: skip
+            why = step.skip or (
+                f"{step.needs} did not pass" if step.needs and step.needs not in passed else "over the time budget"
+            )
             records.append({"step": step.name, "status": f"skipped: {why}"})
         else:
-            records.append(run_step(step, min(limits[step.kind if step.kind in limits else "run"], left),
-                                    work / "logs"))  # fmt: skip
+            records.append(
+                run_step(step, min(limits[step.kind if step.kind in limits else "run"], left), work / "logs")
+            )
             if records[-1]["status"] == "ok":
                 passed.add(step.name)
         print(f"{records[-1]['step']:24} {records[-1]['status']}  {records[-1].get('time_s', '')}", flush=True)
     from bnn_adapt.tools.bench_report import commit  # noqa: PLC0415
 
-    report = {"environment": environment(args.device), "commit": commit(), "steps": records,
-              "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    report = {
+        "environment": environment(args.device),
+        "commit": commit(),
+        "steps": records,
+        "total_s": round(time.perf_counter() - start, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "gpu_check.json", report)
     (out / "gpu_check.md").write_text(markdown(report))

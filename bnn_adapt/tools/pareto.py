@@ -38,8 +38,8 @@ from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc.
 from bnn_adapt.run import study
 from bnn_adapt.run.results import read_json_or_none
 from bnn_adapt.tools import search_trials
-from bnn_adapt.tools.search_space import check_search_space, suggest_groups
 from bnn_adapt.tools.report import run_label
+from bnn_adapt.tools.search_space import check_search_space, suggest_groups
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ SELECTED_ON = OBJECTIVES[0][0]  # the accuracy the front is chosen on; test_top1
 SMALL = 5.0  # % of the base: where the bits are meant to help (issue #13's goal)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stage_count(base_name: str) -> int:
     from bnn_adapt.bases import BASES
 
@@ -123,8 +123,13 @@ def trial_points(sweep_dir: Path) -> list[dict]:
             }
         )
     if unvalidated:
-        log.warning("%d finished trials in %s have no %s (trained without data.val_fraction): left out of the "
-                    "front; rerun them with a validation split", unvalidated, sweep_dir, SELECTED_ON)  # fmt: skip
+        log.warning(
+            "%d finished trials in %s have no %s (trained without data.val_fraction): left out of the "
+            "front; rerun them with a validation split",
+            unvalidated,
+            sweep_dir,
+            SELECTED_ON,
+        )
     return points
 
 
@@ -139,8 +144,13 @@ def thesis_points(tables_dir: Path, like: dict) -> list[dict]:
         same = all(OmegaConf.select(cfg, key) == value for key, value in like.items())
         if same and metrics.get("test_top1") is not None:
             table = path.parent.parent.name.removeprefix("table_").replace("_", ".")
-            points.append({"label": f"{table}: {run_label(metrics)}", "test_top1": metrics["test_top1"],
-                           "size_pct": metrics["size_pct"]})  # fmt: skip
+            points.append(
+                {
+                    "label": f"{table}: {run_label(metrics)}",
+                    "test_top1": metrics["test_top1"],
+                    "size_pct": metrics["size_pct"],
+                }
+            )
     return points
 
 
@@ -172,11 +182,18 @@ def compare_fronts(front: list[dict], baseline: list[dict], limit: float = SMALL
     hypervolumes; top-1 is the one the search selects on (``SELECTED_ON``), as for the fronts."""
     small = [p for p in baseline if p["size_pct"] < limit]
     beaten = [p for p in small if any(dominates(q, p) for q in front)]
-    reached = [p for p in small if any(q[SELECTED_ON] >= p[SELECTED_ON] and q["size_pct"] <= p["size_pct"]
-                                       for q in front)]  # fmt: skip
-    return {"limit_pct": limit, "baseline_points": len(small), "baseline_points_dominated": len(beaten),
-            "baseline_points_reached": len(reached), "dominates": bool(small) and len(beaten) == len(small),
-            "hypervolume": hypervolume(front, limit), "baseline_hypervolume": hypervolume(baseline, limit)}  # fmt: skip
+    reached = [
+        p for p in small if any(q[SELECTED_ON] >= p[SELECTED_ON] and q["size_pct"] <= p["size_pct"] for q in front)
+    ]
+    return {
+        "limit_pct": limit,
+        "baseline_points": len(small),
+        "baseline_points_dominated": len(beaten),
+        "baseline_points_reached": len(reached),
+        "dominates": bool(small) and len(beaten) == len(small),
+        "hypervolume": hypervolume(front, limit),
+        "baseline_hypervolume": hypervolume(baseline, limit),
+    }
 
 
 def epochs_trained(sweep_dir: Path) -> int:
@@ -185,8 +202,14 @@ def epochs_trained(sweep_dir: Path) -> int:
     return sum(int(m.get("epochs_run") or 0) for m in runs if not m.get("same_as"))
 
 
-def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[dict], title: str,
-               baseline: list[dict] | None = None) -> None:  # fmt: skip
+def plot_front(
+    path: Path,
+    points: list[dict],
+    front: list[dict],
+    thesis: list[dict],
+    title: str,
+    baseline: list[dict] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,30 +218,61 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = {"serial": "o", "udta": "^"}
     widths = sorted({int(p.get("bits", 32)) for p in points}, reverse=True)
-    colours = dict(zip(widths, plt.get_cmap("viridis")([i / max(1, len(widths) - 1) for i in range(len(widths))])))
+    colours = dict(
+        zip(widths, plt.get_cmap("viridis")([i / max(1, len(widths) - 1) for i in range(len(widths))]), strict=True)
+    )
     for strategy in sorted({p["adapter"] for p in points}, key=str):
         for width in widths:
             chosen = [p for p in points if p["adapter"] == strategy and int(p.get("bits", 32)) == width]
             if chosen:
-                ax.scatter([p["size_pct"] for p in chosen], [p["test_top1"] for p in chosen],
-                           marker=markers.get(strategy, "x"), alpha=0.6, color=colours[width],
-                           label=f"{strategy}, {width}-bit")  # fmt: skip
+                ax.scatter(
+                    [p["size_pct"] for p in chosen],
+                    [p["test_top1"] for p in chosen],
+                    marker=markers.get(strategy, "x"),
+                    alpha=0.6,
+                    color=colours[width],
+                    label=f"{strategy}, {width}-bit",
+                )
     if front:
         ax.step([p["size_pct"] for p in front], [p["test_top1"] for p in front], where="post", color="tab:red")
-        ax.scatter([p["size_pct"] for p in front], [p["test_top1"] for p in front], facecolor="none",
-                   edgecolor="tab:red", s=90, zorder=3, label="Pareto front")  # fmt: skip
+        ax.scatter(
+            [p["size_pct"] for p in front],
+            [p["test_top1"] for p in front],
+            facecolor="none",
+            edgecolor="tab:red",
+            s=90,
+            zorder=3,
+            label="Pareto front",
+        )
     only32 = pareto_front([p for p in points if int(p.get("bits", 32)) == 32]) if len(widths) > 1 else []
     others = ((only32, "front of the 32-bit trials", ":"), (baseline or [], "baseline search's front", "--"))
     for other, label, style in others:
         if other:
-            ax.step([p["size_pct"] for p in other], [p["test_top1"] for p in other], where="post", color="black",
-                    linestyle=style, marker="s", markersize=4, fillstyle="none", label=label)  # fmt: skip
+            ax.step(
+                [p["size_pct"] for p in other],
+                [p["test_top1"] for p in other],
+                where="post",
+                color="black",
+                linestyle=style,
+                marker="s",
+                markersize=4,
+                fillstyle="none",
+                label=label,
+            )
     if thesis:
-        ax.scatter([p["size_pct"] for p in thesis], [p["test_top1"] for p in thesis], marker="*", s=110,
-                   facecolor="none", edgecolor="black", label="thesis table configurations")  # fmt: skip
+        ax.scatter(
+            [p["size_pct"] for p in thesis],
+            [p["test_top1"] for p in thesis],
+            marker="*",
+            s=110,
+            facecolor="none",
+            edgecolor="black",
+            label="thesis table configurations",
+        )
         for p in thesis:
-            ax.annotate(p["label"], (p["size_pct"], p["test_top1"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                p["label"], (p["size_pct"], p["test_top1"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
     ax.axvline(SMALL, color="grey", linewidth=0.8, alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("size (% of the base's memory at real bits, log scale)")
@@ -231,8 +285,13 @@ def plot_front(path: Path, points: list[dict], front: list[dict], thesis: list[d
     plt.close(fig)
 
 
-def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | None = None,
-                 baseline_dir: Path | None = None, limit: float = SMALL) -> dict[str, Path]:  # fmt: skip
+def write_report(
+    sweep_dir: Path,
+    tables_dir: Path | None = None,
+    like: dict | None = None,
+    baseline_dir: Path | None = None,
+    limit: float = SMALL,
+) -> dict[str, Path]:
     """trials.csv, pareto_front.csv, pareto_front.png and comparison.json in ``sweep_dir``, of finished trials
     only (a trial directory with complete results; a killed or failed trial has none): the front against the
     front of its own 32-bit trials and, given ``baseline_dir``, that search's front, below ``limit`` % of the
@@ -245,16 +304,25 @@ def write_report(sweep_dir: Path, tables_dir: Path | None = None, like: dict | N
         p["on_front"] = p["run_dir"] in on_front
     thesis = thesis_points(tables_dir, like or {}) if tables_dir is not None and tables_dir.is_dir() else []
     baseline = pareto_front(trial_points(baseline_dir)) if baseline_dir is not None else None
-    files = {"trials": sweep_dir / "trials.csv", "front": sweep_dir / "pareto_front.csv",
-             "plot": sweep_dir / "pareto_front.png", "comparison": sweep_dir / "comparison.json"}  # fmt: skip
+    files = {
+        "trials": sweep_dir / "trials.csv",
+        "front": sweep_dir / "pareto_front.csv",
+        "plot": sweep_dir / "pareto_front.png",
+        "comparison": sweep_dir / "comparison.json",
+    }
     write_points(files["trials"], points)
     write_points(files["front"], front)
     own32 = pareto_front([p for p in points if p["bits"] == 32])
-    comparison = {"epochs_trained": epochs_trained(sweep_dir),
-                  "front_vs_own_32_bit_trials": compare_fronts(front, own32, limit)}  # fmt: skip
+    comparison = {
+        "epochs_trained": epochs_trained(sweep_dir),
+        "front_vs_own_32_bit_trials": compare_fronts(front, own32, limit),
+    }
     if baseline is not None:
-        comparison["front_vs_baseline"] = {"baseline": str(baseline_dir), **compare_fronts(front, baseline, limit),
-                                           "baseline_epochs_trained": epochs_trained(baseline_dir)}  # fmt: skip
+        comparison["front_vs_baseline"] = {
+            "baseline": str(baseline_dir),
+            **compare_fronts(front, baseline, limit),
+            "baseline_epochs_trained": epochs_trained(baseline_dir),
+        }
     with atomic_output(files["comparison"]) as tmp:  # several workers of one search may write at once
         tmp.write_text(json.dumps(comparison, indent=1) + "\n")
     title = f"{sweep_dir.name}: {len(points)} finished trials, {len(front)} on the front"
@@ -304,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", help="another search's sweep directory (e.g. 32-bit only) to compare with")
     parser.add_argument("--limit", type=float, default=SMALL, help="compare the fronts below this size %% of the base")
     args = parser.parse_args(argv)
-    files = write_report(Path(args.sweep_dir), baseline_dir=Path(args.baseline) if args.baseline else None,
-                         limit=args.limit)  # fmt: skip
+    files = write_report(
+        Path(args.sweep_dir), baseline_dir=Path(args.baseline) if args.baseline else None, limit=args.limit
+    )
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     print(files["comparison"].read_text())
     return 0

@@ -94,9 +94,18 @@ def run_kind(config, device: str, with_data: bool = True) -> tuple:
     (``with_data=False``: as long per training image, on any dataset)."""
     task = _select(config, "task")
     strategy = "pretrain" if task == "pretrain" else _select(config, "adapter.name")
-    keys = ("tap_cache.enabled", "memory", "base.name", "base.width", "data.image_size", "data.batch_size",
-            "trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.precision",
-            *(DATA_KEYS if with_data else ()))  # fmt: skip
+    keys = (
+        "tap_cache.enabled",
+        "memory",
+        "base.name",
+        "base.width",
+        "data.image_size",
+        "data.batch_size",
+        "trainer.limit_train_batches",
+        "trainer.limit_val_batches",
+        "trainer.precision",
+        *(DATA_KEYS if with_data else ()),
+    )
     return (strategy, *(str(_select(config, k)) for k in keys), device)
 
 
@@ -164,8 +173,13 @@ def bench_estimate(cfg: DictConfig, device: str, bench: list[dict]) -> tuple[flo
         return None
     strategy = "full_finetune" if cfg.task == "pretrain" else cfg.adapter.name
     cached = bool(cfg.task == "adapt" and cfg.tap_cache.enabled)
-    found = [r for r in bench if r.get("kind") == "epoch" and (r["strategy"], r["cache_taps"]) == (strategy, cached)
-             and device_kind(r.get("device", "cpu")) == device]  # fmt: skip
+    found = [
+        r
+        for r in bench
+        if r.get("kind") == "epoch"
+        and (r["strategy"], r["cache_taps"]) == (strategy, cached)
+        and device_kind(r.get("device", "cpu")) == device
+    ]
     if not found:
         return None
     images = training_images(cfg)
@@ -174,8 +188,10 @@ def bench_estimate(cfg: DictConfig, device: str, bench: list[dict]) -> tuple[flo
     r = found[0]
     scale = (float(cfg.base.width) / r["width"]) ** 2
     per_epoch = r["epoch_time_s"] / r["train_images"] * images * scale
-    source = (f"bench: {strategy}{' + tap cache' if cached else ''} epoch record ({r['images_per_s']:,.0f} images/s "
-              f"at width {r['width']:g}, {r.get('device', 'cpu')}) x {images:,} images x (width ratio)^2 {scale:.3g}")
+    source = (
+        f"bench: {strategy}{' + tap cache' if cached else ''} epoch record ({r['images_per_s']:,.0f} images/s "
+        f"at width {r['width']:g}, {r.get('device', 'cpu')}) x {images:,} images x (width ratio)^2 {scale:.3g}"
+    )
     return per_epoch, source
 
 
@@ -197,16 +213,19 @@ def estimate(job, measured: Measured, bench: list[dict]) -> tuple[float | None, 
     images = training_images(cfg) if alike else None
     if images:
         per_image = sum(alike) / len(alike)
-        return epochs * per_image * images, (f"like {len(alike)} finished run(s) of its kind on other data ({device}): "
-                                             f"{per_image * 1e3:.3g} ms per training image x {images:,} images")  # fmt: skip
+        return epochs * per_image * images, (
+            f"like {len(alike)} finished run(s) of its kind on other data ({device}): "
+            f"{per_image * 1e3:.3g} ms per training image x {images:,} images"
+        )
     found = bench_estimate(cfg, device, bench)
     if found:
         return epochs * found[0], found[1]
     return None, "no estimate: no finished run of its kind, no bench record"
 
 
-def plan_tables(ids: Sequence[str], profile: str, overrides: Sequence[str] = (),
-                bench_path: Path | None = None) -> list[TablePlan]:  # fmt: skip
+def plan_tables(
+    ids: Sequence[str], profile: str, overrides: Sequence[str] = (), bench_path: Path | None = None
+) -> list[TablePlan]:
     """Each table of ``ids`` with the runs it needs, in the order ``tables --run`` runs them
     (``bench_path``: the bench's epoch records, default :data:`BENCH_EPOCHS`)."""
     from bnn_adapt.tools.table_runs import sweep_overrides, without_protocol
@@ -268,9 +287,11 @@ def _hours(seconds: float) -> str:
 
 def describe(plans: list[TablePlan], profile: str, bench_path: Path | None = None) -> str:
     """The plan as text: per table its runs, their state, time and its source; totals."""
-    lines = [f"Plan for profile {profile}: every run each table needs (its bases first), whether it is complete, "
-             f"and its time: measured, or estimated from finished runs' epoch times on this machine or the bench's "
-             f"epoch records ({BENCH_EPOCHS if bench_path is None else bench_path})."]  # fmt: skip
+    lines = [
+        f"Plan for profile {profile}: every run each table needs (its bases first), whether it is complete, "
+        f"and its time: measured, or estimated from finished runs' epoch times on this machine or the bench's "
+        f"epoch records ({BENCH_EPOCHS if bench_path is None else bench_path})."
+    ]
     for plan in plans:
         done = [r for r in plan.runs if r.done]
         rest = [r for r in plan.runs if not r.done]
@@ -283,12 +304,17 @@ def describe(plans: list[TablePlan], profile: str, bench_path: Path | None = Non
         ]
         for r in plan.runs:
             status = r.status if r.status != STALE else "stale (runs again)"
-            lines.append(f"  {status:10} {r.epochs:>6} {_hms(r.seconds):>9}  {r.sweep.partition(':')[0]:12} "
-                         f"{r.label[:34]:34} {r.source}")  # fmt: skip
+            lines.append(
+                f"  {status:10} {r.epochs:>6} {_hms(r.seconds):>9}  {r.sweep.partition(':')[0]:12} "
+                f"{r.label[:34]:34} {r.source}"
+            )
     runs = [r for p in plans for r in p.runs]
     rest = sum(not r.done for r in runs)
-    lines += ["", f"every table: {sum(r.done for r in runs)} of {len(runs)} runs complete; "
-                  f"{_to_go(sum(p.remaining_s for p in plans), sum(p.unknown for p in plans), rest)}"]  # fmt: skip
+    lines += [
+        "",
+        f"every table: {sum(r.done for r in runs)} of {len(runs)} runs complete; "
+        f"{_to_go(sum(p.remaining_s for p in plans), sum(p.unknown for p in plans), rest)}",
+    ]
     return "\n".join(lines)
 
 
@@ -297,4 +323,6 @@ def _to_go(seconds: float, unknown: int, rest: int) -> str:
         return "nothing to go"
     if unknown == rest:
         return f"{rest} to go, no estimate yet (run one of a kind, or make bench)"
-    return f"about {_hours(seconds)} to go" + (f" and {unknown} runs without an estimate (so at least that)" if unknown else "")
+    return f"about {_hours(seconds)} to go" + (
+        f" and {unknown} runs without an estimate (so at least that)" if unknown else ""
+    )

@@ -89,8 +89,8 @@ def compare_losses(losses: list[float] | None, reference: list[float] | None) ->
         return 0, 0, None
     if len(losses) != len(reference):
         return 0, max(len(losses), len(reference)), None
-    same = sum(a == b for a, b in zip(losses, reference))
-    return same, len(reference), max(abs(a - b) for a, b in zip(losses, reference))
+    same = sum(a == b for a, b in zip(losses, reference, strict=True))
+    return same, len(reference), max(abs(a - b) for a, b in zip(losses, reference, strict=True))
 
 
 def compare_checkpoints(tensors: dict | None, reference: dict | None) -> tuple[bool, float | None]:
@@ -123,7 +123,8 @@ def memory_table(runs: list[dict]) -> str:
     standard = by_mode.get("standard", {})
     reference = {s: (step_losses(r["run_dir"]), checkpoint_tensors(r["run_dir"])) for s, r in standard.items()}
     lines = [
-        "| memory | " + " | ".join(f"top-1 seed {s}" for s in seeds)
+        "| memory | "
+        + " | ".join(f"top-1 seed {s}" for s in seeds)
         + " | mean | max abs. difference from standard | per-step losses identical to standard "
         "| max abs. loss difference | final checkpoint identical to standard | max abs. difference in it |",
         "|---|" + "---|" * (len(seeds) + 6),
@@ -132,8 +133,11 @@ def memory_table(runs: list[dict]) -> str:
     for mode, results in sorted(by_mode.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         tops = {s: r.get("test_top1") for s, r in results.items()}
         values = [v for v in tops.values() if v is not None]
-        diffs = [abs(v - standard[s]["test_top1"]) for s, v in tops.items()
-                 if v is not None and s in standard and standard[s].get("test_top1") is not None]  # fmt: skip
+        diffs = [
+            abs(v - standard[s]["test_top1"])
+            for s, v in tops.items()
+            if v is not None and s in standard and standard[s].get("test_top1") is not None
+        ]
         cells = ["-"] * 4
         if mode != "standard":
             same = total = identical = 0
@@ -153,10 +157,12 @@ def memory_table(runs: list[dict]) -> str:
                 fmt(max(weight_diffs) if weight_diffs else None, ".3g"),
             ]
         lines.append(
-            f"| {mode} | " + " | ".join(fmt(tops.get(s), ".4f") for s in seeds)
+            f"| {mode} | "
+            + " | ".join(fmt(tops.get(s), ".4f") for s in seeds)
             + f" | {fmt(sum(values) / len(values) if values else None, '.4f')}"
             + f" | {fmt(max(diffs) if diffs and mode != 'standard' else None, '.4f')} | "
-            + " | ".join(cells) + " |"
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 

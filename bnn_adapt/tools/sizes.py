@@ -59,24 +59,29 @@ ADAPTERS = [
     ("CIFAR-10 5-5", "head only", ["+experiment=cifar5_5_head_only"]),
     ("CIFAR-10 5-5", "full finetune", ["+experiment=cifar5_5_finetune"]),
     ("CIFAR-10 5-5", "serial, stages 1-3, g=1", ["+experiment=cifar5_5_serial"]),
-    ("CIFAR-10 5-5", "serial, stages 1-3, g=20",
-     ["+experiment=cifar5_5_serial", "adapter.groups=20"]),
+    ("CIFAR-10 5-5", "serial, stages 1-3, g=20", ["+experiment=cifar5_5_serial", "adapter.groups=20"]),
     ("CIFAR-100 80-20", "udta concat", C100),
     ("CIFAR-100 80-20", "udta concat, g=channels", [*C100, "adapter.groups=channels"]),
     ("CIFAR-100 80-20", "udta concat, prune 0.9", [*C100, "reduction=prune", "reduction.rate=0.9"]),
     ("CIFAR-100 80-20", "udta concat, prune 0.99", [*C100, "reduction=prune", "reduction.rate=0.99"]),
-    ("CIFAR-100 80-20", "udta concat, prune_iterative 0.9 + head 0.5",
-     [*C100, "reduction=prune_iterative", "reduction.rate=0.9", "reduction.head_rate=0.5"]),
+    (
+        "CIFAR-100 80-20",
+        "udta concat, prune_iterative 0.9 + head 0.5",
+        [*C100, "reduction=prune_iterative", "reduction.rate=0.9", "reduction.head_rate=0.5"],
+    ),
     ("CIFAR-100 80-20", "lora, rank 4, all stages", [*C100, "adapter=lora"]),
     ("CIFAR-100 80-20", "bitfit", [*C100, "adapter=bitfit"]),
     ("Flowers-102 (ReActNet)", "head only", ["+experiment=flowers102_head_only"]),
     ("Flowers-102 (ReActNet)", "full finetune", ["+experiment=flowers102_finetune"]),
     ("Flowers-102 (ReActNet)", "udta concat", FLOWERS),
-    ("Flowers-102 (ReActNet)", "udta adapter head, prune 0.9",
-     [*FLOWERS, "adapter.head=adapter", "reduction=prune", "reduction.rate=0.9"]),
+    (
+        "Flowers-102 (ReActNet)",
+        "udta adapter head, prune 0.9",
+        [*FLOWERS, "adapter.head=adapter", "reduction=prune", "reduction.rate=0.9"],
+    ),
     ("Flowers-102 (ReActNet)", "lora, rank 4, all stages", [*FLOWERS, "adapter=lora"]),
     ("Flowers-102 (ReActNet)", "bitfit", [*FLOWERS, "adapter=bitfit"]),
-]  # fmt: skip
+]
 
 
 @dataclass
@@ -148,8 +153,16 @@ def base_records(tmp: Path) -> list[dict]:
         torch.save(base.state_dict(), buffer)
         path = tmp / f"base{i}.bnnpack"
         write_packed_base(base, path)
-        records.append({"label": label, "binary": binary, "fp32": fp32, "state_dict": len(buffer.getvalue()),
-                        "file": path.stat().st_size, "formula": formula_bytes(fp32, binary)})  # fmt: skip
+        records.append(
+            {
+                "label": label,
+                "binary": binary,
+                "fp32": fp32,
+                "state_dict": len(buffer.getvalue()),
+                "file": path.stat().st_size,
+                "formula": formula_bytes(fp32, binary),
+            }
+        )
     return records
 
 
@@ -183,9 +196,20 @@ def adapter_files(tmp: Path, configs=ADAPTERS, bits=BITS) -> list[AdapterFile]:
             for dtype in ("fp32", "fp16", "int8") if width == 32 else ("fp32",):
                 path = tmp / f"adapter{i}_{width}_{dtype}.safetensors"
                 export_adapter(model, path, reference_base=reference, dtype=dtype)
-                found.append(AdapterFile(data, label, width, dtype, s["introduced_fp32_params"],
-                                         s["introduced_quantized_params"], s["introduced_binary_params"],
-                                         s["introduced_bits"] / 8, path.stat().st_size, positions))  # fmt: skip
+                found.append(
+                    AdapterFile(
+                        data,
+                        label,
+                        width,
+                        dtype,
+                        s["introduced_fp32_params"],
+                        s["introduced_quantized_params"],
+                        s["introduced_binary_params"],
+                        s["introduced_bits"] / 8,
+                        path.stat().st_size,
+                        positions,
+                    )
+                )
     return found
 
 
@@ -196,8 +220,10 @@ def base_table(records: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        lines.append(f"| {r['label']} | {r['binary']:,} | {r['fp32']:,} | {r['state_dict']:,} | {r['file']:,} "
-                     f"| {round(r['formula']):,} | {r['file'] / r['formula']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {r['label']} | {r['binary']:,} | {r['fp32']:,} | {r['state_dict']:,} | {r['file']:,} "
+            f"| {round(r['formula']):,} | {r['file'] / r['formula']:.3f} |"
+        )
     return lines
 
 
@@ -217,15 +243,19 @@ def adapter_table(files: list[AdapterFile], bits=BITS) -> list[str]:
         ratios = " | ".join(f"{by[(b, 'fp32')].ratio:.3f}" if (b, "fp32") in by else "-" for b in bits)
         one = f"{round(f1.formula):,} | {f1.file:,}" if f1 else "- | -"
         positions = f"{round(f32.positions):,}" if f32.positions else "-"
-        lines.append(f"| {data} | {label} | {round(f32.formula):,} | {f32.file:,} | {ratios} | {one} | {positions} "
-                     f"| {by[(32, 'fp16')].file:,} / {by[(32, 'int8')].file:,} |")  # fmt: skip
+        lines.append(
+            f"| {data} | {label} | {round(f32.formula):,} | {f32.file:,} | {ratios} | {one} | {positions} "
+            f"| {by[(32, 'fp16')].file:,} / {by[(32, 'int8')].file:,} |"
+        )
     return lines
 
 
 def run_table(run_dirs: list[str]) -> list[str]:
     """Trained runs' adapter files against their formula, compressed (as written) and plain."""
-    lines = ["| run | strategy | bits | formula | file | file / formula | plain streams | plain / formula |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| run | strategy | bits | formula | file | file / formula | plain streams | plain / formula |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run in map(Path, run_dirs):
         path, metrics_path = run / ADAPTER_FILE, run / "metrics.json"
         if not (path.is_file() and metrics_path.is_file()):
@@ -237,8 +267,10 @@ def run_table(run_dirs: list[str]) -> list[str]:
         formula, file = metrics["introduced_bits"] / 8, path.stat().st_size
         adapter, reduction = metrics["config"]["adapter"], metrics["config"].get("reduction") or {}
         strategy = adapter["name"] + (f", {reduction['name']} {reduction['rate']}" if "rate" in reduction else "")
-        lines.append(f"| {run} | {strategy} | {adapter.get('bits', 32)} | {round(formula):,} | {file:,} "
-                     f"| {file / formula:.3f} | {plain:,} | {plain / formula:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {run} | {strategy} | {adapter.get('bits', 32)} | {round(formula):,} | {file:,} "
+            f"| {file / formula:.3f} | {plain:,} | {plain / formula:.3f} |"
+        )
     return lines
 
 
@@ -259,13 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(adapter_table(files)))
     over = [f for f in files if f.dtype == "fp32" and f.ratio > ADAPTER_TARGET]
-    print(f"\nadapter files above {ADAPTER_TARGET} x the formula: {len(over)} of "
-          f"{sum(f.dtype == 'fp32' for f in files)}")  # fmt: skip
+    print(
+        f"\nadapter files above {ADAPTER_TARGET} x the formula: {len(over)} of {sum(f.dtype == 'fp32' for f in files)}"
+    )
     for f in over:
-        why = (f"; with the positions of its kept weights ({round(f.positions):,} bytes at least) "
-               f"{f.ratio_with_positions:.3f}" if f.positions else "")
-        print(f"  {f.data}, {f.label}, {f.bits} bits: {f.file:,} bytes, formula {round(f.formula):,} "
-              f"({f.ratio:.3f}){why}")  # fmt: skip
+        why = (
+            f"; with the positions of its kept weights ({round(f.positions):,} bytes at least) "
+            f"{f.ratio_with_positions:.3f}"
+            if f.positions
+            else ""
+        )
+        print(
+            f"  {f.data}, {f.label}, {f.bits} bits: {f.file:,} bytes, formula {round(f.formula):,} ({f.ratio:.3f}){why}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"bases": bases, "adapters": [vars(f) for f in files]}, indent=1))
     sys.stdout.flush()

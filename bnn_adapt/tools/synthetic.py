@@ -162,7 +162,7 @@ def write_flowers102(root, per_split: tuple[int, int, int] = (2, 2, 1), size: in
     rng = np.random.default_rng(0)
     labels: list[int] = []
     splits: dict[str, list[int]] = {"trnid": [], "valid": [], "tstid": []}
-    for split, n in zip(splits, per_split):
+    for split, n in zip(splits, per_split, strict=True):
         for label in range(FLOWERS_CLASSES):
             for pixels in class_images(label, FLOWERS_CLASSES, n, size, 3, rng):
                 labels.append(label + 1)
@@ -176,9 +176,21 @@ def write_flowers102(root, per_split: tuple[int, int, int] = (2, 2, 1), size: in
 
 # the 12 cat breeds of Oxford-IIIT Pets (species 1); the other 25 are dogs (species 2)
 PETS_CATS = frozenset(
-    ("Abyssinian", "Bengal", "Birman", "Bombay", "British Shorthair", "Egyptian Mau", "Maine Coon",
-     "Persian", "Ragdoll", "Russian Blue", "Siamese", "Sphynx")
-)  # fmt: skip
+    (
+        "Abyssinian",
+        "Bengal",
+        "Birman",
+        "Bombay",
+        "British Shorthair",
+        "Egyptian Mau",
+        "Maine Coon",
+        "Persian",
+        "Ragdoll",
+        "Russian Blue",
+        "Siamese",
+        "Sphynx",
+    )
+)
 
 
 def pets_image_stem(breed: str) -> str:
@@ -197,7 +209,7 @@ def write_pets(root, per_split: tuple[int, int] = (3, 2), size: int = 24) -> Pat
     counters = dict.fromkeys(PETS_CLASSES, 0)
     cats, dogs = [b for b in PETS_CLASSES if b in PETS_CATS], [b for b in PETS_CLASSES if b not in PETS_CATS]
     breed_ids = {b: i + 1 for group in (cats, dogs) for i, b in enumerate(group)}  # numbered within a species
-    for split, n in zip(("trainval", "test"), per_split):
+    for split, n in zip(("trainval", "test"), per_split, strict=True):
         lines = []
         for label, breed in enumerate(PETS_CLASSES):
             species = 1 if breed in PETS_CATS else 2

@@ -56,10 +56,21 @@ def find_tables(sweeps_dir: Path = SWEEPS_DIR) -> dict[str, Table]:
         node = OmegaConf.load(path).get("table")
         if node is not None:
             meta = OmegaConf.to_container(node)
-            found.append(Table(str(meta["id"]), path.stem, meta["title"], meta["kind"], tuple(meta.get("needs") or ()),
-                               meta.get("speedup_reference"), bool(meta.get("seeds")), bool(meta.get("thesis", True)),
-                               dict(meta.get("thesis_rows") or {}), meta.get("thesis_note"),
-                               tuple(meta.get("label_keys") or ())))  # fmt: skip
+            found.append(
+                Table(
+                    str(meta["id"]),
+                    path.stem,
+                    meta["title"],
+                    meta["kind"],
+                    tuple(meta.get("needs") or ()),
+                    meta.get("speedup_reference"),
+                    bool(meta.get("seeds")),
+                    bool(meta.get("thesis", True)),
+                    dict(meta.get("thesis_rows") or {}),
+                    meta.get("thesis_note"),
+                    tuple(meta.get("label_keys") or ()),
+                )
+            )
     found.sort(key=lambda t: (not t.thesis, t.id))
     return {t.id: t for t in found}
 
@@ -76,9 +87,7 @@ BASE_LABELS = {
 }
 
 
-
 STALE = "stale"  # finished, but with another config or data than the sweep's today (code, defaults or files changed)
-
 
 
 @dataclass
@@ -138,7 +147,6 @@ class Row:
             if result and result.get("status") in ("failed", "failed_after_training"):
                 return str(result.get("error", "failed"))
         return None
-
 
 
 def _compose(sweep: str, overrides: Sequence[str]) -> DictConfig:
@@ -204,7 +212,6 @@ def row_label(table: Table, cfg: DictConfig) -> str:
     return label + "".join(f" {key}={OmegaConf.select(cfg, key)}" for key in table.label_keys)
 
 
-
 def introduced_weights(metrics: dict) -> int | None:
     """fp32 + binary + below-32-bit parameters a run introduced (adapter + head)."""
     fp32, binary = metrics.get("introduced_fp32_params"), metrics.get("introduced_binary_params")
@@ -225,8 +232,19 @@ def run_sweeps(table: Table, profile: str, overrides: Sequence[str] = (), done: 
         print(f"== sweep {name} {part} (profile {profile})", flush=True)
         # what a table needs first are base pretrainings: the same under every protocol
         given = sweep_overrides(table, overrides) if spec == table.sweep else without_protocol(overrides)
-        command = [sys.executable, "-m", "bnn_adapt", "--multirun", "--config-dir", "sweeps", "--config-name", name,
-                   f"profile={profile}", *([part] if part else []), *given]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "bnn_adapt",
+            "--multirun",
+            "--config-dir",
+            "sweeps",
+            "--config-name",
+            name,
+            f"profile={profile}",
+            *([part] if part else []),
+            *given,
+        ]
         if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
             print(f"== sweep {name} did not finish: its missing rows are marked in the table", flush=True)
         done.add(spec)

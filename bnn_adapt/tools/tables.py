@@ -96,8 +96,11 @@ def settings(rows: list[Row], counts_only: bool = False) -> dict[str, str]:
 
     profile = {"profile": distinct("profile.name")}  # its sizes are listed one by one below
     if counts_only:
-        return {**profile, "base width": f"{distinct('base.width')}, counted without data or training",
-                "source": source}  # fmt: skip
+        return {
+            **profile,
+            "base width": f"{distinct('base.width')}, counted without data or training",
+            "source": source,
+        }
     adapting = any(c.get("task") == "adapt" for c in configs)
     protocol = {"protocol": protocol_of(distinct("protocol.name"), distinct("protocol.description"), adapting)}
     return {
@@ -105,8 +108,11 @@ def settings(rows: list[Row], counts_only: bool = False) -> dict[str, str]:
         **protocol,
         "epochs": distinct("trainer.max_epochs"),
         "seed": distinct("seed"),
-        **({"base.bn": distinct("base.bn"), "base.epoch": distinct("base.epoch").replace("None", "last")}
-           if adapting else {}),  # fmt: skip
+        **(
+            {"base.bn": distinct("base.bn"), "base.epoch": distinct("base.epoch").replace("None", "last")}
+            if adapting
+            else {}
+        ),
         "base width": distinct("base.width"),
         "batch size": distinct("data.batch_size"),
         "training images per class": distinct("data.limit_per_class").replace("None", "all"),
@@ -179,13 +185,17 @@ def render(table: Table, rows: list[Row], reference: Reference | None = None) ->
     if table.kind == "adapt":
         notes += adapt_notes(table, own is not None)
     if QUANTIZED in columns:
-        notes.append("Below 32 bits (adapter.bits), fp32 weights include one fp32 scale per output channel of the "
-                     "quantised weights, and % base memory counts every weight at its width.")  # fmt: skip
+        notes.append(
+            "Below 32 bits (adapter.bits), fp32 weights include one fp32 scale per output channel of the "
+            "quantised weights, and % base memory counts every weight at its width."
+        )
     if table.seeds:
         notes.append("Cells: mean ± standard deviation over the seeds of each row.")
     if any(j.status == STALE for row in rows for j in row.jobs):
-        notes.append(f"{STALE}: the run finished with another config than the sweep's today (code or defaults "
-                     "changed since); its numbers are shown, and running the sweep again replaces them.")  # fmt: skip
+        notes.append(
+            f"{STALE}: the run finished with another config than the sweep's today (code or defaults "
+            "changed since); its numbers are shown, and running the sweep again replaces them."
+        )
     markdown = "\n".join([*head, *lines, "", *notes]) + "\n"
     return Rendered(table, rows, markdown, records)
 
@@ -200,18 +210,26 @@ def sweep_arguments(table: Table, row: Row) -> list[str]:
 def adapt_notes(table: Table, own_finetune: bool) -> list[str]:
     where = f"table {table.speedup_reference}'s" if table.speedup_reference and not own_finetune else "this table's"
     notes = [
-        ("Top-1 % is the last epoch's accuracy on the evaluation split: the headline; with pruning, best top-1 "
-         f"counts only epochs after pruning. Gap to finetune: points above (+) or below (-) {where} finetuning row."),
-        ("Thesis convention (SPEC 4b, `metrics.json` `thesis`): % of the base as deployed for the task (backbone + a "
-         "plain target classifier of its kind); weights introduced = the adapter + the new head beyond a plain one "
-         "(the concat head's extra columns and their share of its bias, as the thesis printed half of that head; "
-         "finetuning: a whole base, 100 %). Ours: the whole new head, against the base with its own classifier."),
-        (f"Speed-up: the thesis's relative speed-up 2 - t/t_ft and ours t_ft/t, t = mean epoch time "
-         f"(train + eval), t_ft = {where} finetuning's."),
+        (
+            "Top-1 % is the last epoch's accuracy on the evaluation split: the headline; with pruning, best top-1 "
+            f"counts only epochs after pruning. Gap to finetune: points above (+) or below (-) {where} finetuning row."
+        ),
+        (
+            "Thesis convention (SPEC 4b, `metrics.json` `thesis`): % of the base as deployed for the task (backbone + a "
+            "plain target classifier of its kind); weights introduced = the adapter + the new head beyond a plain one "
+            "(the concat head's extra columns and their share of its bias, as the thesis printed half of that head; "
+            "finetuning: a whole base, 100 %). Ours: the whole new head, against the base with its own classifier."
+        ),
+        (
+            f"Speed-up: the thesis's relative speed-up 2 - t/t_ft and ours t_ft/t, t = mean epoch time "
+            f"(train + eval), t_ft = {where} finetuning's."
+        ),
     ]
     if table.thesis and table.thesis_rows:
-        notes.append("Thesis columns: its printed values (`bnn_adapt/tools/thesis_results.csv`); Δ = ours - the "
-                     "thesis's; \"not printed\": the thesis leaves that cell empty.")  # fmt: skip
+        notes.append(
+            "Thesis columns: its printed values (`bnn_adapt/tools/thesis_results.csv`); Δ = ours - the "
+            'thesis\'s; "not printed": the thesis leaves that cell empty.'
+        )
     elif table.thesis:
         notes.append("The thesis prints this table as an image: its values are unknown here.")
     if table.thesis_note:
@@ -280,17 +298,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tables", nargs="*", help="table ids (default: every thesis table): " + ", ".join(TABLES))
     parser.add_argument("--profile", default="full", help="the profile the sweeps ran with (default full)")
     parser.add_argument("--out", default="results", help="output folder (default results)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override the sweeps were also given (their run directories carry it)")  # fmt: skip
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="thesis",
-                        help="how bases are adapted: thesis (default: best base epoch, BN drifts) or clean (frozen "
-                             "BN, last epoch; adaptation runs in directories of their own)")  # fmt: skip
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override the sweeps were also given (their run directories carry it)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="thesis",
+        help="how bases are adapted: thesis (default: best base epoch, BN drifts) or clean (frozen "
+        "BN, last epoch; adaptation runs in directories of their own)",
+    )
     parser.add_argument("--list", action="store_true", help="list the tables and their sweeps")
-    parser.add_argument("--run", action="store_true",
-                        help="first run each table's sweeps (bases it needs first; finished runs are skipped)")  # fmt: skip
-    parser.add_argument("--plan", action="store_true",
-                        help="print every run the tables need, which are complete and the estimated time of the "
-                             "rest (bnn_adapt.tools.plan); runs and renders nothing")  # fmt: skip
+    parser.add_argument(
+        "--run",
+        action="store_true",
+        help="first run each table's sweeps (bases it needs first; finished runs are skipped)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every run the tables need, which are complete and the estimated time of the "
+        "rest (bnn_adapt.tools.plan); runs and renders nothing",
+    )
     args = parser.parse_args(argv)
     if args.protocol != "thesis":  # the table sweeps' default protocol names no directory
         args.override.append(f"protocol={args.protocol}")

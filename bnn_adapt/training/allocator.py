@@ -37,7 +37,11 @@ def keep_freed_memory() -> bool:
     """Serve large tensors from a heap that keeps freed blocks; True if glibc took it."""
     return all(
         _mallopt(option, value)
-        for option, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
+        for option, value in (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (M_TOP_PAD, TOP_PAD),
+        )
     )
 
 

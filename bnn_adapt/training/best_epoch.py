@@ -34,8 +34,9 @@ class KeepBestEpoch(L.Callback):
     the accuracy with the re-estimated statistics).
     """
 
-    def __init__(self, path: str | Path, meta: dict | None = None, monitor: str = "val/acc",
-                 precise: PreciseBN | None = None):  # fmt: skip
+    def __init__(
+        self, path: str | Path, meta: dict | None = None, monitor: str = "val/acc", precise: PreciseBN | None = None
+    ):
         self.path = Path(path)
         self.meta = dict(meta or {})
         self.monitor = monitor
@@ -68,8 +69,14 @@ class KeepBestEpoch(L.Callback):
         self.precise.re_estimate(trainer, model)
         if trainer.world_size == 1:  # under DDP rank 0 sees only its share of the eval set
             self.top1_precise_bn = top1(model, (trainer.strategy.batch_to_device(b) for b in trainer.val_dataloaders))
-        save_base(model, self.path, **self.meta, top1=stored["top1"], epoch=stored["epoch"],
-                  top1_precise_bn=self.top1_precise_bn)  # fmt: skip
+        save_base(
+            model,
+            self.path,
+            **self.meta,
+            top1=stored["top1"],
+            epoch=stored["epoch"],
+            top1_precise_bn=self.top1_precise_bn,
+        )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "epoch": self.epoch}

@@ -31,8 +31,11 @@ def dataset_files(name: str, root: str | None) -> tuple[Path, list[tuple[str, os
             return Path(root).resolve(), []
         files = sorted(path.resolve() for path in found.values())
         return files[0].parent, [(os.path.relpath(f, files[0].parent), f.stat()) for f in files]
-    folders = {"cifar10": ExistingFilesCIFAR10.base_folder, "cifar100": ExistingFilesCIFAR100.base_folder,
-               **{key: layout[1] for key, layout in LAYOUTS.items()}}  # fmt: skip
+    folders = {
+        "cifar10": ExistingFilesCIFAR10.base_folder,
+        "cifar100": ExistingFilesCIFAR100.base_folder,
+        **{key: layout[1] for key, layout in LAYOUTS.items()},
+    }
     folder = (Path(root) / folders.get(name, "")).resolve()  # imagefolder: root itself
     return folder, sorted(_walk(str(folder)))
 

@@ -79,9 +79,7 @@ def _class_list(value: Any, field: str, spec: DatasetSpec) -> list | None:
             raise ConfigError(f"data.{field}={items} must be integer class ids 0..{n - 1} for {spec.title}.")
         bad = [c for c in classes if not 0 <= c < n]
         if bad:
-            raise ConfigError(
-                f"data.{field} has ids {bad} out of range for {spec.title}; valid ids are 0..{n - 1}."
-            )
+            raise ConfigError(f"data.{field} has ids {bad} out of range for {spec.title}; valid ids are 0..{n - 1}.")
     repeated = sorted({c for c in classes if classes.count(c) > 1}, key=str)
     if repeated:
         raise ConfigError(f"data.{field} lists {repeated} more than once; give each class once.")
@@ -101,7 +99,7 @@ def _first_per_class(indices: list[int], targets: list[int], limit: int | None) 
         return indices, targets
     counts: dict[int, int] = {}
     kept = []
-    for i, k in zip(indices, targets):
+    for i, k in zip(indices, targets, strict=True):
         counts[k] = counts.get(k, 0) + 1
         if counts[k] <= limit:
             kept.append((i, k))
@@ -114,8 +112,9 @@ def _validation_split(
     """(train, validation): ``fraction`` of each class's samples, drawn with ``VAL_SPLIT_SEED``, each in
     dataset order."""
     try:
-        train, val = train_test_split(np.arange(len(indices)), test_size=fraction, stratify=targets,
-                                      random_state=VAL_SPLIT_SEED)  # fmt: skip
+        train, val = train_test_split(
+            np.arange(len(indices)), test_size=fraction, stratify=targets, random_state=VAL_SPLIT_SEED
+        )
     except ValueError as err:  # too few images for a class on one side
         raise ConfigError(
             f"data.val_fraction={fraction} cannot split {len(indices)} training images of "
@@ -170,8 +169,10 @@ def note_single_image_left_out(owner: object) -> None:
     """Log once per ``owner`` (a batch sampler) that its last batch of one image is left out."""
     if not getattr(owner, "noted_single", False):
         owner.noted_single = True  # type: ignore[attr-defined]
-        log.info("the last training batch holds one image: it is left out of every epoch (BatchNorm needs two "
-                 "values per channel); evaluation keeps every image")  # fmt: skip
+        log.info(
+            "the last training batch holds one image: it is left out of every epoch (BatchNorm needs two "
+            "values per channel); evaluation keeps every image"
+        )
 
 
 def without_single_image_batch(batches: Iterator[list[int]], batch_size: int, owner: object) -> Iterator[list[int]]:
@@ -252,9 +253,7 @@ class ClassSplitDataModule(L.LightningDataModule):
         self.target_classes = _class_list(target_classes, "target_classes", self.spec)
         shared = [c for c in self.target_classes or [] if c in (self.base_classes or [])]
         if shared:
-            raise ConfigError(
-                f"data.base_classes and data.target_classes share {shared}; the splits must be disjoint."
-            )
+            raise ConfigError(f"data.base_classes and data.target_classes share {shared}; the splits must be disjoint.")
         if split == "base" and self.base_classes is None:
             raise ConfigError(
                 f"data.split=base needs data.base_classes, which {name} leaves unset "
@@ -268,9 +267,12 @@ class ClassSplitDataModule(L.LightningDataModule):
         self.download, self.augment, self.seed = bool(download), bool(augment), int(seed)
         self.large = self.spec.large if self.spec.large is not None else self.image_size >= LARGE_IMAGE_SIZE
         default_mean, default_std = (
-            (self.spec.mean, self.spec.std) if self.spec.mean else
-            (IMAGENET_MEAN, IMAGENET_STD) if self.large else (HALF, HALF)
-        )  # fmt: skip
+            (self.spec.mean, self.spec.std)
+            if self.spec.mean
+            else (IMAGENET_MEAN, IMAGENET_STD)
+            if self.large
+            else (HALF, HALF)
+        )
         self.mean = _stats(normalize_mean, "normalize_mean") or default_mean
         self.std = _stats(normalize_std, "normalize_std") or default_std
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
@@ -299,8 +301,7 @@ class ClassSplitDataModule(L.LightningDataModule):
                 self._served = [c for c in every if c not in (self.base_classes or [])]
                 if not self._served:
                     raise ConfigError(
-                        "data.base_classes covers every class, leaving no target classes; "
-                        "list data.target_classes."
+                        "data.base_classes covers every class, leaving no target classes; list data.target_classes."
                     )
         return self._served
 
@@ -393,8 +394,10 @@ class ClassSplitDataModule(L.LightningDataModule):
             present = set(targets)
             empty = [c for k, c in enumerate(served) if k not in present]
             if empty and part == "val":
-                raise ConfigError(f"data.val_fraction={self.val_fraction} leaves class {empty} no validation "
-                                  "images; raise it (or data.eval_limit_per_class)")  # fmt: skip
+                raise ConfigError(
+                    f"data.val_fraction={self.val_fraction} leaves class {empty} no validation "
+                    "images; raise it (or data.eval_limit_per_class)"
+                )
             if empty:
                 labels = train_labels if part == "train" else eval_labels
                 found = sorted({str(label) for label in labels}, key=lambda s: (len(s), s))
@@ -441,11 +444,16 @@ class ClassSplitDataModule(L.LightningDataModule):
             dataset, workers, pin = dataset.placed(device, self._stored_on_device(dataset.images, device)), 0, False
         else:
             workers, pin = self._workers(device), device.type == "cuda"
-        return dataset, {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin,
-                         "collate_fn": getattr(dataset, "collate_fn", None)}  # fmt: skip
+        return dataset, {
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "pin_memory": pin,
+            "collate_fn": getattr(dataset, "collate_fn", None),
+        }
 
-    def loader(self, dataset: ClassSubset | ImageTensors, shuffle: bool, device: torch.device | None = None
-               ) -> DataLoader:  # fmt: skip
+    def loader(
+        self, dataset: ClassSubset | ImageTensors, shuffle: bool, device: torch.device | None = None
+    ) -> DataLoader:
         """A DataLoader of ``dataset`` for ``device`` (default: the trainer's). Training (``shuffle``): the order
         of :class:`EpochShuffle`, batches of :class:`TrainingBatches`; else in order, every image."""
         dataset, common = self.for_device(dataset, device or self.device())

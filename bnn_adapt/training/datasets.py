@@ -67,39 +67,165 @@ CIFAR100_BASE_MEAN, CIFAR100_BASE_STD = (0.5034, 0.4852, 0.4427), (0.2684, 0.256
 
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 CIFAR100_CLASSES = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
-    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
-    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
-    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
-    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
-    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom",
-    "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
-    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
-    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake",
-    "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
-    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
-    "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
-)  # fmt: skip
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
+)
 
 
 PETS_CLASSES = (  # as torchvision.datasets.OxfordIIITPet names them, in label order
-    "Abyssinian", "American Bulldog", "American Pit Bull Terrier", "Basset Hound", "Beagle",
-    "Bengal", "Birman", "Bombay", "Boxer", "British Shorthair", "Chihuahua", "Egyptian Mau",
-    "English Cocker Spaniel", "English Setter", "German Shorthaired", "Great Pyrenees",
-    "Havanese", "Japanese Chin", "Keeshond", "Leonberger", "Maine Coon", "Miniature Pinscher",
-    "Newfoundland", "Persian", "Pomeranian", "Pug", "Ragdoll", "Russian Blue", "Saint Bernard",
-    "Samoyed", "Scottish Terrier", "Shiba Inu", "Siamese", "Sphynx",
-    "Staffordshire Bull Terrier", "Wheaten Terrier", "Yorkshire Terrier",
-)  # fmt: skip
+    "Abyssinian",
+    "American Bulldog",
+    "American Pit Bull Terrier",
+    "Basset Hound",
+    "Beagle",
+    "Bengal",
+    "Birman",
+    "Bombay",
+    "Boxer",
+    "British Shorthair",
+    "Chihuahua",
+    "Egyptian Mau",
+    "English Cocker Spaniel",
+    "English Setter",
+    "German Shorthaired",
+    "Great Pyrenees",
+    "Havanese",
+    "Japanese Chin",
+    "Keeshond",
+    "Leonberger",
+    "Maine Coon",
+    "Miniature Pinscher",
+    "Newfoundland",
+    "Persian",
+    "Pomeranian",
+    "Pug",
+    "Ragdoll",
+    "Russian Blue",
+    "Saint Bernard",
+    "Samoyed",
+    "Scottish Terrier",
+    "Shiba Inu",
+    "Siamese",
+    "Sphynx",
+    "Staffordshire Bull Terrier",
+    "Wheaten Terrier",
+    "Yorkshire Terrier",
+)
 
 
 LabelledSet = tuple[Dataset, Sequence]  # a dataset and its per-sample labels, read without decoding images
-
 
 
 @contextlib.contextmanager
@@ -108,9 +234,16 @@ def dataset_errors(problem: str):
     try:
         yield
     except (
-        RuntimeError, OSError, urllib.error.URLError, pickle.UnpicklingError, EOFError,
-        KeyError, ValueError, TypeError, AssertionError,
-    ) as err:  # fmt: skip
+        RuntimeError,
+        OSError,
+        urllib.error.URLError,
+        pickle.UnpicklingError,
+        EOFError,
+        KeyError,
+        ValueError,
+        TypeError,
+        AssertionError,
+    ) as err:
         raise DataError(f"{problem} ({type(err).__name__}: {err})") from err
 
 
@@ -200,13 +333,19 @@ def _load_fashion(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
     """Fashion-MNIST from the standard IDX files: in root, root/FashionMNIST/raw/ or the Debian folder."""
     names = ", ".join(s for pair in FASHION_FILES.values() for s in pair)
     if download and _fashion_files(root) is None:
-        fetch_dataset("Fashion-MNIST", tvd.FashionMNIST.mirrors[0], root,
-                 f"put {names} (plain or .gz) into {root}, or apt-get install dataset-fashion-mnist",
-                 lambda: tvd.FashionMNIST(root, train=True, download=True))  # fmt: skip
+        fetch_dataset(
+            "Fashion-MNIST",
+            tvd.FashionMNIST.mirrors[0],
+            root,
+            f"put {names} (plain or .gz) into {root}, or apt-get install dataset-fashion-mnist",
+            lambda: tvd.FashionMNIST(root, train=True, download=True),
+        )
     files = _fashion_files(root)
     if files is None:
-        raise DataError(_fashion_missing(root) + f"; set data.root={DEBIAN_FASHION_DIR} (apt-get install "
-                        "dataset-fashion-mnist) or data.download=true.")  # fmt: skip
+        raise DataError(
+            _fashion_missing(root) + f"; set data.root={DEBIAN_FASHION_DIR} (apt-get install "
+            "dataset-fashion-mnist) or data.download=true."
+        )
     parts = []
     for image_stem, label_stem in FASHION_FILES.values():
         images = _read_idx(files[image_stem], read_image_file)
@@ -262,8 +401,13 @@ def _load_cifar(cls: type[tvd.CIFAR10], root: str, download: bool) -> tuple[Labe
     folder, missing = Path(root) / cls.base_folder, _cifar_missing(cls, root)
     if missing and download:
         title = cls.__name__.removeprefix("ExistingFiles").replace("CIFAR", "CIFAR-")
-        fetch_dataset(title, cls.url, root, f"unpack {cls.filename} into {root}, so that {folder}/ holds its files",
-                 lambda: cls(root, train=True, download=True))  # fmt: skip
+        fetch_dataset(
+            title,
+            cls.url,
+            root,
+            f"unpack {cls.filename} into {root}, so that {folder}/ holds its files",
+            lambda: cls(root, train=True, download=True),
+        )
     elif missing:
         raise DataError(f"{missing}; set data.root to the folder holding {cls.base_folder}/ or data.download=true.")
     with dataset_errors(f"cannot read {folder}; replace the files"):
@@ -274,10 +418,14 @@ def _load_cifar(cls: type[tvd.CIFAR10], root: str, download: bool) -> tuple[Labe
 
 #: what torchvision's Flowers-102 and Pets readers need under root, and where they download from
 LAYOUTS = {
-    "flowers102": ("Flowers-102", "flowers-102", ("jpg", "imagelabels.mat", "setid.mat"),
-                   tvd.Flowers102._download_url_prefix),
+    "flowers102": (
+        "Flowers-102",
+        "flowers-102",
+        ("jpg", "imagelabels.mat", "setid.mat"),
+        tvd.Flowers102._download_url_prefix,
+    ),
     "pets": ("Oxford-IIIT Pets", "oxford-iiit-pet", ("images", "annotations"), tvd.OxfordIIITPet._RESOURCES[0][0]),
-}  # fmt: skip
+}
 
 
 def _layout_missing(name: str, root: str) -> str | None:
@@ -292,8 +440,13 @@ def _load_torchvision_split(
     """Flowers-102 / Oxford-IIIT Pets: torchvision's reader for the (train, eval) splits."""
     title, folder, parts, url = LAYOUTS[name]
     if download and _layout_missing(name, root):
-        fetch_dataset(title, url, root, f"put {Path(root) / folder}/ ({', '.join(parts)}) there",
-                 lambda: cls(root, split=splits[0], download=True))  # fmt: skip
+        fetch_dataset(
+            title,
+            url,
+            root,
+            f"put {Path(root) / folder}/ ({', '.join(parts)}) there",
+            lambda: cls(root, split=splits[0], download=True),
+        )
     problem = (
         f"{title} not found: expected {Path(root) / folder}/{{{','.join(parts)}}}; "
         "set data.root=... or data.download=true"
@@ -349,35 +502,53 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec(
-        "scikit-learn digits", _load_digits, tuple(str(d) for d in range(10)), HALF, HALF, False
-    ),
+    "digits": DatasetSpec("scikit-learn digits", _load_digits, tuple(str(d) for d in range(10)), HALF, HALF, False),
     "fashion_mnist": DatasetSpec(
-        "Fashion-MNIST", _load_fashion, tuple(tvd.FashionMNIST.classes), HALF, HALF, False,
+        "Fashion-MNIST",
+        _load_fashion,
+        tuple(tvd.FashionMNIST.classes),
+        HALF,
+        HALF,
+        False,
         missing=_fashion_missing,
-    ),  # fmt: skip
+    ),
     "cifar10": DatasetSpec(
-        "CIFAR-10", partial(_load_cifar, ExistingFilesCIFAR10), CIFAR10_CLASSES,
-        CIFAR10_BASE_MEAN, CIFAR10_BASE_STD, False, hflip=True,
+        "CIFAR-10",
+        partial(_load_cifar, ExistingFilesCIFAR10),
+        CIFAR10_CLASSES,
+        CIFAR10_BASE_MEAN,
+        CIFAR10_BASE_STD,
+        False,
+        hflip=True,
         missing=partial(_cifar_missing, ExistingFilesCIFAR10),
-    ),  # fmt: skip
+    ),
     "cifar100": DatasetSpec(
-        "CIFAR-100", partial(_load_cifar, ExistingFilesCIFAR100), CIFAR100_CLASSES,
-        CIFAR100_BASE_MEAN, CIFAR100_BASE_STD, False, hflip=True,
+        "CIFAR-100",
+        partial(_load_cifar, ExistingFilesCIFAR100),
+        CIFAR100_CLASSES,
+        CIFAR100_BASE_MEAN,
+        CIFAR100_BASE_STD,
+        False,
+        hflip=True,
         missing=partial(_cifar_missing, ExistingFilesCIFAR100),
-    ),  # fmt: skip
+    ),
     "flowers102": DatasetSpec(
         "Flowers-102",
         partial(_load_torchvision_split, ExistingFilesFlowers102, ("train", "val"), "flowers102"),
-        tuple(tvd.Flowers102.classes), IMAGENET_MEAN, IMAGENET_STD, True,
+        tuple(tvd.Flowers102.classes),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        True,
         missing=partial(_layout_missing, "flowers102"),
-    ),  # fmt: skip
+    ),
     "pets": DatasetSpec(
         "Oxford-IIIT Pets",
         partial(_load_torchvision_split, tvd.OxfordIIITPet, ("trainval", "test"), "pets"),
-        PETS_CLASSES, IMAGENET_MEAN, IMAGENET_STD, True, missing=partial(_layout_missing, "pets"),
-    ),  # fmt: skip
-    "imagefolder": DatasetSpec(
-        "imagefolder", _load_imagefolder, None, None, None, None, missing=_imagefolder_missing
+        PETS_CLASSES,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        True,
+        missing=partial(_layout_missing, "pets"),
     ),
+    "imagefolder": DatasetSpec("imagefolder", _load_imagefolder, None, None, None, None, missing=_imagefolder_missing),
 }

@@ -109,9 +109,15 @@ class ImageTensors(Dataset):
 
     collate_fn = staticmethod(default_convert)  # the batch is made already: a DataLoader passes it on
 
-    def __init__(self, images: torch.Tensor, labels: list[int], transform: BatchTransform,
-                 device: torch.device | None = None, dataset: Dataset | None = None,
-                 indices: list[int] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: list[int],
+        transform: BatchTransform,
+        device: torch.device | None = None,
+        dataset: Dataset | None = None,
+        indices: list[int] | None = None,
+    ):
         self.images, self.labels, self.transform = images, list(labels), transform
         self.dataset, self.indices = dataset, indices
         self.targets = torch.as_tensor(self.labels, dtype=torch.long, device=images.device)
@@ -142,8 +148,9 @@ class ImageTensors(Dataset):
         if self.device == device and self.images.device == store:
             return self
         if (device, store) not in self._copies:
-            self._copies[device, store] = ImageTensors(self.images.to(store), self.labels, self.transform, device,
-                                                       self.dataset, self.indices)  # fmt: skip
+            self._copies[device, store] = ImageTensors(
+                self.images.to(store), self.labels, self.transform, device, self.dataset, self.indices
+            )
         return self._copies[device, store]
 
     def __getstate__(self) -> dict:

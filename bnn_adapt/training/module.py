@@ -12,7 +12,7 @@ writes to its loggers; the latent weights to clamp are listed once per epoch.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -97,7 +97,7 @@ class Classifier(L.LightningModule):
         wait for the device), else add the losses to the epoch's mean."""
         if not self.unchecked:
             return
-        steps, losses, sizes = zip(*self.unchecked)
+        steps, losses, sizes = zip(*self.unchecked, strict=True)
         self.unchecked = []
         losses = torch.stack(losses)
         finite = torch.isfinite(losses)

@@ -29,8 +29,8 @@ import itertools
 from collections.abc import Iterable, Iterator
 
 import lightning as L
-from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
@@ -82,8 +82,9 @@ def _images(batch):
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, batches: Iterable, num_batches: int | None = None,
-               norms: list[BatchNorm] | None = None) -> int:  # fmt: skip
+def precise_bn(
+    model: nn.Module, batches: Iterable, num_batches: int | None = None, norms: list[BatchNorm] | None = None
+) -> int:
     """Recompute the running mean and variance of ``model``'s BNs (``norms``; default: every one)
     over ``batches`` (images, or ``(images, labels)``; the first ``num_batches``); returns how many
     batches it used.
@@ -120,7 +121,7 @@ def precise_bn(model: nn.Module, batches: Iterable, num_batches: int | None = No
             m.momentum = momentum
         for m, buffers in before.items():
             if not used or int(m.num_batches_tracked) == 0:  # a BN the forward does not reach keeps its statistics
-                for buffer, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), buffers):
+                for buffer, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), buffers, strict=True):
                     buffer.copy_(value)
     return used
 
@@ -173,8 +174,14 @@ def at_epoch(loader, epoch: int):
     return loader
 
 
-def recalibrate(model: nn.Module, datamodule, num_batches: int, device: torch.device,
-                norms: list[BatchNorm] | None = None, epoch: int = 0) -> int:  # fmt: skip
+def recalibrate(
+    model: nn.Module,
+    datamodule,
+    num_batches: int,
+    device: torch.device,
+    norms: list[BatchNorm] | None = None,
+    epoch: int = 0,
+) -> int:
     """``model``'s BN statistics (``norms``; default: every BN) re-estimated on ``datamodule``'s
     training data (its training transforms, its shuffle at ``epoch``) on ``device``:
     ``base.bn=recalibrate`` (AdaBN) passes the frozen base, before adaptation keeps them frozen; a

@@ -114,8 +114,13 @@ class PruningPlan:
         head_rate = float(r.get("head_rate") or 0.0)
         if not (r.depthwise_rate > 0 or r.pointwise_rate > 0 or head_rate > 0):
             return None
-        return cls(float(r.depthwise_rate), float(r.pointwise_rate), pruning_epochs(r, max_epochs), head_rate,
-                   bool(r.get("rewind", False)))  # fmt: skip
+        return cls(
+            float(r.depthwise_rate),
+            float(r.pointwise_rate),
+            pruning_epochs(r, max_epochs),
+            head_rate,
+            bool(r.get("rewind", False)),
+        )
 
     @property
     def rounds(self) -> int:
@@ -133,8 +138,10 @@ class PruningPlan:
         """Prune ``model`` now, every round, and make it permanent (where nothing trains)."""
         self.prepare(model)
         depthwise, pointwise = model.prune_targets()
-        for modules, rate, method in ((depthwise, self.depthwise_rate, "ln_structured"),
-                                      (pointwise, self.pointwise_rate, "l1_unstructured")):  # fmt: skip
+        for modules, rate, method in (
+            (depthwise, self.depthwise_rate, "ln_structured"),
+            (pointwise, self.pointwise_rate, "l1_unstructured"),
+        ):
             if rate <= 0:
                 continue
             for m in modules:
@@ -177,7 +184,9 @@ class PruningPlan:
         if callbacks:
             callbacks.append(KeepPrunedZeros(depthwise + pointwise, self.epochs[0]))
         if self.head_rate > 0:
-            schedule = {at - 1: cumulative_fraction(self.head_rate, k, self.rounds) for k, at in enumerate(self.epochs, 1)}
+            schedule = {
+                at - 1: cumulative_fraction(self.head_rate, k, self.rounds) for k, at in enumerate(self.epochs, 1)
+            }
             callbacks.append(HeadColumnPruning(model, schedule))
         return callbacks
 

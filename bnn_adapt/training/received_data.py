@@ -57,8 +57,11 @@ _NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]
 #: the only globals a CIFAR python-format file refers to: numpy arrays (numpy < 2 and >= 2 spell the module
 #: differently) and, written by Python 3 at protocol 2, the encoding of bytes; builtin containers need none
 CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_array, ("numpy._core.multiarray", "_reconstruct"): _numpy_array,
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): _latin1,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_array,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_array,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1,
 }
 
 

@@ -166,7 +166,7 @@ def build_features(model, subset: ClassSubset, views: int, device: torch.device,
                 features = model.frozen_features(images.to(device))
                 if store is None:
                     store = [torch.empty((views * n, *f.shape[1:]), dtype=f.dtype) for f in features]
-                for kept, f in zip(store, features):
+                for kept, f in zip(store, features, strict=True):
                     kept[at : at + len(images)] = f.cpu()
                 at += len(images)
     return store, labels

@@ -155,6 +155,15 @@ def set_memory_mode(model: nn.Module, memory: str) -> nn.Module:
 
 
 __all__ = [
-    "LEAN_CLASSES", "MEMORY_MODES", "STANDARD_CLASSES", "is_lean", "make_lean", "make_standard", "pack_bits",
-    "set_memory_mode", "trains_binary_network", "unpack_bits", "unpack_signs",
-]  # fmt: skip
+    "LEAN_CLASSES",
+    "MEMORY_MODES",
+    "STANDARD_CLASSES",
+    "is_lean",
+    "make_lean",
+    "make_standard",
+    "pack_bits",
+    "set_memory_mode",
+    "trains_binary_network",
+    "unpack_bits",
+    "unpack_signs",
+]

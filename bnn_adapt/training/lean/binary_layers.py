@@ -28,9 +28,18 @@ class _ConvOp:
     def backward(self, grad, x, weight, needs):
         bias_sizes = [weight.shape[0]] if needs[2] else None
         return torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, list(self.stride), list(self.padding), list(self.dilation),
-            False, [0, 0], self.groups, list(needs),
-        )  # fmt: skip
+            grad,
+            x,
+            weight,
+            bias_sizes,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            [0, 0],
+            self.groups,
+            list(needs),
+        )
 
 
 class _LinearOp:

@@ -94,9 +94,7 @@ class _MaxPoolFn(torch.autograd.Function):
         row, col = _window_origin(grad.shape, width, stride, padding, grad.device)
         offset = offset.long()
         index = (row + offset // kernel[1] * dilation[0]) * width + col + offset % kernel[1] * dilation[1]
-        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, grad.new_empty(ctx.x_shape), *ctx.args, index
-        )
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, grad.new_empty(ctx.x_shape), *ctx.args, index)
         return grad_x, None, None, None, None, None
 
 
@@ -253,9 +251,17 @@ class _LowPrecisionBatchNormFn(torch.autograd.Function):
         needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         zero = torch.zeros_like(save_invstd if ctx.training else running_var)  # the mean of centred values
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(), centred.to(grad.dtype), weight, zero, running_var,
-            zero, save_invstd, ctx.training, ctx.eps, needs,
-        )  # fmt: skip
+            grad.contiguous(),
+            centred.to(grad.dtype),
+            weight,
+            zero,
+            running_var,
+            zero,
+            save_invstd,
+            ctx.training,
+            ctx.eps,
+            needs,
+        )
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -283,10 +289,15 @@ class LeanBatchNorm:
         batch_stats = self.training or self.running_mean is None
         keep_running = not self.training or self.track_running_stats
         return _LowPrecisionBatchNormFn.apply(
-            x, self.weight, self.bias,
-            self.running_mean if keep_running else None, self.running_var if keep_running else None,
-            batch_stats, factor, self.eps,
-        )  # fmt: skip
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            batch_stats,
+            factor,
+            self.eps,
+        )
 
 
 class LeanBatchNorm1d(LeanBatchNorm, nn.BatchNorm1d):

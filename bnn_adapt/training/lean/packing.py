@@ -16,7 +16,6 @@ _PACK = 0x0102040810204080  # byte i (0 or 1) of an int64 word -> bit i of its t
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool tensor (N, ...) -> uint8 (N, ceil(numel / N / 8)): 8 flags a byte.
 
