@@ -40,7 +40,7 @@ test-compat:
 	grep -viE '^(torch|torchvision|lightning|pytorch-lightning|triton|nvidia-.*|cuda-.*)==' $(LOCK) \
 	  > $(COMPAT)/constraints.txt  # the lock less torch and what comes with it
 	$(COMPAT)/bin/python -m pip install --quiet -e ".[test]" -c $(COMPAT)/constraints.txt
-	$(COMPAT)/bin/python -m bnn_adapt.tools.gpu_check --device cpu --expect $(COMPAT_PINS) --only predict_cpu \
+	$(COMPAT)/bin/python -m benchmarks.gpu_check --device cpu --expect $(COMPAT_PINS) --only predict_cpu \
 	  --work outputs/gpu_check_compat
 	OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_bits.py \
 	  tests/test_packed_inference.py tests/test_export.py tests/test_predict.py tests/test_lean.py tests/test_lean_steps.py \
@@ -51,7 +51,7 @@ test-compat:
 # (ARGS: extra overrides, e.g. `make demo ARGS=logger=[csv,tensorboard]`)
 demo: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name demo $(ARGS)
-	$(PY) -m bnn_adapt.tools.report outputs/demo
+	$(PY) -m bnn_adapt.report outputs/demo
 
 # ---------------------------------------------------------------- thesis tables (docs: Reproducing the thesis)
 # `make reproduce-tables [PROFILE=full|smoke]`: every thesis table; `make table T=6.5`: one; PLAN=1: print every run
@@ -73,18 +73,18 @@ endif
 DATA_smoke := smoke-data
 DATA_fashion := $(if $(filter full,$(PROFILE)),fashion-data)
 DATA_fashion_bn := $(DATA_fashion)
-TABLES = $(PY) -m bnn_adapt.tools.tables --profile $(PROFILE) --protocol $(PROTOCOL) --out $(RESULTS) $(foreach a,$(ARGS),--override $(a))
+TABLES = $(PY) -m bnn_adapt.thesis.tables --profile $(PROFILE) --protocol $(PROTOCOL) --out $(RESULTS) $(foreach a,$(ARGS),--override $(a))
 
 reproduce-tables: install $(if $(PLAN),,$(DATA_$(PROFILE)))
 	$(TABLES) $(if $(PLAN),--plan,--run)
 
 table: install $(DATA_$(PROFILE)) $(DATA_$(T))
-	@test -n "$(T)" || { echo "usage: make table T=<id> [PROFILE=full|smoke]; ids: python -m bnn_adapt.tools.tables --list"; exit 2; }
+	@test -n "$(T)" || { echo "usage: make table T=<id> [PROFILE=full|smoke]; ids: python -m bnn_adapt.thesis.tables --list"; exit 2; }
 	$(TABLES) --run $(T)
 
 # small generated datasets in the real formats + a tiny ReActNet checkpoint (kept if present)
 smoke-data: install
-	$(PY) -m bnn_adapt.tools.synthetic
+	$(PY) -m bnn_adapt.thesis.synthetic
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (offline), installed if missing and root
 fashion-data:
@@ -94,7 +94,7 @@ fashion-data:
 
 # bytes on disk at the thesis configurations: packed bases and exported adapters vs the size formula (docs: Deployment)
 sizes: install
-	$(PY) -m bnn_adapt.tools.sizes
+	$(PY) -m bnn_adapt.thesis.sizes
 
 # speed and memory of every strategy x trainer.memory, timed side by side in one process, peaks in fresh
 # processes, and whole epochs through python -m bnn_adapt's training against a bare PyTorch loop (docs: Speed and
@@ -103,13 +103,13 @@ sizes: install
 QUICK ?=
 BENCH_ARGS ?=
 bench: install
-	$(PY) -m bnn_adapt.tools.bench $(if $(QUICK),--quick) $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # 1-bit inference: the packed XNOR-popcount kernels against fp32 convs, side by side (docs: Speed and memory).
 # Writes benchmarks/inference.{json,md}, which the docs page includes as written. QUICK=1: a few minutes.
 # PY=/path/to/python runs it with an interpreter that has the package already (no install step).
 bench-infer: $(if $(filter $(VENV)/bin/python,$(PY)),install)
-	$(PY) -m bnn_adapt.tools.bench_infer $(if $(QUICK),--quick) $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_infer $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # rebuild the kernels in place after editing bnn_adapt/deploy/csrc (make install builds them once)
 kernels:
@@ -118,17 +118,17 @@ kernels:
 # pretrain the digits base with memory=standard|lean|lean_fp16, 3 seeds; compare top-1, every step's loss and the final checkpoints
 lean-check: install
 	$(PY) -m bnn_adapt --multirun --config-dir sweeps --config-name lean_pretrain
-	$(PY) -m bnn_adapt.tools.report outputs/lean_pretrain
+	$(PY) -m bnn_adapt.report outputs/lean_pretrain
 
 # the GPU story in one prepared run of at most 8 minutes on one GPU, each step with its own time limit
 # (docs: Scale-out); writes benchmarks/gpu_check.{md,json}. DEVICE=cpu: the same steps at tiny
 # sizes on CPU (a few minutes; its report goes to outputs/gpu_check/)
 DEVICE ?= cuda
 gpu-check: install
-	$(PY) -m bnn_adapt.tools.gpu_check --device $(DEVICE)
+	$(PY) -m benchmarks.gpu_check --device $(DEVICE)
 
 # ---------------------------------------------------------------- documentation site (mkdocs.yml, docs/)
-# `make docs`: the configuration reference regenerated from conf/, then a strict build into site/
+# `make docs`: the configuration reference regenerated from conf/ (docs/hooks/config_reference.py), then a strict build into site/
 # (a broken link, a missing anchor or a missing included file fails it); `make docs-serve`: at
 # http://127.0.0.1:8000, rebuilt on every change; `make docs-screenshots`: headless Chromium
 # (Debian's chromium package) screenshots of the built home and configuration pages, to look at.
@@ -136,7 +136,6 @@ CHROMIUM ?= chromium
 SCREENSHOT_PAGES ?= index.html reference/configuration/index.html
 docs docs-serve: export NO_MKDOCS_2_WARNING = 1   # Material's banner about its successor, printed on every build
 docs: install
-	$(PY) -m bnn_adapt.tools.config_reference
 	$(PY) -m mkdocs build --strict
 
 docs-serve: install

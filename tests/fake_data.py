@@ -1,7 +1,7 @@
-"""Tiny generated datasets in the real on-disk formats (moved to :mod:`bnn_adapt.tools.synthetic`,
+"""Tiny generated datasets in the real on-disk formats (moved to :mod:`bnn_adapt.thesis.synthetic`,
 which ``PROFILE=smoke`` also uses); re-exported here for the tests."""
 
-from bnn_adapt.tools.synthetic import (  # noqa: F401
+from bnn_adapt.thesis.synthetic import (  # noqa: F401
     class_images,
     labelled_images,
     write_cifar10,

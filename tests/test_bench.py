@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnn_adapt.tools import bench, bench_epoch, bench_memory
-from bnn_adapt.tools.bench_cases import TINY_SETUPS, Case, make_base, prepare, train_step
+from benchmarks import bench, bench_epoch, bench_memory
+from benchmarks.bench_cases import TINY_SETUPS, Case, make_base, prepare, train_step
 
 REQUIRED = {
     "model": str,
@@ -265,7 +265,7 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
     assert "--only steps" in runs["steps"]["command"] and "--only epochs" in runs["epochs"]["command"]
     both = (out / "results.md").read_text()
     assert "| model | strategy | memory |" in both and "| udta + tap cache | 0.1 |" in both
-    assert "Whole epochs: `python -m bnn_adapt.tools.bench --quick --tiny --only epochs" in both
+    assert "Whole epochs: `python -m benchmarks.bench --quick --tiny --only epochs" in both
 
 
 @pytest.mark.parametrize(
@@ -275,7 +275,7 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
 def test_the_bare_loop_trains_exactly_as_the_framework(tmp_path, strategy, cache_taps, extra):
     """Same work: from one model on un-augmented data, both paths end with the same weights and BN statistics
     (trainer.channels_last too: the run's model in NHWC memory, as the bare loop puts it)."""
-    from bnn_adapt.tools.synthetic import write_cifar10
+    from bnn_adapt.thesis.synthetic import write_cifar10
 
     setup = bench_epoch.EPOCH_SETUPS[("cpu", "tiny")]
     write_cifar10(tmp_path / "data" / "cifar10", n_per_class=setup.train_per_class)

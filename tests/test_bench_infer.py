@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from benchmarks import bench_infer
 from bnn_adapt.deploy import packed_kernels
-from bnn_adapt.tools import bench_infer
 
 pytestmark = pytest.mark.skipif(not packed_kernels.available(), reason="the packed kernels are not built here")
 REQUIRED = {

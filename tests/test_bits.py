@@ -33,7 +33,7 @@ from bnn_adapt.run import builders, task
 from bnn_adapt.run.config import compose, without_hydra_node
 from bnn_adapt.run.labels import run_label
 from bnn_adapt.run.results import config_hash
-from bnn_adapt.tools.pareto import compare_fronts, hypervolume
+from bnn_adapt.search.pareto import compare_fronts, hypervolume
 from bnn_adapt.training.pruning import PruningPlan
 from tests.test_export import BASES, adapted, make_base
 
@@ -380,7 +380,7 @@ def test_adapter_files_stay_within_10_percent_of_the_formula_at_real_bits(bits, 
     Below 4 bits a 0.9-pruned file cannot meet it: where its 10 % of weights are takes log2 C(n, k) bits
     (H(0.1) = 0.47 bit a weight) that the formula (kept weights only, 1 bit each at 1 bit) does not
     charge; there the file is held to 1.10 x (formula + that least cost)."""
-    from bnn_adapt.tools import sizes
+    from bnn_adapt.thesis import sizes
 
     chosen = (
         "serial, stages 1-3, g=20",
@@ -467,7 +467,7 @@ def test_a_run_at_two_bits_reports_real_bits_and_its_file_predicts_as_it_trained
             total += len(labels)
     assert correct / total == pytest.approx(metrics["test_top1"], abs=1e-6)
     # make sizes --runs: the run's own file against its formula, and as plain (format 2) streams
-    from bnn_adapt.tools import sizes
+    from bnn_adapt.thesis import sizes
 
     capsys.readouterr()
     assert sizes.main(["--runs", cfg.paths.output_dir, str(out)]) == 0  # the export folder has no run: skipped

@@ -12,7 +12,7 @@ import sys
 import markdown
 
 from bnn_adapt.run.config import CONF_DIR, REPO_ROOT
-from bnn_adapt.tools import config_reference
+from docs.hooks import config_reference
 
 
 def test_configuration_reference_is_what_conf_says_today():

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from bnn_adapt.tools import gpu_check
-from bnn_adapt.tools.gpu_check import Step, run_step
+from benchmarks import gpu_check
+from benchmarks.gpu_check import Step, run_step
 from tests.test_tables import REPO_ROOT
 
 
@@ -30,7 +30,7 @@ def test_without_a_gpu_the_cuda_check_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
     result = subprocess.run(
-        [sys.executable, "-m", "bnn_adapt.tools.gpu_check", "--work", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.gpu_check", "--work", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -54,7 +54,7 @@ def test_the_cpu_rehearsal_runs_every_step_and_reports_each(tmp_path):
         [
             sys.executable,
             "-m",
-            "bnn_adapt.tools.gpu_check",
+            "benchmarks.gpu_check",
             "--device",
             "cpu",
             "--work",

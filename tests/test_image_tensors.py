@@ -298,7 +298,7 @@ def test_digits_base_with_a_remainder_of_one_trains_and_evaluates_every_image(ma
 
 
 def test_loader_bench_times_both_loaders_over_whole_epochs():
-    from bnn_adapt.tools.bench_loader import loader_records
+    from benchmarks.bench_loader import loader_records
 
     records = loader_records(torch.device("cpu"), images_per_class=4, batch_size=8, epochs=1)
     assert [r["loader"] for r in records] == ["tensor", "per_image"]

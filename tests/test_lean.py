@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_memory import SavedTensorMeter
 from bnn_adapt import accounting
 from bnn_adapt.adapters import STRATEGIES, Serial
 from bnn_adapt.bases import ReActNet18, STEResNetCIFAR
 from bnn_adapt.bases.reactnet import ChannelsLastMaxPool2d
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.tools.bench_memory import SavedTensorMeter
 from bnn_adapt.training.lean import (
     STANDARD_CLASSES,
     is_lean,

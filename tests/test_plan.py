@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from bnn_adapt.run.config import without_hydra_node
 from bnn_adapt.run.results import write_json
-from bnn_adapt.tools import plan, tables
-from bnn_adapt.tools.synthetic import SMOKE_SIZES, write_cifar10, write_cifar100
-from bnn_adapt.tools.table_runs import TABLES, table_rows
+from bnn_adapt.thesis import plan, tables
+from bnn_adapt.thesis.synthetic import SMOKE_SIZES, write_cifar10, write_cifar100
+from bnn_adapt.thesis.table_runs import TABLES, table_rows
 
 
 def finish(job, epoch_time_s: float, epochs: int = 3) -> None:

@@ -16,8 +16,8 @@ from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.run import task
 from bnn_adapt.run.results import file_sha256
-from bnn_adapt.tools import table_runs
-from bnn_adapt.tools.table_runs import TABLES, table_rows
+from bnn_adapt.thesis import table_runs
+from bnn_adapt.thesis.table_runs import TABLES, table_rows
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 
 # ------------------------------------------------------------------ the best epoch of pretraining

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bnn_adapt import report
 from bnn_adapt.bases import checkpoint, reactnet_checkpoint
 from bnn_adapt.bases.checkpoint import load_base, save_base
 from bnn_adapt.bases.reactnet import ReActNet18
@@ -20,8 +21,7 @@ from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.deploy.export import load_run
 from bnn_adapt.errors import CheckpointError, ExportError
 from bnn_adapt.run import builders
-from bnn_adapt.tools import report
-from bnn_adapt.tools.synthetic import write_reactnet_checkpoint
+from bnn_adapt.thesis.synthetic import write_reactnet_checkpoint
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 
 HOW = "pretrain it again"

@@ -25,7 +25,7 @@ from bnn_adapt.errors import CheckpointError, DataError, ExportError
 from bnn_adapt.files import atomic_output, write_json
 from bnn_adapt.run import claims, task
 from bnn_adapt.run.config import quote_path_overrides
-from bnn_adapt.tools import search_trials
+from bnn_adapt.search import owners
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 from tests.test_tables import run_module
 
@@ -62,7 +62,7 @@ def test_the_readme_search_in_a_fresh_clone_stops_before_the_first_trial(tmp_pat
     assert "stops before the first trial" in line
     assert "pretrain it first with `python -m bnn_adapt +experiment=cifar5_5_base +profile=smoke`" in line
     assert "its data is missing too" in line and "cifar-10-batches-py" in line
-    assert "python -m bnn_adapt.tools.synthetic" in line  # smoke data is generated, not downloaded
+    assert "python -m bnn_adapt.thesis.synthetic" in line  # smoke data is generated, not downloaded
     assert not (tmp_path / "outputs").exists(), "a search that cannot succeed must leave nothing behind"
 
 
@@ -292,14 +292,14 @@ def test_the_same_sweep_started_twice_runs_each_row_once(tmp_path, digits_base):
 
 def owned(host: str, pid: int, alive_at: float) -> dict:
     return {
-        search_trials.OWNER_ATTR: {
+        owners.OWNER_ATTR: {
             "host": host,
             "boot": claims.boot_id(),
             "pid": pid,
             "start": None,
             "since": alive_at,
         },
-        search_trials.ALIVE_ATTR: alive_at,
+        owners.ALIVE_ATTR: alive_at,
     }
 
 
@@ -310,7 +310,7 @@ def test_stale_running_trials_are_failed_and_live_ones_kept(tmp_path):
     states = {
         "dead pid here": owned(here, dead_pid(), now),
         "this process": owned(here, os.getpid(), now),
-        "elsewhere, silent": owned("elsewhere.example", 1, now - search_trials.STALE_AFTER_S - 10),
+        "elsewhere, silent": owned("elsewhere.example", 1, now - owners.STALE_AFTER_S - 10),
         "elsewhere, beating": owned("elsewhere.example", 1, now),
         "no owner (older version)": {},
     }
@@ -328,7 +328,7 @@ def test_stale_running_trials_are_failed_and_live_ones_kept(tmp_path):
             (trials["no owner (older version)"],),
         )
 
-    failed = search_trials.fail_stale_trials(url, "s")
+    failed = owners.fail_stale_trials(url, "s")
     after = {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
     gone = ("dead pid here", "elsewhere, silent", "no owner (older version)")
     assert {name for name, n in trials.items() if after[n] == optuna.trial.TrialState.FAIL} == set(gone)
@@ -337,7 +337,7 @@ def test_stale_running_trials_are_failed_and_live_ones_kept(tmp_path):
         "elsewhere, beating",
     }
     assert len(failed) == 3 and all(line.startswith("trial ") for line in failed)
-    assert search_trials.trial_counts(url, "s") == {"FAIL": 3, "RUNNING": 2, "COMPLETE": 1}
+    assert owners.trial_counts(url, "s") == {"FAIL": 3, "RUNNING": 2, "COMPLETE": 1}
 
 
 def test_a_search_killed_mid_trial_continues_without_a_phantom_trial(tmp_path):
@@ -376,7 +376,7 @@ def test_a_search_killed_mid_trial_continues_without_a_phantom_trial(tmp_path):
     assert "note: marked failed, trial 0: its search (pid" in again.stderr
     trials = optuna.load_study(study_name="size_vs_accuracy", storage=url).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
-    assert "is gone" in trials[0].system_attrs[search_trials.WHY_ATTR]
+    assert "is gone" in trials[0].system_attrs[owners.WHY_ATTR]
     assert len((sweep_dir / "trials.csv").read_text().splitlines()) == 1 + 1  # header + the finished trial
 
 

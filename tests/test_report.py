@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bnn_adapt.tools import report
+from bnn_adapt import report
 
 
 def write_pretrain_run(

@@ -14,8 +14,8 @@ from omegaconf import open_dict, read_write
 from bnn_adapt.adapters import STRATEGIES
 from bnn_adapt.bases import BASES
 from bnn_adapt.run.config import compose
-from bnn_adapt.tools.pareto import ParetoFrontReport, search_space
-from bnn_adapt.tools.search_space import group_choices
+from bnn_adapt.search.pareto import ParetoFrontReport, search_space
+from bnn_adapt.search.space import group_choices
 from tests.test_search_workers import SEARCH
 
 REACTNET = ("base=reactnet18", "base.width=0.125", "data.image_size=64")  # tiny input, stages of 8/16/32/64

@@ -14,9 +14,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from bnn_adapt.errors import UserError
-from bnn_adapt.run import study
 from bnn_adapt.run.config import compose
-from bnn_adapt.tools.pareto import ParetoFrontReport
+from bnn_adapt.search import study
+from bnn_adapt.search.pareto import ParetoFrontReport
 
 TORN = b'{"op_code":4,"worker_id":"w","study_id":0,"datetime_st'  # a record cut before its newline
 
@@ -38,7 +38,7 @@ def test_a_torn_last_record_is_dropped_with_a_warning_and_the_study_goes_on(tmp_
     intact = journal_of_a_study(path)
     path.write_bytes(intact + TORN)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="bnn_adapt.run.study"):
+    with caplog.at_level(logging.WARNING, logger="bnn_adapt.search.study"):
         storage = study.open_storage(str(path))
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         f"{path}: dropped its torn last record ({len(TORN)} bytes without a newline, left by a worker stopped while "
@@ -66,7 +66,7 @@ def test_the_torn_record_is_dropped_under_optunas_journal_lock(tmp_path, monkeyp
 
     path.write_bytes(intact + TORN)
     monkeypatch.setattr(JournalFileSymlinkLock, "acquire", acquire_after_the_other_worker)
-    with caplog.at_level(logging.WARNING, logger="bnn_adapt.run.study"):
+    with caplog.at_level(logging.WARNING, logger="bnn_adapt.search.study"):
         study.open_storage(str(path))
     assert path.read_bytes() == finishing and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     monkeypatch.setattr(JournalFileSymlinkLock, "acquire", real_acquire)

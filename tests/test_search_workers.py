@@ -22,11 +22,10 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
 from bnn_adapt.errors import ConfigError, UserError
-from bnn_adapt.run import study
 from bnn_adapt.run.config import search_as_multirun
-from bnn_adapt.run.study import PRUNED_ATTR, SIZE_ATTR
-from bnn_adapt.run.trial_report import TrialReport, should_prune
-from bnn_adapt.tools import search_trials
+from bnn_adapt.search import owners, study
+from bnn_adapt.search.study import PRUNED_ATTR, SIZE_ATTR
+from bnn_adapt.search.trial_report import TrialReport, should_prune
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from tests.test_tables import run_module
 
@@ -126,7 +125,7 @@ def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
     trials = load(spec).trials
     assert sorted(t.number for t in trials) == list(range(6))  # 3 x 2, none lost, none twice
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6  # none left RUNNING
-    owners = {t.system_attrs[search_trials.OWNER_ATTR]["pid"] for t in trials}
+    owners = {t.system_attrs[owners.OWNER_ATTR]["pid"] for t in trials}
     assert owners == {w.pid for w in workers}  # every worker ran trials of the shared study
     for t in trials:  # each trial in its own directory, whose results are that trial's values
         run_dir = tmp_path / SWEEP / f"trial_{t.number}"
@@ -140,7 +139,7 @@ def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
 @pytest.mark.slow  # two searches of three trials each at once
 def test_two_workers_on_a_narrow_base_complete_every_trial(tmp_path):
     """At width 0.1 (stages of 8/16/32 channels) the thesis's group counts 5, 10 and 20 divide nothing: the search
-    proposes what this base runs (bnn_adapt.tools.search_space), so every trial it starts completes."""
+    proposes what this base runs (bnn_adapt.search.space), so every trial it starts completes."""
     spec = str(tmp_path / "shared" / "narrow.log")
     overrides = ("base.width=0.1", f"search.storage={spec}", "hydra.sweeper.n_trials=3")
     workers = [worker(tmp_path, *overrides) for _ in range(2)]
@@ -173,7 +172,7 @@ def test_a_worker_killed_mid_trial_leaves_no_running_trial_once_another_starts(k
     assert f"note: marked failed, trial 0: its search (pid {doomed.pid} on host" in again.stderr
     trials = load(spec).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
-    assert "is gone" in trials[0].system_attrs[search_trials.WHY_ATTR]
+    assert "is gone" in trials[0].system_attrs[owners.WHY_ATTR]
 
 
 def test_a_running_worker_fails_the_trial_of_a_killed_one_when_it_asks_for_its_next(tmp_path):
@@ -182,12 +181,12 @@ def test_a_running_worker_fails_the_trial_of_a_killed_one_when_it_asks_for_its_n
     killed = shared.ask()
     for key, value in search_trials_owner(pid=dead_pid()).items():
         killed.storage.set_trial_system_attr(killed._trial_id, key, value)
-    from bnn_adapt.tools.pareto import search_space  # noqa: PLC0415 - the sweeper's hook, as the sweeper calls it
+    from bnn_adapt.search.pareto import search_space  # noqa: PLC0415 - the sweeper's hook, as the sweeper calls it
 
     search_space(OmegaConf.create({"base": {"name": "ste_resnet_cifar"}}), shared.ask())
     states = [t.state for t in optuna.load_study(study_name="s", storage=study.open_storage(spec)).trials]
     assert states == [TrialState.FAIL, TrialState.RUNNING]
-    search_trials.HEARTBEAT.trials.clear()
+    owners.HEARTBEAT.trials.clear()
 
 
 def search_trials_owner(pid: int) -> dict:
@@ -196,7 +195,7 @@ def search_trials_owner(pid: int) -> dict:
     from bnn_adapt.run import claims  # noqa: PLC0415
 
     owner = {"host": socket.gethostname(), "boot": claims.boot_id(), "pid": pid, "start": None, "since": time.time()}
-    return {search_trials.OWNER_ATTR: owner, search_trials.ALIVE_ATTR: time.time()}
+    return {owners.OWNER_ATTR: owner, owners.ALIVE_ATTR: time.time()}
 
 
 def dead_pid() -> int:
@@ -321,7 +320,7 @@ def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
         assert t.state == TrialState.FAIL and t.system_attrs[PRUNED_ATTR] == 2 and list(t.intermediate_values) == [1, 2]
         metrics = json.loads((tmp_path / SWEEP / f"trial_{t.number}" / "metrics.json").read_text())
         assert metrics["status"] == "pruned" and metrics["pruned_after_epoch"] == 2 and metrics["epochs_run"] == 2
-    assert search_trials.trial_counts(spec, "size_vs_accuracy") == {"PRUNED": 2}
+    assert owners.trial_counts(spec, "size_vs_accuracy") == {"PRUNED": 2}
     assert "study: 2 pruned" in result.stdout + result.stderr
     assert len((tmp_path / SWEEP / "trials.csv").read_text().splitlines()) <= 1  # no finished trial
 
@@ -352,7 +351,7 @@ def test_a_trial_is_judged_from_the_first_epoch_of_its_final_weights(reduction, 
 
 def test_a_front_reaches_the_points_it_equals_and_the_epochs_of_a_search_are_counted(tmp_path):
     from bnn_adapt.files import write_json  # noqa: PLC0415
-    from bnn_adapt.tools.pareto import compare_fronts, epochs_trained  # noqa: PLC0415
+    from bnn_adapt.search.pareto import compare_fronts, epochs_trained  # noqa: PLC0415
 
     found = compare_fronts(
         [{"size_pct": 2.0, "val_top1": 0.7, "test_top1": 0.6}],

@@ -17,9 +17,9 @@ import torchvision
 from bnn_adapt.adapters import Parallel
 from bnn_adapt.bases import BASES, ResNet18, ResNet18CIFAR
 from bnn_adapt.run.results import read_json_or_none, write_json
-from bnn_adapt.tools import tables
-from bnn_adapt.tools.synthetic import write_smoke_data
-from bnn_adapt.tools.table_runs import expand_sweep
+from bnn_adapt.thesis import tables
+from bnn_adapt.thesis.synthetic import write_smoke_data
+from bnn_adapt.thesis.table_runs import expand_sweep
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_resnet18_loads_torchvisions_weights_strictly_and_computes_the_same():
 
 def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_path):
     root = tmp_path
-    result = run_module(root, "bnn_adapt.tools.synthetic")
+    result = run_module(root, "bnn_adapt.thesis.synthetic")
     assert result.returncode == 0, result.stderr[-2000:]
     sweep(root, "table_6_1", "base=ste_resnet_cifar", *QUICK)
     base = root / "outputs" / "bases" / "smoke" / "ste_resnet_cifar_thesis_w0.25_cifar10_0-4.pt"
@@ -199,7 +199,7 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
     # the renderer is given the overrides the sweep ran with: they name the run directories
     result = run_module(
         root,
-        "bnn_adapt.tools.tables",
+        "bnn_adapt.thesis.tables",
         "--profile",
         "smoke",
         "--out",
@@ -209,7 +209,7 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "table 6.2: 2 of 8 runs complete" in result.stdout
-    result = run_module(root, "bnn_adapt.tools.tables", "--profile", "smoke", "--out", str(out), "5.2")
+    result = run_module(root, "bnn_adapt.thesis.tables", "--profile", "smoke", "--out", str(out), "5.2")
     assert "table 5.2: 2 of 2 runs complete" in result.stdout, result.stderr[-3000:]
 
     md = (out / "table_6_2.md").read_text()

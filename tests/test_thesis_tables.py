@@ -12,9 +12,9 @@ import tomllib
 from omegaconf import OmegaConf
 
 from bnn_adapt.run.results import write_json
-from bnn_adapt.tools import tables
-from bnn_adapt.tools.table_runs import TABLES, Job, table_rows
-from bnn_adapt.tools.thesis_values import THESIS_CSV, UNKNOWN, thesis_values
+from bnn_adapt.thesis import tables
+from bnn_adapt.thesis.table_runs import TABLES, Job, table_rows
+from bnn_adapt.thesis.values import THESIS_CSV, UNKNOWN, thesis_values
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def finish(
 def test_thesis_values_ship_with_the_package_and_every_mapped_row_exists():
     assert THESIS_CSV.is_file() and "Adapters in Low-Precision Neural Networks" in THESIS_CSV.read_text()
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    assert "thesis_results.csv" in pyproject["tool"]["setuptools"]["package-data"]["bnn_adapt.tools"]
+    assert "thesis_results.csv" in pyproject["tool"]["setuptools"]["package-data"]["bnn_adapt.thesis"]
     assert thesis_values()[("6.5", "udta_concat_g1")]["size_pct"] == 123.0
     assert thesis_values()[("6.2", "finetune")]["relative_speedup"] is None  # "-" in the thesis
     printed_tables = {t for t, _ in thesis_values()}

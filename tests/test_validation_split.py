@@ -16,7 +16,7 @@ import pytest
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.run.config import compose
 from bnn_adapt.run.task import run, sweeper_value
-from bnn_adapt.tools.pareto import pareto_front, trial_points, write_report
+from bnn_adapt.search.pareto import pareto_front, trial_points, write_report
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 
 

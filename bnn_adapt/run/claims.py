@@ -12,7 +12,7 @@ host and boot, when its pid no longer runs that process (a run killed with
 SIGKILL); from another host (a shared file system), when its heartbeat is
 older than ``stale_after_s``. The same owner record tells the Optuna search
 which of its RUNNING trials were left by a killed search
-(:mod:`bnn_adapt.tools.search_trials`).
+(:mod:`bnn_adapt.search.owners`).
 """
 
 from __future__ import annotations

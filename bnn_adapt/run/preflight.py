@@ -104,7 +104,7 @@ def pretraining_command(cfg: DictConfig, choices: dict | None) -> str | None:
 
 def data_hint(cfg: DictConfig) -> str:
     if OmegaConf.select(cfg, "profile.name", default=None) == "smoke":
-        return "generate it with `python -m bnn_adapt.tools.synthetic`"
+        return "generate it with `python -m bnn_adapt.thesis.synthetic`"
     return "put the files there or add data.download=true"
 
 

@@ -42,7 +42,7 @@ def package_versions() -> dict[str, str]:
 #: ``protocol``: the name of a protocol, whose settings are ``base.*`` keys, hashed; ``threads``:
 #: torch's thread count changes only the order of float sums, so a run at another count is the
 #: same experiment and is not repeated; each run records the count it used, README: reproducibility;
-#: ``search``: which trial of a search a run is and how the search judges it, bnn_adapt.run.study).
+#: ``search``: which trial of a search a run is and how the search judges it, bnn_adapt.search.study).
 #: Where the data is, is not a key's business either: :func:`result_problem` compares the data itself.
 NOT_HASHED = ("paths", "resume", "debug", "table", "protocol", "threads", "search")
 #: ``logger`` entries that only mirror what a run computes (bnn_adapt.run.tracking): not hashed either

@@ -35,7 +35,7 @@ from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
 from bnn_adapt.files import WriteError, read_json_or_none, write_error, write_json
-from bnn_adapt.run import builders, claims, preflight, ranks, resume, study, tracking
+from bnn_adapt.run import builders, claims, preflight, ranks, resume, tracking
 from bnn_adapt.run.config import validate, without_hydra_node
 from bnn_adapt.run.provenance import torch_threads
 from bnn_adapt.run.records import (
@@ -48,7 +48,8 @@ from bnn_adapt.run.records import (
     record_failure,
 )
 from bnn_adapt.run.results import completed_metrics, config_hash, dataset_identity, result_problem
-from bnn_adapt.run.trial_report import TrialReport
+from bnn_adapt.search import study
+from bnn_adapt.search.trial_report import TrialReport
 from bnn_adapt.training import tap_cache
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 from bnn_adapt.training.lean import set_memory_mode

@@ -1,6 +1,6 @@
 """Tables from run directories' own ``metrics.json`` files (no typed numbers).
 
-``python -m bnn_adapt.tools.report DIR`` prints one Markdown row per adaptation run
+``python -m bnn_adapt.report DIR`` prints one Markdown row per adaptation run
 found under DIR: strategy, top-1, weights introduced, size %, epoch time and
 speed-up against full finetuning in the same set of runs. Base pretraining
 runs (``task=pretrain``, e.g. ``make lean-check``) get one row per
@@ -170,7 +170,7 @@ def memory_table(runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m bnn_adapt.tools.report RUNS_DIR", file=sys.stderr)
+        print("usage: python -m bnn_adapt.report RUNS_DIR", file=sys.stderr)
         return 2
     runs = find_runs(argv[0])
     if not runs and (pretrained := find_runs(argv[0], task="pretrain")):

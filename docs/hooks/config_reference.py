@@ -1,8 +1,8 @@
 """The configuration reference page, generated from ``conf/``: every group, choice and key with its default
 and the comment beside it in the YAML.
 
-Written by ``python -m bnn_adapt.tools.config_reference`` into ``docs/reference/configuration.md``;
-``tests/test_docs.py`` regenerates it and fails when the committed page differs, so the page cannot
+An MkDocs hook (``hooks:`` in mkdocs.yml): every ``make docs`` rewrites ``docs/reference/configuration.md``
+when it differs from what ``conf/`` says, before the site is built; ``tests/test_docs.py`` regenerates it and fails when the committed page differs, so the page cannot
 drift from the files. Values come from PyYAML, as Hydra reads them. Comments are not part of YAML's
 data model (PyYAML drops them), so :func:`comments` pairs each with its key by indentation: a comment
 at the end of a key's line, or the comment lines right above it.
@@ -10,9 +10,7 @@ at the end of a key's line, or the comment lines right above it.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from pathlib import Path
 
 import yaml
@@ -21,7 +19,7 @@ from bnn_adapt.files import atomic_output
 from bnn_adapt.run.config import CONF_DIR, REPO_ROOT
 
 PAGE = REPO_ROOT / "docs" / "reference" / "configuration.md"
-COMMAND = "python -m bnn_adapt.tools.config_reference"
+COMMAND = "make docs"
 KEY = re.compile(r"^(?P<indent>\s*)(?P<item>- )?(?P<key>[^\s#:'\"\[{][^:#]*?):(?=\s|$)(?P<rest>.*)$")
 #: groups chosen with ``+group=NAME`` (no default in conf/config.yaml)
 ADDED_GROUPS = ("experiment", "profile")
@@ -207,21 +205,9 @@ def _anchor(group: str, name: str | None = None) -> str:
     return slug.replace("_", "-")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PAGE)
-    parser.add_argument("--check", action="store_true", help="exit 1 if the page differs from what would be written")
-    args = parser.parse_args(argv)
+def on_pre_build(config) -> None:
+    """MkDocs hook: write the page before the build when ``conf/`` changed it."""
     text = render()
-    if args.check:
-        same = args.out.is_file() and args.out.read_text() == text
-        print(f"{args.out}: {'up to date' if same else f'stale, run {COMMAND}'}", file=sys.stderr)
-        return 0 if same else 1
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(text)
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if not PAGE.is_file() or PAGE.read_text() != text:
+        with atomic_output(PAGE) as tmp:
+            tmp.write_text(text)

@@ -15,8 +15,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bnn_adapt.tools.columns import Reference, relative_speedup, thesis_weights
-from bnn_adapt.tools.table_runs import Row, Table
+from bnn_adapt.thesis.columns import Reference, relative_speedup, thesis_weights
+from bnn_adapt.thesis.table_runs import Row, Table
 
 HOLDS, FAILS, TOO_FEW = "holds", "does not hold", "not enough runs"
 ADAPTER_FREE = ("full_finetune", "head_only")  # the two reference rows of every table

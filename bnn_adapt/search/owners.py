@@ -7,8 +7,8 @@ its owner (the sweeper process, as :mod:`bnn_adapt.run.claims` describes
 processes) as a system attribute, and a heartbeat thread refreshes a timestamp
 beside it while it runs. When a worker starts on a stored study, and whenever it
 asks for its next trial (:func:`fail_stale`, from
-:class:`bnn_adapt.tools.pareto.ParetoFrontReport` and
-:func:`bnn_adapt.tools.pareto.search_space`), a RUNNING trial is marked failed
+:class:`bnn_adapt.search.pareto.ParetoFrontReport` and
+:func:`bnn_adapt.search.pareto.search_space`), a RUNNING trial is marked failed
 when its owner is gone: on this machine the pid says so at once; from another
 machine, when its heartbeat is older than ``STALE_AFTER_S``. Trials written
 before owners were recorded have neither: they are failed once older than
@@ -32,9 +32,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
-from bnn_adapt.run import study
 from bnn_adapt.run.claims import describe, owner_gone, this_process
-from bnn_adapt.run.study import PRUNED_ATTR
+from bnn_adapt.search import study
+from bnn_adapt.search.study import PRUNED_ATTR
 
 OWNER_ATTR = "bnn_adapt:owner"
 ALIVE_ATTR = "bnn_adapt:alive_at"  # time.time() of the last heartbeat

@@ -208,7 +208,7 @@ def step_sections(records: list[dict], meta: dict) -> list[str]:
     gpu = meta["device"].startswith("cuda")
     peak_text = (
         f"Peak memory: the minimum over {options['peak_repeats']} runs of the case, each in its own fresh process "
-        f"(`python -m bnn_adapt.tools.bench_memory`), of the peak over {options['memory_steps']} training steps"
+        f"(`python -m benchmarks.bench_memory`), of the peak over {options['memory_steps']} training steps"
         + (
             " (GPU allocations); step growth: that peak minus what was allocated before the steps (model, Adam's "
             "state, batch)."
@@ -287,7 +287,7 @@ def epoch_notes(epochs: list[dict], meta: dict) -> str:
         "cases interleaved. Framework: `bnn_adapt.run.task.fit` as `python -m bnn_adapt` runs it (the "
         "datamodule's loaders, the Lightning module and trainer, logging, checkpointing, validation); bare loop: "
         "plain PyTorch over the same loaders with the same optimiser, scheduler, forward, backward, step and "
-        "latent clamping, and an evaluation pass (`bnn_adapt.tools.bench_epoch`). CPU time: this process's, "
+        "latent clamping, and an evaluation pass (`benchmarks.bench_epoch`). CPU time: this process's, "
         "which other processes on a shared machine do not inflate as they do wall time; the CPU goal (issue #24) "
         "is judged on it."
     )

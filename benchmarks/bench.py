@@ -1,6 +1,6 @@
 """Side-by-side speed and memory benchmark of the adaptation strategies (SPEC 7).
 
-``make bench`` (``python -m bnn_adapt.tools.bench``) measures every strategy x
+``make bench`` (``python -m benchmarks.bench``) measures every strategy x
 memory mode (``memory=standard|lean``) on the STE base at full width (32x32
 images, batch 64) and on ReActNet-18 (224x224, batch 16), on the GPU if there
 is one, else on the CPU. Every case trains on the same batch (drawn once per
@@ -11,23 +11,23 @@ base, before any model is built).
   timed round-robin, a few steps each per round, so a change in machine load
   hits them all alike: on a shared machine only the ratios mean anything.
 * ``saved_activation_bytes`` (and ``_base``, ``_by_layer``): what autograd keeps
-  for backward in one step (:class:`~bnn_adapt.tools.bench_memory.SavedTensorMeter`).
+  for backward in one step (:class:`~benchmarks.bench_memory.SavedTensorMeter`).
 * ``peak_rss_bytes`` (CPU; on GPU ``peak_gpu_bytes``): the minimum over
   ``--peak-repeats`` runs of the case, each in its own fresh process
-  (:func:`~bnn_adapt.tools.bench_memory.isolated_peaks`); ``step_peak_bytes``
+  (:func:`~benchmarks.bench_memory.isolated_peaks`); ``step_peak_bytes``
   the growth during the steps, ``baseline_rss_bytes`` the bare process.
 * Tap cache cases also time building the cache through its real path
   (``tap_cache.build_features``), round-robin with the steps under the same
   allocator setting: ``cache_build_s_per_image``, ``cache_bytes_per_image`` (per
   view) and ``amortized_speedup`` ("views x epochs" -> ratio against finetuning).
 
-* Epoch records (:mod:`~bnn_adapt.tools.bench_epoch`): training images per second of a whole
+* Epoch records (:mod:`~benchmarks.bench_epoch`): training images per second of a whole
   epoch as ``python -m bnn_adapt`` runs it (loader, steps, logging, validation) for finetune /
   serial / udta / udta + tap cache, against a bare PyTorch loop doing the same work on the
   same model and loaders (``framework_vs_bare``); a tiny width on CPU, the thesis's on GPU.
 
 It writes ``benchmarks/results.json`` (one record per case), ``benchmarks/epochs.json``
-(one per epoch case), ``benchmarks/results.md`` (:mod:`bnn_adapt.tools.bench_report`; docs/speed.md includes it)
+(one per epoch case), ``benchmarks/results.md`` (:mod:`benchmarks.bench_report`; docs/speed.md includes it)
 and ``benchmarks/machine.json`` (each section's run: command, machine, commit, date). ``--only steps`` or
 ``--only epochs`` keeps the other section's records and report from the earlier run in the folder.
 """
@@ -48,8 +48,7 @@ from pathlib import Path
 
 import torch
 
-from bnn_adapt.files import atomic_output
-from bnn_adapt.tools.bench_cases import (
+from benchmarks.bench_cases import (
     FULL_SETUPS,
     TINY_SETUPS,
     Case,
@@ -62,9 +61,10 @@ from bnn_adapt.tools.bench_cases import (
     sync,
     train_step,
 )
-from bnn_adapt.tools.bench_epoch import EPOCH_SETUPS, EpochSetup, epoch_records
-from bnn_adapt.tools.bench_memory import SavedTensorMeter, measure_peak, measure_saved  # noqa: F401 (re-exported)
-from bnn_adapt.tools.bench_report import commit, machine, report
+from benchmarks.bench_epoch import EPOCH_SETUPS, EpochSetup, epoch_records
+from benchmarks.bench_memory import SavedTensorMeter, measure_peak, measure_saved  # noqa: F401 (re-exported)
+from benchmarks.bench_report import commit, machine, report
+from bnn_adapt.files import atomic_output
 from bnn_adapt.training import allocator
 
 AMORTIZED = ((1, 10), (1, 75), (4, 10), (4, 75))  # (views, epochs) of the tap cache's amortised speed-up
@@ -200,7 +200,7 @@ def add_ratios(records: list[dict]) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: a few minutes on 2 CPU cores")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and images (a smoke test)")
     parser.add_argument("--models", default=None, help="comma-separated base names (default: all)")
@@ -284,7 +284,7 @@ def main(argv=None) -> list[dict]:
     options = options_from(args, device)
     given = sys.argv[1:] if argv is None else argv
     meta = {
-        "command": " ".join(["python -m bnn_adapt.tools.bench", *given]),
+        "command": " ".join(["python -m benchmarks.bench", *given]),
         "commit": commit(),
         "device": str(device),
         "machine": machine(),

@@ -24,9 +24,9 @@ from optuna.pruners import BasePruner
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from bnn_adapt.run import study
 from bnn_adapt.run.builders import instantiate
-from bnn_adapt.run.study import PRUNED_ATTR, SIZE_ATTR
+from bnn_adapt.search import study
+from bnn_adapt.search.study import PRUNED_ATTR, SIZE_ATTR
 from bnn_adapt.training.pruning import PruningPlan
 
 METRIC = "val/acc"

@@ -38,7 +38,7 @@ class Table:
     speedup_reference: str | None = None  # table whose finetune row times the speed-up, if not this one
     seeds: bool = False  # rows repeated over seeds: cells are mean ± std
     thesis: bool = True  # one of the thesis's tables
-    #: the thesis's printed values (bnn_adapt/tools/thesis_results.csv): this sweep's row (its swept
+    #: the thesis's printed values (bnn_adapt/thesis/thesis_results.csv): this sweep's row (its swept
     #: overrides, e.g. ``row=serial_g1``) -> the thesis's row name; empty: the thesis prints no values
     thesis_rows: dict[str, str] = field(default_factory=dict)
     thesis_note: str | None = None  # where the thesis's own bookkeeping slipped (SPEC 4b), and what we do

@@ -9,7 +9,7 @@ measured in isolated processes (``make bench``, SPEC 7).
   ``/proc/self/clear_refs``. A reset that does not take is an error: the peak
   would silently be the process's lifetime peak.
 * :func:`isolated_peaks` runs one benchmark case (``python -m
-  bnn_adapt.tools.bench_memory SPEC``) once per repeat, each in a fresh process,
+  benchmarks.bench_memory SPEC``) once per repeat, each in a fresh process,
   so that no case inherits another's heap or allocator state, and reports the
   minimum with the steps' own growth.
 """
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 import bnn_adapt
+from benchmarks.bench_cases import Case, ModelSetup, make_base, prepare, sync, train_step
 from bnn_adapt.run.config import compose
-from bnn_adapt.tools.bench_cases import Case, ModelSetup, make_base, prepare, sync, train_step
 from bnn_adapt.training import allocator
 
 WORKER_MARK = "bench-memory-result: "  # the worker's result line on stdout
@@ -225,7 +225,7 @@ def measure_saved(case: Case) -> None:
 
 
 def memory_worker(spec: dict) -> dict:
-    """One case's peak memory, in this (fresh) process: ``python -m bnn_adapt.tools.bench_memory SPEC``.
+    """One case's peak memory, in this (fresh) process: ``python -m benchmarks.bench_memory SPEC``.
 
     ``baseline``: the resident set with every library loaded and the config
     machinery run, before anything is built; ``before``: what is held when the

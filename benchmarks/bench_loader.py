@@ -1,7 +1,7 @@
 """Training-loader throughput: images per second through the real loaders, augmentation included.
 
-``python -m bnn_adapt.tools.bench_loader`` writes CIFAR-10-sized data in its real format
-(:func:`bnn_adapt.tools.synthetic.write_cifar10`), sets up the CIFAR datamodule and times whole
+``python -m benchmarks.bench_loader`` writes CIFAR-10-sized data in its real format
+(:func:`bnn_adapt.thesis.synthetic.write_cifar10`), sets up the CIFAR datamodule and times whole
 training epochs of two loaders side by side, round-robin, at one torch thread by default:
 
 * ``tensor``: the small-image path (images decoded once, a batch cropped, flipped and
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from bnn_adapt.tools.synthetic import write_cifar10
+from bnn_adapt.thesis.synthetic import write_cifar10
 from bnn_adapt.training.datamodule import ClassSplitDataModule, ClassSubset, EpochShuffle
 
 
@@ -80,7 +80,7 @@ def loader_records(
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.bench_loader", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_loader", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (the tensor loader's device)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: per-thread figures)")
     parser.add_argument("--images-per-class", type=int, default=1000, help="generated images per CIFAR-10 class")

@@ -2,15 +2,15 @@
 
 Each table is one Hydra multirun (``sweeps/table_*.yaml``, whose ``table:`` node
 describes it) with a fixed sweep directory and one run directory per row
-(:mod:`bnn_adapt.tools.table_runs`); the runs' ``metrics.json`` files are the
+(:mod:`bnn_adapt.thesis.table_runs`); the runs' ``metrics.json`` files are the
 only source of numbers. Rows that never ran, failed or are unfinished still
 appear, marked. Each file states the settings its runs used.
 
-    python -m bnn_adapt.tools.tables --profile smoke --out results/smoke          # render every thesis table
-    python -m bnn_adapt.tools.tables --profile full --out results 6.5 fashion     # some tables
-    python -m bnn_adapt.tools.tables --run --profile smoke 6.5                    # run its sweeps first (make table)
-    python -m bnn_adapt.tools.tables --list                                      # table ids and their sweeps
-    python -m bnn_adapt.tools.tables --plan --profile full                       # what a reproduction runs, how long
+    python -m bnn_adapt.thesis.tables --profile smoke --out results/smoke          # render every thesis table
+    python -m bnn_adapt.thesis.tables --profile full --out results 6.5 fashion     # some tables
+    python -m bnn_adapt.thesis.tables --run --profile smoke 6.5                    # run its sweeps first (make table)
+    python -m bnn_adapt.thesis.tables --list                                      # table ids and their sweeps
+    python -m bnn_adapt.thesis.tables --plan --profile full                       # what a reproduction runs, how long
 
 Writes ``table_<id>.md`` and ``.csv`` per table, per-table figures (test accuracy
 per epoch, training loss) and ``accuracy_vs_weights.png`` (top-1 against the
@@ -28,11 +28,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bnn_adapt.tools.claims import check_claims, claims_markdown
-from bnn_adapt.tools.columns import Column, Reference, comparison_columns, get, our_columns, unknown_column
-from bnn_adapt.tools.figures import plot_accuracy_vs_weights, plot_curves
-from bnn_adapt.tools.plan import describe, plan_tables
-from bnn_adapt.tools.table_runs import STALE, TABLES, THESIS_TABLES, Row, Table, run_sweeps, table_rows
+from bnn_adapt.thesis.claims import check_claims, claims_markdown
+from bnn_adapt.thesis.columns import Column, Reference, comparison_columns, get, our_columns, unknown_column
+from bnn_adapt.thesis.figures import plot_accuracy_vs_weights, plot_curves
+from bnn_adapt.thesis.plan import describe, plan_tables
+from bnn_adapt.thesis.table_runs import STALE, TABLES, THESIS_TABLES, Row, Table, run_sweeps, table_rows
 
 # ----------------------------------------------------------------------------- columns
 
@@ -227,7 +227,7 @@ def adapt_notes(table: Table, own_finetune: bool) -> list[str]:
     ]
     if table.thesis and table.thesis_rows:
         notes.append(
-            "Thesis columns: its printed values (`bnn_adapt/tools/thesis_results.csv`); Δ = ours - the "
+            "Thesis columns: its printed values (`bnn_adapt/thesis/thesis_results.csv`); Δ = ours - the "
             'thesis\'s; "not printed": the thesis leaves that cell empty.'
         )
     elif table.thesis:
@@ -294,7 +294,7 @@ def write_claims(tables: list[tuple[Table, list[Row]]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.tables", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.thesis.tables", description=__doc__.split("\n")[0])
     parser.add_argument("tables", nargs="*", help="table ids (default: every thesis table): " + ", ".join(TABLES))
     parser.add_argument("--profile", default="full", help="the profile the sweeps ran with (default full)")
     parser.add_argument("--out", default="results", help="output folder (default results)")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plan",
         action="store_true",
         help="print every run the tables need, which are complete and the estimated time of the "
-        "rest (bnn_adapt.tools.plan); runs and renders nothing",
+        "rest (bnn_adapt.thesis.plan); runs and renders nothing",
     )
     args = parser.parse_args(argv)
     if args.protocol != "thesis":  # the table sweeps' default protocol names no directory

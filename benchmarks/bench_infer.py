@@ -1,6 +1,6 @@
 """1-bit inference benchmark: packed XNOR-popcount kernels against torch's fp32 convs (issue #16).
 
-``make bench-infer`` (``python -m bnn_adapt.tools.bench_infer``) measures, in one
+``make bench-infer`` (``python -m benchmarks.bench_infer``) measures, in one
 run and on the same threads, the STE base at full width (32x32 images) and
 ReActNet-18 (224x224), at batch 1 and 64:
 
@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_infer_report import layer_table, markdown, summary_rows
+from benchmarks.bench_report import commit, machine
 from bnn_adapt.adapters import Parallel
 from bnn_adapt.adapters.file import export_adapter
 from bnn_adapt.bases import BASES
@@ -49,8 +51,6 @@ from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d
 from bnn_adapt.deploy.predict import BaseWithAdapters
 from bnn_adapt.nn.layers import BinaryConv2d, ScaledBinaryConv2d
-from bnn_adapt.tools.bench_infer_report import layer_table, markdown, summary_rows
-from bnn_adapt.tools.bench_report import commit, machine
 from bnn_adapt.training import allocator
 
 
@@ -267,7 +267,7 @@ def bench_end_to_end(setup: Setup, banks: dict[str, BaseWithAdapters], batch: in
 
 def memory_probe(path: str, packed: bool) -> dict:
     """Resident-set growth of loading a packed base file (run in a fresh process)."""
-    from bnn_adapt.tools.bench_memory import resident_bytes
+    from benchmarks.bench_memory import resident_bytes
 
     def rss() -> int:
         gc.collect()
@@ -293,7 +293,7 @@ def bench_memory(setup: Setup, folder: Path) -> dict:
     record = {"model": setup.name, "packed_file_bytes": path.stat().st_size}
     for mode in ("packed", "float"):
         code = (
-            "import json, sys; from bnn_adapt.tools.bench_infer import memory_probe; "
+            "import json, sys; from benchmarks.bench_infer import memory_probe; "
             f"print(json.dumps(memory_probe({str(path)!r}, {mode == 'packed'})))"
         )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path])}
@@ -304,7 +304,7 @@ def bench_memory(setup: Setup, folder: Path) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.bench_infer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_infer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a few minutes on 2 CPU cores")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and images (a smoke test)")
     parser.add_argument("--models", default=None, help="comma-separated base names (default: both)")
@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
     else:
         rounds = Rounds(layer=7, end_to_end={b: 15 if b == 1 else 4 for b in batches}, min_time_s=0.05)
     given = sys.argv[1:] if argv is None else argv
-    command = "python -m bnn_adapt.tools.bench_infer" + "".join(f" {a}" for a in given)
+    command = "python -m benchmarks.bench_infer" + "".join(f" {a}" for a in given)
     meta = {
         "command": command,
         "commit": commit() or "unknown",

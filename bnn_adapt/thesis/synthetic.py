@@ -6,7 +6,7 @@ tables -- is exercised on any machine without downloads; the tests use them too.
 Pixels are random, but every class has its own colour (brightness for grayscale),
 so a small network learns them quickly and the loss visibly falls.
 
-``python -m bnn_adapt.tools.synthetic [ROOT]`` writes everything the smoke profile reads
+``python -m bnn_adapt.thesis.synthetic [ROOT]`` writes everything the smoke profile reads
 (default ROOT: ``$BNN_ADAPT_ROOT/data/smoke``, the smoke profile's ``paths.data_dir``).
 """
 
@@ -265,7 +265,7 @@ def write_smoke_data(root) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     default = Path(os.environ.get("BNN_ADAPT_ROOT", ".")) / "data" / "smoke"
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.thesis.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", default=str(default), help=f"where to write (default {default})")
     args = parser.parse_args(argv)
     write_smoke_data(args.root)

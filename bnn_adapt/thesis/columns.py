@@ -13,8 +13,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bnn_adapt.tools.table_runs import Row, Table, introduced_weights
-from bnn_adapt.tools.thesis_values import NOT_PRINTED, printed, printed_finetune_top1
+from bnn_adapt.thesis.table_runs import Row, Table, introduced_weights
+from bnn_adapt.thesis.values import NOT_PRINTED, printed, printed_finetune_top1
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnn_adapt.errors import UserError
 from bnn_adapt.run.config import REPO_ROOT
-from bnn_adapt.tools.table_runs import STALE, TABLES, Table, table_rows
+from bnn_adapt.thesis.table_runs import STALE, TABLES, Table, table_rows
 
-BENCH_EPOCHS = REPO_ROOT / "benchmarks" / "epochs.json"  # written by make bench (bnn_adapt.tools.bench_epoch)
+BENCH_EPOCHS = REPO_ROOT / "benchmarks" / "epochs.json"  # written by make bench (benchmarks.bench_epoch)
 
 
 @dataclass
@@ -228,7 +228,7 @@ def plan_tables(
 ) -> list[TablePlan]:
     """Each table of ``ids`` with the runs it needs, in the order ``tables --run`` runs them
     (``bench_path``: the bench's epoch records, default :data:`BENCH_EPOCHS`)."""
-    from bnn_adapt.tools.table_runs import sweep_overrides, without_protocol
+    from bnn_adapt.thesis.table_runs import sweep_overrides, without_protocol
 
     def need_table(spec: str) -> Table:
         name = spec.partition(":")[0]

@@ -1,4 +1,4 @@
-"""Bytes on disk at the thesis configurations: ``python -m bnn_adapt.tools.sizes`` (``make sizes``).
+"""Bytes on disk at the thesis configurations: ``python -m bnn_adapt.thesis.sizes`` (``make sizes``).
 
 Builds every base and adapter strategy from the real experiment configs (full
 width unless a row says otherwise, random weights: sizes do not depend on the
@@ -9,9 +9,9 @@ the fp32 state dict next to the bit-packed base, and each adapter file at every
 its width, ``n_bin / 8 + 4 * n_fp32`` bytes at 32 bits), with the post-training
 fp16 / int8 exports of the 32-bit adapters.
 
-    python -m bnn_adapt.tools.sizes            # every table (a few minutes on 2 CPU cores)
-    python -m bnn_adapt.tools.sizes --json F   # also the numbers, one record per file
-    python -m bnn_adapt.tools.sizes --runs outputs/demo/*   # trained runs' own files instead
+    python -m bnn_adapt.thesis.sizes            # every table (a few minutes on 2 CPU cores)
+    python -m bnn_adapt.thesis.sizes --json F   # also the numbers, one record per file
+    python -m bnn_adapt.thesis.sizes --runs outputs/demo/*   # trained runs' own files instead
 
 The tables use random weights; ``--runs`` measures trained adapters (each run's
 ``adapter.safetensors`` against the formula in its ``metrics.json``), with the
@@ -275,7 +275,7 @@ def run_table(run_dirs: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.sizes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.thesis.sizes", description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write every measured file as JSON records here")
     parser.add_argument("--runs", nargs="+", help="measure these trained runs' adapter files instead")
     args = parser.parse_args(argv)

@@ -12,9 +12,9 @@ coloured by its weight bits and marked by strategy, the front and the front of t
 trials alone, and the thesis table configurations on the same data and base when those runs
 exist).
 
-    python -m bnn_adapt.tools.pareto SWEEP_DIR                       # the same report again
-    python -m bnn_adapt.tools.pareto SWEEP_DIR --baseline OTHER_DIR  # + compare with another search's front
-    python -m bnn_adapt.tools.pareto SWEEP_DIR --baseline OTHER_DIR --limit 100   # below 100 % of the base
+    python -m bnn_adapt.search.pareto SWEEP_DIR                       # the same report again
+    python -m bnn_adapt.search.pareto SWEEP_DIR --baseline OTHER_DIR  # + compare with another search's front
+    python -m bnn_adapt.search.pareto SWEEP_DIR --baseline OTHER_DIR --limit 100   # below 100 % of the base
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnn_adapt.errors import UserError
 from bnn_adapt.files import atomic_output
+from bnn_adapt.report import run_label
 from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc. in the configs read here
-from bnn_adapt.run import study
 from bnn_adapt.run.results import read_json_or_none
-from bnn_adapt.tools import search_trials
-from bnn_adapt.tools.report import run_label
-from bnn_adapt.tools.search_space import check_search_space, suggest_groups
+from bnn_adapt.search import owners, study
+from bnn_adapt.search.space import check_search_space, suggest_groups
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +66,13 @@ def serial_stages(cfg: DictConfig, trial) -> None:
 
 def search_space(cfg: DictConfig, trial) -> None:
     """The sweeper's hook for each new trial (``custom_search_space``): record who runs it and fail
-    the trials of workers killed meanwhile (:mod:`bnn_adapt.tools.search_trials`); hand the job its
+    the trials of workers killed meanwhile (:mod:`bnn_adapt.search.owners`); hand the job its
     trial's number as ``search.trial`` (a parameter of one value: the sweeper makes every parameter an
     override of the job, which names its run directory and reports to its trial with it); then the
     conditional part of the space, and the group counts the base runs
-    (:mod:`bnn_adapt.tools.search_space`)."""
-    search_trials.watch(trial)
-    for line in search_trials.fail_stale(trial.storage, trial.study._study_id):
+    (:mod:`bnn_adapt.search.space`)."""
+    owners.watch(trial)
+    for line in owners.fail_stale(trial.storage, trial.study._study_id):
         print(f"note: marked failed, {line}", file=sys.stderr)
     trial.suggest_int("search.trial", trial.number, trial.number)
     serial_stages(cfg, trial)
@@ -333,7 +332,7 @@ def write_report(
 
 class ParetoFrontReport(Callback):
     """Hydra callback of the search: checks the search space against the base, makes the sweep directory
-    before Optuna opens its storage there, checks the storage (:func:`bnn_adapt.run.study.storage_setting`), fails the trials that killed
+    before Optuna opens its storage there, checks the storage (:func:`bnn_adapt.search.study.storage_setting`), fails the trials that killed
     workers left RUNNING, and writes the report when the search ends."""
 
     storage: str | None = None
@@ -345,7 +344,7 @@ class ParetoFrontReport(Callback):
             self.storage = study.storage_setting(config)
             Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
             if self.storage:  # a stored study that this worker continues or shares
-                for line in search_trials.fail_stale_trials(self.storage, str(config.hydra.sweeper.study_name)):
+                for line in owners.fail_stale_trials(self.storage, str(config.hydra.sweeper.study_name)):
                     print(f"note: marked failed, {line}", file=sys.stderr)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -361,13 +360,13 @@ class ParetoFrontReport(Callback):
         like["data.target_classes"] = OmegaConf.to_container(config.data, resolve=True).get("target_classes")
         files = write_report(Path(config.hydra.sweep.dir), tables_dir, like)
         name = str(config.hydra.sweeper.study_name)
-        counts = search_trials.trial_counts(self.storage, name) if self.storage else {}
+        counts = owners.trial_counts(self.storage, name) if self.storage else {}
         states = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) or "not stored"
         log.info("study: %s; Pareto front of the finished trials: %s, %s", states, files["front"], files["plot"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.pareto", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.search.pareto", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a search's sweep directory (its trials' run directories inside)")
     parser.add_argument("--baseline", help="another search's sweep directory (e.g. 32-bit only) to compare with")
     parser.add_argument("--limit", type=float, default=SMALL, help="compare the fronts below this size %% of the base")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from bnn_adapt.tools.table_runs import Row, Table, introduced_weights
+from bnn_adapt.thesis.table_runs import Row, Table, introduced_weights
 
 
 def _pyplot():

@@ -201,7 +201,7 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
         Step(
             "bench_quick",
             "bench",
-            [sys.executable, "-m", "bnn_adapt.tools.bench", *sizes.bench, "--out", str(work / "bench")],
+            [sys.executable, "-m", "benchmarks.bench", *sizes.bench, "--out", str(work / "bench")],
         )
     )
     data_dir = work / "data"
@@ -213,7 +213,7 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
                 sys.executable,
                 "-c",
                 (
-                    "import sys; from bnn_adapt.tools.synthetic import write_cifar10; "
+                    "import sys; from bnn_adapt.thesis.synthetic import write_cifar10; "
                     "write_cifar10(sys.argv[1], n_per_class=int(sys.argv[2]))"
                 ),
                 str(data_dir / "cifar10"),
@@ -375,7 +375,7 @@ def check_versions(expected: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnn_adapt.tools.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument(
         "--out",
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
             if records[-1]["status"] == "ok":
                 passed.add(step.name)
         print(f"{records[-1]['step']:24} {records[-1]['status']}  {records[-1].get('time_s', '')}", flush=True)
-    from bnn_adapt.tools.bench_report import commit  # noqa: PLC0415
+    from benchmarks.bench_report import commit  # noqa: PLC0415
 
     report = {
         "environment": environment(args.device),

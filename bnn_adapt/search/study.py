@@ -17,8 +17,8 @@ so the setting cannot be rewritten at run time, and ``hydra.sweeper.storage`` it
 interpolation: :func:`storage_setting`.)
 
 A job of the search knows its trial by ``search.trial`` (the number that
-:func:`bnn_adapt.tools.pareto.search_space` hands to each job), ``search.storage`` and
-``search.study``; it reports to it (:class:`bnn_adapt.run.trial_report.TrialReport`), and a
+:func:`bnn_adapt.search.pareto.search_space` hands to each job), ``search.storage`` and
+``search.study``; it reports to it (:class:`bnn_adapt.search.trial_report.TrialReport`), and a
 configuration that another trial has already trained is not trained again (:func:`finished_twin`).
 """
 
@@ -44,7 +44,7 @@ from bnn_adapt.run.results import completed_metrics
 
 JOURNAL_SUFFIX = ".log"
 SIZE_ATTR = "bnn_adapt:size_pct"  # a trial's system attributes: its size (% of the base), known before it trains,
-PRUNED_ATTR = "bnn_adapt:pruned_after_epoch"  # and after which epoch it was pruned (bnn_adapt.run.trial_report)
+PRUNED_ATTR = "bnn_adapt:pruned_after_epoch"  # and after which epoch it was pruned (bnn_adapt.search.trial_report)
 TAIL_CHUNK = 1 << 14  # a journal's end is read backwards in chunks of this size
 LAST_RECORD_CHECKED = 1 << 20  # a last record up to this size is checked to be JSON on open
 

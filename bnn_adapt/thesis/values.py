@@ -12,7 +12,7 @@ import functools
 from importlib.resources import files
 
 #: the data file, found through the package (an editable install, or a built one: package data)
-THESIS_CSV = files("bnn_adapt.tools") / "thesis_results.csv"
+THESIS_CSV = files("bnn_adapt.thesis") / "thesis_results.csv"
 UNKNOWN = "unknown (an image in the thesis)"
 NOT_PRINTED = "not printed"
 NOT_IN_THESIS = "no such row in the thesis"

@@ -1,1 +1,0 @@
-"""Tools around the runs: thesis tables and figures, reports, Pareto plots, sizes, benchmarks, generated data."""
