@@ -24,8 +24,6 @@ from bnn_adapt.run import builders, provenance, results, task
 from bnn_adapt.run.config import compose, without_hydra_node
 from bnn_adapt.run.results import config_hash
 from bnn_adapt.training.module import Classifier
-from tests.conftest import compose_config
-from tests.fake_data import write_cifar10
 from tests.test_reliability_round2 import error_lines
 from tests.test_tables import run_module
 
@@ -143,48 +141,19 @@ def test_a_new_results_schema_makes_every_run_stale(finished, monkeypatch):
     assert not rerun_skipped(cfg)
 
 
-@pytest.fixture
-def written_before(tmp_path) -> tuple:
-    """A pretraining run as main wrote it before issue 23 (tests/data/metrics_before_issue23.json), in place."""
-    fixture = json.loads((Path(__file__).parent / "data" / "metrics_before_issue23.json").read_text())
-    write_cifar10(tmp_path / "data" / "cifar10", n_per_class=16)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    text = json.dumps(fixture["metrics"]).replace("@ROOT@", str(tmp_path))
-    (run_dir / "metrics.json").write_text(text)
-    # precise BN (issue #22) came later: today the same run is the one with it off
-    cfg = compose_config(
-        [*fixture["overrides"], "base.precise_bn.enabled=false"],
-        run_dir,
-        tmp_path / "data",
-        tmp_path / "outputs" / "bases",
-        tiny=False,
-    )
-    cfg.paths.root_dir, cfg.paths.log_dir = str(tmp_path), str(tmp_path / "outputs")
-    for path in (cfg.base.save_to, str(cfg.base.save_to).replace(".pt", "_best.pt")):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(b"a base")  # its files are there (only their existence is checked)
-    return cfg, run_dir, json.loads(text)
+def test_a_new_hash_version_makes_every_run_stale(finished, monkeypatch):
+    cfg, _ = finished
+    monkeypatch.setattr(results, "HASH_VERSION", results.HASH_VERSION + 1)
+    assert not rerun_skipped(cfg)
 
 
-def test_a_run_written_before_still_counts_when_nothing_changed(written_before):
-    cfg, _, metrics = written_before
-    assert "data" not in metrics and "results_schema" not in metrics
-    assert config_hash(without_hydra_node(cfg)) == metrics["config_hash"]
-    assert task.skip_or_rerun(without_hydra_node(cfg), waited=False) == metrics
-
-
-def test_a_run_written_before_is_stale_on_other_data_or_changed_files(written_before, tmp_path):
-    cfg, run_dir, _ = written_before
-    batch = tmp_path / "data" / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
-    later = (run_dir / "metrics.json").stat().st_mtime + 5
-    os.utime(batch, (later, later))
-    assert not rerun_skipped(cfg), "a file changed after the run"
-    os.utime(batch, (later - 3600, later - 3600))
-    assert rerun_skipped(cfg)
-    shutil.copytree(tmp_path / "data", tmp_path / "other")
-    cfg.paths.data_dir = str(tmp_path / "other")
-    assert not rerun_skipped(cfg), "another copy of the data"
+def test_a_run_without_a_data_fingerprint_is_stale(finished):
+    cfg, _ = finished
+    run_dir = Path(cfg.paths.output_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    del metrics["data"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    assert not rerun_skipped(cfg)
 
 
 # ------------------------------------------------------------------ 5: a failure after training loses nothing

@@ -432,7 +432,7 @@ def failed_after_training(cfg: DictConfig) -> dict | None:
     earlier = read_json_or_none(out / "metrics.json")
     if not earlier or earlier.get("status") != FAILED_AFTER_TRAINING or not (out / resume.CHECKPOINT).is_file():
         return None
-    if result_problem(earlier, out, cfg) is not None:
+    if result_problem(earlier, cfg) is not None:
         return None
     same_base = cfg.task != "adapt" or earlier.get("base_checkpoint_sha256") == adapted_base_sha256(cfg)
     return earlier if same_base else None
@@ -477,7 +477,7 @@ def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
             f"this run failed in the process that held {out} until now: {earlier.get('error')}; not running it again"
         )
     if earlier.get("status") == "complete" and same_config:
-        problem = result_problem(earlier, out, cfg)
+        problem = result_problem(earlier, cfg)
         if problem:
             print(f"the complete run in {out} no longer stands for this config ({problem}): running it again")
         else:

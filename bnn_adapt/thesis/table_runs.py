@@ -114,7 +114,7 @@ class Job:
             return status
         if self.result_file != "metrics.json":  # counts (summary.json): no data read
             return STALE if result.get("config_hash") != self.config_hash else status
-        return STALE if result_problem(result, self.run_dir, without_hydra_node(self.cfg), self.config_hash) else status
+        return STALE if result_problem(result, without_hydra_node(self.cfg), self.config_hash) else status
 
     @property
     def metrics(self) -> dict | None:

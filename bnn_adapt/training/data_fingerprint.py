@@ -63,11 +63,3 @@ def data_identity(name: str, root: str | None) -> dict:
     for relative, stat in files:
         digest.update(f"{relative}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return {"location": str(folder), "files": len(files), "fingerprint": digest.hexdigest()[:16]}
-
-
-def newest_change(name: str, root: str | None) -> float | None:
-    """The latest modification time of the dataset's files (seconds), None when it has none."""
-    if name in EMBEDDED:
-        return None
-    _, files = dataset_files(name, root)
-    return max((stat.st_mtime for _, stat in files), default=None)
