@@ -1,18 +1,17 @@
-"""Claims: which process is running something right now, and whether it is gone.
+"""Claims: one process at a time in a run directory, and which process is running something.
 
 Two invocations of one sweep on one directory (two terminals, two cluster jobs
 after a restart) must not run the same row twice. A run directory is claimed
-while its run works in it: ``run.lock`` there is created with ``O_EXCL`` (only
-one process can), holds its owner (host, boot id, pid, the process's start
-time) and is refreshed by a heartbeat thread while held. Another process that
-finds it waits until it is released, then sees the finished results.
+while its run works in it: an OS lock on ``run.lock`` there (``filelock``, i.e.
+``flock``, which NFS v4 and Lustre mounted with ``flock`` hold across hosts).
+The OS releases it when its process ends, however it ends, so a run killed
+with SIGKILL leaves nothing to clean up. Another process that finds it held
+waits, naming the holder (``run.lock.owner``: host, pid, start), then sees the
+finished results.
 
-A claim whose owner is provably gone is stale and taken over: on the same
-host and boot, when its pid no longer runs that process (a run killed with
-SIGKILL); from another host (a shared file system), when its heartbeat is
-older than ``stale_after_s``. The same owner record tells the Optuna search
-which of its RUNNING trials were left by a killed search
-(:mod:`bnn_adapt.search.owners`).
+The owner record (host, boot id, pid and the process's start time, so that a
+reused pid is told apart) also tells the Optuna search which of its RUNNING
+trials a killed search left (:mod:`bnn_adapt.search.owners`).
 """
 
 from __future__ import annotations
@@ -21,17 +20,15 @@ import contextlib
 import json
 import os
 import socket
-import sys
-import threading
 import time
 from pathlib import Path
+
+import filelock
 
 from bnn_adapt.files import write_error
 
 RUN_LOCK = "run.lock"
-HEARTBEAT_S = 30.0  # how often a held claim's file is touched
-STALE_AFTER_S = 600.0  # a claim from another host not touched for this long is stale
-RECOVERY_STALE_S = 30.0  # taking over a stale claim takes milliseconds; a recovery mutex older than this is left over
+OWNER_SUFFIX = ".owner"  # beside the lock: who holds it, for the message of a process that waits
 
 
 # ----------------------------------------------------------------------------- owners
@@ -83,7 +80,7 @@ def pid_running(pid: int) -> bool:
     return True
 
 
-def owner_gone(owner: dict | None, age_s: float | None, stale_after_s: float = STALE_AFTER_S) -> bool:
+def owner_gone(owner: dict | None, age_s: float | None, stale_after_s: float) -> bool:
     """Whether the process ``owner`` describes has certainly ended.
 
     ``age_s``: seconds since the owner's last sign of life (heartbeat), if known.
@@ -104,7 +101,7 @@ def owner_gone(owner: dict | None, age_s: float | None, stale_after_s: float = S
 
 
 def describe(owner: dict | None) -> str:
-    if not isinstance(owner, dict):
+    if not isinstance(owner, dict) or "pid" not in owner:
         return "an unknown process"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
     return f"pid {owner.get('pid')} on host {owner.get('host')} (since {since})"
@@ -112,88 +109,52 @@ def describe(owner: dict | None) -> str:
 
 # ----------------------------------------------------------------------------- claims
 
+#: the claims this process holds (an OS lock is per open file: a second claim here would wait for itself)
+HELD: set[Path] = set()
+
 
 class Claim:
-    """An exclusive claim on ``path`` (a lock file), taken over when its owner is gone.
+    """An exclusive claim on ``path`` (an OS file lock), released by the OS when its process ends.
 
-    ``with Claim(path, what):`` waits while another live process holds it;
-    :meth:`try_acquire` does not wait. ``waited`` tells whether someone else
-    held it first (what they left may be finished now).
+    ``with Claim(path, what):`` waits while another process holds it; :meth:`try_acquire` does not wait.
+    ``waited`` tells whether someone else held it first (what they left may be finished now).
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        what: str,
-        heartbeat_s: float = HEARTBEAT_S,
-        stale_after_s: float = STALE_AFTER_S,
-        poll_s: float = 1.0,
-    ):
-        self.path, self.what = Path(path), what
-        self.heartbeat_s, self.stale_after_s, self.poll_s = heartbeat_s, stale_after_s, poll_s
+    def __init__(self, path: str | Path, what: str, poll_s: float = 1.0):
+        self.path, self.what, self.poll_s = Path(path).absolute(), what, poll_s
+        self.owner_file = self.path.with_name(self.path.name + OWNER_SUFFIX)
+        self.lock = filelock.FileLock(self.path, mode=0o666)
         self.owner: dict | None = None
         self.waited = False
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
 
-    # -- reading
-
-    def holder(self) -> tuple[dict | None, float | None]:
-        """The recorded owner (None if unreadable) and seconds since the file was last touched (None: no file)."""
-        age = 0.0
+    def holder(self) -> dict | None:
+        """The holder's owner record, when it wrote one that can be read."""
         try:
-            age = time.time() - self.path.stat().st_mtime
-            owner = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None, None
-        except (OSError, ValueError):  # being written, or garbled
-            return None, age
-        return (owner if isinstance(owner, dict) else None), age
-
-    # -- taking
+            owner = json.loads(self.owner_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
 
     def try_acquire(self) -> dict | None:
-        """Take the claim if free or stale; returns None when taken, else the live holder's record.
-        A claim that cannot be written (a full or read-only disk) is one line naming it, and none is left."""
+        """Take the claim if free: None when taken, else the holder's record (``{}`` when unknown).
+        A claim that cannot be made (a full or read-only disk) is one line naming it."""
+        if self.path in HELD:
+            raise RuntimeError(f"{self.what} is already claimed by this process ({self.path})")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return self.holder() or {}
         except OSError as exc:
             raise write_error(self.path, exc) from exc
-        for _ in range(5):
-            owner = this_process()
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                held, age = self.holder()
-                if age is None:
-                    continue  # released in between: try again
-                if held is None and age < RECOVERY_STALE_S:
-                    return {"pid": "?", "host": "?", "since": time.time() - age}  # being written right now
-                if isinstance(held, dict) and {k: held.get(k) for k in ("host", "pid", "start")} == {
-                    k: owner[k] for k in ("host", "pid", "start")
-                }:
-                    raise RuntimeError(f"{self.what} is already claimed by this process ({self.path})") from None
-                if not owner_gone(held, age, self.stale_after_s):
-                    return held or {"pid": "?", "host": "?", "since": time.time() - age}  # garbled: wait it out
-                self._take_over(held)
-                continue
-            except OSError as exc:
-                raise write_error(self.path, exc) from exc
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(owner, f)
-            except OSError as exc:  # an empty claim would hold the directory until it is stale
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
-                raise write_error(self.path, exc) from exc
-            self.owner = owner
-            self._start_heartbeat()
-            return None
-        held, _ = self.holder()
-        return held or {"pid": "?", "host": "?", "since": time.time()}
+        HELD.add(self.path)
+        self.owner = this_process()
+        with contextlib.suppress(OSError):  # only a waiting process's message reads it
+            self.owner_file.write_text(json.dumps(self.owner))
+        return None
 
     def acquire(self) -> Claim:
-        """Take the claim, waiting while another live process holds it."""
+        """Take the claim, waiting while another process holds it."""
         announced = False
         while (held := self.try_acquire()) is not None:
             if not announced:
@@ -203,53 +164,16 @@ class Claim:
             time.sleep(self.poll_s)
         return self
 
-    def _take_over(self, stale: dict | None) -> None:
-        """Remove a stale claim, unless another process took it over first (one recovery at a time)."""
-        mutex = self.path.with_name(self.path.name + ".recovery")
-        try:
-            fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            with contextlib.suppress(OSError):
-                if time.time() - mutex.stat().st_mtime > RECOVERY_STALE_S:
-                    mutex.unlink()
-            time.sleep(0.05)
-            return
-        try:
-            os.close(fd)
-            held, age = self.holder()
-            if age is not None and held == stale:  # still the one judged stale: nobody took over meanwhile
-                self.path.unlink(missing_ok=True)
-                print(
-                    f"note: {self.what} was held by {describe(stale)}, which is gone: taking it over",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        finally:
-            mutex.unlink(missing_ok=True)
-
-    def _start_heartbeat(self) -> None:
-        self._stop.clear()
-
-        def beat() -> None:
-            while not self._stop.wait(self.heartbeat_s):
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
-
-        self._beat = threading.Thread(target=beat, name=f"claim {self.path}", daemon=True)
-        self._beat.start()
-
-    # -- releasing
-
     def release(self) -> None:
-        """Give the claim up (only if it is still ours)."""
+        """Give the claim up."""
         if self.owner is None:
             return
-        self._stop.set()
-        held, _ = self.holder()
-        if held == self.owner:
-            with contextlib.suppress(OSError):  # a read-only disk: the claim outlives its owner, then is taken over
-                self.path.unlink(missing_ok=True)
+        if self.holder() == self.owner:
+            with contextlib.suppress(OSError):
+                self.owner_file.unlink(missing_ok=True)
         self.owner = None
+        HELD.discard(self.path)
+        self.lock.release()
 
     def __enter__(self) -> Claim:
         return self.acquire()
@@ -270,11 +194,15 @@ def file_claim(path: str | Path, what: str) -> Claim:
 
 
 def held_by_another(run_dir: str | Path) -> bool:
-    """Whether a live process other than this one holds ``run_dir``."""
+    """Whether another process holds ``run_dir``."""
     claim = run_claim(run_dir)
-    owner, age = claim.holder()
-    if age is None or (
-        isinstance(owner, dict) and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
-    ):
+    if claim.path in HELD or not claim.path.exists():
         return False
-    return not owner_gone(owner, age, claim.stale_after_s)
+    try:
+        claim.lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    except OSError:
+        return False
+    claim.lock.release()
+    return False
