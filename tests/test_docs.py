@@ -32,37 +32,6 @@ def test_configuration_reference_lists_every_group_and_choice():
         assert f"`conf/{path.relative_to(CONF_DIR).as_posix()}`" in page, path
 
 
-def test_each_comment_is_paired_with_its_key():
-    text = "\n".join(
-        [
-            "# @package _global_",
-            "# What this file is,",
-            "# on two lines.",
-            "defaults:",
-            "  - _base_      # shared keys",
-            "  - override /data: cifar5_5",
-            "",
-            "a: 1.0e-3   # after a",
-            "# above b",
-            "b:",
-            "  c: 'x # not a comment'  # after c",
-            "  d: ${oc.env:HOME,.}",
-            "  # above e, inside b",
-            "  e: [1, 2]",
-            "f: g",
-        ]
-    )
-    header, notes = config_reference.comments(text)
-    assert header == "What this file is, on two lines."
-    assert notes == {
-        "defaults/_base_": "shared keys",
-        "a": "after a",
-        "b": "above b",
-        "b.c": "after c",
-        "b.e": "above e, inside b",
-    }
-
-
 def test_the_site_builds_strictly(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
