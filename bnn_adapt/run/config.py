@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bnn_adapt.errors import ConfigError
+from bnn_adapt.run import schema
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"  # conf/config.yaml and its groups
@@ -66,6 +67,7 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+schema.register()
 
 TASKS = ("pretrain", "adapt", "export", "predict")
 BN_MODES = ("frozen", "recalibrate", "adapt")  # base.bn: recalibrate = AdaBN, then frozen
