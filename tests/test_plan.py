@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from bnn_adapt.run.config import without_hydra_node
-from bnn_adapt.run.results import write_json
+from bnn_adapt.run.results import dataset_identity, write_json
 from bnn_adapt.thesis import plan, tables
 from bnn_adapt.thesis.synthetic import SMOKE_SIZES, write_cifar10, write_cifar100
 from bnn_adapt.thesis.table_runs import TABLES, table_rows
@@ -31,6 +31,7 @@ def finish(job, epoch_time_s: float, epochs: int = 3) -> None:
             "epochs_run": epochs,
             "device": "cpu",
             "config": config,
+            "data": dataset_identity(without_hydra_node(job.cfg)),
         },
     )
 
