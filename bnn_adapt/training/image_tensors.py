@@ -31,7 +31,9 @@ def _stored_images(dataset: Dataset) -> torch.Tensor | None:
     if isinstance(dataset, TensorDataset):  # (N, C, H, W), float or uint8
         return dataset.tensors[0]
     data = getattr(dataset, "data", None)
-    if data is not None and getattr(data, "ndim", 0) == 4 and str(data.dtype) == "uint8":  # torchvision's CIFAR: (N, H, W, 3)
+    if (
+        data is not None and getattr(data, "ndim", 0) == 4 and str(data.dtype) == "uint8"
+    ):  # torchvision's CIFAR: (N, H, W, 3)
         return torch.from_numpy(data).permute(0, 3, 1, 2)
     return None
 

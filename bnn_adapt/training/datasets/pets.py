@@ -11,62 +11,22 @@ from torchvision import datasets as tvd
 from bnn_adapt.training.datasets import torchvision_layout
 from bnn_adapt.training.datasets.generated import class_images
 
-CLASSES = (  # as torchvision.datasets.OxfordIIITPet names them, in label order
-    "Abyssinian",
-    "American Bulldog",
-    "American Pit Bull Terrier",
-    "Basset Hound",
-    "Beagle",
-    "Bengal",
-    "Birman",
-    "Bombay",
-    "Boxer",
-    "British Shorthair",
-    "Chihuahua",
-    "Egyptian Mau",
-    "English Cocker Spaniel",
-    "English Setter",
-    "German Shorthaired",
-    "Great Pyrenees",
-    "Havanese",
-    "Japanese Chin",
-    "Keeshond",
-    "Leonberger",
-    "Maine Coon",
-    "Miniature Pinscher",
-    "Newfoundland",
-    "Persian",
-    "Pomeranian",
-    "Pug",
-    "Ragdoll",
-    "Russian Blue",
-    "Saint Bernard",
-    "Samoyed",
-    "Scottish Terrier",
-    "Shiba Inu",
-    "Siamese",
-    "Sphynx",
-    "Staffordshire Bull Terrier",
-    "Wheaten Terrier",
-    "Yorkshire Terrier",
+CLASSES = tuple(  # as torchvision.datasets.OxfordIIITPet names them, in label order
+    (
+        "Abyssinian, American Bulldog, American Pit Bull Terrier, Basset Hound, Beagle, Bengal, Birman, Bombay, "
+        "Boxer, British Shorthair, Chihuahua, Egyptian Mau, English Cocker Spaniel, English Setter, German "
+        "Shorthaired, Great Pyrenees, Havanese, Japanese Chin, Keeshond, Leonberger, Maine Coon, Miniature "
+        "Pinscher, Newfoundland, Persian, Pomeranian, Pug, Ragdoll, Russian Blue, Saint Bernard, Samoyed, "
+        "Scottish Terrier, Shiba Inu, Siamese, Sphynx, Staffordshire Bull Terrier, Wheaten Terrier, Yorkshire "
+        "Terrier"
+    ).split(", ")
 )
 
-# the 12 cat breeds (species 1); the other 25 are dogs (species 2)
-CATS = frozenset(
+CATS = frozenset(  # the 12 cat breeds (species 1); the other 25 are dogs (species 2)
     (
-        "Abyssinian",
-        "Bengal",
-        "Birman",
-        "Bombay",
-        "British Shorthair",
-        "Egyptian Mau",
-        "Maine Coon",
-        "Persian",
-        "Ragdoll",
-        "Russian Blue",
-        "Siamese",
-        "Sphynx",
-    )
+        "Abyssinian, Bengal, Birman, Bombay, British Shorthair, Egyptian Mau, Maine Coon, Persian, Ragdoll, "
+        "Russian Blue, Siamese, Sphynx"
+    ).split(", ")
 )
 
 LAYOUT = torchvision_layout.Layout(
