@@ -239,7 +239,7 @@ def run_bare(case: EpochCase, device: torch.device) -> tuple[list[tuple[float, f
 def epoch_records(setup: EpochSetup, device: torch.device, log=print) -> list[dict]:
     """Every case of :data:`EPOCH_CASES`, timed round-robin; one record per case."""
     import bnn_adapt.__main__  # noqa: F401 - python -m bnn_adapt's warning filters, as a run has them
-    from bnn_adapt.thesis.synthetic import write_cifar10
+    from bnn_adapt.training.datasets.cifar10 import write_cifar10
 
     cases = [EpochCase(strategy, cached) for strategy, cached in EPOCH_CASES]
     with tempfile.TemporaryDirectory(prefix="bnn_adapt_bench_epoch_") as tmp:

@@ -1,7 +1,7 @@
 """Training-loader throughput: images per second through the real loaders, augmentation included.
 
 ``python -m benchmarks.bench_loader`` writes CIFAR-10-sized data in its real format
-(:func:`bnn_adapt.thesis.synthetic.write_cifar10`), sets up the CIFAR datamodule and times whole
+(:func:`bnn_adapt.training.datasets.cifar10.write_cifar10`), sets up the CIFAR datamodule and times whole
 training epochs of two loaders side by side, round-robin, at one torch thread by default:
 
 * ``tensor``: the small-image path (images decoded once, a batch cropped, flipped and
@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from bnn_adapt.thesis.synthetic import write_cifar10
-from bnn_adapt.training.datamodule import ClassSplitDataModule, ClassSubset, EpochShuffle
+from bnn_adapt.training.batches import EpochShuffle
+from bnn_adapt.training.datamodule import ClassSplitDataModule, ClassSubset
+from bnn_adapt.training.datasets.cifar10 import write_cifar10
 
 
 def _epoch(loader: DataLoader, epoch: int, device: torch.device) -> tuple[int, float, float]:

@@ -213,7 +213,7 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
                 sys.executable,
                 "-c",
                 (
-                    "import sys; from bnn_adapt.thesis.synthetic import write_cifar10; "
+                    "import sys; from bnn_adapt.training.datasets.cifar10 import write_cifar10; "
                     "write_cifar10(sys.argv[1], n_per_class=int(sys.argv[2]))"
                 ),
                 str(data_dir / "cifar10"),

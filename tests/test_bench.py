@@ -275,7 +275,7 @@ def test_quick_epoch_records_time_the_framework_against_the_bare_loop(tmp_path):
 def test_the_bare_loop_trains_exactly_as_the_framework(tmp_path, strategy, cache_taps, extra):
     """Same work: from one model on un-augmented data, both paths end with the same weights and BN statistics
     (trainer.channels_last too: the run's model in NHWC memory, as the bare loop puts it)."""
-    from bnn_adapt.thesis.synthetic import write_cifar10
+    from bnn_adapt.training.datasets.cifar10 import write_cifar10
 
     setup = bench_epoch.EPOCH_SETUPS[("cpu", "tiny")]
     write_cifar10(tmp_path / "data" / "cifar10", n_per_class=setup.train_per_class)

@@ -11,8 +11,8 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from bnn_adapt.errors import ConfigError, DataError
-from bnn_adapt.training import datasets as data_module
 from bnn_adapt.training.datamodule import ClassSplitDataModule
+from bnn_adapt.training.datasets import IMAGENET_MEAN, cifar10, cifar100, fashion_mnist
 from tests.fake_data import write_cifar10, write_cifar100, write_fashion_idx, write_imagefolder
 
 
@@ -40,7 +40,7 @@ def folder_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def no_system_fashion(monkeypatch):
     """Hide a Debian copy of Fashion-MNIST, so only the files a test writes are found."""
-    monkeypatch.setattr(data_module, "FASHION_SYSTEM_DIRS", ("/nonexistent/fashion-mnist",))
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIRS", ("/nonexistent/fashion-mnist",))
 
 
 def source_labels(subset) -> list:
@@ -83,7 +83,7 @@ def test_cifar10_target_split_remaps_in_given_order(cifar10_root):
     check_served(dm, [9, 5, 7], 32)
     assert dm.class_names == ["truck", "dog", "horse"]
     assert len(dm.train_set) == 3 * 4 and len(dm.eval_set) == 3 * 4
-    assert dm.mean == data_module.CIFAR10_BASE_MEAN
+    assert dm.mean == cifar10.BASE_MEAN
 
 
 def test_cifar10_base_split_and_default_target(cifar10_root):
@@ -111,7 +111,7 @@ def test_cifar100_fine_labels_base_split(cifar100_root):
     check_served(dm, list(range(20, 100)), 32)
     assert dm.class_names[0] == "chair" == dm.train_set.dataset.classes[20]
     assert len(dm.train_set) == 80 and len(dm.eval_set) == 160
-    assert dm.mean == data_module.CIFAR100_BASE_MEAN
+    assert dm.mean == cifar100.BASE_MEAN
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -128,7 +128,7 @@ def test_fashion_idx_files(tmp_path, no_system_fashion, gz, torchvision_layout):
     assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
 
 
-@pytest.mark.skipif(not Path(data_module.DEBIAN_FASHION_DIR).is_dir(), reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(not Path(fashion_mnist.DEBIAN_DIR).is_dir(), reason="needs dataset-fashion-mnist")
 def test_fashion_debian_copy_is_found_from_any_root(tmp_path):
     dm = ClassSplitDataModule(
         "fashion_mnist", root=str(tmp_path), target_classes=[5, 6], limit_per_class=10, eval_limit_per_class=10
@@ -159,7 +159,7 @@ def test_imagefolder_default_target_is_every_other_folder(folder_root):
 def test_imagefolder_large_images_use_imagenet_pipeline(folder_root):
     dm = ClassSplitDataModule("imagefolder", root=str(folder_root), target_classes=["cat", "dog"], image_size=128)
     check_served(dm, ["cat", "dog"], 128)
-    assert dm.mean == data_module.IMAGENET_MEAN
+    assert dm.mean == IMAGENET_MEAN
 
 
 def test_digits_split_is_fixed_and_normalised():

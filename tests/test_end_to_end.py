@@ -18,7 +18,7 @@ from bnn_adapt.adapters.file import stored_tensors
 from bnn_adapt.bases import load_base
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.run import builders, task
-from bnn_adapt.training.datasets import CIFAR10_CLASSES
+from bnn_adapt.training.datasets.cifar10 import CLASSES as CIFAR10_CLASSES
 from bnn_adapt.training.pruning import PruningPlan
 
 SUMMARY_KEYS = {

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from bnn_adapt.training.datamodule import ClassSplitDataModule, TrainingBatches
+from bnn_adapt.training.batches import TrainingBatches
+from bnn_adapt.training.datamodule import ClassSplitDataModule
 from bnn_adapt.training.image_tensors import BatchTransform, ImageTensors
 from bnn_adapt.training.tap_cache import ViewBatches
 from tests.fake_data import write_cifar10, write_fashion_idx, write_imagefolder
@@ -37,9 +38,9 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def no_system_fashion(monkeypatch):
-    from bnn_adapt.training import datasets
+    from bnn_adapt.training.datasets import fashion_mnist
 
-    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIRS", ("/nonexistent/fashion-mnist",))
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIRS", ("/nonexistent/fashion-mnist",))
 
 
 def make(name: str, roots, **kwargs) -> ClassSplitDataModule:
@@ -256,7 +257,7 @@ def test_placed_copies_are_made_once_and_not_pickled():
 
 def test_training_leaves_out_a_last_batch_of_one_image_and_says_so_once(caplog):
     sampler = TrainingBatches(range(65), batch_size=64, drop_last=False)
-    with caplog.at_level(logging.INFO, logger="bnn_adapt.training.datamodule"):
+    with caplog.at_level(logging.INFO, logger="bnn_adapt.training.batches"):
         assert [len(b) for b in sampler] == [64] and len(sampler) == 1
         assert [len(b) for b in sampler] == [64]
     assert sum("one image" in r.getMessage() for r in caplog.records) == 1
@@ -289,7 +290,7 @@ def test_digits_base_with_a_remainder_of_one_trains_and_evaluates_every_image(ma
         "trainer.limit_val_batches=1.0",
         f"base.save_to={tmp_path / 'base.pt'}",
     )
-    with caplog.at_level(logging.INFO, logger="bnn_adapt.training.datamodule"):
+    with caplog.at_level(logging.INFO, logger="bnn_adapt.training.batches"):
         metrics = run(cfg)
     assert metrics["status"] == "complete" and len(metrics["history"]) == 2
     assert sum("one image" in r.getMessage() for r in caplog.records) == 1

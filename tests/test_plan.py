@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from bnn_adapt.run.config import without_hydra_node
 from bnn_adapt.run.results import dataset_identity, write_json
 from bnn_adapt.thesis import plan, tables
-from bnn_adapt.thesis.synthetic import SMOKE_SIZES, write_cifar10, write_cifar100
 from bnn_adapt.thesis.table_runs import TABLES, table_rows
+from bnn_adapt.training.datasets import find
 
 
 def finish(job, epoch_time_s: float, epochs: int = 3) -> None:
@@ -48,8 +48,8 @@ def by_row(table_plan: plan.TablePlan) -> dict[str, plan.PlannedRun]:
 @pytest.fixture
 def smoke_root(tmp_path, monkeypatch):
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path))
-    write_cifar10(tmp_path / "data" / "smoke" / "cifar10", SMOKE_SIZES["cifar10_per_class"])
-    write_cifar100(tmp_path / "data" / "smoke" / "cifar100", SMOKE_SIZES["cifar100_per_class"])
+    for name in ("cifar10", "cifar100"):  # as the smoke profile reads them
+        find(name).synthetic(tmp_path / "data" / "smoke" / name)
     return tmp_path
 
 

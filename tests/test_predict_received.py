@@ -23,7 +23,7 @@ from bnn_adapt.deploy.predict import BaseWithAdapters, FilesSkipped
 from bnn_adapt.errors import ConfigError, DataError, ExportError
 from bnn_adapt.files import WriteError
 from bnn_adapt.run import task
-from bnn_adapt.training.datasets import open_rgb
+from bnn_adapt.training.received_data import open_rgb
 from tests.conftest import CLASSES, PREPROCESS
 from tests.test_export import adapted, make_base
 from tests.test_predict import write_images

@@ -14,7 +14,9 @@ from torchvision import datasets as tvd
 from bnn_adapt.errors import DataError
 from bnn_adapt.training.data_fingerprint import data_identity
 from bnn_adapt.training.datamodule import ClassSplitDataModule
-from bnn_adapt.training.datasets import DATASETS, ExistingFilesCIFAR10, ExistingFilesCIFAR100
+from bnn_adapt.training.datasets import find
+from bnn_adapt.training.datasets.cifar10 import ExistingFilesCIFAR10
+from bnn_adapt.training.datasets.cifar100 import ExistingFilesCIFAR100
 from tests.fake_data import write_cifar10, write_cifar100, write_imagefolder
 
 
@@ -107,7 +109,7 @@ def looped_tree(tmp_path):
 def test_an_image_folder_with_a_symlink_loop_counts_each_image_once(looped_tree, caplog):
     root, loop, _ = looped_tree
     with caplog.at_level(logging.WARNING):
-        (train, labels), (test, _) = DATASETS["imagefolder"].load(str(root), False)
+        (train, labels), (test, _) = find("imagefolder").load(str(root), False)
     assert len(train) == 6 and sorted(labels) == ["cat"] * 3 + ["dog"] * 3 and len(test) == 6
     assert [r for r in caplog.records if str(loop) in r.getMessage()], caplog.text
 

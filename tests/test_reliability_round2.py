@@ -456,7 +456,7 @@ def test_a_failed_download_says_so_with_url_and_folder(name, url, tmp_path, monk
         raise urllib.error.URLError(OSError(101, "Network is unreachable"))
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    monkeypatch.setattr("bnn_adapt.training.datasets.FASHION_SYSTEM_DIRS", ())
+    monkeypatch.setattr("bnn_adapt.training.datasets.fashion_mnist.SYSTEM_DIRS", ())
     root = tmp_path / "data" / name
     dm = ClassSplitDataModule(name, root=str(root), base_classes=[0, 1], target_classes=[2, 3], download=True)
     with pytest.raises(DataError) as err:

@@ -3,13 +3,13 @@
     from bnn_adapt.deploy.predict import BaseWithAdapters
 
     bank = BaseWithAdapters.load("export/base.bnnpack")
-    bank.attach("export/flowers.safetensors")
-    bank.attach("export/pets.safetensors")        # the same base object, nothing reloaded
-    bank.use("flowers")
-    print(bank.predict(["rose.jpg"], k=3))          # [[("rose", 0.91), ("tulip", 0.05), ...]]
+    bank.attach("export/birds.safetensors")
+    bank.attach("export/cars.safetensors")        # the same base object, nothing reloaded
+    bank.use("birds")
+    print(bank.predict(["robin.jpg"], k=3))          # [[("robin", 0.91), ("wren", 0.05), ...]]
 
 ``task=predict base.file=... adapters=[a,b] inputs=DIR_OR_FILES`` does the same
-from the command line and writes ``predictions.json``; ``adapters={flowers: a, pets: b}``
+from the command line and writes ``predictions.json``; ``adapters={birds: a, cars: b}``
 names the adapters (otherwise they are named after their files, :func:`adapter_name`).
 Everything printed that comes from a file (class and adapter names, paths) is escaped
 (:func:`~bnn_adapt.errors.printable`); the JSON file keeps the real strings.
@@ -32,8 +32,8 @@ from bnn_adapt.deploy.packed_base import repack
 from bnn_adapt.deploy.packed_inference import load_base, packed_or_float
 from bnn_adapt.errors import ConfigError, DataError, ExportError, UserError, printable
 from bnn_adapt.files import WriteError, atomic_output
-from bnn_adapt.training.datamodule import HALF
-from bnn_adapt.training.datasets import open_rgb
+from bnn_adapt.training.datasets import HALF
+from bnn_adapt.training.received_data import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class BaseWithAdapters:
 
 
 def named_adapters(adapters: object) -> list[tuple[str | None, str]]:
-    """``adapters=`` as ``(name, path)`` pairs: a dict (``{flowers: a.safetensors}``) names them; a list, or
+    """``adapters=`` as ``(name, path)`` pairs: a dict (``{birds: a.safetensors}``) names them; a list, or
     one path, leaves the name to :func:`adapter_name` (None)."""
     if isinstance(adapters, Mapping):
         return [(str(name), str(path)) for name, path in adapters.items()]

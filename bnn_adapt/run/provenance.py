@@ -2,9 +2,9 @@
 kernels torch picked, the CUDA build and the code's git commit, recorded in ``metrics.json``.
 
 A run repeats bit for bit only with the same config, threads, package versions and machine
-kind (issue 23): the thread count changes the order in which floats are summed, which Adam
-and the sign amplify (issue 23 found a digits base at 1 and at 2 threads differing in 46 of
-its 102 tensors after one epoch), and torch picks its CPU kernels by the CPU's capability
+kind: the thread count changes the order in which floats are summed, which Adam and the
+sign amplify (a base trained at 1 and at 2 threads differed in 46 of its 102 tensors after
+one epoch), and torch picks its CPU kernels by the CPU's capability
 (AVX2, AVX-512), which may sum in another order too.
 """
 

@@ -2,8 +2,8 @@
 
 One datamodule serves either the *base* or the *target* classes of a dataset, with
 labels remapped to 0..C-1 in the order given (thesis ch. 5-6: CIFAR 5-5, CIFAR 80-20,
-Flowers-102, Pets; SPEC section 5). Files are read with torchvision's dataset
-classes; constructing the module reads nothing, ``setup()`` does.
+Flowers-102, Pets). Each dataset's own module reads its files
+(:mod:`bnn_adapt.training.datasets`); constructing the module reads nothing, ``setup()`` does.
 
 Small images (at most ``TENSOR_MAX_SIZE`` px, not the 224-px pipeline) are decoded once into
 tensors and augmented a batch at a time on the training device (:mod:`.image_tensors`); large
@@ -14,8 +14,7 @@ every epoch is evaluated on the held-out split, the thesis's protocol.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -23,24 +22,13 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.data import suggested_max_num_workers
 from sklearn.model_selection import train_test_split
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
-from torchvision.datasets.folder import find_classes
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from bnn_adapt.errors import ConfigError, DataError
-from bnn_adapt.training.datasets import (
-    DATASETS,
-    HALF,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LARGE_IMAGE_SIZE,
-    DatasetSpec,
-    dataset_errors,
-    imagefolder_dir,
-)
+from bnn_adapt.training.batches import EpochShuffle, TrainingBatches
+from bnn_adapt.training.datasets import LARGE_IMAGE_SIZE, DatasetSpec, find
 from bnn_adapt.training.image_tensors import TENSOR_MAX_SIZE, BatchTransform, ImageTensors, decode
-
-log = logging.getLogger(__name__)
 
 VAL_SPLIT_SEED = 0  # fixed, so every run of a config validates on the same images whatever its seed
 ON_DEVICE_SHARE = 0.25  # data.on_device=auto: images held on a GPU when they take at most this share of its free memory
@@ -61,7 +49,7 @@ class ClassSubset(Dataset):
 
 
 def _class_list(value: Any, field: str, spec: DatasetSpec) -> list | None:
-    """A validated class list: ids in range for built-in sets, folder names (as strings) for imagefolder."""
+    """A validated class list: ids in range for a dataset with named classes, else class names (as strings)."""
     if value is None:
         return None
     items = [value] if isinstance(value, (str, int)) else list(value)
@@ -144,74 +132,12 @@ def _stats(value: Any, field: str) -> tuple[float, ...] | None:
     return stats
 
 
-class EpochShuffle(Sampler[int]):
-    """A shuffled order that depends only on (seed, epoch).
-
-    Lightning calls ``set_epoch`` before each epoch, so a run resumed from a
-    checkpoint sees exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def note_single_image_left_out(owner: object) -> None:
-    """Log once per ``owner`` (a batch sampler) that its last batch of one image is left out."""
-    if not getattr(owner, "noted_single", False):
-        owner.noted_single = True  # type: ignore[attr-defined]
-        log.info(
-            "the last training batch holds one image: it is left out of every epoch (BatchNorm needs two "
-            "values per channel); evaluation keeps every image"
-        )
-
-
-def without_single_image_batch(batches: Iterator[list[int]], batch_size: int, owner: object) -> Iterator[list[int]]:
-    """Training batches, less a last batch of one image (a remainder; ``batch_size`` 1 keeps every batch):
-    BatchNorm in training mode needs two values per channel, and a BN1d head would stop the run."""
-    for batch in batches:
-        if len(batch) > 1 or batch_size == 1:
-            yield batch
-        else:
-            note_single_image_left_out(owner)
-
-
-def training_batch_count(images: int, batch_size: int, owner: object) -> int:
-    """Batches per epoch under :func:`without_single_image_batch`. Lightning asks before the epoch and stops
-    after that many batches: the note is logged here."""
-    if batch_size > 1 and images % batch_size == 1:
-        note_single_image_left_out(owner)
-    return images if batch_size == 1 else images // batch_size + (images % batch_size > 1)
-
-
-class TrainingBatches(BatchSampler):
-    """``BatchSampler`` of the training loader: a last batch of one image is left out
-    (:func:`without_single_image_batch`). Lightning rebuilds it around a distributed sampler
-    (same arguments), so each process leaves out its own."""
-
-    def __iter__(self):
-        return without_single_image_batch(super().__iter__(), self.batch_size, self)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)  # type: ignore[arg-type]
-        return n // self.batch_size if self.drop_last else training_batch_count(n, self.batch_size, self)
-
-
 class ClassSplitDataModule(L.LightningDataModule):
     """Serves the base or the target classes of one dataset, labels remapped to 0..C-1.
 
     ``split="base"`` pretrains a backbone on ``base_classes``; ``split="target"`` adapts it
     to ``target_classes`` (None: every class not in ``base_classes``). The test loader serves
-    the dataset's held-out split (``eval_set``, SPEC section 5 table); the val loader serves
+    the dataset's held-out split (``eval_set``); the val loader serves
     ``val_set``, ``val_fraction`` of the training images of each class (before
     ``limit_per_class``; a fixed draw, ``VAL_SPLIT_SEED``), or with ``val_fraction=0`` the
     held-out split too, as the thesis validated. ``eval_limit_per_class`` limits both.
@@ -243,11 +169,9 @@ class ClassSplitDataModule(L.LightningDataModule):
         on_device: bool | str = "auto",
     ):
         super().__init__()
-        if name not in DATASETS:
-            raise ConfigError(f"data.name={name!r} is unknown; choose one of {', '.join(DATASETS)}.")
         if split not in ("base", "target"):
             raise ConfigError(f"data.split={split!r} must be 'base' (pretraining) or 'target' (adaptation).")
-        self.spec = DATASETS[name]
+        self.spec = find(name)
         self.name, self.root, self.split = name, str(root), split
         self.base_classes = _class_list(base_classes, "base_classes", self.spec)
         self.target_classes = _class_list(target_classes, "target_classes", self.spec)
@@ -266,13 +190,7 @@ class ClassSplitDataModule(L.LightningDataModule):
         self.eval_limit_per_class = _positive(eval_limit_per_class, "eval_limit_per_class", allow_none=True)
         self.download, self.augment, self.seed = bool(download), bool(augment), int(seed)
         self.large = self.spec.large if self.spec.large is not None else self.image_size >= LARGE_IMAGE_SIZE
-        default_mean, default_std = (
-            (self.spec.mean, self.spec.std)
-            if self.spec.mean
-            else (IMAGENET_MEAN, IMAGENET_STD)
-            if self.large
-            else (HALF, HALF)
-        )
+        default_mean, default_std = self.spec.statistics(self.large)
         self.mean = _stats(normalize_mean, "normalize_mean") or default_mean
         self.std = _stats(normalize_std, "normalize_std") or default_std
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
@@ -290,7 +208,7 @@ class ClassSplitDataModule(L.LightningDataModule):
     # ---- classes
 
     def served_classes(self) -> list:
-        """The served split's classes in label order: dataset ids, or folder names for imagefolder."""
+        """The served split's classes in label order: dataset ids, or the class names found on disk."""
         if self._served is None:
             if self.split == "base":
                 self._served = list(self.base_classes)  # type: ignore[arg-type]
@@ -308,10 +226,7 @@ class ClassSplitDataModule(L.LightningDataModule):
     def _all_classes(self) -> list:
         if self.spec.class_names is not None:
             return list(range(len(self.spec.class_names)))
-        folder = imagefolder_dir(self.root, "train")
-        problem = f"no class folders under {folder}; add root/train/<class>/ folders or fix data.root"
-        with dataset_errors(problem):
-            return find_classes(str(folder))[0]
+        return self.spec.classes_on_disk(self.root)  # type: ignore[misc]
 
     def missing_files(self) -> str | None:
         """What the dataset lacks on disk, reading no data (None: nothing, or ``download`` fetches it)."""

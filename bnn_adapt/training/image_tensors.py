@@ -1,15 +1,15 @@
 """Small-image datasets as tensors: decoded once, then augmented and normalised a batch at a time.
 
-Digits, Fashion-MNIST, CIFAR-10/100 and image folders at up to ``TENSOR_MAX_SIZE`` px are
+Datasets of images up to ``TENSOR_MAX_SIZE`` px (arrays in memory or image files) are
 decoded and resized once, when the datamodule is set up, into one tensor per split. Each batch
 is indexed from it, augmented as the thesis did (a random crop with ``size // 8`` zero padding,
-and horizontal flips where the dataset has them, CIFAR: the distributions of torchvision's
+and horizontal flips where the dataset has them: the distributions of torchvision's
 ``RandomCrop`` and ``RandomHorizontalFlip``) and normalised, on the device that computes it.
 The per-image pipeline (``ClassSplitDataModule.transform``) decoded and augmented every image
 again in every epoch; this gives the same evaluation tensors, bit for bit (tests/test_image_tensors.py).
 
 Stored values are those of that pipeline before ``ToDtype``: uint8 images stay uint8 (0..255);
-scikit-learn's digits, floats (0..16 scaled to 0..1) resized from 8x8, stay float32, so that
+float images (values 0..1, as scikit-learn's bundled 8x8 set holds them) stay float32, so that
 their values are exactly the per-image pipeline's. Grayscale images keep one channel and
 become RGB in the normalisation (``RGB()`` repeats the channel: the same numbers).
 """
@@ -28,10 +28,12 @@ DECODE_CHUNK = 4096  # images resized at once while decoding
 
 def _stored_images(dataset: Dataset) -> torch.Tensor | None:
     """All images of a dataset that holds them as one array: (N, C, H, W), else None."""
-    if isinstance(dataset, TensorDataset):  # digits (float), Fashion-MNIST (uint8)
+    if isinstance(dataset, TensorDataset):  # (N, C, H, W), float or uint8
         return dataset.tensors[0]
     data = getattr(dataset, "data", None)
-    if data is not None and getattr(data, "ndim", 0) == 4 and str(data.dtype) == "uint8":  # CIFAR: (N, H, W, 3)
+    if (
+        data is not None and getattr(data, "ndim", 0) == 4 and str(data.dtype) == "uint8"
+    ):  # torchvision's CIFAR: (N, H, W, 3)
         return torch.from_numpy(data).permute(0, 3, 1, 2)
     return None
 

@@ -16,7 +16,7 @@ the same for a frozen network on the *target* domain's data:
 :func:`precise_bn` works on any ``nn.Module`` without Lightning. The
 :class:`PreciseBN` callback and :func:`recalibrate` feed it ``batches``
 training batches with the training transforms, going round the loader again
-where it is shorter (pycls stops after one pass: on the digits base, two
+where it is shorter (pycls stops after one pass: on the demo's base, two
 one-pass estimates of 11 batches differed by 2.6 points of top-1), drawn from
 a fixed seed of their own: the statistics are a function of the weights, and
 the run's random stream is left as it was.

@@ -27,12 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bnn_adapt.errors import ConfigError
-from bnn_adapt.training.datamodule import (
-    ClassSplitDataModule,
-    ClassSubset,
-    training_batch_count,
-    without_single_image_batch,
-)
+from bnn_adapt.training.batches import training_batch_count, without_single_image_batch
+from bnn_adapt.training.datamodule import ClassSplitDataModule, ClassSubset
 
 BUILD_BATCH = 256  # images per base forward while building
 

@@ -45,7 +45,7 @@ Adaptation strategies keep ``low_precision`` off even then: their lean
 gradients are exact, and layers that would need a real-valued copy use
 standard autograd. ``memory=lean`` never approximates: training is
 bit-identical to standard autograd, with the real-valued copies fp32. (On the
-digits base, 3 seeds, ``lean`` reproduced standard's training bit for bit;
+demo's base, 3 seeds, ``lean`` reproduced standard's training bit for bit;
 ``lean_fp16`` moved the final top-1 by up to 1.3 points, as any perturbation of
 a binary network's training does: docs/speed.md.)
 
