@@ -27,19 +27,13 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from bnn_adapt.adapters import STRATEGIES
 from bnn_adapt.files import write_json
 from bnn_adapt.run.config import REPO_ROOT
 from bnn_adapt.run.results import package_versions
 
 BUDGET_S = 8 * 60  # the whole check on one GPU; steps that would start later are skipped, and say so
-STRATEGIES = {  # step name -> overrides of a digits adaptation
-    "head_only": ["+experiment=digits5_5_head_only"],
-    "full_finetune": ["+experiment=digits5_5_finetune"],
-    "serial": ["+experiment=digits5_5_serial"],
-    "udta": ["+experiment=digits5_5"],
-    "lora": ["+experiment=digits5_5", "adapter=lora"],
-    "bitfit": ["+experiment=digits5_5", "adapter=bitfit"],
-}
+DIGITS = "+experiment=digits5_5"  # the digits adaptation every run step shares; a strategy's step adds adapter=NAME
 THESIS_STRATEGIES = {
     "finetune": "+experiment=cifar5_5_finetune",
     "serial": "+experiment=cifar5_5_serial",
@@ -120,7 +114,8 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
     def digits(name: str, *overrides: str, kind: str = "run", trainer=sizes.trainer, **kw) -> Step:
         run_dir = work / "runs" / name
         command = bnn(
-            *STRATEGIES.get(name, STRATEGIES["udta"]),
+            DIGITS,
+            *([f"adapter={name}"] if name in STRATEGIES else []),
             *common,
             *trainer,
             *sizes.digits,
@@ -129,11 +124,12 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
         )
         return Step(name, kind, command, [run_dir], **kw)
 
-    steps = [digits(name, needs=None if name == "head_only" else "head_only") for name in STRATEGIES]
+    first = next(iter(STRATEGIES))  # its run pretrains the digits base the others adapt
+    steps = [digits(name, needs=None if name == first else first) for name in STRATEGIES]
     steps += [
-        digits("udta_bf16", "trainer.precision=bf16-mixed", needs="head_only"),
-        digits("udta_lean", "memory=lean", needs="head_only"),
-        digits("udta_tap_cache", "tap_cache.enabled=true", needs="head_only"),
+        digits("udta_bf16", "trainer.precision=bf16-mixed", needs=first),
+        digits("udta_lean", "memory=lean", needs=first),
+        digits("udta_tap_cache", "tap_cache.enabled=true", needs=first),
     ]
     ddp = ("trainer=ddp",) if device == "cuda" else ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     steps.append(
@@ -141,10 +137,10 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
             "udta_ddp",
             "trainer.precision=32-true" if device == "cpu" else "trainer.devices=-1",
             trainer=ddp,
-            needs="head_only",
+            needs=first,
         )
     )
-    sync = digits("udta_ddp_sync_bn", "trainer.sync_batchnorm=true", trainer=ddp, needs="head_only")
+    sync = digits("udta_ddp_sync_bn", "trainer.sync_batchnorm=true", trainer=ddp, needs=first)
     sync.skip = None if device == "cuda" and gpus > 1 else "needs 2+ GPUs (torch's SyncBatchNorm runs on GPUs only)"
     steps.append(sync)
     deploy = work / "deploy"
@@ -194,7 +190,7 @@ def plan(device: str, work: Path, gpus: int) -> list[Step]:
                 *sizes.digits,
                 *sizes.search,
             ),
-            needs="head_only",
+            needs=first,
         )
     )
     steps.append(

@@ -16,6 +16,7 @@ import csv
 import sys
 from pathlib import Path
 
+from bnn_adapt.adapters.strategy import STRATEGIES
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.files import load_weights, read_json
 from bnn_adapt.run.labels import run_label
@@ -37,8 +38,12 @@ def fmt(value, spec: str) -> str:
 
 
 def strategy_table(runs: list[dict]) -> str:
-    finetune = [r["epoch_time_s"] for r in runs if r.get("strategy") == "full_finetune" and r.get("epoch_time_s")]
-    reference = finetune[0] if finetune else None
+    whole_base = [  # the epoch time of a run that trains its whole base: the reference
+        r["epoch_time_s"]
+        for r in runs
+        if getattr(STRATEGIES.get(r.get("strategy")), "trains_base", False) and r.get("epoch_time_s")
+    ]
+    reference = whole_base[0] if whole_base else None
     header = (
         "| strategy | top-1 (final) | best top-1 | fp32 weights introduced | binary weights introduced "
         "| size % of base | epoch time (s) | speed-up vs finetune |"

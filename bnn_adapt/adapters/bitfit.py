@@ -9,13 +9,12 @@ changes and many BitFit adapters can share it.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from bnn_adapt.adapters.strategy import AdaptedModel
+from bnn_adapt.adapters.strategy import AdaptedModel, substituted
 from bnn_adapt.bases.base import BaseNetwork
 from bnn_adapt.nn.layers import LearnableBias
 
@@ -35,29 +34,6 @@ def bitfit_parameter_names(base: nn.Module) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def substituted(module: nn.Module, tensors: dict[str, torch.Tensor]):
-    """Within this block, ``module``'s parameters/buffers named in ``tensors`` are those tensors.
-
-    Like ``torch.func.functional_call`` for an arbitrary method: the stored
-    objects go back afterwards, and autograd reaches the substitutes.
-    """
-    saved = []
-    try:
-        for name, value in tensors.items():
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name)
-            store = owner._parameters if attr in owner._parameters else owner._buffers
-            if attr not in store:
-                raise KeyError(f"{name} is neither a parameter nor a buffer of {type(module).__name__}")
-            saved.append((store, attr, store[attr]))
-            store[attr] = value
-        yield
-    finally:
-        for store, attr, original in reversed(saved):
-            store[attr] = original
-
-
 class BitFitAdapter(nn.Module):
     """Trainable copies of :func:`bitfit_parameter_names` of ``base``."""
 
@@ -73,18 +49,6 @@ class BitFitAdapter(nn.Module):
     def overrides(self) -> dict[str, torch.Tensor]:
         return {n: self.tensors[n.replace(".", "/")] for n in self.names}
 
-    def norm_pairs(self, base: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-        """State-dict keys of the copied BN affine pairs: ``{weight key: (bias key, the base's BN)}``.
-        An adapter file stores each pair folded with that BN's running statistics."""
-        pairs = {}
-        for name in self.names:
-            owner, _, attr = name.rpartition(".")
-            module = base.get_submodule(owner)
-            if attr == "weight" and isinstance(module, nn.modules.batchnorm._BatchNorm):
-                key = "tensors." + owner.replace(".", "/")
-                pairs[f"{key}/weight"] = (f"{key}/bias", module)
-        return pairs
-
 
 @dataclass
 class BitFitOptions:
@@ -99,6 +63,7 @@ class BitFit(AdaptedModel):
 
     strategy = "bitfit"
     options_class = BitFitOptions
+    sign_sensitive = True
 
     def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True, bits: int = 32):
         super().__init__(base, num_classes, freeze_bn)
@@ -111,3 +76,14 @@ class BitFit(AdaptedModel):
         with substituted(self.base, self.adapter.overrides()):
             features = self.base.pre_classifier(self.base.stage_outputs(x)[-1])
         return self.head(features)
+
+    def norm_pairs(self) -> dict[str, tuple[str, nn.Module]]:
+        """Every copied BN weight with its bias (stored folded with the base BN's running statistics)."""
+        pairs = {}
+        for name in self.adapter.names:
+            owner, _, attr = name.rpartition(".")
+            module = self.base.get_submodule(owner)
+            if attr == "weight" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                key = "tensors." + owner.replace(".", "/")
+                pairs[f"{key}/weight"] = (f"{key}/bias", module)
+        return pairs

@@ -2,7 +2,7 @@
 
 What goes in: the adapter's and the head's tensors, and ``base.*``: base
 tensors the adapted model no longer shares with the stored base (every body
-tensor for ``full_finetune``; the drifted or recalibrated BN statistics of a
+tensor for a strategy that trains the base; the drifted or recalibrated BN statistics of a
 ``base.bn=adapt`` or ``recalibrate`` run; nothing otherwise), applied while
 this adapter runs. As the model holds them for inference:
 
@@ -11,8 +11,8 @@ this adapter runs. As the model holds them for inference:
   with; binary weights (a binary head's) as one bit each;
 * every BatchNorm folded (:mod:`bnn_adapt.nn.folding`): one scale and one shift
   per channel, rebuilt as running mean 0, variance 1, ``FOLDED_EPS`` with bit-identical
-  outputs (BitFit's copies of the base's BN pairs are folded with the base's
-  statistics, and attach onto a base whose norms are folded too);
+  outputs (a strategy's copies of base BN pairs, its ``norm_pairs``, are folded
+  with the base's statistics, and attach onto a base whose norms are folded too);
 * other values as ``export.dtype`` says: ``fp32`` (exact), ``fp16``, or
   ``int8`` (every >= 2-D weight as int8 with one fp32 scale per output channel,
   where that pays; 1-D tensors as fp16). Weights trained below 32 bits and
@@ -22,10 +22,9 @@ Pruned weights are stored compactly, whichever is smallest: dense, a bitmask
 plus the kept values, or the gaps between kept positions plus the values.
 Structured pruning is physically removed:
 
-* a pruned depthwise filter of a UDTA thin block (thesis 6.4) goes with its BN
-  scale. Its channel still carries the residual: ``h_i = ReLU(BN(0)_i) + x_i =
-  ReLU(shift_i) + x_i``, so the pointwise conv keeps input column i and the
-  folded shift stays (one value for 9 weights + 2 BN parameters);
+* the dead rows a strategy names (its ``kept_rows``: a pruned depthwise filter
+  of a thin block, thesis 6.4) go with their BN scale; the folded shift stays,
+  since the channel may still carry a residual;
 * a pruned classifier column (``reduction.head_rate``) is not stored at all.
 
 The values of all tensors share a few arrays (:mod:`.file_codec`), in the
@@ -57,8 +56,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 from torch import nn
 
-from bnn_adapt.adapters import STRATEGIES
-from bnn_adapt.adapters.bitfit import substituted
 from bnn_adapt.adapters.file_codec import (
     DTYPES,
     Cursor,
@@ -70,7 +67,7 @@ from bnn_adapt.adapters.file_codec import (
     read_record,
     write_record,
 )
-from bnn_adapt.adapters.file_layout import default_codec, layout, layout_hash, load_part, slots
+from bnn_adapt.adapters.file_layout import default_codec, layout, layout_hash, load_part, parts, slots
 from bnn_adapt.adapters.file_meta import (
     ADAPTER_SCALE,
     FORMAT,
@@ -80,8 +77,7 @@ from bnn_adapt.adapters.file_meta import (
     refused,
     shown,
 )
-from bnn_adapt.adapters.strategy import make_head_prunable
-from bnn_adapt.adapters.udta import ThinBlock
+from bnn_adapt.adapters.strategy import STRATEGIES, make_head_prunable, substituted
 from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded
 from bnn_adapt.bases.received import checked_arch
 from bnn_adapt.bases.registry import rebuild
@@ -129,23 +125,10 @@ class _Records:
             self.encodings[name] = entry
 
 
-def _dead_rows(part: nn.Module) -> dict[str, torch.Tensor]:
-    """Kept-row masks by module name: a UDTA thin block's depthwise conv and BN lose their dead filters."""
-    found = {}
-    for name, m in part.named_modules():
-        if isinstance(m, ThinBlock):
-            dead = (m.depthwise.weight.detach().flatten(1) == 0).all(dim=1)
-            if dead.any():
-                at = f"{name}." if name else ""
-                found[f"{at}depthwise"] = found[f"{at}depthwise_norm"] = ~dead
-    return found
-
-
 @torch.no_grad()
-def _write_part(records: _Records, prefix: str, part: nn.Module, base: nn.Module) -> None:
+def _write_part(records: _Records, prefix: str, part: nn.Module, pairs: dict, kept_rows: dict) -> None:
     state, modules = part.state_dict(), dict(part.named_modules())
-    kept_rows = _dead_rows(part)
-    for key, kind, detail in slots(part, base):
+    for key, kind, detail in slots(part, pairs):
         owner = key.rpartition(".")[0]
         value = state[key]
         default = default_codec(kind, records.dtype, value.dim(), detail)
@@ -213,9 +196,8 @@ def export_adapter(
         raise ConfigError(f"export.dtype={dtype!r} is invalid: use one of {', '.join(DTYPES)}")
     reference = model.base if reference_base is None else reference_base
     records = _Records(dtype)
-    for prefix, part in (("adapter.", model.adapter), ("head.", model.head)):
-        if part is not None:
-            _write_part(records, prefix, part, model.base)
+    for prefix, part, pairs in parts(model):
+        _write_part(records, prefix, part, pairs, model.kept_rows() if part is model.adapter else {})
     differences = base_differences(model.base, reference)
     kinds = {n: kind for n, kind, _ in canonical_tensors(reference)}  # as attach_adapter reads them back
     for name, t in differences.items():
@@ -388,11 +370,11 @@ class _Reader:
 
 
 @torch.no_grad()
-def _read_part(reader: _Reader, prefix: str, part: nn.Module, base: nn.Module) -> None:
+def _read_part(reader: _Reader, prefix: str, part: nn.Module, pairs: dict) -> None:
     """Load ``part`` from its records: folded norms (``FOLDED_EPS``), quantised weights with their stored scales."""
     state, modules, dtype = part.state_dict(), dict(part.named_modules()), reader.meta["dtype"]
     tensors, scales = {}, {}
-    for key, kind, detail in slots(part, base):
+    for key, kind, detail in slots(part, pairs):
         default = default_codec(kind, dtype, state[key].dim(), detail)
         shape = state[key].shape
         if kind == "norm":
@@ -433,9 +415,8 @@ def attach_adapter(
         base = fold_norms(copy.deepcopy(base))  # the file's BN values are folded ones (identical outputs)
     model = _build(meta, base, path)
     reader = _Reader(arrays, meta, path)
-    for prefix, part in (("adapter.", model.adapter), ("head.", model.head)):
-        if part is not None:
-            _read_part(reader, prefix, part, base)
+    for prefix, part, pairs in parts(model):
+        _read_part(reader, prefix, part, pairs)
     canonical = {n: (k, t.shape) for n, k, t in canonical_tensors(base)}
     base_tensors = {}
     for tensor in meta["base_tensors"]:

@@ -21,17 +21,23 @@ from bnn_adapt.nn.folding import BatchNorm
 from bnn_adapt.nn.layers import weight_bits
 
 
-def slots(part: nn.Module, base: nn.Module) -> list[tuple[str, str, object]]:
+def parts(model: nn.Module) -> list[tuple[str, nn.Module, dict]]:
+    """``(prefix, module, BN pairs)`` of what a file holds: the adapter (with the strategy's copies of base BN
+    pairs, its ``norm_pairs``) and the head."""
+    adapter = [("adapter.", model.adapter, model.norm_pairs())] if model.adapter is not None else []
+    return [*adapter, ("head.", model.head, {})]
+
+
+def slots(part: nn.Module, pairs: dict) -> list[tuple[str, str, object]]:
     """``(state-dict key, kind, detail)`` in state-dict order: the records a file holds for ``part``.
 
     kinds: ``norm`` (a BatchNorm, at its weight's key: scale then shift; detail: the module's name),
-    ``pair`` (BitFit's copy of a base BN pair: detail ``(bias key, the base's BN)``), ``quantized``
+    ``pair`` (a copy of a base BN pair, from ``pairs``: detail ``(bias key, the base's BN)``), ``quantized``
     (a weight below 32 bits: detail its bits), ``sign`` (a binary weight), ``mask`` (a bool buffer),
     ``value`` (any other floating tensor). Integer buffers and what a pair or norm covers are skipped.
     """
     modules = dict(part.named_modules())
     norms = {n for n, m in modules.items() if isinstance(m, BatchNorm)}
-    pairs = part.norm_pairs(base) if hasattr(part, "norm_pairs") else {}
     covered = {bias for bias, _ in pairs.values()}
     signs = sign_weight_names(part)
     out = []
@@ -67,10 +73,9 @@ def default_codec(kind: str, dtype: str, ndim: int, detail=None) -> str:
 def layout(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
     """``(name, kind, shape)`` of each slot of the adapter and the head, in the order a file holds them."""
     items = []
-    for prefix, part in (("adapter.", model.adapter), ("head.", model.head)):
-        if part is not None:
-            state = part.state_dict()
-            items += [(prefix + key, kind, tuple(state[key].shape)) for key, kind, _ in slots(part, model.base)]
+    for prefix, part, pairs in parts(model):
+        state = part.state_dict()
+        items += [(prefix + key, kind, tuple(state[key].shape)) for key, kind, _ in slots(part, pairs)]
     return items
 
 

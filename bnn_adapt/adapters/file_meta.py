@@ -14,8 +14,8 @@ import types
 import typing
 from pathlib import Path
 
-from bnn_adapt.adapters import STRATEGIES
 from bnn_adapt.adapters.file_codec import DTYPES, ENCODINGS
+from bnn_adapt.adapters.strategy import STRATEGIES
 from bnn_adapt.errors import ExportError, printable
 
 FORMAT = "bnn_adapt.adapter"

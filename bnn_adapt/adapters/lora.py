@@ -110,6 +110,12 @@ class LoRA(AdaptedModel):
 
     strategy = "lora"
     options_class = LoRAOptions
+    sign_sensitive = True  # its branches add to binary convs' outputs, which the next layer binarises
+
+    @classmethod
+    def describe(cls, options: dict) -> str:
+        stages = options.get("stages")
+        return f"lora r={options.get('rank')}" + (f" stages {','.join(str(s) for s in stages)}" if stages else "")
 
     def __init__(
         self,

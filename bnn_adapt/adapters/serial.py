@@ -45,6 +45,16 @@ class Serial(AdaptedModel):
 
     strategy = "serial"
     options_class = SerialOptions
+    sign_sensitive = True  # the next stage binarises its output
+
+    @classmethod
+    def describe(cls, options: dict) -> str:
+        return f"serial stages {','.join(str(s) for s in options.get('stages', []))}"
+
+    @classmethod
+    def search_stages(cls, n_stages: int) -> list[list[int]]:
+        """After every stage, the last two, or the last one."""
+        return [list(range(1, n_stages + 1)), [n_stages - 1, n_stages], [n_stages]]
 
     def __init__(
         self,

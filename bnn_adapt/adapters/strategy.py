@@ -48,15 +48,54 @@ def chosen_stages(stages, n: int) -> list[int]:
     return chosen
 
 
+#: every strategy by its config name (``adapter.name``, an adapter file's ``strategy``); each registers itself
+STRATEGIES: dict[str, type[AdaptedModel]] = {}
+
+
 class AdaptedModel(nn.Module):
-    """Base + optional adapter + new head for ``num_classes`` target classes."""
+    """Base + optional adapter + new head for ``num_classes`` target classes.
+
+    A subclass declares everything the rest of the package asks of a strategy (its class attributes and the
+    methods below) and registers itself in :data:`STRATEGIES` under its ``strategy`` name when defined.
+    """
 
     strategy: str
     #: the options dataclass ``options`` comes from (None: no options): an adapter file's options are its fields
     options_class: type | None = None
+    #: every base parameter trains (and a deployed task needs a whole new base, thesis 6.1); lean training
+    #: then keeps the stored activations a binary network's own training needs
     trains_base = False
-    #: reads the base only through ``frozen_features``, so a tap cache can stand in for it
+    #: reads the base only through ``frozen_features`` (its stage outputs), so a tap cache can stand in for it
     feature_cache = False
+    #: its output is binarised again downstream, so fp16/int8 rounding on export can flip signs
+    sign_sensitive = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "strategy" in cls.__dict__:
+            STRATEGIES[cls.strategy] = cls
+
+    @classmethod
+    def describe(cls, options: dict) -> str:
+        """A run's label from its ``adapter`` config, before the parts every strategy shares (groups,
+        pruning, bits): tables, reports and exported file names show it."""
+        return cls.strategy
+
+    @classmethod
+    def search_stages(cls, n_stages: int) -> list[list[int]]:
+        """The ``adapter.stages`` a size-vs-accuracy search chooses among on a base of ``n_stages`` stages
+        (none: the strategy has no placements to search)."""
+        return []
+
+    def norm_pairs(self) -> dict[str, tuple[str, nn.Module]]:
+        """The adapter's copies of base BN affine pairs: ``{weight key: (bias key, the base's BN)}``, keys in the
+        adapter's state dict. An adapter file stores each pair folded with that BN's running statistics."""
+        return {}
+
+    def kept_rows(self) -> dict[str, torch.Tensor]:
+        """Kept-row masks by module name within the adapter: an adapter file stores only those rows (and
+        their BN's) of a pruned module."""
+        return {}
 
     def __init__(self, base: BaseNetwork, num_classes: int, freeze_bn: bool = True):
         super().__init__()
@@ -115,6 +154,29 @@ class AdaptedModel(nn.Module):
         """Whether ``frozen_features`` may be computed once and reused (adapter.cache_taps):
         the base neither learns nor updates BN statistics."""
         return self.feature_cache and self.base_frozen_in_eval()
+
+
+@contextlib.contextmanager
+def substituted(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Within this block, ``module``'s parameters/buffers named in ``tensors`` are those tensors.
+
+    Like ``torch.func.functional_call`` for an arbitrary method: the stored
+    objects go back afterwards, and autograd reaches the substitutes.
+    """
+    saved = []
+    try:
+        for name, value in tensors.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            store = owner._parameters if attr in owner._parameters else owner._buffers
+            if attr not in store:
+                raise KeyError(f"{name} is neither a parameter nor a buffer of {type(module).__name__}")
+            saved.append((store, attr, store[attr]))
+            store[attr] = value
+        yield
+    finally:
+        for store, attr, original in reversed(saved):
+            store[attr] = original
 
 
 def head_linear(model: nn.Module) -> tuple[nn.Module, str]:

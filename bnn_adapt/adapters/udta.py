@@ -93,6 +93,10 @@ class Parallel(AdaptedModel):
     options_class = UDTAOptions
     feature_cache = True
 
+    @classmethod
+    def describe(cls, options: dict) -> str:
+        return f"udta head={options.get('head')}"
+
     def __init__(
         self,
         base: BaseNetwork,
@@ -130,3 +134,13 @@ class Parallel(AdaptedModel):
         if self.head_mode == "concat":
             vector = torch.cat([features[-1], vector], dim=1)
         return self.head(vector)
+
+    def kept_rows(self) -> dict[str, torch.Tensor]:
+        """A pruned thin block's depthwise conv and its BN lose their dead filters (thesis 6.4)."""
+        found = {}
+        for name, m in self.adapter.named_modules():
+            if isinstance(m, ThinBlock):
+                dead = (m.depthwise.weight.detach().flatten(1) == 0).all(dim=1)
+                if dead.any():
+                    found[f"{name}.depthwise"] = found[f"{name}.depthwise_norm"] = ~dead
+        return found

@@ -27,8 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from bnn_adapt import accounting
-from bnn_adapt.adapters.bitfit import substituted
 from bnn_adapt.adapters.file import ADAPTER_FILE, attach_adapter, export_adapter, is_adapter_file
+from bnn_adapt.adapters.strategy import substituted
 from bnn_adapt.bases.fingerprint import fingerprint
 from bnn_adapt.bases.received import checked_arch
 from bnn_adapt.deploy.packed_base import write_packed_base
@@ -40,8 +40,6 @@ from bnn_adapt.run.labels import run_label
 log = logging.getLogger(__name__)
 
 BASE_FILE = "base.bnnpack"
-# adapters whose output is binarised again downstream: fp16/int8 rounding can flip signs there
-SIGN_SENSITIVE = ("serial", "lora", "bitfit")
 
 
 def formula_bytes(n_fp32: int, n_binary: int) -> float:
@@ -61,7 +59,7 @@ class TrainedRun:
     label: str
     config_hash: str | None
     base_checkpoint: str | None
-    base_overrides: dict = field(default_factory=dict)  # base tensors the run changed (finetune, base.bn=adapt)
+    base_overrides: dict = field(default_factory=dict)  # base tensors the run changed (its training, base.bn=adapt)
 
 
 #: what export reads of a run's recorded config: each key, the types it may have and their name
@@ -172,7 +170,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
 
 
 def file_name(label: str, taken: set[str]) -> str:
-    """``udta head=concat prune 0.9`` -> ``udta_head_concat_prune_0.9.safetensors`` (unique in ``taken``)."""
+    """A run's label (``a b=c prune 0.9``) -> ``a_b_c_prune_0.9.safetensors`` (unique in ``taken``)."""
     stem = re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") or "adapter"
     name, i = f"{stem}.safetensors", 2
     while name in taken:
@@ -221,7 +219,7 @@ def export_all(base: nn.Module, runs: list[TrainedRun], out: Path, dtype: str, b
             "dtype": dtype,
             "run_dir": str(run.run_dir),
         }
-        if dtype != "fp32" and meta["strategy"] in SIGN_SENSITIVE:
+        if dtype != "fp32" and run.model.sign_sensitive:
             log.warning(
                 "%s: a %s adapter's output is binarised again downstream, so %s rounding can flip signs "
                 "and change predictions; check them (task=predict) or export fp32",

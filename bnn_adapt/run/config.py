@@ -136,7 +136,7 @@ def quote_path_overrides(args: Sequence[str]) -> list[str]:
     so that ``export.adapter_run=[outputs/tables/full/table_6_5/row=udta_g20]`` works as typed.
 
     A value Hydra could not parse anyway is the only one changed. In a list, commas inside a
-    directory name (``row=lora,seed=2``, or a path through one) are told from separators by what exists on disk.
+    directory name (``row=a,seed=2``, or a path through one) are told from separators by what exists on disk.
     ``adapters={name: path, ...}`` (task=predict's named adapters) replaces the default list.
     """
     quoted = []

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+from bnn_adapt.adapters import STRATEGIES
+
 
 def run_label(metrics: dict) -> str:
-    """A short name for what a run did, e.g. ``serial g=10 stages 1,2,3``."""
+    """A short name for what a run did: the strategy's own part (``AdaptedModel.describe``), then its groups,
+    pruning and bits, e.g. ``serial stages 1,2,3 g=10 prune 0.9``."""
     cfg = metrics.get("config", {})
     adapter, reduction = cfg.get("adapter", {}), cfg.get("reduction", {})
-    label = adapter.get("name", metrics.get("strategy", "?"))
-    if label == "serial":
-        label += f" stages {','.join(str(s) for s in adapter.get('stages', []))}"
-    if label == "udta":
-        label += f" head={adapter.get('head')}"
+    name = adapter.get("name", metrics.get("strategy", "?"))
+    label = STRATEGIES[name].describe(adapter) if name in STRATEGIES else name
     if adapter.get("groups") is not None:
         label += f" g={adapter['groups']}"
     elif reduction.get("name") == "groups" or (reduction.get("groups", 1) not in (1, None)):  # a run written by 0.1
         label += f" g={reduction.get('groups')}"
-    if label == "lora":
-        stages = adapter.get("stages")
-        label += f" r={adapter.get('rank')}" + (f" stages {','.join(str(s) for s in stages)}" if stages else "")
     if reduction.get("name") == "prune":
         label += f" prune {reduction.get('rate')}"
     if reduction.get("name") == "prune_iterative":

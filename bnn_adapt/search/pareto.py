@@ -32,6 +32,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bnn_adapt.adapters.strategy import STRATEGIES
 from bnn_adapt.errors import UserError
 from bnn_adapt.files import atomic_output
 from bnn_adapt.report import run_label
@@ -54,14 +55,13 @@ def _stage_count(base_name: str) -> int:
     return len(BASES[base_name](width=0.05).stages)
 
 
-def serial_stages(cfg: DictConfig, trial) -> None:
-    """Conditional search space (the sweeper's ``custom_search_space``): serial adapters
-    choose where they go -- after every stage, the last two, or the last one."""
-    if trial.params.get("adapter") != "serial":
-        return
-    n = _stage_count(cfg.base.name)
-    options = [list(range(1, n + 1)), [n - 1, n], [n]]
-    trial.suggest_categorical("adapter.stages", [str(o).replace(" ", "") for o in options])
+def adapter_stages(cfg: DictConfig, trial) -> None:
+    """Conditional search space (the sweeper's ``custom_search_space``): a strategy with placements to
+    search chooses where its adapters go among its ``search_stages``."""
+    strategy = STRATEGIES.get(str(trial.params.get("adapter")))
+    options = strategy.search_stages(_stage_count(cfg.base.name)) if strategy is not None else []
+    if options:
+        trial.suggest_categorical("adapter.stages", [str(o).replace(" ", "") for o in options])
 
 
 def search_space(cfg: DictConfig, trial) -> None:
@@ -75,7 +75,7 @@ def search_space(cfg: DictConfig, trial) -> None:
     for line in owners.fail_stale(trial.storage, trial.study._study_id):
         print(f"note: marked failed, {line}", file=sys.stderr)
     trial.suggest_int("search.trial", trial.number, trial.number)
-    serial_stages(cfg, trial)
+    adapter_stages(cfg, trial)
     suggest_groups(cfg, trial)
 
 
@@ -215,7 +215,7 @@ def plot_front(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    markers = {"serial": "o", "udta": "^"}
+    markers = dict(zip(sorted({p["adapter"] for p in points}, key=str), "o^sDvP*", strict=False))
     widths = sorted({int(p.get("bits", 32)) for p in points}, reverse=True)
     colours = dict(
         zip(widths, plt.get_cmap("viridis")([i / max(1, len(widths) - 1) for i in range(len(widths))]), strict=True)

@@ -1,6 +1,6 @@
 """What the size-vs-accuracy search may propose on the configured base: the group counts its adapters can run.
 
-Every 1x1 conv the search's adapters build (a serial adapter's C->C conv after a stage, a UDTA thin block's
+Every 1x1 conv the search's adapters build (a residual adapter's C->C conv after a stage, a thin block's
 c_in->c_out pointwise conv) splits its channels into ``adapter.groups`` equal groups, so the values worth
 proposing follow the base. By default (``search.groups: null``) they are the thesis's 1, 2, 5, 10 and 20
 (its tables 6.3 and 6.5, for the STE ResNet at full width: 80/160/320 channels) where every such conv can

@@ -1,8 +1,8 @@
 """Tap cache: run the frozen base once per image and view, then train the
 adapter from memory (``tap_cache.enabled=true``, SPEC 7).
 
-A parallel adapter (UDTA) or a new head reads the frozen base only through
-the features it taps (``frozen_features``: the stage outputs, and the base's
+A strategy that declares ``feature_cache`` (a parallel adapter, a new head) reads the frozen base only
+through the features it taps (``frozen_features``: the stage outputs, and the base's
 pre-classifier vector). With the base frozen in eval mode those features
 depend on the image alone, so for a small target set they can be computed
 once: ``tap_cache.views=K`` augmented views per training image (K=1: no
@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bnn_adapt.adapters.strategy import STRATEGIES
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.training.batches import training_batch_count, without_single_image_batch
 from bnn_adapt.training.datamodule import ClassSplitDataModule, ClassSubset
@@ -175,9 +176,10 @@ class TapCacheDataModule(L.LightningDataModule):
         super().__init__()
         if not (hasattr(model, "can_cache_features") and model.can_cache_features()):
             strategy = getattr(model, "strategy", type(model).__name__)
+            cacheable = ", ".join(name for name, cls in STRATEGIES.items() if cls.feature_cache)
             raise ConfigError(
                 f"tap_cache.enabled=true needs a strategy whose gradients never reach a frozen, eval-mode base "
-                f"(udta, head_only) and base.bn=frozen or recalibrate; adapter={strategy}"
+                f"({cacheable}) and base.bn=frozen or recalibrate; adapter={strategy}"
                 + ("" if getattr(model, "freeze_bn", True) else " with base.bn=adapt")
                 + " cannot use it."
             )

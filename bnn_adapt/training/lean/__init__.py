@@ -29,7 +29,7 @@ max pooling                         where in its window each maximum was, 1 byte
 
 All of that is exact: gradients equal standard autograd's bit for bit (the
 tests pin it). ``memory=lean_fp16`` goes further where a binary
-network is *trained* (``task=pretrain``, ``full_finetune``: ``low_precision``)
+network is *trained* (``task=pretrain``, a strategy that ``trains_base``: ``low_precision``)
 and follows the paper's lower-precision storage for what must stay real, an
 approximation:
 
@@ -102,7 +102,7 @@ MEMORY_MODES = ("standard", "lean", "lean_fp16")
 
 
 def trains_binary_network(model: nn.Module) -> bool:
-    """True for a bare base (``task=pretrain``) and for strategies that train it (full finetune)."""
+    """True for a bare base (``task=pretrain``) and for strategies that train it (``trains_base``)."""
     from bnn_adapt.bases.base import BaseNetwork
 
     return isinstance(model, BaseNetwork) or bool(getattr(model, "trains_base", False))
