@@ -82,9 +82,9 @@ from bnn_adapt.adapters.file_meta import (
 )
 from bnn_adapt.adapters.strategy import make_head_prunable
 from bnn_adapt.adapters.udta import ThinBlock
+from bnn_adapt.bases.base import rebuild
 from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded
 from bnn_adapt.bases.received import checked_arch
-from bnn_adapt.bases.registry import rebuild
 from bnn_adapt.errors import ConfigError, ExportError, FingerprintError, printable
 from bnn_adapt.files import atomic_output, require_finite
 from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, mark_folded

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from bnn_adapt.bases.registry import BASES, LEGACY_ARCH_DEFAULTS, rebuild
+from bnn_adapt.bases.base import BASES, rebuild
 from bnn_adapt.errors import CheckpointError, ConfigError, UserError, printable
 from bnn_adapt.files import require_finite
 
@@ -25,11 +25,12 @@ ARCH_LIMITS = {"num_classes": (1, 100_000), "width": (0.01, 4.0), "blocks_per_st
 def checked_arch(arch: object, arch_config: object, source: str, error: type[UserError] = CheckpointError) -> dict:
     """A received file's architecture, checked before anything is built: a known ``arch`` and a dict of
     that constructor's own arguments, each a plain value of the default's type within :data:`ARCH_LIMITS`.
-    Returns the full constructor arguments (defaults of older files filled in)."""
+    Returns them as a dict of plain values."""
     if not isinstance(arch, str) or arch not in BASES:
         raise error(
             f"{source} declares the architecture {printable(repr(arch))[:80]}, which this version does "
-            f"not know (known: {', '.join(BASES)})"
+            f"not know (known: {', '.join(BASES)}); a base defined elsewhere is known once base=<its config> "
+            "imports its module"
         )
     if not isinstance(arch_config, dict):
         raise error(
@@ -54,7 +55,7 @@ def checked_arch(arch: object, arch_config: object, source: str, error: type[Use
         low, high = ARCH_LIMITS.get(key, (None, None))
         if low is not None and not low <= value <= high:
             raise error(f"{source} declares {arch} {key}={value}, outside {low}..{high}")
-    config = {**LEGACY_ARCH_DEFAULTS.get(arch, {}), **arch_config}
+    config = dict(arch_config)
     try:
         expected_shapes(arch, config)
     except (ConfigError, ValueError, TypeError, RuntimeError) as exc:
