@@ -78,6 +78,11 @@ def toy_base(tmp_path, monkeypatch):
     (conf / "base" / "toy_bnn.yaml").write_text(TOY_CONFIG)
     monkeypatch.syspath_prepend(str(code))
     yield [f"hydra.searchpath=[file://{conf}]", "base=toy_bnn", "data=cifar5_5"]
+    forget_toy_base()
+
+
+def forget_toy_base() -> None:
+    """As a new process starts: the toy base's module not imported, so not registered."""
     BASES.pop("toy_bnn", None)
     sys.modules.pop("toy_bnn_base", None)
 
@@ -89,6 +94,7 @@ def test_a_base_defined_outside_the_package_pretrains_adapts_exports_and_predict
     adapt = make_cfg(*toy_base, "adapter=udta", "trainer.max_epochs=1", name="adapt")
     metrics = task.run(adapt)
     assert 0.0 <= metrics["test_top1"] <= 1.0 and metrics["macs_binary"] > 0
+    forget_toy_base()  # each task as its own command: export and predict import the base the config names
     out = tmp_path / "export"
     manifest = task.run(
         make_cfg(*toy_base, "task=export", f"export.adapter_run=[{adapt.paths.output_dir}]", f"export.dir={out}")
@@ -104,6 +110,7 @@ def test_a_base_defined_outside_the_package_pretrains_adapts_exports_and_predict
             images / f"{i}.png"
         )
     predictions = tmp_path / "predictions.json"
+    forget_toy_base()
     task.run(
         make_cfg(
             *toy_base,

@@ -28,7 +28,6 @@ from torch import nn
 from torchvision.transforms import v2
 
 from bnn_adapt.adapters.file import ADAPTER_FILE, AttachedAdapter, attach_adapter
-from bnn_adapt.bases import base_class
 from bnn_adapt.deploy.packed_base import repack
 from bnn_adapt.deploy.packed_inference import load_base, packed_or_float
 from bnn_adapt.errors import ConfigError, DataError, ExportError, UserError, printable
@@ -219,7 +218,6 @@ def run_predict(cfg) -> dict:
         raise ConfigError(f"predict.top_k={k} is invalid: it must be a positive integer")
     inputs = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     files = image_files(inputs)
-    base_class(cfg.base.net._target_)  # a base defined outside bnn_adapt is known once its module is imported
     bank = BaseWithAdapters.load(cfg.base.file, packed=bool(cfg.predict.get("packed", True)))
     skipped: list[dict] = []
 
