@@ -40,6 +40,10 @@ class BaseNetwork(nn.Module):
     #: BatchNorms whose output only ever reaches a sign function, whatever adapter runs: a packed
     #: base stores each as an exact per-channel threshold (:mod:`bnn_adapt.bases.fingerprint`)
     sign_only_norms: tuple[str, ...] = ()
+    #: the range a received file may declare for each constructor argument (:mod:`bnn_adapt.bases.received`):
+    #: larger networks are no base anyone trains, and checking before building keeps an edited number from
+    #: allocating gigabytes
+    arch_limits: ClassVar[dict[str, tuple[float, float]]] = {"num_classes": (1, 100_000), "width": (0.01, 4.0)}
     #: the reader of the checkpoint its authors released in their own format, called as
     #: ``load_released(path, num_classes=..., width=...)``; None: it is pretrained here (``task=pretrain``).
     #: A released base is never pretrained here, and its checkpoint has no best epoch beside it

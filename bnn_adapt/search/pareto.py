@@ -48,10 +48,10 @@ SMALL = 5.0  # % of the base: where the bits are meant to help (issue #13's goal
 
 
 @functools.cache
-def _stage_count(cfg: DictConfig) -> int:
+def _stage_count(target: str) -> int:
     from bnn_adapt.bases import base_class
 
-    return len(base_class(cfg.base.net._target_)(width=0.05).stages)
+    return len(base_class(target)(width=0.05).stages)
 
 
 def serial_stages(cfg: DictConfig, trial) -> None:
@@ -59,7 +59,7 @@ def serial_stages(cfg: DictConfig, trial) -> None:
     choose where they go -- after every stage, the last two, or the last one."""
     if trial.params.get("adapter") != "serial":
         return
-    n = _stage_count(cfg)
+    n = _stage_count(cfg.base.net._target_)
     options = [list(range(1, n + 1)), [n - 1, n], [n]]
     trial.suggest_categorical("adapter.stages", [str(o).replace(" ", "") for o in options])
 
