@@ -14,7 +14,9 @@ from PIL import Image
 
 from bnn_adapt.bases import BASES
 from bnn_adapt.deploy.packed_base import read_packed_base
+from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import task
+from bnn_adapt.run.config import validate
 
 TOY_MODULE = '''
 """A tiny binary network: an fp32 stem, two stages of one binary conv each, an fp32 head."""
@@ -125,3 +127,14 @@ def test_a_base_defined_outside_the_package_pretrains_adapts_exports_and_predict
     )
     rows = next(iter(json.loads(predictions.read_text())["predictions"].values()))
     assert len(rows) == 3 and all(len(row) == 2 for row in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [("os.system", "is not a BaseNetwork subclass"), ("no_such_module.Net", "cannot be imported")],
+)
+def test_a_base_target_that_is_no_base_network_is_one_line(target, message, make_cfg):
+    cfg = make_cfg(f"base.net._target_={target}")
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)

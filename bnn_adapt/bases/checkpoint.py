@@ -9,6 +9,7 @@ A base whose authors released its weights reads their format instead
 
 from __future__ import annotations
 
+import inspect
 import io
 from pathlib import Path
 
@@ -71,6 +72,12 @@ def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | Non
         raise CheckpointError(
             f"{source} records the image size {printable(repr(image_size))[:80]}, not a positive integer: the file "
             "is damaged; pretrain the base again"
+        )
+    unrecorded = sorted(set(inspect.signature(BASES[arch].__init__).parameters) - {"self", *stored})
+    if unrecorded:
+        raise CheckpointError(
+            f"{source} does not record {', '.join(unrecorded)} (an earlier version wrote it): pretrain the base "
+            f"again ({how_to_get})"
         )
     trained_on = {**stored, "image_size": image_size}
     differs = [k for k, v in (expected or {}).items() if trained_on.get(k) is not None and trained_on[k] != v]
