@@ -98,6 +98,7 @@ def test_the_plan_lists_every_run_recognises_complete_ones_and_estimates_from_me
             [
                 {
                     "kind": "epoch",
+                    "model": "ste_resnet_cifar",
                     "strategy": "full_finetune",
                     "cache_taps": False,
                     "width": 0.1,

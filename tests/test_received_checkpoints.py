@@ -14,8 +14,8 @@ import torch
 
 from bnn_adapt import report
 from bnn_adapt.bases import checkpoint, reactnet_checkpoint
+from bnn_adapt.bases.base import rebuild
 from bnn_adapt.bases.checkpoint import load_base, save_base
-from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.reactnet_checkpoint import load_reactnet_checkpoint
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.deploy.export import load_run
@@ -193,7 +193,9 @@ def test_a_damaged_reactnet_checkpoint_is_one_line_before_anything_is_built(edit
         state["module.conv1.weight"] = torch.zeros(1, 1, 1, 1)
     torch.save(payload, path)
     built = []
-    monkeypatch.setattr(reactnet_checkpoint, "ReActNet18", lambda **kw: built.append(kw) or ReActNet18(**kw))
+    monkeypatch.setattr(
+        reactnet_checkpoint, "rebuild", lambda arch, config: built.append(config) or rebuild(arch, config)
+    )
     with pytest.raises(CheckpointError) as err:
         load_reactnet_checkpoint(path, num_classes=10, width=0.125)
     one_line(err, str(path), {"nan": "fc.weight", "unknown": "fc.extra", "wrong shape": "conv1.weight"}[edit])

@@ -162,29 +162,29 @@ def test_checkpoint_of_another_width_is_refused(make_cfg, pretrained_base):
 
 
 def test_checkpoint_of_another_block_is_refused(make_cfg, tmp_path):
-    """A base of BinaryNet's block (or one written before the block was recorded) never loads into the thesis block."""
+    """A base of BinaryNet's block never loads into the thesis block; one that does not record its block (an
+    earlier version's) is refused, never built with a guessed one."""
     from bnn_adapt.bases import STEResNetCIFAR, save_base
 
-    old = tmp_path / "old_block.pt"
+    old = tmp_path / "binarynet_block.pt"
     save_base(STEResNetCIFAR(num_classes=5, width=0.1, block="binarynet"), old, image_size=32)
-    payload = torch.load(old, weights_only=False)
-    del payload["arch_config"]["block"], payload["image_size"]  # as checkpoints before the block was recorded
-    torch.save(payload, old)
     cfg = make_cfg("data=cifar5_5", "adapter=udta", f"base.checkpoint={old}")
     with pytest.raises(CheckpointError) as err:
         task.run(cfg)
     message = str(err.value)
     assert "block=binarynet" in message and "block=thesis" in message and "set base.block=binarynet" in message
     assert "\n" not in message
-    cfg = make_cfg(
-        "data=cifar5_5",
-        "adapter=udta",
-        f"base.checkpoint={old}",
-        "base.block=binarynet",
-        "trainer.max_epochs=1",
-        name="old_block_run",
-    )
+    binarynet = ("data=cifar5_5", "adapter=udta", "base.block=binarynet", "trainer.max_epochs=1")
+    cfg = make_cfg(*binarynet, f"base.checkpoint={old}", name="old_block_run")
     assert task.run(cfg)["status"] == "complete"
+
+    payload = torch.load(old, weights_only=False)
+    del payload["arch_config"]["block"], payload["image_size"]  # as checkpoints before the block was recorded
+    unrecorded = tmp_path / "unrecorded_block.pt"
+    torch.save(payload, unrecorded)
+    with pytest.raises(CheckpointError, match=r"does not record block .*pretrain the base again") as err:
+        task.run(make_cfg(*binarynet, f"base.checkpoint={unrecorded}", name="unrecorded_block_run"))
+    assert "\n" not in str(err.value)
 
 
 def test_checkpoint_of_another_image_size_is_refused(make_cfg, pretrained_base):

@@ -12,9 +12,10 @@ run.
 What counts, per image:
 
 * convolution: ``H_out * W_out * weights`` (``weights = c_out * c_in / groups * k * k``);
-  binary when both its input and its weights are binarised (BinaryNet's binary
-  convs, ReActNet's scaled binary conv after its sign), fp32 otherwise -- the STE
-  net's stem has binary weights but reads the real image, so it is fp32 here;
+  binary when both its input and its weights are binarised (a ``BinaryModule``
+  whose ``binary_input`` holds: BinaryNet's binary convs, ReActNet's scaled binary
+  conv after its sign), fp32 otherwise -- the STE net's stem has binary weights
+  but reads the real image, so it is fp32 here;
 * linear layer: ``in_features * out_features`` (binary for a binary linear);
 * batch norm: one MAC per output value (scale and shift), fp32;
 * pruned weights (the prune targets of a pruned adapter, a column-pruned head) do
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, ColumnPrunedLinear, ScaledBinaryConv2d
+from bnn_adapt.nn.layers import BinaryModule, ColumnPrunedLinear
 
 PARTS = ("base", "adapter", "head")
 
@@ -47,11 +48,8 @@ class LayerMacs:
 
 
 def _is_binary(module: nn.Module) -> bool:
-    if isinstance(module, BinaryConv2d):
-        return module.binarize_input
-    if isinstance(module, ScaledBinaryConv2d):  # ReActNet: its input is sign(x + bias)
-        return True
-    return isinstance(module, BinaryLinear) or getattr(module, "binary", False)  # a binary column-pruned head
+    """Both operands are signs: the layer says so (:attr:`BinaryModule.binary_input`)."""
+    return isinstance(module, BinaryModule) and module.binary_input
 
 
 def _weights_that_work(module: nn.Module, pruned_ids: set[int]) -> int:
@@ -64,10 +62,11 @@ def _weights_that_work(module: nn.Module, pruned_ids: set[int]) -> int:
 
 def layer_macs(module: nn.Module, output: torch.Tensor, pruned_ids: set[int]) -> tuple[str, int] | None:
     """(kind, MACs) of one call of ``module`` producing ``output`` (batch of one), or None if it does none."""
-    if isinstance(module, (nn.Conv2d, ScaledBinaryConv2d)):
+    binary_weight = isinstance(module, BinaryModule) and module.weight.dim()
+    if isinstance(module, nn.Conv2d) or binary_weight == 4:
         positions = output.shape[-2] * output.shape[-1]
         return ("binary" if _is_binary(module) else "fp32"), positions * _weights_that_work(module, pruned_ids)
-    if isinstance(module, (nn.Linear, ColumnPrunedLinear)):
+    if isinstance(module, (nn.Linear, ColumnPrunedLinear)) or binary_weight == 2:
         rows = output.numel() // output.shape[-1]
         return ("binary" if _is_binary(module) else "fp32"), rows * _weights_that_work(module, pruned_ids)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):

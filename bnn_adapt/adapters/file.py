@@ -78,9 +78,9 @@ from bnn_adapt.adapters.file_meta import (
     shown,
 )
 from bnn_adapt.adapters.strategy import STRATEGIES, make_head_prunable, substituted
+from bnn_adapt.bases.base import rebuild
 from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded
 from bnn_adapt.bases.received import checked_arch
-from bnn_adapt.bases.registry import rebuild
 from bnn_adapt.errors import ConfigError, ExportError, FingerprintError, printable
 from bnn_adapt.files import atomic_output, require_finite
 from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, mark_folded

@@ -1,15 +1,18 @@
-"""Frozen binary base networks (and the fp32 ResNet-18 references) and their checkpoints."""
+"""Frozen binary base networks (and the fp32 ResNet-18 references) and their checkpoints.
 
-from bnn_adapt.bases.base import BaseNetwork
-from bnn_adapt.bases.checkpoint import load_base, rebuild, save_base
+Importing this package registers the bases defined here (:data:`BASES`); a base defined elsewhere registers
+when its module is imported, which a config naming it in ``base.net._target_`` does."""
+
+from bnn_adapt.bases.base import BASES, BaseNetwork, base_class, rebuild
+from bnn_adapt.bases.checkpoint import load_base, save_base
 from bnn_adapt.bases.reactnet import ReActNet18
-from bnn_adapt.bases.registry import BASES
 from bnn_adapt.bases.resnet import ResNet18, ResNet18CIFAR, ResNetCIFAR
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 
 __all__ = [
     "BASES",
     "BaseNetwork",
+    "base_class",
     "ReActNet18",
     "ResNet18",
     "ResNet18CIFAR",

@@ -3,21 +3,20 @@
 A checkpoint records ``arch`` and the constructor arguments (``arch_config``:
 block, width, classes) and the image size it was trained at; adaptation
 refuses a checkpoint of another architecture rather than loading it silently.
-ReActNet-18 also loads from the authors' own format
-(:mod:`bnn_adapt.bases.reactnet_checkpoint`).
+A base whose authors released its weights reads their format instead
+(:attr:`BaseNetwork.load_released`).
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 from pathlib import Path
 
 import torch
 
-from bnn_adapt.bases.base import BaseNetwork
-from bnn_adapt.bases.reactnet_checkpoint import load_reactnet_checkpoint
+from bnn_adapt.bases.base import BASES, BaseNetwork, rebuild
 from bnn_adapt.bases.received import check_state, checked_arch, expected_shapes
-from bnn_adapt.bases.registry import rebuild
 from bnn_adapt.errors import CheckpointError, printable
 from bnn_adapt.files import atomic_output, load_weights
 
@@ -45,7 +44,7 @@ def save_base(base: BaseNetwork, path: str | Path, **meta) -> None:
 
 
 def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | None = None, **arch_config) -> BaseNetwork:
-    """Rebuild ``arch`` from ``path``; ReActNet also reads the authors' format.
+    """Rebuild ``arch`` from ``path``; a released base from its authors' file (``arch_config``: its classes, width).
 
     ``expected``: the architecture the caller configured (constructor arguments,
     plus ``image_size``); a checkpoint built otherwise is refused, so that a base
@@ -54,8 +53,9 @@ def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | Non
     is built.
     """
     path = Path(path)
-    if arch == "reactnet18":
-        return load_reactnet_checkpoint(path, **arch_config)
+    released = BASES[arch].load_released if arch in BASES else None
+    if released is not None:
+        return released(path, **arch_config)
     if not path.is_file():
         raise CheckpointError(f"base checkpoint {path} does not exist; {how_to_get}")
     payload = load_weights(path, "base checkpoint", how_to_get, error=CheckpointError)
@@ -72,6 +72,12 @@ def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | Non
         raise CheckpointError(
             f"{source} records the image size {printable(repr(image_size))[:80]}, not a positive integer: the file "
             "is damaged; pretrain the base again"
+        )
+    unrecorded = sorted(set(inspect.signature(BASES[arch].__init__).parameters) - {"self", *stored})
+    if unrecorded:
+        raise CheckpointError(
+            f"{source} does not record {', '.join(unrecorded)} (an earlier version wrote it): pretrain the base "
+            f"again ({how_to_get})"
         )
     trained_on = {**stored, "image_size": image_size}
     differs = [k for k, v in (expected or {}).items() if trained_on.get(k) is not None and trained_on[k] != v]

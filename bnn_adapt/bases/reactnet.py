@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bnn_adapt.bases.base import BaseNetwork, scaled
+from bnn_adapt.bases.reactnet_checkpoint import load_reactnet_checkpoint
 from bnn_adapt.nn.layers import ApproxSignActivation, ChannelsLastMaxPool2d, LearnableBias, ScaledBinaryConv2d
 
 
@@ -56,6 +57,7 @@ class ReActNet18(BaseNetwork):
     arch = "reactnet18"
     input_size = 224
     min_input_size = 32  # five halvings: stem conv, max-pool, stages 2-4
+    load_released = staticmethod(load_reactnet_checkpoint)  # the authors' model_best.pth.tar
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0):
         super().__init__()

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 
-from bnn_adapt.bases.reactnet import ReActNet18
+from bnn_adapt.bases.base import rebuild
 from bnn_adapt.bases.received import check_state, expected_shapes
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.files import atomic_output, load_weights
+
+if TYPE_CHECKING:
+    from bnn_adapt.bases.reactnet import ReActNet18
+
+ARCH = "reactnet18"  # the architecture this format holds
 
 # our key prefix -> the authors' key prefix (stem modules share their names)
 _KEY_PREFIXES = (
@@ -80,10 +86,10 @@ def load_reactnet_checkpoint(path: str, num_classes: int = 1000, width: float = 
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     config = {"num_classes": num_classes, "width": width}
-    shapes = {_to_authors_key(k): shape for k, shape in expected_shapes("reactnet18", config).items()}
+    shapes = {_to_authors_key(k): shape for k, shape in expected_shapes(ARCH, config).items()}
     # BN counters are absent from checkpoints of old PyTorch versions: the new network keeps its own
     shapes = {k: shape for k, shape in shapes.items() if k in state or not k.endswith("num_batches_tracked")}
     check_state(state, shapes, f"ReActNet checkpoint {path}", f"ReActNet-18 (num_classes={num_classes}, width={width})")
-    model = ReActNet18(num_classes=num_classes, width=width)
+    model = rebuild(ARCH, config)
     model.load_state_dict({k: state.get(_to_authors_key(k), v) for k, v in model.state_dict().items()})
     return model

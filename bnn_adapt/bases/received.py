@@ -2,7 +2,7 @@
 
 A checkpoint or packed base names its architecture and constructor arguments; an edited number could make
 the network it builds take gigabytes, and an edited tensor could make it compute nonsense. So the arguments
-are checked against the constructor's own (types, :data:`ARCH_LIMITS`), the network is laid out on PyTorch's
+are checked against the constructor's own (types, the base's ``arch_limits``), the network is laid out on PyTorch's
 meta device (shapes, no memory), and the file's tensors are compared with that layout and checked finite.
 """
 
@@ -13,23 +13,20 @@ import math
 
 import torch
 
-from bnn_adapt.bases.registry import BASES, LEGACY_ARCH_DEFAULTS, rebuild
+from bnn_adapt.bases.base import BASES, rebuild
 from bnn_adapt.errors import CheckpointError, ConfigError, UserError, printable
 from bnn_adapt.files import require_finite
-
-#: the range a received file may declare for each architecture argument: larger networks than these are no
-#: base anyone trains, and checking before building keeps an edited number from allocating gigabytes
-ARCH_LIMITS = {"num_classes": (1, 100_000), "width": (0.01, 4.0), "blocks_per_stage": (1, 8), "depth": (8, 110)}
 
 
 def checked_arch(arch: object, arch_config: object, source: str, error: type[UserError] = CheckpointError) -> dict:
     """A received file's architecture, checked before anything is built: a known ``arch`` and a dict of
-    that constructor's own arguments, each a plain value of the default's type within :data:`ARCH_LIMITS`.
-    Returns the full constructor arguments (defaults of older files filled in)."""
+    that constructor's own arguments, each a plain value of the default's type within its ``arch_limits``.
+    Returns them as a dict of plain values."""
     if not isinstance(arch, str) or arch not in BASES:
         raise error(
             f"{source} declares the architecture {printable(repr(arch))[:80]}, which this version does "
-            f"not know (known: {', '.join(BASES)})"
+            f"not know (known: {', '.join(BASES)}); a base defined elsewhere is known once base=<its config> "
+            "imports its module"
         )
     if not isinstance(arch_config, dict):
         raise error(
@@ -51,10 +48,10 @@ def checked_arch(arch: object, arch_config: object, source: str, error: type[Use
             or (isinstance(value, float) and not math.isfinite(value))
         ):
             raise error(f"{source} declares {arch} {key}={printable(repr(value))[:80]}, not {word}")
-        low, high = ARCH_LIMITS.get(key, (None, None))
+        low, high = BASES[arch].arch_limits.get(key, (None, None))
         if low is not None and not low <= value <= high:
             raise error(f"{source} declares {arch} {key}={value}, outside {low}..{high}")
-    config = {**LEGACY_ARCH_DEFAULTS.get(arch, {}), **arch_config}
+    config = dict(arch_config)
     try:
         expected_shapes(arch, config)
     except (ConfigError, ValueError, TypeError, RuntimeError) as exc:

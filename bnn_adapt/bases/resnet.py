@@ -102,6 +102,7 @@ class ResNetCIFAR(BaseNetwork):
     arch = "resnet_cifar"
     input_size = 32
     min_input_size = 4  # stages 2 and 3 halve the resolution
+    arch_limits = {**BaseNetwork.arch_limits, "depth": (8, 110)}
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, depth: int = 18):
         super().__init__()

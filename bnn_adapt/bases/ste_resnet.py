@@ -61,6 +61,7 @@ class STEResNetCIFAR(BaseNetwork):
     # blocks' bn1 -> hardtanh -> conv2 is not listed: LoRA's branch beside conv2 reads the real values.
     sign_only_norms = ("feature_norm",)
     min_input_size = 4  # stages 2 and 3 halve the resolution
+    arch_limits = {**BaseNetwork.arch_limits, "blocks_per_stage": (1, 8)}
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 2, block: str = "thesis"):
         super().__init__()

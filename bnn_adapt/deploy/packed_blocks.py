@@ -1,6 +1,9 @@
 """The bases' blocks on packed layers: the STE basic block with its BN-then-sign folded into an
 integer interval test (activations stay bits from conv1 to conv2), ReActNet's block with a fused
-epilogue, and the float stems and shortcuts run channels-last with BN folded in."""
+epilogue, and the float stems and shortcuts run channels-last with BN folded in.
+
+Each packed form registers itself as the form of the float class it subclasses (:func:`packed_form`);
+a block without one runs its layers one by one, its binary convs still on bits."""
 
 from __future__ import annotations
 
@@ -38,6 +41,15 @@ from bnn_adapt.nn.layers import (
     LearnableBias,
 )
 from bnn_adapt.nn.quantizers import sign
+
+#: float class -> its packed form, filled by :func:`packed_form`
+PACKED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def packed_form(cls: type[nn.Module]) -> type[nn.Module]:
+    """Register ``cls`` as the packed form of the float class it subclasses (its first base)."""
+    PACKED_BLOCKS[cls.__bases__[0]] = cls
+    return cls
 
 
 def runs_as_is(*modules: nn.Module) -> bool:
@@ -84,6 +96,7 @@ def plain_shortcut(shortcut: nn.Module) -> bool:
     )
 
 
+@packed_form
 class PackedBasicBlock(BasicBlock):
     """The STE basic block with its binary convs on bits, fused as the module docstring says."""
 
@@ -143,8 +156,14 @@ class PackedBasicBlock(BasicBlock):
         return tail(signs(bits, out_pad=tail.pad), residual)
 
 
+@packed_form
 class PackedReActBlock(ReActBlock):
     """ReActNet's block with its binary conv on bits and everything after it in the epilogue."""
+
+    def adopt(self) -> None:
+        """Once swapped in: its downsampling shortcut (as built) runs with BN folded."""
+        if type(self.downsample) is nn.Sequential and len(self.downsample) == 3:
+            self.downsample.__class__ = FoldedDownsample
 
     def fusable(self) -> bool:
         return (
@@ -239,6 +258,7 @@ class FoldedDownsample(nn.Sequential):
         return conv_with_bn(self, conv, bn, pool(x))
 
 
+@packed_form
 class ChannelsLastOutMaxPool2d(ChannelsLastMaxPool2d):
     """The stem's max pool, leaving its output channels-last (a max is exact: same values)."""
 
@@ -246,10 +266,3 @@ class ChannelsLastOutMaxPool2d(ChannelsLastMaxPool2d):
         if x.device.type != "cpu" or x.dim() != 4 or self.return_indices or torch.is_grad_enabled():
             return super().forward(x)
         return nn.MaxPool2d.forward(self, x.contiguous(memory_format=torch.channels_last))
-
-
-PACKED_BLOCKS = {
-    BasicBlock: PackedBasicBlock,
-    ReActBlock: PackedReActBlock,
-    ChannelsLastMaxPool2d: ChannelsLastOutMaxPool2d,
-}

@@ -34,16 +34,16 @@ import torch
 from torch import nn
 
 from bnn_adapt.bases import rebuild
-from bnn_adapt.bases.reactnet import ReActBlock, ReActNet18
 from bnn_adapt.deploy import packed_kernels as kernels
 from bnn_adapt.deploy.packed_base import decode_layout, read_packed, read_packed_base, to_packed_modules
-from bnn_adapt.deploy.packed_blocks import PACKED_BLOCKS, ChannelsLastStem, FoldedDownsample
+from bnn_adapt.deploy.packed_blocks import PACKED_BLOCKS, ChannelsLastStem
 from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear
 from bnn_adapt.errors import ExportError
 from bnn_adapt.nn.folding import mark_folded
 from bnn_adapt.nn.layers import (
     BinaryConv2d,
     BinaryLinear,
+    ChannelsLastMaxPool2d,
     PackedScaledBinaryConv2d,
 )
 
@@ -96,14 +96,15 @@ def packed_layer(module: nn.Module, signs: torch.Tensor, name: str = "") -> Pack
 
 
 def swap_blocks(base: nn.Module) -> nn.Module:
+    """Blocks with a packed form (:data:`PACKED_BLOCKS`) take it; a float stem ending in a channels-last max
+    pool runs channels-last with its BN folded."""
     for module in base.modules():
         if type(module) in PACKED_BLOCKS:
             module.__class__ = PACKED_BLOCKS[type(module)]
-    if isinstance(base, ReActNet18) and type(base.stem) is nn.Sequential and len(base.stem) == 3:
-        base.stem.__class__ = ChannelsLastStem
-    for module in base.modules():
-        if isinstance(module, ReActBlock) and type(module.downsample) is nn.Sequential and len(module.downsample) == 3:
-            module.downsample.__class__ = FoldedDownsample
+            getattr(module, "adopt", lambda: None)()
+    stem = getattr(base, "stem", None)
+    if type(stem) is nn.Sequential and len(stem) == 3 and isinstance(stem[-1], ChannelsLastMaxPool2d):
+        stem.__class__ = ChannelsLastStem
     base.packed_kernels = True
     return base.eval().requires_grad_(False)
 

@@ -47,12 +47,16 @@ def frozen_binary_weight(module: nn.Module, binarize_weight) -> torch.Tensor | N
 class BinaryModule:
     """Marker for layers whose listed parameters are stored as 1 bit each.
 
-    Accounting (SPEC 1.3) reads ``binary_param_names``; the optimiser hook
-    reads ``clamp_latent`` to keep latent weights in [-1, 1].
+    Accounting reads ``binary_param_names`` (sizes) and ``binary_input`` (operation counts, as Larq's
+    summary reads a layer's quantizers); the optimiser hook reads ``clamp_latent`` to keep latent
+    weights in [-1, 1].
     """
 
     binary_param_names: tuple[str, ...] = ("weight",)
     clamp_latent: bool = True
+    #: whether its input arrives as signs (its own sign, or a block's approx-sign before it, as ReActNet's):
+    #: then each multiply-accumulate is an XNOR-popcount, else a real one
+    binary_input: bool = True
 
 
 class BinaryConv2d(nn.Conv2d, BinaryModule):
@@ -64,6 +68,10 @@ class BinaryConv2d(nn.Conv2d, BinaryModule):
     def __init__(self, *args, binarize_input: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.binarize_input = binarize_input
+
+    @property
+    def binary_input(self) -> bool:
+        return self.binarize_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.binarize_input:

@@ -16,7 +16,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bnn_adapt.bases import BaseNetwork, load_base
+from bnn_adapt.bases import BaseNetwork, base_class, load_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import tracking
@@ -42,16 +42,18 @@ def instantiate(config, *args, **kwargs):
 
 
 def build_base(cfg: DictConfig) -> BaseNetwork:
-    """A freshly initialised base of the configured architecture."""
-    return instantiate(cfg.base.net)
+    """A freshly initialised base of the configured architecture (any :class:`BaseNetwork` on the path)."""
+    net = OmegaConf.to_container(cfg.base.net, resolve=True)
+    return base_class(net.pop("_target_"))(**net)
 
 
 def base_checkpoint_file(cfg: DictConfig) -> str | None:
     """The file adaptation reads: ``base.checkpoint`` (its last epoch), or with ``base.epoch=best`` the
-    best-test-accuracy epoch pretraining kept beside it (the thesis's protocol). ReActNet's checkpoint is
-    the authors' ``model_best`` either way."""
+    best-test-accuracy epoch pretraining kept beside it (the thesis's protocol). A released checkpoint
+    (its authors' best, as ReActNet's ``model_best``) is read as it is either way."""
     checkpoint = cfg.base.checkpoint
-    if checkpoint is None or cfg.base.get("epoch", "last") == "last" or cfg.base.name == "reactnet18":
+    released = base_class(cfg.base.net._target_).load_released is not None
+    if checkpoint is None or cfg.base.get("epoch", "last") == "last" or released:
         return checkpoint
     return str(best_epoch_path(checkpoint))
 
@@ -64,8 +66,9 @@ def load_trained_base(cfg: DictConfig) -> BaseNetwork:
     checkpoint = base_checkpoint_file(cfg)
     if checkpoint is None:
         raise CheckpointError(f"no base checkpoint given; {how}")
-    if cfg.base.name == "reactnet18":  # the authors' format: shapes tell width and classes
-        return load_base(cfg.base.name, checkpoint, how, num_classes=cfg.base.net.num_classes, width=cfg.base.width)
+    kind = base_class(cfg.base.net._target_)
+    if kind.load_released is not None:  # the authors' format: no architecture recorded
+        return load_base(kind.arch, checkpoint, how, num_classes=cfg.base.net.num_classes, width=cfg.base.width)
     if checkpoint != cfg.base.checkpoint and not Path(checkpoint).is_file() and Path(cfg.base.checkpoint).is_file():
         how = (
             "base.epoch=best reads the best-test-accuracy epoch that pretraining keeps beside its last one; "
@@ -76,7 +79,7 @@ def load_trained_base(cfg: DictConfig) -> BaseNetwork:
     expected = {k: v for k, v in net.items() if k not in ("_target_", "num_classes")} | {
         "image_size": cfg.data.image_size
     }
-    return load_base(cfg.base.name, checkpoint, how, expected=expected)
+    return load_base(kind.arch, checkpoint, how, expected=expected)
 
 
 def pruning_plan(cfg: DictConfig) -> PruningPlan | None:

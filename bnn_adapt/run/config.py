@@ -284,9 +284,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def check_image_size(cfg: DictConfig) -> None:
-    from bnn_adapt.bases.registry import BASES  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
+    from bnn_adapt.bases.base import base_class  # noqa: PLC0415 - keeps `import bnn_adapt.run.config` light
 
-    size, base = OmegaConf.select(cfg, "data.image_size"), BASES.get(OmegaConf.select(cfg, "base.name"))
+    target = OmegaConf.select(cfg, "base.net._target_")
+    size, base = OmegaConf.select(cfg, "data.image_size"), base_class(target) if target else None
     smallest = getattr(base, "min_input_size", 1)
     if not isinstance(size, int) or isinstance(size, bool) or size < smallest:
         usual = getattr(base, "input_size", None)

@@ -19,6 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from bnn_adapt.bases.base import base_class
 from bnn_adapt.errors import CheckpointError, UserError
 from bnn_adapt.run import builders
 from bnn_adapt.run.config import CONF_DIR, compose, validate
@@ -42,8 +43,6 @@ INERT = (
     "predict",
     "hydra",
 )
-#: bases whose checkpoint comes from elsewhere (the authors' ReActNet-18), never pretrained here
-DOWNLOADED_BASES = ("reactnet18",)
 #: what a base pretraining command must repeat of an adaptation config to write the base it reads
 BASE_SHAPING = ("base.width", "base.block", "data.base_classes", "data.image_size", "data.root", "paths.base_dir")
 
@@ -119,7 +118,7 @@ def base_problem(cfg: DictConfig, choices: dict | None = None) -> str | None:
     command = None
     if not checkpoint:
         line = f"no base checkpoint given (base.checkpoint=null); {how}"
-    elif cfg.base.name in DOWNLOADED_BASES:
+    elif base_class(cfg.base.net._target_).load_released is not None:  # its authors' release, never pretrained here
         line = f"base checkpoint {checkpoint} does not exist; {how}"
     elif not managed_checkpoint(cfg):
         line = (

@@ -49,17 +49,17 @@ SMALL = 5.0  # % of the base: where the bits are meant to help (issue #13's goal
 
 
 @functools.cache
-def _stage_count(base_name: str) -> int:
-    from bnn_adapt.bases import BASES
+def _stage_count(target: str) -> int:
+    from bnn_adapt.bases import base_class
 
-    return len(BASES[base_name](width=0.05).stages)
+    return len(base_class(target)(width=0.05).stages)
 
 
 def adapter_stages(cfg: DictConfig, trial) -> None:
     """Conditional search space (the sweeper's ``custom_search_space``): a strategy with placements to
     search chooses where its adapters go among its ``search_stages``."""
     strategy = STRATEGIES.get(str(trial.params.get("adapter")))
-    options = strategy.search_stages(_stage_count(cfg.base.name)) if strategy is not None else []
+    options = strategy.search_stages(_stage_count(cfg.base.net._target_)) if strategy is not None else []
     if options:
         trial.suggest_categorical("adapter.stages", [str(o).replace(" ", "") for o in options])
 

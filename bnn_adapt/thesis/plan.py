@@ -169,14 +169,13 @@ def training_images(cfg: DictConfig) -> int | None:
 
 def bench_estimate(cfg: DictConfig, device: str, bench: list[dict]) -> tuple[float, str] | None:
     """Seconds per epoch of ``cfg`` from the bench's epoch record of its strategy, and the source line."""
-    if _select(cfg, "base.name") != "ste_resnet_cifar":
-        return None
     strategy = "full_finetune" if cfg.task == "pretrain" else cfg.adapter.name
     cached = bool(cfg.task == "adapt" and cfg.tap_cache.enabled)
     found = [
         r
         for r in bench
         if r.get("kind") == "epoch"
+        and r.get("model") == _select(cfg, "base.name")
         and (r["strategy"], r["cache_taps"]) == (strategy, cached)
         and device_kind(r.get("device", "cpu")) == device
     ]
