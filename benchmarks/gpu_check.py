@@ -17,7 +17,6 @@ test in CI. ``--expect torch==2.11.0 ...`` fails when an installed version diffe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 from bnn_adapt.adapters import STRATEGIES
 from bnn_adapt.files import write_json
 from bnn_adapt.run.config import REPO_ROOT
+from bnn_adapt.run.record import RunRecord
 from bnn_adapt.run.results import package_versions
 
 BUDGET_S = 8 * 60  # the whole check on one GPU; steps that would start later are skipped, and say so
@@ -291,23 +291,22 @@ def run_step(step: Step, limit: float, log_dir: Path) -> dict:
     if record["status"] != "ok":
         record["log_tail"] = log.read_text(errors="replace")[-1500:]
     for run_dir in step.run_dirs:
-        record.update(run_measures(run_dir / "metrics.json"))
+        record.update(run_measures(run_dir))
     return record
 
 
-def run_measures(path: Path) -> dict:
-    """Top-1, epoch time, training images per second and peak memory from a run's metrics.json."""
-    if not path.is_file():
+def run_measures(run_dir: Path) -> dict:
+    """Top-1, epoch time, training images per second and peak memory from a run's record."""
+    m = RunRecord.read(run_dir)
+    if m is None:
         return {}
-    m = json.loads(path.read_text())
-    batch = (m.get("config") or {}).get("data", {}).get("batch_size")
-    step_s = m.get("step_time_s")
+    batch = (m.config or {}).get("data", {}).get("batch_size")
     return {
-        "top1": m.get("test_top1"),
-        "epoch_time_s": m.get("epoch_time_s"),
-        "images_per_s": round(batch / step_s, 1) if batch and step_s else None,
-        "peak_mem_bytes": m.get("peak_mem_bytes"),
-        "run_device": m.get("device"),
+        "top1": m.test_top1,
+        "epoch_time_s": m.epoch_time_s,
+        "images_per_s": round(batch / m.step_time_s, 1) if batch and m.step_time_s else None,
+        "peak_mem_bytes": m.peak_mem_bytes,
+        "run_device": m.device,
     }
 
 

@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
     failing run is recorded in its metrics.json and the sweep goes on. With
     ``optimized_metrics`` (hparams_search) the sweeper gets those values."""
     from bnn_adapt.run.console import one_line_per_message
+    from bnn_adapt.run.record import FAILED, RunRecord
     from bnn_adapt.run.task import run, sweeper_value  # imported here so --help stays fast
     from bnn_adapt.training.allocator import keep_freed_memory
 
@@ -42,7 +43,7 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
             raise
         if in_multirun():
             print(f"error: this run failed and the sweep goes on: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            return RunRecord(status=FAILED, error=f"{type(exc).__name__}: {exc}").to_dict()
         if isinstance(exc, UserError):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

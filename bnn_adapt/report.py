@@ -18,30 +18,24 @@ from pathlib import Path
 
 from bnn_adapt.adapters.strategy import STRATEGIES
 from bnn_adapt.errors import CheckpointError
-from bnn_adapt.files import load_weights, read_json
+from bnn_adapt.files import load_weights
 from bnn_adapt.run.labels import run_label
+from bnn_adapt.run.record import RecordError, RunRecord
 
 
-def find_runs(root: str | Path, task: str = "adapt") -> list[dict]:
+def find_runs(root: str | Path, task: str = "adapt") -> list[RunRecord]:
     """``task`` runs under ``root`` (for adaptation: nested base pretraining runs skipped)."""
-    runs = []
-    for path in sorted(Path(root).rglob("metrics.json")):
-        metrics = read_json(path)
-        if metrics.get("task") == task:
-            metrics["run_dir"] = str(path.parent)
-            runs.append(metrics)
-    return runs
+    runs = (RunRecord.from_json(path) for path in sorted(Path(root).rglob("metrics.json")))
+    return [run for run in runs if run.task == task]
 
 
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def strategy_table(runs: list[dict]) -> str:
+def strategy_table(runs: list[RunRecord]) -> str:
     whole_base = [  # the epoch time of a run that trains its whole base: the reference
-        r["epoch_time_s"]
-        for r in runs
-        if getattr(STRATEGIES.get(r.get("strategy")), "trains_base", False) and r.get("epoch_time_s")
+        r.epoch_time_s for r in runs if getattr(STRATEGIES.get(r.strategy), "trains_base", False) and r.epoch_time_s
     ]
     reference = whole_base[0] if whole_base else None
     header = (
@@ -50,11 +44,11 @@ def strategy_table(runs: list[dict]) -> str:
     )
     lines = [header, "|" + "---|" * 8]
     for r in runs:
-        speedup = reference / r["epoch_time_s"] if reference and r.get("epoch_time_s") else None
+        speedup = reference / r.epoch_time_s if reference and r.epoch_time_s else None
         lines.append(
-            f"| {run_label(r)} | {fmt(r.get('test_top1'), '.4f')} | {fmt(r.get('best_test_top1'), '.4f')} "
-            f"| {fmt(r.get('introduced_fp32_params'), ',')} | {fmt(r.get('introduced_binary_params'), ',')} "
-            f"| {fmt(r.get('size_pct'), '.3f')} | {fmt(r.get('epoch_time_s'), '.2f')} | {fmt(speedup, '.2f')} |"
+            f"| {run_label(r.to_dict())} | {fmt(r.test_top1, '.4f')} | {fmt(r.best_test_top1, '.4f')} "
+            f"| {fmt(r.introduced_fp32_params, ',')} | {fmt(r.introduced_binary_params, ',')} "
+            f"| {fmt(r.size_pct, '.3f')} | {fmt(r.epoch_time_s, '.2f')} | {fmt(speedup, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -116,17 +110,17 @@ def compare_checkpoints(tensors: dict | None, reference: dict | None) -> tuple[b
     return equal, largest
 
 
-def memory_table(runs: list[dict]) -> str:
+def memory_table(runs: list[RunRecord]) -> str:
     """Base pretraining per ``memory`` mode and seed against standard's at the same seed:
     final top-1, every per-step loss and every tensor of the final checkpoint."""
     by_mode: dict[str, dict] = {}
     for r in runs:
-        cfg = r.get("config", {})
+        cfg = r.config or {}
         mode = cfg.get("memory") or cfg.get("trainer", {}).get("memory") or "standard"  # 0.1: trainer.memory
         by_mode.setdefault(mode, {})[cfg.get("seed")] = r
     seeds = sorted({seed for results in by_mode.values() for seed in results}, key=str)
     standard = by_mode.get("standard", {})
-    reference = {s: (step_losses(r["run_dir"]), checkpoint_tensors(r["run_dir"])) for s, r in standard.items()}
+    reference = {s: (step_losses(r.run_dir), checkpoint_tensors(r.run_dir)) for s, r in standard.items()}
     lines = [
         "| memory | "
         + " | ".join(f"top-1 seed {s}" for s in seeds)
@@ -136,12 +130,12 @@ def memory_table(runs: list[dict]) -> str:
     ]
     order = ("standard", "lean", "lean_fp16")
     for mode, results in sorted(by_mode.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
-        tops = {s: r.get("test_top1") for s, r in results.items()}
+        tops = {s: r.test_top1 for s, r in results.items()}
         values = [v for v in tops.values() if v is not None]
         diffs = [
-            abs(v - standard[s]["test_top1"])
+            abs(v - standard[s].test_top1)
             for s, v in tops.items()
-            if v is not None and s in standard and standard[s].get("test_top1") is not None
+            if v is not None and s in standard and standard[s].test_top1 is not None
         ]
         cells = ["-"] * 4
         if mode != "standard":
@@ -149,10 +143,10 @@ def memory_table(runs: list[dict]) -> str:
             loss_diffs, weight_diffs = [], []
             for seed, r in results.items():
                 losses, tensors = reference.get(seed, (None, None))
-                equal, steps, largest = compare_losses(step_losses(r["run_dir"]), losses)
+                equal, steps, largest = compare_losses(step_losses(r.run_dir), losses)
                 same, total = same + equal, total + steps
                 loss_diffs += [largest] if largest is not None else []
-                equal_ckpt, largest_w = compare_checkpoints(checkpoint_tensors(r["run_dir"]), tensors)
+                equal_ckpt, largest_w = compare_checkpoints(checkpoint_tensors(r.run_dir), tensors)
                 identical += equal_ckpt
                 weight_diffs += [largest_w] if largest_w is not None else []
             cells = [
@@ -177,14 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m bnn_adapt.report RUNS_DIR", file=sys.stderr)
         return 2
-    runs = find_runs(argv[0])
-    if not runs and (pretrained := find_runs(argv[0], task="pretrain")):
-        try:
+    try:
+        runs = find_runs(argv[0])
+        if not runs and (pretrained := find_runs(argv[0], task="pretrain")):
             print(memory_table(pretrained))
-        except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return 0
+            return 0
+    except (CheckpointError, RecordError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not runs:
         print(f"error: no adaptation runs (metrics.json) under {argv[0]}", file=sys.stderr)
         return 1

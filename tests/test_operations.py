@@ -216,9 +216,9 @@ def test_documented_adapter_macs_are_what_summary_only_counts(tmp_path):
         cfg = compose([*overrides, f"paths.base_dir={tmp_path}"], output_dir=tmp_path / "run")  # no base: random init
         _, s = configured_counts(cfg)
         expected = [
-            f"{s['adapter_macs']:,}",
-            f"{s['head_macs']:,}",
-            f"{100 * s['binary_mac_share']:.2f} %",
-            f"{s['size_pct']:.3f}",
+            f"{s.adapter_macs:,}",
+            f"{s.head_macs:,}",
+            f"{100 * s.binary_mac_share:.2f} %",
+            f"{s.size_pct:.3f}",
         ]
         assert rows.get(key) == expected, f"{PAGE.name} row {key}"

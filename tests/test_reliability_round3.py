@@ -20,7 +20,7 @@ from bnn_adapt.adapters.file import attach_adapter
 from bnn_adapt.bases import load_base
 from bnn_adapt.errors import CheckpointError, ConfigError
 from bnn_adapt.files import read_json
-from bnn_adapt.run import builders, provenance, results, task
+from bnn_adapt.run import builders, provenance, record, results, task
 from bnn_adapt.run.config import compose, without_hydra_node
 from bnn_adapt.run.results import config_hash
 from bnn_adapt.training.module import Classifier
@@ -137,7 +137,7 @@ def test_touching_or_replacing_a_data_file_makes_the_run_stale(finished):
 
 def test_a_new_results_schema_makes_every_run_stale(finished, monkeypatch):
     cfg, _ = finished
-    monkeypatch.setattr(results, "RESULTS_SCHEMA", results.RESULTS_SCHEMA + 1)
+    monkeypatch.setattr(record, "RESULTS_SCHEMA", record.RESULTS_SCHEMA + 1)
     assert not rerun_skipped(cfg)
 
 

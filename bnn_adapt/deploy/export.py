@@ -33,9 +33,10 @@ from bnn_adapt.bases.fingerprint import fingerprint
 from bnn_adapt.bases.received import checked_arch
 from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.errors import ExportError, FingerprintError, printable
-from bnn_adapt.files import read_json, read_json_or_none, write_json
+from bnn_adapt.files import read_json, write_json
 from bnn_adapt.run import builders
 from bnn_adapt.run.labels import run_label
+from bnn_adapt.run.record import RecordError, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,11 @@ def interpolation(config: dict) -> str | None:
     return None
 
 
-def recorded_config(metrics: dict, where: str) -> DictConfig:
+def recorded_config(metrics: RunRecord, where: str) -> DictConfig:
     """The part of the config a run recorded in its ``metrics.json`` that export reads (its base), read as
     data: checked, the base architecture too, and never instantiated. Runs record their config resolved, so
     an interpolation in one was put there by hand: it is refused (resolving it could read the environment)."""
-    config = metrics.get("config")
+    config = metrics.config
     if not isinstance(config, dict):
         raise ExportError(f"{where} records no config (a dict) but a {type(config).__name__}: the file is damaged")
     for key, (kind, word) in RECORDED.items():
@@ -129,18 +130,18 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         )
     where = f"export.adapter_run={run_dir}: its metrics.json"
     try:
-        metrics = read_json(metrics_path)
+        metrics = RunRecord.from_dict(read_json(metrics_path), where)
     except (OSError, ValueError, RecursionError) as exc:
         raise ExportError(f"{where} is unreadable ({type(exc).__name__}: {printable(exc)[:200]})") from None
-    if not isinstance(metrics, dict):
-        raise ExportError(f"{where} holds a {type(metrics).__name__}, not a run's record: the file is damaged")
-    if metrics.get("status", "complete") != "complete":
-        status, error = printable(metrics.get("status"))[:40], printable(metrics.get("error", "-"))[:200]
+    except RecordError as exc:
+        raise ExportError(printable(exc)[:400]) from None
+    if not metrics.complete:
+        status, error = printable(metrics.status)[:40], printable(metrics.error or "-")[:200]
         raise ExportError(
             f"export.adapter_run={run_dir} did not finish (status {status}: {error}); export finished runs only"
         )
-    if metrics.get("task") != "adapt":
-        task = printable(repr(metrics.get("task")))[:40]
+    if metrics.task != "adapt":
+        task = printable(repr(metrics.task))[:40]
         raise ExportError(f"export.adapter_run={run_dir} is a {task} run, not an adaptation run")
     cfg = recorded_config(metrics, where)
     adapter = run_dir / ADAPTER_FILE
@@ -162,8 +163,8 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         reference,
         meta["class_names"],
         meta["preprocess"],
-        run_label(metrics),
-        metrics.get("config_hash"),
+        run_label(metrics.to_dict()),
+        metrics.config_hash,
         builders.base_checkpoint_file(cfg),
         base_overrides=attached.base_overrides,
     )
@@ -240,9 +241,8 @@ def size_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _finished_adaptation(metrics: dict) -> bool:
-    finished = isinstance(metrics, dict) and metrics.get("status", "complete") == "complete"
-    return finished and metrics.get("task") == "adapt"
+def _finished_adaptation(metrics: RunRecord | None) -> bool:
+    return metrics is not None and metrics.complete and metrics.task == "adapt"
 
 
 def adapter_run_dirs(given: list) -> list[Path]:
@@ -254,7 +254,7 @@ def adapter_run_dirs(given: list) -> list[Path]:
             found.append(folder)  # a run directory (load_run says what is wrong with it, if anything)
             continue
         rows = sorted(path.parent for path in folder.glob("*/metrics.json"))
-        usable = [row for row in rows if _finished_adaptation(read_json_or_none(row / "metrics.json") or {})]
+        usable = [row for row in rows if _finished_adaptation(RunRecord.read(row))]
         if not usable:
             raise ExportError(
                 f"export.adapter_run={folder} holds no metrics.json, nor run directories of finished adaptation "

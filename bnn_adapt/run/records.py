@@ -11,7 +11,7 @@ A record that cannot be written (a full or read-only disk) is printed to stderr 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_adapt.errors import UserError
-from bnn_adapt.files import WriteError, file_sha256, write_json
+from bnn_adapt.files import WriteError, file_sha256
 from bnn_adapt.run import builders
 from bnn_adapt.run.provenance import environment
-from bnn_adapt.run.results import RESULTS_SCHEMA, config_hash, dataset_identity, package_versions
+from bnn_adapt.run.record import COMPLETE, FAILED, FAILED_AFTER_TRAINING, PRUNED, RESULTS_SCHEMA, RunRecord
+from bnn_adapt.run.results import config_hash, dataset_identity, package_versions
 
-FAILED_AFTER_TRAINING = "failed_after_training"  # status: every epoch ran and was measured, a later step failed
-#: the steps after training, as metrics.json names a failed one (``failed_step``)
+#: the steps after training, as a record names a failed one (``failed_step``)
 FIT_END_STEP = "end of fitting"  # Lightning's end-of-fit hooks (callbacks, the trackers' last records)
 ADAPTER_FILE_STEP = "adapter file"
 BASE_FILE_STEP = "base checkpoint"
@@ -40,57 +40,56 @@ class FailedAfterTraining(UserError):
         self.run_dir = run_dir
 
 
-def results_record(cfg: DictConfig, measured: dict, status: str, **extra) -> dict:
+def results_record(cfg: DictConfig, measured: RunRecord, status: str, **extra) -> RunRecord:
     """A run's ``metrics.json``: ``measured`` (its numbers and counts) and what they depend on (config
     and its hash, results schema, data, base checkpoint, versions and environment: README, reproducibility)."""
-    return {
-        "status": status,
+    return dataclasses.replace(
+        measured,
+        status=status,
+        task=cfg.task,
+        seed=cfg.seed,
+        config_hash=config_hash(cfg),
+        results_schema=RESULTS_SCHEMA,
+        data=dataset_identity(cfg),
+        base_checkpoint_sha256=adapted_base_sha256(cfg) if cfg.task == "adapt" else None,
+        versions=package_versions(),
+        environment=environment(),
+        config=OmegaConf.to_container(cfg, resolve=True),
         **extra,
-        "task": cfg.task,
-        "seed": cfg.seed,
-        "config_hash": config_hash(cfg),
-        "results_schema": RESULTS_SCHEMA,
-        "data": dataset_identity(cfg),
-        **({"base_checkpoint_sha256": adapted_base_sha256(cfg)} if cfg.task == "adapt" else {}),
-        "versions": package_versions(),
-        "environment": environment(),
-        **measured,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+    )
 
 
-def write_record(path: Path, record: dict) -> None:
+def write_record(path: Path, record: RunRecord) -> None:
     """``record`` to ``path``; when that fails, printed to stderr in one block (what was measured stays with
     the user) before the :class:`WriteError` naming the path and the cause is raised."""
     try:
-        write_json(path, record)
+        record.write(path)
     except WriteError:
         print(f"{path} could not be written; its content:", file=sys.stderr)
-        print(json.dumps(record, indent=2, default=str), file=sys.stderr, flush=True)
+        print(record.to_json(), file=sys.stderr, flush=True)
         raise
 
 
-def finish(cfg: DictConfig, result: dict, summary: dict) -> dict:
-    metrics = results_record(cfg, {**result, **summary}, "complete")
+def finish(cfg: DictConfig, measured: RunRecord) -> RunRecord:
+    record = results_record(cfg, measured, PRUNED if measured.status == PRUNED else COMPLETE)
     out = Path(cfg.paths.output_dir)
     try:
-        write_record(out / "metrics.json", metrics)
+        write_record(out / "metrics.json", record)
     except WriteError as exc:
         raise FailedAfterTraining(
             f"{exc}; every epoch ran and its numbers are printed above; free space and run the same command "
             "with resume=true to write them, without training again",
             str(out),
         ) from exc
-    top1 = metrics.get("test_top1")
-    line = f"{cfg.task} done: top-1 {top1:.4f}" if top1 is not None else f"{cfg.task} done"
-    if metrics.get("val_top1") is not None:
-        line += f" (validation {metrics['val_top1']:.4f})"
-    if "size_pct" in metrics:
-        line += f", size {metrics['size_pct']:.3f}% of the base"
-    if metrics.get("epoch_time_s"):
-        line += f", {metrics['epoch_time_s']:.2f} s/epoch"
+    line = f"{cfg.task} done: top-1 {record.test_top1:.4f}" if record.test_top1 is not None else f"{cfg.task} done"
+    if record.val_top1 is not None:
+        line += f" (validation {record.val_top1:.4f})"
+    if record.size_pct is not None:
+        line += f", size {record.size_pct:.3f}% of the base"
+    if record.epoch_time_s:
+        line += f", {record.epoch_time_s:.2f} s/epoch"
     print(f"{line}; results in {out / 'metrics.json'}")
-    return metrics
+    return record
 
 
 def adapted_base_sha256(cfg: DictConfig) -> str | None:
@@ -100,11 +99,11 @@ def adapted_base_sha256(cfg: DictConfig) -> str | None:
 
 def after_training(
     cfg: DictConfig,
-    measured: dict,
+    measured: RunRecord,
     steps: list[tuple[str, Any]],
     fit_error: BaseException | None = None,
     first: str | None = None,
-) -> dict:
+) -> RunRecord:
     """The steps after training in order (from step ``first`` on), then the complete ``metrics.json``.
 
     When Lightning's end of fit (``fit_error``) or a step fails, ``metrics.json`` gets everything
@@ -121,7 +120,7 @@ def after_training(
         except Exception as exc:  # noqa: BLE001 - recorded beside the measured numbers, then raised
             failed = (name, exc)
     if failed is None:
-        return finish(cfg, measured, {})
+        return finish(cfg, measured)
     name, exc = failed
     out = Path(cfg.paths.output_dir)
     error = f"{type(exc).__name__}: {exc}"
@@ -141,17 +140,16 @@ def after_training(
 def record_failure(cfg: DictConfig, exc: BaseException) -> None:
     """A failed run leaves its reason where its results would be; when even that cannot be written, a note
     says so and ``exc`` stays the error the run ends with."""
+    record = RunRecord(
+        status=FAILED,
+        error=f"{type(exc).__name__}: {exc}",
+        task=cfg.get("task"),
+        seed=cfg.get("seed"),
+        config_hash=config_hash(cfg),
+        results_schema=RESULTS_SCHEMA,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     try:
-        write_json(
-            Path(cfg.paths.output_dir) / "metrics.json",
-            {
-                "status": "failed",
-                "error": f"{type(exc).__name__}: {exc}",
-                "task": cfg.get("task"),
-                "seed": cfg.get("seed"),
-                "config_hash": config_hash(cfg),
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            },
-        )
+        record.write(Path(cfg.paths.output_dir) / "metrics.json")
     except WriteError as unwritten:
         print(f"note: this failure is not recorded: {unwritten}", file=sys.stderr, flush=True)

@@ -1,10 +1,8 @@
-"""What a run's result files carry: package versions and the config hash, and when a run counts as complete.
+"""What a run's record carries besides its numbers: the config hash, package versions and the data's identity.
 
-A finished run stands for a config only while everything its numbers depend on is as it
-was: the config (:func:`config_hash`), the meaning of the recorded numbers
-(:data:`RESULTS_SCHEMA`), the data it read (where it is and a fingerprint of its files,
-:mod:`bnn_adapt.training.data_fingerprint`) and, for an adaptation, the base checkpoint's
-bytes. :func:`result_problem` says which of them moved.
+A finished run stands for a config only while its config (:func:`config_hash`), the data it
+read and, for an adaptation, the base checkpoint's bytes are as they were
+(:func:`bnn_adapt.run.record.result_problem`).
 """
 
 from __future__ import annotations
@@ -13,17 +11,11 @@ import hashlib
 import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_adapt.files import file_sha256, read_json, read_json_or_none, write_json  # noqa: F401 - re-exported
 from bnn_adapt.training.data_fingerprint import data_identity
-
-#: what the numbers of a ``metrics.json`` mean. Bump it when a recorded metric changes its meaning
-#: (measured on another split, counted another way): every run written before then runs again.
-#: Files without the field were written under schema 1.
-RESULTS_SCHEMA = 1
 
 PACKAGES = ("bnn_adapt", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "scikit-learn")
 
@@ -75,34 +67,3 @@ def config_hash(cfg: DictConfig) -> str:
 def dataset_identity(cfg: DictConfig) -> dict:
     """Where the configured dataset is read from and a fingerprint of its files (recorded as ``data``)."""
     return data_identity(cfg.data.name, cfg.data.root)
-
-
-def result_problem(metrics: dict, cfg: DictConfig, cfg_hash: str | None = None) -> str | None:
-    """Why the results a run recorded (``metrics``) no longer stand for ``cfg``, or None when they do."""
-    if metrics.get("config_hash") != (cfg_hash or config_hash(cfg)):
-        return "its config differs"
-    schema = metrics.get("results_schema", 1)
-    if schema != RESULTS_SCHEMA:
-        return f"it recorded results schema {schema}, and this code writes schema {RESULTS_SCHEMA}"
-    recorded, now = metrics.get("data") or {}, dataset_identity(cfg)
-    if recorded.get("location") != now["location"]:
-        return f"it read the data at {recorded.get('location')}, this config reads {now['location']}"
-    if recorded.get("fingerprint") != now["fingerprint"]:
-        return (
-            f"the files under {now['location']} changed since it ran ({recorded.get('files')} -> {now['files']} files)"
-        )
-    return None
-
-
-def completed_metrics(run_dir: str | Path, cfg: DictConfig, base_sha256: str | None = None) -> dict | None:
-    """The run's metrics if it finished with this exact config and data (:func:`result_problem`), else None.
-
-    An adaptation run also records the SHA-256 of the base checkpoint it
-    adapted (``base_checkpoint_sha256``): when the file at that path has since
-    changed (a base retrained in place) or gone, the run no longer counts.
-    """
-    metrics = read_json_or_none(Path(run_dir) / "metrics.json")
-    if not (metrics and metrics.get("status", "complete") == "complete" and result_problem(metrics, cfg) is None):
-        return None
-    recorded = metrics.get("base_checkpoint_sha256")
-    return metrics if recorded is None or recorded == base_sha256 else None

@@ -22,9 +22,9 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from bnn_adapt.errors import CheckpointError
-from bnn_adapt.files import atomic_output, load_weights
+from bnn_adapt.files import atomic_output, load_weights, read_json_or_none
 from bnn_adapt.run.claims import held_by_another
-from bnn_adapt.run.results import read_json_or_none
+from bnn_adapt.run.record import RunRecord
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 RUN_FILE = "run.json"
@@ -83,8 +83,8 @@ def unfinished(run_dir: Path, cfg_hash: str, data: dict | None = None) -> bool:
     started_on = run.get("data") or {}
     if data is not None and started_on.get("files") and started_on != data:
         return False
-    metrics = read_json_or_none(run_dir / "metrics.json")
-    return not metrics or metrics.get("status") != "complete"
+    record = RunRecord.read(run_dir)
+    return record is None or not record.complete
 
 
 def find_resumable(output_dir: Path, runs_root: Path, cfg_hash: str, data: dict | None = None) -> Path | None:

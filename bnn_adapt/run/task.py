@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import functools
 import sys
@@ -34,20 +35,29 @@ from bnn_adapt.adapters.file import ADAPTER_FILE, export_adapter
 from bnn_adapt.bases import save_base
 from bnn_adapt.bases.checkpoint import best_epoch_path
 from bnn_adapt.errors import ConfigError, UserError
-from bnn_adapt.files import WriteError, read_json_or_none, write_error, write_json
+from bnn_adapt.files import WriteError, write_error, write_json
 from bnn_adapt.run import builders, claims, preflight, ranks, resume, tracking
 from bnn_adapt.run.config import validate, without_hydra_node
 from bnn_adapt.run.provenance import torch_threads
+from bnn_adapt.run.record import (
+    COMPLETE,
+    EPOCH_TOP1,
+    FAILED,
+    FAILED_AFTER_TRAINING,
+    PRUNED,
+    RunRecord,
+    completed,
+    result_problem,
+)
 from bnn_adapt.run.records import (
     ADAPTER_FILE_STEP,
     BASE_FILE_STEP,
-    FAILED_AFTER_TRAINING,
     FailedAfterTraining,
     adapted_base_sha256,
     after_training,
     record_failure,
 )
-from bnn_adapt.run.results import completed_metrics, config_hash, dataset_identity, result_problem
+from bnn_adapt.run.results import config_hash, dataset_identity
 from bnn_adapt.search import study
 from bnn_adapt.search.trial_report import TrialReport
 from bnn_adapt.training import tap_cache
@@ -57,17 +67,12 @@ from bnn_adapt.training.module import Classifier
 from bnn_adapt.training.precise_bn import PreciseBN, final_top1, recalibrate, trained_norms
 
 
-def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
+def configured_counts(cfg: DictConfig) -> tuple[nn.Module, RunRecord]:
     """The configured model, built without data, and its counts as the run will leave them
     (parameters, size, MACs for one image of ``data.image_size``)."""
     if cfg.task == "pretrain":
         model = builders.build_base(cfg)
-        fp32, binary = accounting.totals(accounting.parameter_rows(model))
-        return model, {
-            "base_binary_params": binary,
-            "base_fp32_params": fp32,
-            **operation_counts(model, cfg.data.image_size),
-        }
+        return model, base_counts(model, cfg.data.image_size)
     checkpoint = builders.base_checkpoint_file(cfg)
     have_checkpoint = checkpoint and Path(checkpoint).is_file()
     base = builders.load_trained_base(cfg) if have_checkpoint else builders.build_base(cfg)
@@ -75,22 +80,28 @@ def configured_counts(cfg: DictConfig) -> tuple[nn.Module, dict]:
     plan = builders.pruning_plan(cfg)
     if plan is not None:
         plan.apply(model)  # the counts the run will leave
-    return model, accounting.summarize(model, cfg.data.image_size)
+    return model, RunRecord(**accounting.summarize(model, cfg.data.image_size))
 
 
-def run_summary(cfg: DictConfig) -> dict:
+def base_counts(base: nn.Module, image_size: int) -> RunRecord:
+    """A base's parameters and its MACs for one image of ``image_size``."""
+    fp32, binary = accounting.totals(accounting.parameter_rows(base))
+    return RunRecord(base_binary_params=binary, base_fp32_params=fp32, **operation_counts(base, image_size))
+
+
+def run_summary(cfg: DictConfig) -> RunRecord:
     """Build the configured model, print its per-layer tables (parameters, MACs), write summary.json."""
     model, summary = configured_counts(cfg)
     print(accounting.layer_table(model))
-    print(mac_table(summary))
-    summary.update(task=cfg.task, config_hash=config_hash(cfg))
-    write_json(Path(cfg.paths.output_dir) / "summary.json", summary)
+    print(mac_table(summary.to_dict()))
+    summary.task, summary.config_hash = cfg.task, config_hash(cfg)
+    summary.write(Path(cfg.paths.output_dir) / "summary.json")
     return summary
 
 
 def fit(
     cfg: DictConfig, model, num_classes: int, datamodule, plan=None, callbacks=(), before_fit=None
-) -> tuple[dict, BaseException | None]:
+) -> tuple[RunRecord, BaseException | None]:
     """Train with Lightning; with ``resume=true`` continue from this run's last checkpoint.
 
     ``before_fit(device)``: called with the device the trainer will train on, before it starts.
@@ -106,7 +117,7 @@ def fit(
     callbacks = [*(plan.callbacks(model) if plan is not None else []), *callbacks, resume.RNGState()]
 
     @functools.cache
-    def counts() -> dict:
+    def counts() -> RunRecord:
         with torch.random.fork_rng(devices=[]):  # building the counted model must not move the run's RNG
             return configured_counts(cfg)[1]
 
@@ -142,24 +153,32 @@ def fit(
     if kept_csv is not None:
         resume.merge_resumed_csv(kept_csv, out / "csv", resumed_epoch=stats.resumed_at_epoch)
     stats.recover_spawned(trainer)  # trainer=ddp (ddp_spawn) trained in child processes
-    result = {**stats.summary(), **(report.outcome() if report is not None else {})}
-    history = result["history"]
-    if not history:
+    result = RunRecord(**stats.summary())
+    if report is not None and report.pruned_after_epoch is not None:
+        result.status, result.pruned_after_epoch = PRUNED, report.pruned_after_epoch
+    if not result.history:
         return result, fit_error
     # every epoch is evaluated on the validation split (data.val_fraction > 0) or, as in the thesis, the test set
-    evaluated = "val" if datamodule.val_fraction else "test"
-    result[f"{evaluated}_top1"] = history[-1].get("val/acc")
-    counted = history
+    last = result.history[-1].get(EPOCH_TOP1)
+    counted = result.history
     if plan is not None:  # best before the first round; the headline counts from the last round on
-        before, counted = plan.counted_epochs(history)
-        accs = [h["val/acc"] for h in before if "val/acc" in h]
-        result["best_before_pruning_top1"] = max(accs) if accs else None
-    accs = [h["val/acc"] for h in counted if "val/acc" in h]
-    result[f"best_{evaluated}_top1"] = max(accs) if accs else None
-    if evaluated == "val":  # the test set, measured once, with the final weights
+        before, counted = plan.counted_epochs(result.history)
+        result.best_before_pruning_top1 = best_top1(before)
+    result.set_top1(evaluated_split(datamodule), last, best_top1(counted))
+    if datamodule.val_fraction:  # the test set, measured once, with the final weights
         tested = trainer.test(module, datamodule=datamodule, verbose=False)
-        result["test_top1"] = tested[0].get("test/acc") if tested else None
+        result.test_top1 = tested[0].get("test/acc") if tested else None
     return result, fit_error
+
+
+def evaluated_split(datamodule) -> str:
+    """What every epoch is evaluated on: the validation split (``data.val_fraction`` > 0) or, as in the thesis,
+    the test set."""
+    return "val" if datamodule.val_fraction else "test"
+
+
+def best_top1(history: list[dict]) -> float | None:
+    return max((h[EPOCH_TOP1] for h in history if EPOCH_TOP1 in h), default=None)
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # what a write fails with, not a read
@@ -180,7 +199,7 @@ def failed_write(exc: Exception, run_dir: Path) -> Exception:
     return cause
 
 
-def run_pretrain(cfg: DictConfig) -> dict:
+def run_pretrain(cfg: DictConfig) -> RunRecord:
     datamodule = builders.build_datamodule(cfg, "base")
     base = builders.build_base(cfg)
     if base.num_classes != datamodule.num_classes:
@@ -197,17 +216,10 @@ def run_pretrain(cfg: DictConfig) -> dict:
     )
     if precise is not None:
         with_precise_top1(result, precise, datamodule)
-        result["best_epoch_top1_precise_bn"] = best.top1_precise_bn
-    fp32, binary = accounting.totals(accounting.parameter_rows(base))
-    summary = {
-        "base_binary_params": binary,
-        "base_fp32_params": fp32,
-        "base_checkpoint": str(cfg.base.save_to),
-        "best_epoch_checkpoint": str(best.path),
-        "best_epoch": best.epoch,
-        **operation_counts(base, cfg.data.image_size),
-    }
-    measured = {**result, **summary}
+        result.best_epoch_top1_precise_bn = best.top1_precise_bn
+    counts = base_counts(base, cfg.data.image_size).to_dict()
+    measured = dataclasses.replace(result, **counts, base_checkpoint=str(cfg.base.save_to))
+    measured.best_epoch_checkpoint, measured.best_epoch = str(best.path), best.epoch
     return after_training(cfg, measured, pretrain_steps(cfg, base, meta, measured), fit_error)
 
 
@@ -224,22 +236,20 @@ def precise_bn_callback(cfg: DictConfig, model) -> PreciseBN | None:
     return PreciseBN(settings.batches, settings.every_epoch, only_trained=adapting)
 
 
-def with_precise_top1(result: dict, precise: PreciseBN, datamodule) -> None:
+def with_precise_top1(result: RunRecord, precise: PreciseBN, datamodule) -> None:
     """The last epoch's top-1 with both statistics into ``result``; the network leaves the fit with the
     re-estimated ones (what is saved, exported and tested), so their top-1 is the headline."""
-    evaluated = "val" if datamodule.val_fraction else "test"  # trainer.test already ran on them
-    result.update(final_top1(result.get("history") or [], precise.every_epoch, evaluated))
-    if result[f"{evaluated}_top1_precise_bn"] is not None:
-        result[f"{evaluated}_top1"] = result[f"{evaluated}_top1_precise_bn"]
+    # (trainer.test already ran on them)
+    result.set_bn_top1(evaluated_split(datamodule), *final_top1(result.history or [], precise.every_epoch))
 
 
-def pretrain_steps(cfg: DictConfig, base, meta: dict, measured: dict) -> list[tuple[str, Any]]:
+def pretrain_steps(cfg: DictConfig, base, meta: dict, measured: RunRecord) -> list[tuple[str, Any]]:
     """What follows pretraining: the base's last epoch at ``base.save_to`` (its best is written while it trains)."""
-    top1, epoch = measured.get("test_top1"), measured.get("epochs_run", 0) - 1
+    top1, epoch = measured.test_top1, (measured.epochs_run or 0) - 1
     return [(BASE_FILE_STEP, lambda: save_base(base, cfg.base.save_to, **meta, top1=top1, epoch=epoch))]
 
 
-def run_adapt(cfg: DictConfig) -> dict:
+def run_adapt(cfg: DictConfig) -> RunRecord:
     datamodule = builders.build_datamodule(cfg, "target")
     # build on a fresh base first: config errors (and a pruning schedule that cannot fit) surface before training
     builders.build_adapted(cfg, builders.build_base(cfg), datamodule.num_classes)
@@ -281,9 +291,9 @@ def run_adapt(cfg: DictConfig) -> dict:
     )
     if precise is not None:
         with_precise_top1(result, precise, datamodule)
-    summary = accounting.summarize(model, cfg.data.image_size)
-    summary["class_names"] = datamodule.class_names
-    return after_training(cfg, {**result, **summary}, adapt_steps(cfg, model, datamodule), fit_error)
+    counts = accounting.summarize(model, cfg.data.image_size)
+    measured = dataclasses.replace(result, **counts, class_names=datamodule.class_names)
+    return after_training(cfg, measured, adapt_steps(cfg, model, datamodule), fit_error)
 
 
 def adaptation_data(cfg: DictConfig, model, datamodule):
@@ -313,15 +323,15 @@ def adapt_steps(cfg: DictConfig, model, datamodule) -> list[tuple[str, Any]]:
     return [(ADAPTER_FILE_STEP, write_adapter_file)]
 
 
-def resume_after_training(cfg: DictConfig, earlier: dict) -> dict:
+def resume_after_training(cfg: DictConfig, earlier: RunRecord) -> RunRecord:
     """``resume=true`` on a run that failed after training: the model from its last checkpoint, then
     the step that failed and those after it (a failed end of fitting is not called again: its trackers
     only mirror what metrics.json holds); the numbers are the ones measured when it trained."""
     out = Path(cfg.paths.output_dir)
-    step = earlier.get("failed_step")
+    step = earlier.failed_step
     print(f"resuming {out} after training: redoing {step!r} from {out / resume.CHECKPOINT}, no training")
-    measured = {k: v for k, v in earlier.items() if k not in ("status", "failed_step", "error")}
-    last_epoch = max(measured.get("epochs_run", 1) - 1, 0)
+    measured = dataclasses.replace(earlier, status=COMPLETE, failed_step=None, error=None)
+    last_epoch = max((measured.epochs_run or 1) - 1, 0)
     if cfg.task == "pretrain":
         datamodule = builders.build_datamodule(cfg, "base")
         base = resume.load_trained_weights(builders.build_base(cfg), out)
@@ -386,10 +396,11 @@ def run(cfg: DictConfig) -> dict:
     cfg = without_hydra_node(cfg)
     validate(cfg)
     with torch_threads(cfg.get("threads")):  # before anything is built: it decides how floats are summed
-        return run_task(cfg)
+        done = run_task(cfg)
+    return done.to_dict() if isinstance(done, RunRecord) else done
 
 
-def run_task(cfg: DictConfig) -> dict:
+def run_task(cfg: DictConfig) -> RunRecord | dict:
     if cfg.task in ("export", "predict"):  # deployment: no training, no metrics.json
         from bnn_adapt.deploy.export import run_export  # noqa: PLC0415 - deployment sits beside the runtime
         from bnn_adapt.deploy.predict import run_predict  # noqa: PLC0415
@@ -425,24 +436,24 @@ def run_task(cfg: DictConfig) -> dict:
             raise
 
 
-def failed_after_training(cfg: DictConfig) -> dict | None:
-    """The metrics of this config's run that trained and failed after training, while they still stand
+def failed_after_training(cfg: DictConfig) -> RunRecord | None:
+    """The record of this config's run that trained and failed after training, while it still stands
     (same config, data and base, checkpoint kept), else None."""
     out = Path(cfg.paths.output_dir)
-    earlier = read_json_or_none(out / "metrics.json")
-    if not earlier or earlier.get("status") != FAILED_AFTER_TRAINING or not (out / resume.CHECKPOINT).is_file():
+    earlier = RunRecord.read(out)
+    if not earlier or earlier.status != FAILED_AFTER_TRAINING or not (out / resume.CHECKPOINT).is_file():
         return None
     if result_problem(earlier, cfg) is not None:
         return None
-    same_base = cfg.task != "adapt" or earlier.get("base_checkpoint_sha256") == adapted_base_sha256(cfg)
+    same_base = cfg.task != "adapt" or earlier.base_checkpoint_sha256 == adapted_base_sha256(cfg)
     return earlier if same_base else None
 
 
-def run_other_rank(cfg: DictConfig) -> dict:
+def run_other_rank(cfg: DictConfig) -> RunRecord:
     """Rank k > 0 of a run started once per device: no claim (rank 0 holds it), the same skip decision as
     rank 0 (the run directory's results), then the same training, writing under ``<run dir>/rank<k>/``."""
     base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
-    done = completed_metrics(cfg.paths.output_dir, cfg, base_sha)
+    done = completed(cfg.paths.output_dir, cfg, base_sha)
     if done is not None:
         return done
     cfg = ranks.rank_config(cfg, ranks.launched_rank())
@@ -451,32 +462,32 @@ def run_other_rank(cfg: DictConfig) -> dict:
     return run_pretrain(cfg) if cfg.task == "pretrain" else run_adapt(cfg)
 
 
-def skip_or_rerun(cfg: DictConfig, waited: bool) -> dict | None:
+def skip_or_rerun(cfg: DictConfig, waited: bool) -> RunRecord | None:
     """The complete results of this config already in its directory (the run is skipped), else None.
 
     ``waited``: another process held the directory until now; if it failed there, this one does
     not run the same config again (two invocations of one sweep run each row once).
     """
     base_sha = adapted_base_sha256(cfg) if cfg.task == "adapt" else None
-    done = completed_metrics(cfg.paths.output_dir, cfg, base_sha)
+    done = completed(cfg.paths.output_dir, cfg, base_sha)
     missing = pretrained_files_missing(cfg) if done is not None and cfg.task == "pretrain" else []
     if missing:
         print(f"the complete run in {cfg.paths.output_dir} left no {' or '.join(missing)}: running it again")
         return None
     if done is not None:
-        print(f"already complete (config {done['config_hash']}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
+        print(f"already complete (config {done.config_hash}): {Path(cfg.paths.output_dir) / 'metrics.json'}")
         return done
     twin = study.finished_twin(cfg, base_sha) if cfg.task == "adapt" else None
     if twin is not None:  # a search's trial whose configuration another trial trained
         return twin
     out = Path(cfg.paths.output_dir)
-    earlier = read_json_or_none(out / "metrics.json") or {}
-    same_config = earlier.get("config_hash") == config_hash(cfg)
-    if waited and same_config and earlier.get("status") in ("failed", FAILED_AFTER_TRAINING):
+    earlier = RunRecord.read(out) or RunRecord(status=FAILED)
+    same_config = earlier.config_hash == config_hash(cfg)
+    if waited and same_config and earlier.failed:
         raise UserError(
-            f"this run failed in the process that held {out} until now: {earlier.get('error')}; not running it again"
+            f"this run failed in the process that held {out} until now: {earlier.error}; not running it again"
         )
-    if earlier.get("status") == "complete" and same_config:
+    if earlier.complete and same_config:
         problem = result_problem(earlier, cfg)
         if problem:
             print(f"the complete run in {out} no longer stands for this config ({problem}): running it again")
@@ -492,9 +503,11 @@ def sweeper_value(cfg: DictConfig, metrics: dict) -> Any:
     names = cfg.get("optimized_metrics")
     if not names:
         return metrics
-    if metrics.get("status") == "pruned":  # the sweeper stores it as failed; the trial records why
-        return {"status": "pruned", "pruned_after_epoch": metrics.get("pruned_after_epoch")}
-    if any(metrics.get(name) is None for name in names):
+    record = RunRecord.from_dict(metrics)
+    if record.status == PRUNED:  # the sweeper stores it as failed; the trial records why
+        return RunRecord(status=PRUNED, pruned_after_epoch=record.pruned_after_epoch).to_dict()
+    found = [record.value(name) for name in names]
+    if any(value is None for value in found):
         return metrics
-    values = tuple(float(metrics[name]) for name in names)
+    values = tuple(float(value) for value in found)
     return values[0] if len(values) == 1 else values

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_adapt.errors import ConfigError
+from bnn_adapt.run.record import RunRecord
 from bnn_adapt.training.precise_bn import PRECISE_KEY
 
 #: the package each tracker needs, all installed by the ``tracking`` extra
@@ -67,9 +68,9 @@ def check_installed(cfg: DictConfig) -> None:
             raise ConfigError(missing_package(name))
 
 
-def run_hyperparameters(cfg: DictConfig, counts: dict) -> dict:
+def run_hyperparameters(cfg: DictConfig, counts: RunRecord) -> dict:
     """What a tracker records of a run: the resolved config and its scalar counts."""
-    scalars = {k: v for k, v in counts.items() if isinstance(v, (int, float, str, bool)) and k != "config_hash"}
+    scalars = {k: v for k, v in counts.to_dict().items() if isinstance(v, (int, float, str, bool))}
     return {"config": OmegaConf.to_container(cfg, resolve=True), "summary": scalars}
 
 

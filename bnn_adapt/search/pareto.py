@@ -37,7 +37,7 @@ from bnn_adapt.errors import UserError
 from bnn_adapt.files import atomic_output
 from bnn_adapt.report import run_label
 from bnn_adapt.run import config as _resolvers  # noqa: F401 - ${range:...} etc. in the configs read here
-from bnn_adapt.run.results import read_json_or_none
+from bnn_adapt.run.record import RunRecord
 from bnn_adapt.search import owners, study
 from bnn_adapt.search.space import check_search_space, suggest_groups
 
@@ -92,26 +92,26 @@ def trial_points(sweep_dir: Path) -> list[dict]:
     """Every finished trial under ``sweep_dir``: objectives, a label and the searched settings."""
     points, unvalidated = [], 0
     for path in sorted(Path(sweep_dir).glob("*/metrics.json")):
-        metrics = read_json_or_none(path)
-        if not metrics or metrics.get("status", "complete") != "complete":
+        metrics = RunRecord.read(path.parent)
+        if not metrics or not metrics.complete:
             continue
-        if metrics.get(SELECTED_ON) is None:  # trained without a validation split (searches before issue #23)
+        if metrics.value(SELECTED_ON) is None:  # trained without a validation split
             unvalidated += 1
             continue
-        if metrics.get("same_as"):  # a trial that proposed a configuration trained before: that one counts
+        if metrics.same_as:  # a trial that proposed a configuration trained before: that one counts
             continue
-        cfg = metrics.get("config", {})
+        cfg = metrics.config or {}
         adapter, reduction = cfg.get("adapter", {}), cfg.get("reduction", {})
         overrides_file = path.parent / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         points.append(
             {
                 "run_dir": str(path.parent),
-                "label": run_label(metrics),
-                SELECTED_ON: metrics[SELECTED_ON],
-                "test_top1": metrics.get("test_top1"),  # measured once, after training: reported, never searched
-                "size_pct": metrics["size_pct"],
-                "adapter_macs": metrics.get("adapter_macs"),  # per image: compute beside size and accuracy
+                "label": run_label(metrics.to_dict()),
+                SELECTED_ON: metrics.value(SELECTED_ON),
+                "test_top1": metrics.test_top1,  # measured once, after training: reported, never searched
+                "size_pct": metrics.size_pct,
+                "adapter_macs": metrics.adapter_macs,  # per image: compute beside size and accuracy
                 "adapter": adapter.get("name"),
                 "stages": ",".join(str(s) for s in adapter.get("stages", []) or []),
                 "groups": adapter.get("groups", reduction.get("groups")),
@@ -136,18 +136,18 @@ def thesis_points(tables_dir: Path, like: dict) -> list[dict]:
     """Adaptation runs of the thesis tables on the same data, classes and base as the search."""
     points = []
     for path in sorted(Path(tables_dir).glob("table_*/*/metrics.json")):
-        metrics = read_json_or_none(path)
-        if not metrics or metrics.get("status", "complete") != "complete" or metrics.get("task") != "adapt":
+        metrics = RunRecord.read(path.parent)
+        if not metrics or not metrics.complete or metrics.task != "adapt":
             continue
-        cfg = OmegaConf.create(metrics.get("config", {}))
+        cfg = OmegaConf.create(metrics.config or {})
         same = all(OmegaConf.select(cfg, key) == value for key, value in like.items())
-        if same and metrics.get("test_top1") is not None:
+        if same and metrics.test_top1 is not None:
             table = path.parent.parent.name.removeprefix("table_").replace("_", ".")
             points.append(
                 {
-                    "label": f"{table}: {run_label(metrics)}",
-                    "test_top1": metrics["test_top1"],
-                    "size_pct": metrics["size_pct"],
+                    "label": f"{table}: {run_label(metrics.to_dict())}",
+                    "test_top1": metrics.test_top1,
+                    "size_pct": metrics.size_pct,
                 }
             )
     return points
@@ -197,8 +197,8 @@ def compare_fronts(front: list[dict], baseline: list[dict], limit: float = SMALL
 
 def epochs_trained(sweep_dir: Path) -> int:
     """Epochs a search trained, over its trials (pruned ones included; a reused configuration trained none)."""
-    runs = (read_json_or_none(path) or {} for path in Path(sweep_dir).glob("*/metrics.json"))
-    return sum(int(m.get("epochs_run") or 0) for m in runs if not m.get("same_as"))
+    runs = (RunRecord.read(path.parent) for path in Path(sweep_dir).glob("*/metrics.json"))
+    return sum(int(m.epochs_run or 0) for m in runs if m is not None and not m.same_as)
 
 
 def plot_front(

@@ -24,6 +24,7 @@ configuration that another trial has already trained is not trained again (:func
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -39,8 +40,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.storages.journal._storage import JournalStorageReplayResult
 
 from bnn_adapt.errors import ConfigError, UserError, printable
-from bnn_adapt.files import write_json
-from bnn_adapt.run.results import completed_metrics
+from bnn_adapt.run.record import RunRecord, completed
 
 JOURNAL_SUFFIX = ".log"
 SIZE_ATTR = "bnn_adapt:size_pct"  # a trial's system attributes: its size (% of the base), known before it trains,
@@ -292,7 +292,7 @@ def trial_ids(cfg: DictConfig) -> tuple[BaseStorage, int, int]:
     return storage, study_id, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number(cfg))
 
 
-def finished_twin(cfg: DictConfig, base_sha256: str | None) -> dict | None:
+def finished_twin(cfg: DictConfig, base_sha256: str | None) -> RunRecord | None:
     """The results of another trial of the search that trained this same configuration, copied into
     this trial's directory (``same_as`` names the original), with its per-epoch validation top-1 as
     this trial's intermediate values; None when there is none, or outside a search."""
@@ -300,15 +300,14 @@ def finished_twin(cfg: DictConfig, base_sha256: str | None) -> dict | None:
         return None
     out = Path(cfg.paths.output_dir)
     for path in sorted(out.parent.glob("*/metrics.json")):
-        done = completed_metrics(path.parent, cfg, base_sha256) if path.parent != out else None
-        if done is None or done.get("same_as"):  # a copy points to the run that trained
+        done = completed(path.parent, cfg, base_sha256) if path.parent != out else None
+        if done is None or done.same_as:  # a copy points to the run that trained
             continue
         storage, _, trial_id = trial_ids(cfg)
-        for k, epoch in enumerate(done.get("history") or [], start=1):
-            if epoch.get("val/acc") is not None:
-                storage.set_trial_intermediate_value(trial_id, k, float(epoch["val/acc"]))
-        twin = {**done, "same_as": str(path.parent), "config": OmegaConf.to_container(cfg, resolve=True)}
-        write_json(out / "metrics.json", twin)
+        for epoch, top1 in done.epoch_top1():
+            storage.set_trial_intermediate_value(trial_id, epoch + 1, float(top1))
+        twin = dataclasses.replace(done, same_as=str(path.parent), config=OmegaConf.to_container(cfg, resolve=True))
+        twin.write(out / "metrics.json")
         print(f"trial {trial_number(cfg)}: this configuration was trained by {path.parent}; its results are reused")
         return twin
     return None

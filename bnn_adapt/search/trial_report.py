@@ -105,7 +105,7 @@ class TrialReport(L.Callback):
         """The callback for an adaptation job of a search (``counts()``: the run's counts), else None."""
         if study.trial_number(cfg) is None or cfg.task != "adapt":
             return None
-        return cls(cfg, counts()["size_pct"])
+        return cls(cfg, counts().size_pct)
 
     def on_fit_start(self, trainer, pl_module):
         if trainer.is_global_zero:
@@ -135,9 +135,3 @@ class TrialReport(L.Callback):
         if prune:
             trainer.should_stop = True
             self.pruned_after_epoch = epoch
-
-    def outcome(self) -> dict:
-        """What the run's results add: a pruned run says so, and after which epoch."""
-        if self.pruned_after_epoch is None:
-            return {}
-        return {"status": "pruned", "pruned_after_epoch": self.pruned_after_epoch}

@@ -15,7 +15,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bnn_adapt.thesis.columns import Reference, relative_speedup, thesis_weights
+from bnn_adapt.run.record import RunRecord
+from bnn_adapt.thesis.columns import Reference, relative_speedup, thesis_size, thesis_weights
 from bnn_adapt.thesis.table_runs import Row, Table
 
 HOLDS, FAILS, TOO_FEW = "holds", "does not hold", "not enough runs"
@@ -44,16 +45,16 @@ def mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def row_mean(row: Row, value: Callable[[dict], float | None]) -> float | None:
+def row_mean(row: Row, value: Callable[[RunRecord], float | None]) -> float | None:
     return mean([v for v in (value(m) for m in row.runs) if v is not None])
 
 
 def strategy(row: Row) -> str | None:
-    return next((m.get("strategy") for m in row.runs), None)
+    return next((m.strategy for m in row.runs), None)
 
 
-def top1_pct(m: dict) -> float | None:
-    return None if m.get("test_top1") is None else 100 * m["test_top1"]
+def top1_pct(m: RunRecord) -> float | None:
+    return None if m.test_top1 is None else 100 * m.test_top1
 
 
 def adapters(rows: list[Row]) -> list[Row]:
@@ -85,8 +86,11 @@ def within_finetuning(rows: list[Row], reference: Reference | None) -> tuple[str
 
 
 def small_adapter_cost(rows: list[Row], reference: Reference | None) -> tuple[str, str]:
-    size = lambda m: (m.get("thesis") or {}).get("size_pct")  # noqa: E731
-    found = [(r, g, row_mean(r, size)) for r, g in gaps(rows, reference) if 8 <= (row_mean(r, size) or -1) <= 11]
+    found = [
+        (r, g, row_mean(r, thesis_size))
+        for r, g in gaps(rows, reference)
+        if 8 <= (row_mean(r, thesis_size) or -1) <= 11
+    ]
     if not found:
         return TOO_FEW, "no finished adapter of 8-11 % of the base" + ("" if reference else " (or no finetuning row)")
     in_band = sum(2.5 <= g <= 4 for _, g, _ in found)
@@ -122,29 +126,27 @@ def log_fit(rows: list[Row]) -> tuple[str, str]:
     return (HOLDS if slope > 0 and r2 >= 0.5 else FAILS), numbers
 
 
-def epochs_to_95(m: dict) -> int | None:
+def epochs_to_95(m: RunRecord) -> int | None:
     """The first epoch (1-based) whose test top-1 reaches 95 % of the final one."""
-    accs = [h["val/acc"] for h in m.get("history", []) if "val/acc" in h]
-    if not accs or m.get("test_top1") is None:
+    accs = [top1 for _, top1 in m.epoch_top1()]
+    if not accs or m.test_top1 is None:
         return None
-    return next(i + 1 for i, a in enumerate(accs) if a >= 0.95 * m["test_top1"])
+    return next(i + 1 for i, a in enumerate(accs) if a >= 0.95 * m.test_top1)
 
 
-def best_epoch(m: dict) -> int | None:
+def best_epoch(m: RunRecord) -> int | None:
     """The epoch (1-based) of the best test top-1."""
-    accs = [h["val/acc"] for h in m.get("history", []) if "val/acc" in h]
+    accs = [top1 for _, top1 in m.epoch_top1()]
     return accs.index(max(accs)) + 1 if accs else None
 
 
 def udta_groups_converge(rows: list[Row]) -> tuple[str, str]:
     grouped = [
-        r
-        for r in rows
-        if strategy(r) == "udta" and any(m["config"]["adapter"].get("groups") is not None for m in r.runs)
+        r for r in rows if strategy(r) == "udta" and any(m.config["adapter"].get("groups") is not None for m in r.runs)
     ]
     if not grouped:
         return TOO_FEW, "no finished UDTA run with grouped convolutions"
-    epochs = max(m["config"]["trainer"]["max_epochs"] for r in grouped for m in r.runs)
+    epochs = max(m.config["trainer"]["max_epochs"] for r in grouped for m in r.runs)
     parts, latest = [], 0
     for row in grouped:  # over a row's seeds: the latest
         reached = [e for e in map(epochs_to_95, row.runs) if e]

@@ -13,7 +13,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bnn_adapt.thesis.table_runs import Row, Table, introduced_weights
+from bnn_adapt.run.record import RunRecord
+from bnn_adapt.thesis.table_runs import Row, Table
 from bnn_adapt.thesis.values import NOT_PRINTED, printed, printed_finetune_top1
 
 
@@ -22,7 +23,7 @@ class Column:
     """One of our numbers: a value per run (averaged over a row's seeds)."""
 
     header: str
-    value: Callable[[dict], float | int | None]
+    value: Callable[[RunRecord], float | int | None]
     fmt: str  # format spec of one value
 
     def mean(self, row: Row) -> float | None:
@@ -49,19 +50,17 @@ def values(row: Row, column: Column) -> list[float]:
     return [float(v) for v in (column.value(m) for m in row.runs) if v is not None]
 
 
-def get(key: str, scale: float = 1.0) -> Callable[[dict], float | int | None]:
-    return lambda m: None if m.get(key) is None else m[key] * scale
+def pct(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
 
 
-def thesis_convention(key: str) -> Callable[[dict], float | int | None]:
-    """A value of ``metrics.json``'s ``thesis`` node (:mod:`bnn_adapt.accounting.thesis`)."""
-    return lambda m: (m.get("thesis") or {}).get(key)
+def thesis_size(m: RunRecord) -> float | None:
+    """% of the base's memory in the thesis's convention (:mod:`bnn_adapt.accounting.thesis`)."""
+    return m.thesis.size_pct if m.thesis else None
 
 
-def thesis_weights(m: dict) -> int | None:
-    t = m.get("thesis") or {}
-    fp32, binary = t.get("introduced_fp32_params"), t.get("introduced_binary_params")
-    return None if fp32 is None or binary is None else fp32 + binary + t.get("introduced_quantized_params", 0)
+def thesis_weights(m: RunRecord) -> int | None:
+    return m.thesis.introduced_weights if m.thesis else None
 
 
 @dataclass(frozen=True)
@@ -74,30 +73,30 @@ class Reference:
 
     @classmethod
     def of(cls, rows: list[Row], table_id: str) -> Reference | None:
-        runs = next((r.runs for r in rows if any(m.get("strategy") == "full_finetune" for m in r.runs)), [])
-        top1 = [m["test_top1"] for m in runs if m.get("test_top1") is not None]
-        times = [m["epoch_time_s"] for m in runs if m.get("epoch_time_s")]
+        runs = next((r.runs for r in rows if any(m.strategy == "full_finetune" for m in r.runs)), [])
+        top1 = [m.test_top1 for m in runs if m.test_top1 is not None]
+        times = [m.epoch_time_s for m in runs if m.epoch_time_s]
         if not top1 and not times:
             return None
         return cls(statistics.fmean(top1) if top1 else None, statistics.fmean(times) if times else None, table_id)
 
 
-def gap_to_finetune(reference: Reference | None) -> Callable[[dict], float | None]:
+def gap_to_finetune(reference: Reference | None) -> Callable[[RunRecord], float | None]:
     """Points of top-1 below (-) or above (+) finetuning."""
     ref = reference.top1 if reference else None
-    return lambda m: None if ref is None or m.get("test_top1") is None else 100 * (m["test_top1"] - ref)
+    return lambda m: None if ref is None or m.test_top1 is None else 100 * (m.test_top1 - ref)
 
 
-def relative_speedup(reference: Reference | None) -> Callable[[dict], float | None]:
+def relative_speedup(reference: Reference | None) -> Callable[[RunRecord], float | None]:
     """The thesis's "relative speed-up": 2 - t / t_finetune (finetuning itself: 1)."""
     ref = reference.epoch_time_s if reference else None
-    return lambda m: None if not ref or not m.get("epoch_time_s") else 2 - m["epoch_time_s"] / ref
+    return lambda m: None if not ref or not m.epoch_time_s else 2 - m.epoch_time_s / ref
 
 
-def speedup(reference: Reference | None) -> Callable[[dict], float | None]:
+def speedup(reference: Reference | None) -> Callable[[RunRecord], float | None]:
     """Ours: t_finetune / t."""
     ref = reference.epoch_time_s if reference else None
-    return lambda m: None if not ref or not m.get("epoch_time_s") else ref / m["epoch_time_s"]
+    return lambda m: None if not ref or not m.epoch_time_s else ref / m.epoch_time_s
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ class ThesisColumn:
     """What the thesis prints for a row (or why it prints nothing)."""
 
     header: str
-    value: Callable[[dict], float | None]  # of the thesis's printed values (thesis_values.printed)
+    value: Callable[[RunRecord], float | None]  # of the thesis's printed values (thesis_values.printed)
     fmt: str
     table: Table
 
@@ -142,10 +141,10 @@ class DeltaColumn:
 
 def comparison_columns(table: Table, reference: Reference | None) -> list:
     """Ours in the thesis's convention beside the thesis's printed values (thesis tables) and the difference."""
-    top1 = Column("top-1 %", get("test_top1", 100), ".2f")
+    top1 = Column("top-1 %", lambda m: pct(m.test_top1), ".2f")
     gap = Column("gap to finetune (points)", gap_to_finetune(reference), "+.2f")
     weights = Column("weights introduced (thesis conv.)", thesis_weights, ",")
-    size = Column("% base memory (thesis conv.)", thesis_convention("size_pct"), ".2f")
+    size = Column("% base memory (thesis conv.)", thesis_size, ".2f")
     relative = Column("speed-up 2 - t/t_ft", relative_speedup(reference), ".2f")
     if not table.thesis:
         return [top1, gap, weights, size, relative]
@@ -180,14 +179,14 @@ def comparison_columns(table: Table, reference: Reference | None) -> list:
 def our_columns(reference: Reference | None, pruned: bool) -> list[Column]:
     """Our own convention (the whole new head, the full base with its own classifier) and numbers."""
     return [
-        Column("best top-1 %", get("best_test_top1", 100), ".2f"),
-        *([Column("best before pruning %", get("best_before_pruning_top1", 100), ".2f")] if pruned else []),
-        Column("weights introduced (ours)", introduced_weights, ","),
-        Column("fp32 weights", get("introduced_fp32_params"), ","),
-        Column("binary weights", get("introduced_binary_params"), ","),
-        Column("% base memory (ours)", get("size_pct"), ".3f"),
-        Column("adapter MACs", get("adapter_macs"), ","),  # per image (bnn_adapt.accounting.operations)
-        Column("epoch time (s)", get("epoch_time_s"), ".2f"),
+        Column("best top-1 %", lambda m: pct(m.best_test_top1), ".2f"),
+        *([Column("best before pruning %", lambda m: pct(m.best_before_pruning_top1), ".2f")] if pruned else []),
+        Column("weights introduced (ours)", lambda m: m.introduced_weights, ","),
+        Column("fp32 weights", lambda m: m.introduced_fp32_params, ","),
+        Column("binary weights", lambda m: m.introduced_binary_params, ","),
+        Column("% base memory (ours)", lambda m: m.size_pct, ".3f"),
+        Column("adapter MACs", lambda m: m.adapter_macs, ","),  # per image (bnn_adapt.accounting.operations)
+        Column("epoch time (s)", lambda m: m.epoch_time_s, ".2f"),
         Column("speed-up t_ft/t", speedup(reference), ".2f"),
     ]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from bnn_adapt.thesis.table_runs import Row, Table, introduced_weights
+from bnn_adapt.run.record import RunRecord
+from bnn_adapt.thesis.table_runs import Row, Table
 
 
 def _pyplot():
@@ -17,7 +18,7 @@ def _pyplot():
     return plt
 
 
-def training_losses(run_dir: Path, metrics: dict) -> tuple[list[float], list[float]]:
+def training_losses(run_dir: Path, metrics: RunRecord) -> tuple[list[float], list[float]]:
     """(steps, losses) from Lightning's CSV log; per-epoch losses from metrics.json if there is none."""
     path = run_dir / "csv" / "metrics.csv"
     if path.is_file():
@@ -29,8 +30,8 @@ def training_losses(run_dir: Path, metrics: dict) -> tuple[list[float], list[flo
             ]
         if points:
             return [p[0] for p in points], [p[1] for p in points]
-    history = [h for h in metrics.get("history", []) if "train/loss_epoch" in h]
-    return [h["epoch"] for h in history], [h["train/loss_epoch"] for h in history]
+    losses = metrics.epoch_losses()
+    return [epoch for epoch, _ in losses], [loss for _, loss in losses]
 
 
 def plot_curves(table: Table, rows: list[Row], out: Path) -> list[Path]:
@@ -48,8 +49,8 @@ def plot_curves(table: Table, rows: list[Row], out: Path) -> list[Path]:
             for i, job in enumerate(j for j in row.jobs if j.metrics):
                 metrics = job.metrics
                 if name == "test_accuracy":
-                    points = [(h["epoch"] + 1, h["val/acc"]) for h in metrics.get("history", []) if "val/acc" in h]
-                    xs, ys = [p[0] for p in points], [p[1] for p in points]
+                    points = metrics.epoch_top1()
+                    xs, ys = [epoch + 1 for epoch, _ in points], [top1 for _, top1 in points]
                 else:
                     xs, ys = training_losses(job.run_dir, metrics)
                 if xs:
@@ -82,10 +83,10 @@ def plot_accuracy_vs_weights(tables: list[tuple[Table, list[Row]]], path: Path) 
             continue
         for row in rows:
             for m in row.runs:
-                weights, top1 = introduced_weights(m), m.get("test_top1")
+                weights, top1 = m.introduced_weights, m.test_top1
                 if weights and top1 is not None:
-                    dataset = m["config"]["data"]["name"]
-                    points.setdefault(dataset, []).append((m.get("strategy", "?"), weights, top1, table.id))
+                    dataset = m.config["data"]["name"]
+                    points.setdefault(dataset, []).append((m.strategy or "?", weights, top1, table.id))
     panels = sorted(points) or ["(no runs yet)"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
     markers = {"head_only": "s", "full_finetune": "*", "serial": "o", "udta": "^", "lora": "D", "bitfit": "v"}

@@ -124,14 +124,14 @@ def measured_epochs(tables: Sequence[tuple[Table, list]]) -> Measured:
         for row in rows:
             for job in row.jobs:
                 m = job.metrics
-                if not (m and m.get("epoch_time_s") and m.get("config")):
+                if not (m and m.epoch_time_s and m.config):
                     continue
-                device = device_kind(m.get("device"))
-                found.per_epoch.setdefault(run_kind(m["config"], device), []).append(m["epoch_time_s"])
-                images = training_images(OmegaConf.create(m["config"]))
+                device = device_kind(m.device)
+                found.per_epoch.setdefault(run_kind(m.config, device), []).append(m.epoch_time_s)
+                images = training_images(OmegaConf.create(m.config))
                 if images:
-                    found.per_image.setdefault(run_kind(m["config"], device, with_data=False), []).append(
-                        m["epoch_time_s"] / images
+                    found.per_image.setdefault(run_kind(m.config, device, with_data=False), []).append(
+                        m.epoch_time_s / images
                     )
     return found
 
@@ -198,8 +198,8 @@ def estimate(job, measured: Measured, bench: list[dict]) -> tuple[float | None, 
     """(seconds, source) of one expected run."""
     cfg, m = job.cfg, job.metrics
     if job.status == "complete":
-        if m.get("epoch_time_s") and m.get("epochs_run"):
-            return m["epoch_time_s"] * m["epochs_run"], f"measured ({m['epochs_run']} epochs)"
+        if m.epoch_time_s and m.epochs_run:
+            return m.epoch_time_s * m.epochs_run, f"measured ({m.epochs_run} epochs)"
         return None, "complete (no epoch time recorded)"
     if cfg.get("summary_only"):
         return 0.0, "counts only (no training)"

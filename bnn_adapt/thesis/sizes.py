@@ -42,6 +42,7 @@ from bnn_adapt.nn.layers import ColumnPrunedLinear
 from bnn_adapt.nn.quantizers import BITS
 from bnn_adapt.run import builders
 from bnn_adapt.run.config import compose
+from bnn_adapt.run.record import RunRecord
 
 #: the file-size targets (issue #13): packed base and adapter files against the formula at real bits
 BASE_TARGET, ADAPTER_TARGET = 1.02, 1.10
@@ -257,15 +258,14 @@ def run_table(run_dirs: list[str]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in map(Path, run_dirs):
-        path, metrics_path = run / ADAPTER_FILE, run / "metrics.json"
-        if not (path.is_file() and metrics_path.is_file()):
+        path, metrics = run / ADAPTER_FILE, RunRecord.read(run)
+        if not (path.is_file() and metrics):
             continue
-        metrics = json.loads(metrics_path.read_text())
         with safe_open(str(path), framework="np") as f:
             stored = sum(f.get_tensor(k).nbytes for k in f.keys())
         plain = path.stat().st_size - stored + sum(a.nbytes for a in read_adapter_file(path)[0].values())
-        formula, file = metrics["introduced_bits"] / 8, path.stat().st_size
-        adapter, reduction = metrics["config"]["adapter"], metrics["config"].get("reduction") or {}
+        formula, file = metrics.introduced_bits / 8, path.stat().st_size
+        adapter, reduction = metrics.config["adapter"], metrics.config.get("reduction") or {}
         strategy = adapter["name"] + (f", {reduction['name']} {reduction['rate']}" if "rate" in reduction else "")
         lines.append(
             f"| {run} | {strategy} | {adapter.get('bits', 32)} | {round(formula):,} | {file:,} "

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bnn_adapt.files import read_json_or_none
 from bnn_adapt.run.config import REPO_ROOT, SWEEPS_DIR, compose, without_hydra_node
 from bnn_adapt.run.labels import run_label
-from bnn_adapt.run.results import config_hash, result_problem
+from bnn_adapt.run.record import RunRecord, result_problem
+from bnn_adapt.run.results import config_hash
 
 
 @dataclass(frozen=True)
@@ -101,23 +101,22 @@ class Job:
     config_hash: str  # what the task will record for this config (bnn_adapt.results.config_hash)
 
     @functools.cached_property
-    def result(self) -> dict | None:
-        return read_json_or_none(self.run_dir / self.result_file)
+    def result(self) -> RunRecord | None:
+        return RunRecord.read(self.run_dir, self.result_file)
 
     @functools.cached_property
     def status(self) -> str:
         result = self.result
         if result is None:
             return "incomplete" if self.run_dir.is_dir() else "not run"
-        status = result.get("status", "complete")
-        if status != "complete":
-            return status
+        if not result.complete:
+            return result.status
         if self.result_file != "metrics.json":  # counts (summary.json): no data read
-            return STALE if result.get("config_hash") != self.config_hash else status
-        return STALE if result_problem(result, without_hydra_node(self.cfg), self.config_hash) else status
+            return STALE if result.config_hash != self.config_hash else result.status
+        return STALE if result_problem(result, without_hydra_node(self.cfg), self.config_hash) else result.status
 
     @property
-    def metrics(self) -> dict | None:
+    def metrics(self) -> RunRecord | None:
         """The run's numbers, also when stale (shown, and marked)."""
         return self.result if self.status in ("complete", STALE) else None
 
@@ -129,7 +128,7 @@ class Row:
     key: str = ""  # the row's swept overrides, e.g. ``row=serial_g1`` (a table's ``thesis_rows`` key)
 
     @property
-    def runs(self) -> list[dict]:
+    def runs(self) -> list[RunRecord]:
         return [m for m in (j.metrics for j in self.jobs) if m is not None]
 
     @property
@@ -144,8 +143,8 @@ class Row:
     def error(self) -> str | None:
         for job in self.jobs:
             result = job.result
-            if result and result.get("status") in ("failed", "failed_after_training"):
-                return str(result.get("error", "failed"))
+            if result and result.failed:
+                return str(result.error or "failed")
         return None
 
 
@@ -210,12 +209,6 @@ def row_label(table: Table, cfg: DictConfig) -> str:
     label = run_label({"config": parts})
     label = {"full_finetune": "finetune", "head_only": "head only"}.get(label, label)
     return label + "".join(f" {key}={OmegaConf.select(cfg, key)}" for key in table.label_keys)
-
-
-def introduced_weights(metrics: dict) -> int | None:
-    """fp32 + binary + below-32-bit parameters a run introduced (adapter + head)."""
-    fp32, binary = metrics.get("introduced_fp32_params"), metrics.get("introduced_binary_params")
-    return None if fp32 is None or binary is None else fp32 + binary + metrics.get("introduced_quantized_params", 0)
 
 
 def run_sweeps(table: Table, profile: str, overrides: Sequence[str] = (), done: set[str] | None = None) -> None:

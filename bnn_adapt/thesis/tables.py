@@ -28,8 +28,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from bnn_adapt.run.record import RunRecord
 from bnn_adapt.thesis.claims import check_claims, claims_markdown
-from bnn_adapt.thesis.columns import Column, Reference, comparison_columns, get, our_columns, unknown_column
+from bnn_adapt.thesis.columns import Column, Reference, comparison_columns, our_columns, pct, unknown_column
 from bnn_adapt.thesis.figures import plot_accuracy_vs_weights, plot_curves
 from bnn_adapt.thesis.plan import describe, plan_tables
 from bnn_adapt.thesis.table_runs import STALE, TABLES, THESIS_TABLES, Row, Table, run_sweeps, table_rows
@@ -37,34 +38,36 @@ from bnn_adapt.thesis.table_runs import STALE, TABLES, THESIS_TABLES, Row, Table
 # ----------------------------------------------------------------------------- columns
 
 
-def _base_bits(m: dict) -> int | None:
-    if m.get("base_fp32_params") is None or m.get("base_binary_params") is None:
+def _base_bits(m: RunRecord) -> int | None:
+    if m.base_fp32_params is None or m.base_binary_params is None:
         return None
-    return 32 * m["base_fp32_params"] + m["base_binary_params"]
+    return 32 * m.base_fp32_params + m.base_binary_params
 
 
 COUNT_COLUMNS = (
-    Column("fp32 params", get("base_fp32_params"), ","),
-    Column("binary params", get("base_binary_params"), ","),
+    Column("fp32 params", lambda m: m.base_fp32_params, ","),
+    Column("binary params", lambda m: m.base_binary_params, ","),
     Column("memory (bits)", _base_bits, ","),
     Column("memory (MB)", lambda m: None if _base_bits(m) is None else _base_bits(m) / 8e6, ".2f"),
 )
 PRETRAIN_COLUMNS = (
-    Column("top-1 % (final)", get("test_top1", 100), ".2f"),
-    Column("best top-1 %", get("best_test_top1", 100), ".2f"),
-    Column("best epoch", lambda m: None if m.get("best_epoch") is None else m["best_epoch"] + 1, ","),
+    Column("top-1 % (final)", lambda m: pct(m.test_top1), ".2f"),
+    Column("best top-1 %", lambda m: pct(m.best_test_top1), ".2f"),
+    Column("best epoch", lambda m: None if m.best_epoch is None else m.best_epoch + 1, ","),
     *COUNT_COLUMNS,
-    Column("epoch time (s)", get("epoch_time_s"), ".2f"),
+    Column("epoch time (s)", lambda m: m.epoch_time_s, ".2f"),
 )
 PROTOCOLS = ("thesis", "clean")  # conf/protocol/
-QUANTIZED = Column("weights below 32 bits", get("introduced_quantized_params"), ",")  # fp32 weights: with their scales
+QUANTIZED = Column(
+    "weights below 32 bits", lambda m: m.introduced_quantized_params, ","
+)  # fp32 weights: with their scales
 
 
 def columns_of(table: Table, rows: list[Row], reference: Reference | None) -> list:
     if table.kind == "adapt":
         pruned = any(job.cfg.reduction.name.startswith("prune") for row in rows for job in row.jobs)
         columns = [*comparison_columns(table, reference), *our_columns(reference, pruned)]
-        if any(m.get("introduced_quantized_params") for row in rows for m in row.runs):  # adapter.bits below 32
+        if any(m.introduced_quantized_params for row in rows for m in row.runs):  # adapter.bits below 32
             columns.insert(next(i for i, c in enumerate(columns) if c.header == "binary weights") + 1, QUANTIZED)
         return columns
     columns = list(COUNT_COLUMNS if table.kind == "counts" else PRETRAIN_COLUMNS)
@@ -79,8 +82,8 @@ def columns_of(table: Table, rows: list[Row], reference: Reference | None) -> li
 def settings(rows: list[Row], counts_only: bool = False) -> dict[str, str]:
     """What the runs ran with, from their own configs (the composed config where none finished;
     count-only runs write no config: they train nothing, so profile and width are what matter)."""
-    configs = [m["config"] for row in rows for m in row.runs if m.get("config")]
-    devices = sorted({str(m["device"]) for row in rows for m in row.runs if m.get("device")})
+    configs = [m.config for row in rows for m in row.runs if m.config]
+    devices = sorted({str(m.device) for row in rows for m in row.runs if m.device})
     source = "the runs' configs"
     if not configs:
         configs = [OmegaConf.to_container(j.cfg, resolve=False) for row in rows for j in row.jobs]

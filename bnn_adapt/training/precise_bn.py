@@ -273,10 +273,8 @@ class PreciseBN(L.Callback):
             load_bn_statistics(pl_module, self.final)
 
 
-def final_top1(history: list[dict], every_epoch: bool, evaluated: str = "test") -> dict:
-    """``metrics.json``'s last-epoch top-1 with the averaged and with the re-estimated statistics
-    (``evaluated``: ``test``, or ``val`` where every epoch is evaluated on a validation split)."""
+def final_top1(history: list[dict], every_epoch: bool) -> tuple[float | None, float | None]:
+    """The last epoch's top-1 (a run's history) with the averaged and with the re-estimated statistics."""
     last = history[-1] if history else {}
     primary, side = last.get("val/acc"), last.get(AVERAGED_KEY if every_epoch else PRECISE_KEY)
-    averaged, precise = (side, primary) if every_epoch else (primary, side)
-    return {f"{evaluated}_top1_averaged_bn": averaged, f"{evaluated}_top1_precise_bn": precise}
+    return (side, primary) if every_epoch else (primary, side)
