@@ -69,7 +69,7 @@ def register_resolvers() -> None:
 register_resolvers()
 schema.register()
 
-TASKS = ("pretrain", "adapt", "export", "predict")
+TASKS = ("pretrain", "adapt", "export", "predict", "evaluate")
 BN_MODES = ("frozen", "recalibrate", "adapt")  # base.bn: recalibrate = AdaBN, then frozen
 BASE_EPOCHS = ("last", "best")  # base.epoch: which pretraining epoch adaptation reads
 
@@ -128,7 +128,16 @@ def search_as_multirun(args: Sequence[str]) -> list[str]:
 
 #: keys whose values are paths (or lists of them): run directories are named ``row=...``, which
 #: Hydra's override grammar does not take unquoted
-PATH_KEYS = ("export.adapter_run", "adapters", "inputs", "base.checkpoint", "base.file", "base.save_to", "data.root")
+PATH_KEYS = (
+    "export.adapter_run",
+    "evaluate.adapter",
+    "adapters",
+    "inputs",
+    "base.checkpoint",
+    "base.file",
+    "base.save_to",
+    "data.root",
+)
 
 
 def quote_path_overrides(args: Sequence[str]) -> list[str]:

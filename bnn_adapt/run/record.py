@@ -88,7 +88,7 @@ class RunRecord:
 
     # what the run is and where it stands
     status: str = COMPLETE  # COMPLETE, FAILED, FAILED_AFTER_TRAINING or PRUNED
-    task: str | None = None  # pretrain or adapt
+    task: str | None = None  # pretrain, adapt or evaluate
     seed: int | None = None
     config_hash: str | None = None  # bnn_adapt.run.results.config_hash
     results_schema: int = 1  # RESULTS_SCHEMA when written (files without it: 1)
@@ -98,7 +98,7 @@ class RunRecord:
     same_as: str | None = None  # a search's trial whose configuration that run directory trained
     # what its numbers depend on
     data: DataIdentity | None = None
-    base_checkpoint_sha256: str | None = None  # adapt: the bytes of the base it adapted
+    base_checkpoint_sha256: str | None = None  # adapt, evaluate: the bytes of the base it adapted or evaluated
     versions: dict[str, str] | None = None  # python and the packages that compute (results.package_versions)
     environment: Environment | None = None
     # training (bnn_adapt.training.callbacks.RunStats)
@@ -120,7 +120,7 @@ class RunRecord:
     val_top1_precise_bn: float | None = None
     best_epoch_top1_precise_bn: float | None = None  # pretrain: the kept best epoch with re-estimated statistics
     # pretraining's files
-    base_checkpoint: str | None = None  # the last epoch (base.save_to)
+    base_checkpoint: str | None = None  # the last epoch (base.save_to); evaluate: the base file it read
     best_epoch_checkpoint: str | None = None
     best_epoch: int | None = None  # 0-based
     # counts (bnn_adapt.accounting: summarize, operation_counts)
@@ -150,7 +150,13 @@ class RunRecord:
     base_bits: int | None = None
     introduced_bits: int | None = None
     thesis: ThesisCounts | None = None  # the same in the thesis's convention
-    class_names: list[str] | None = None  # adapt: the target classes, in output order
+    class_names: list[str] | None = None  # adapt, evaluate: the classes, in output order
+    # evaluation (task=evaluate): the test split once, image by image in predictions_file; test_top1 is its top-1
+    adapter_file: str | None = None  # the adapter evaluated on the base (None: the base alone, on its base classes)
+    test_images: int | None = None
+    per_class_top1: dict[str, float] | None = None  # by class name: the share of its test images predicted as it
+    confusion_matrix: list[list[int]] | None = None  # [true class][predicted class], both in class_names order
+    predictions_file: str | None = None  # predictions.csv: source, label, predicted per test image
     config: dict | None = None  # the resolved config it ran
     run_dir: Path | None = field(default=None, compare=False)  # where it was read from; not written
 

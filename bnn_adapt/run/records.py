@@ -51,7 +51,7 @@ def results_record(cfg: DictConfig, measured: RunRecord, status: str, **extra) -
         config_hash=config_hash(cfg),
         results_schema=RESULTS_SCHEMA,
         data=dataset_identity(cfg),
-        base_checkpoint_sha256=adapted_base_sha256(cfg) if cfg.task == "adapt" else None,
+        base_checkpoint_sha256=adapted_base_sha256(cfg) if cfg.task in ("adapt", "evaluate") else None,
         versions=package_versions(),
         environment=environment(),
         config=OmegaConf.to_container(cfg, resolve=True),

@@ -36,8 +36,8 @@ def package_versions() -> dict[str, str]:
 #: same experiment and is not repeated; each run records the count it used, README: reproducibility;
 #: ``search``: which trial of a search a run is and how the search judges it, bnn_adapt.search.study).
 #: Where the data is, is not a key's business either: :func:`result_problem` compares the data itself.
-#: ``export``, ``predict``: read only by those tasks, which are never skipped as complete.
-NOT_HASHED = ("paths", "resume", "debug", "table", "protocol", "threads", "search", "export", "predict")
+#: ``export``, ``predict``, ``evaluate``: read only by those tasks, which are never skipped as complete.
+NOT_HASHED = ("paths", "resume", "debug", "table", "protocol", "threads", "search", "export", "predict", "evaluate")
 #: ``logger`` entries that only mirror what a run computes (bnn_adapt.run.tracking): not hashed either
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 

@@ -32,6 +32,13 @@ class PredictSchema:
 
 
 @dataclass
+class EvaluateSchema:
+    adapter: str | None = MISSING
+    metrics: str = MISSING
+    predictions: str = MISSING
+
+
+@dataclass
 class NoReductionSchema:
     name: str = MISSING
 
@@ -59,6 +66,7 @@ class IterativePruneSchema(NoReductionSchema):
 SCHEMAS = {
     ("export", "_schema"): ExportSchema,
     ("predict", "_schema"): PredictSchema,
+    ("evaluate", "_schema"): EvaluateSchema,
     ("reduction", "_schema_none"): NoReductionSchema,
     ("reduction", "_schema_prune"): PruneSchema,
     ("reduction", "_schema_prune_iterative"): IterativePruneSchema,

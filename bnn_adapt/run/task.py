@@ -6,7 +6,8 @@ the frozen base from ``base.checkpoint``, train it on the target classes and
 write its adapter file) and ``summary_only=true`` (build the model, count, no
 data). It returns the metrics dict, which Hydra sweepers (Optuna included)
 read. ``task=export`` (bit-packed base + adapter files) and ``task=predict``
-(one base, many adapters) are deployment steps: :mod:`bnn_adapt.deploy`.
+(one base, many adapters) are deployment steps: :mod:`bnn_adapt.deploy`; ``task=evaluate``
+(a base, or base + adapter, on its test split) is :mod:`bnn_adapt.run.evaluate`.
 
 What follows training runs as named steps that never lose the measured numbers
 (:mod:`bnn_adapt.run.records`); ``resume=true`` redoes a failed one from the
@@ -401,12 +402,13 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_task(cfg: DictConfig) -> RunRecord | dict:
-    if cfg.task in ("export", "predict"):  # deployment: no training, no metrics.json
+    if cfg.task in ("export", "predict", "evaluate"):  # no training; never skipped as complete
         from bnn_adapt.deploy.export import run_export  # noqa: PLC0415 - deployment sits beside the runtime
         from bnn_adapt.deploy.predict import run_predict  # noqa: PLC0415
+        from bnn_adapt.run.evaluate import run_evaluate  # noqa: PLC0415
 
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        return run_export(cfg) if cfg.task == "export" else run_predict(cfg)
+        return {"export": run_export, "predict": run_predict, "evaluate": run_evaluate}[cfg.task](cfg)
     if cfg.summary_only:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 A dataset module (``digits.py``, ``cifar10.py``, ... here, or any importable module of
 your own) defines ``DATASET``, a :class:`DatasetSpec`: its reader, classes, statistics,
-the files it reads under ``data.root`` (what the data fingerprint covers) and a generator
-of tiny data in its on-disk format. Nothing else in bnn_adapt names a dataset: the
+the files it reads under ``data.root`` (what the data fingerprint covers), how a test
+image's source is named and a generator of tiny data in its on-disk format. Nothing else in bnn_adapt names a dataset: the
 datamodule, the fingerprint and the smoke data ask the spec (docs/extending.md).
 """
 
@@ -33,6 +33,11 @@ def nothing_missing(root: str) -> None:
     A module-level function, not a lambda: ``trainer=ddp`` (ddp_spawn) pickles the datamodule."""
 
 
+def held_out_row(root: str, held_out: Dataset, row: int) -> str:
+    """A held-out image named by its row in the dataset's held-out split: ``test:<row>``."""
+    return f"test:{row}"
+
+
 def whole_root(root: str) -> tuple[Path, None]:
     """The files a dataset reads are every file under ``data.root``."""
     return Path(root), None
@@ -55,6 +60,8 @@ class DatasetSpec:
     embedded: str | None = None  # read from a package, not from files: what it is (no fingerprint)
     synthetic: Callable[[Path], object] | None = None  # writes tiny data in its format (PROFILE=smoke reads it)
     classes_on_disk: Callable[[str], list[str]] | None = None  # class_names None: the class names under root
+    #: (root, held-out set, row) -> where that image comes from, as ``task=evaluate``'s predictions.csv names it
+    source: Callable[[str, Dataset, int], str] = held_out_row
 
     def statistics(self, large: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) to normalise with: the dataset's, else ImageNet's for the 224-px pipeline, else 0.5."""

@@ -36,6 +36,11 @@ def files(cls: type[tvd.CIFAR10], root: str) -> tuple[Path, None]:
     return Path(root) / cls.base_folder, None
 
 
+def source(cls: type[tvd.CIFAR10], root: str, held_out, row: int) -> str:
+    """A test image as its file and row: ``test_batch:<row>`` (CIFAR-10), ``test:<row>`` (CIFAR-100)."""
+    return f"{cls.test_list[0][0]}:{row}"
+
+
 def load(cls: type[tvd.CIFAR10], title: str, root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
     """The training and test sets with their labels."""
     folder, absent = Path(root) / cls.base_folder, missing(cls, root)
@@ -78,4 +83,5 @@ def spec(
         missing=partial(missing, cls),
         files=partial(files, cls),
         synthetic=synthetic,
+        source=partial(source, cls),
     )

@@ -105,6 +105,11 @@ def load(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def source(root: str, held_out, row: int) -> str:
+    """A test image as its file and row: ``t10k-images-idx3-ubyte:<row>``."""
+    return f"{FILES['eval'][0]}:{row}"
+
+
 def _idx_bytes(array: np.ndarray) -> bytes:
     """IDX format: magic (0, 0, type 0x08 = ubyte, ndim), big-endian dims, then the data."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -138,4 +143,5 @@ DATASET = DatasetSpec(
     missing=missing,
     files=files,
     synthetic=partial(write_fashion_idx, n_per_class=32),
+    source=source,
 )

@@ -3,6 +3,7 @@ the statistics and pipeline follow the image size (224 px and up: ImageNet's).""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ def load(root: str, download: bool) -> tuple[LabelledSet, LabelledSet]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def source(root: str, held_out: OnceImageFolder, row: int) -> str:
+    """A test image as its path under ``data.root`` (``test/<class>/<file>``)."""
+    return Path(os.path.relpath(held_out.samples[row][0], root)).as_posix()
+
+
 def write_imagefolder(
     root, classes=("cat", "dog", "3"), n_per_class: int = 3, grayscale_some: bool = True, size: int = 12
 ) -> Path:
@@ -67,5 +73,13 @@ def write_imagefolder(
 
 
 DATASET = DatasetSpec(
-    "imagefolder", load, None, None, None, large=None, missing=missing, classes_on_disk=classes_on_disk
+    "imagefolder",
+    load,
+    None,
+    None,
+    None,
+    large=None,
+    missing=missing,
+    classes_on_disk=classes_on_disk,
+    source=source,
 )
