@@ -81,6 +81,8 @@ def test_base_with_adapter_on_the_target_classes(make_cfg, adaptation_run, data_
     assert metrics["adapter_file"] == str(adaptation_run / "adapter.safetensors")
     assert metrics["class_names"] == list(CLASSES[5:])
     check_agrees(metrics, rows)
+    # the same weights, statistics and images as the adaptation's last test
+    assert metrics["test_top1"] == pytest.approx(RunRecord.read(adaptation_run).test_top1)
 
 
 def test_recalibrate_re_estimates_the_base_statistics_and_says_so(make_cfg, pretrained_base, capsys):
