@@ -16,6 +16,7 @@ from bnn_adapt.errors import CheckpointError, ConfigError, FingerprintError
 from bnn_adapt.run import builders, task
 from bnn_adapt.run.evaluate import evaluated_model
 from bnn_adapt.run.record import RunRecord
+from bnn_adapt.training.datasets import find
 from bnn_adapt.training.datasets.cifar10 import CLASSES
 from bnn_adapt.training.precise_bn import batch_norms
 from tests.conftest import compose_config
@@ -83,6 +84,34 @@ def test_base_with_adapter_on_the_target_classes(make_cfg, adaptation_run, data_
     check_agrees(metrics, rows)
     # the same weights, statistics and images as the adaptation's last test
     assert metrics["test_top1"] == pytest.approx(RunRecord.read(adaptation_run).test_top1)
+
+
+def test_an_adapter_that_carries_base_tensors_agrees_with_its_run(make_cfg, pretrained_base, data_dir):
+    """Full finetuning's file replaces every base tensor (BN statistics re-estimated at its end included)."""
+    adapt = make_cfg("data=cifar5_5", "adapter=full_finetune", "trainer.max_epochs=1", name="finetune")
+    trained = task.run(adapt)
+    cfg = make_cfg("data=cifar5_5", "task=evaluate", f"evaluate.adapter={adapt.paths.output_dir}", name="evaluate")
+    metrics = task.run(cfg)
+    check_agrees(metrics, rows_of(Path(cfg.paths.output_dir) / "predictions.csv"))
+    assert metrics["test_top1"] == pytest.approx(trained["test_top1"])
+
+
+def test_each_dataset_names_its_test_images(tmp_path):
+    """``DatasetSpec.source``: the file and row, or the path under ``data.root``."""
+    expected = {
+        "cifar10": "test_batch:1",
+        "cifar100": "test:1",
+        "fashion_mnist": "t10k-images-idx3-ubyte:1",
+        "flowers102": "flowers-102/jpg/image_00",
+        "pets": "oxford-iiit-pet/images/",
+        "digits": "test:1",
+    }
+    for name, start in expected.items():
+        spec = find(name)
+        if spec.synthetic is not None:
+            spec.synthetic(tmp_path / name)
+        _, (held_out, _) = spec.load(str(tmp_path / name), False)
+        assert spec.source(str(tmp_path / name), held_out, 1).startswith(start), name
 
 
 def test_recalibrate_re_estimates_the_base_statistics_and_says_so(make_cfg, pretrained_base, capsys):

@@ -36,6 +36,7 @@ LAYOUT = torchvision_layout.Layout(
     "oxford-iiit-pet",
     ("images", "annotations"),
     tvd.OxfordIIITPet._RESOURCES[0][0],
+    image_files="_images",
 )
 
 

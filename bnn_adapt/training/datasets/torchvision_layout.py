@@ -3,6 +3,7 @@ ImageNet base: the 224-px pipeline and ImageNet's statistics."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,12 +22,18 @@ class Layout:
     folder: str
     parts: tuple[str, ...]
     url: str  # where a download comes from
+    image_files: str = "_image_files"  # the reader's list of image paths, in its order
 
 
 def missing(layout: Layout, root: str) -> str | None:
     absent = [p for p in layout.parts if not (Path(root) / layout.folder / p).exists()]
     folder = Path(root) / layout.folder
     return f"{folder} lacks {', '.join(absent)} (expected {', '.join(layout.parts)})" if absent else None
+
+
+def source(layout: Layout, root: str, held_out, row: int) -> str:
+    """A held-out image as its path under ``data.root``."""
+    return Path(os.path.relpath(getattr(held_out, layout.image_files)[row], root)).as_posix()
 
 
 def files(layout: Layout, root: str) -> tuple[Path, None]:
@@ -63,4 +70,5 @@ def spec(layout: Layout, classes: tuple[str, ...], synthetic) -> DatasetSpec:
         missing=partial(missing, layout),
         files=partial(files, layout),
         synthetic=synthetic,
+        source=partial(source, layout),
     )
