@@ -105,7 +105,10 @@ def evaluated_model(cfg: DictConfig, datamodule, device: torch.device) -> tuple[
     check_classes(attached.class_names, datamodule.class_names, f"adapter {printable(path)}", "data.target_classes")
     check_preprocessing(attached.meta.get("preprocess"), datamodule, path)
     if cfg.base.bn == "recalibrate" and attached.meta["base_tensors"]:
-        print(f"note: adapter {printable(path)} holds base statistics of its own, which replace these while it runs")
+        count = len(attached.meta["base_tensors"])
+        print(
+            f"note: adapter {printable(path)} holds {count} base tensors of its own, which replace these while it runs"
+        )
     attached.base_overrides = {name: t.to(device) for name, t in attached.base_overrides.items()}  # not buffers
     return attached.eval().to(device), path
 
