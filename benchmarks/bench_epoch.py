@@ -58,7 +58,7 @@ class EpochSetup:
     rounds: int
 
 
-# CPU: a tiny width, where the framework's own cost shows (issue #24's 1.3x goal); GPU: the thesis's width
+# CPU: a tiny width, where the framework's own cost shows (the 1.3x goal of bench_report); GPU: the thesis's width
 EPOCH_SETUPS = {
     ("cpu", "full"): EpochSetup(0.1, 1000, 200, 64, 3, 3),
     ("cpu", "quick"): EpochSetup(0.1, 320, 64, 64, 3, 1),

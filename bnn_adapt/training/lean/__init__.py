@@ -1,4 +1,4 @@
-"""Memory-lean backprop for binary networks (``memory=lean``, SPEC 7).
+"""Memory-lean backprop for binary networks (``memory=lean``, docs/speed.md).
 
 Standard autograd keeps fp32 copies of whatever a binary layer touched: the
 real input of every sign, the +-1 tensor fed to the conv, the binarised
