@@ -284,7 +284,7 @@ def epoch_notes(epochs: list[dict], meta: dict) -> str:
         f"Epochs: training images per second of a whole epoch (training on the train images, then validation "
         f"on the eval images), STE base at width {e['width']:g}, batch {e['batch_size']}, generated CIFAR-10 5-5 "
         f"in its real format; median over {e['rounds']} rounds x {e['epochs'] - 1} epochs after a warm-up epoch, "
-        "cases interleaved. Framework: `bnn_adapt.run.task.fit` as `python -m bnn_adapt` runs it (the "
+        "cases interleaved. Framework: `bnn_adapt.run.fit.fit` as `python -m bnn_adapt` runs it (the "
         "datamodule's loaders, the Lightning module and trainer, logging, checkpointing, validation); bare loop: "
         "plain PyTorch over the same loaders with the same optimiser, scheduler, forward, backward, step and "
         "latent clamping, and an evaluation pass (`benchmarks.bench_epoch`). CPU time: this process's, "

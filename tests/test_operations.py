@@ -204,7 +204,7 @@ ADAPTER_ROWS = {  # the page's table of what the thesis adapters add, by its (da
 
 def test_documented_adapter_macs_are_what_summary_only_counts(tmp_path):
     from bnn_adapt.run.config import compose
-    from bnn_adapt.run.task import configured_counts
+    from bnn_adapt.run.counts import configured_counts
 
     cells = [
         line.strip("|").split("|")
