@@ -1,47 +1,12 @@
-"""Adapter files: one adapter + its head as a small ``.safetensors`` file.
+"""Adapter files: one adapter + its head as a small ``.safetensors`` file, and that file read back.
 
-What goes in: the adapter's and the head's tensors, and ``base.*``: base
-tensors the adapted model no longer shares with the stored base (every body
-tensor for a strategy that trains the base; the drifted or recalibrated BN statistics of a
-``base.bn=adapt`` or ``recalibrate`` run; nothing otherwise), applied while
-this adapter runs. As the model holds them for inference:
-
-* a weight trained below 32 bits (``adapter.bits``) at that width, bit-packed,
-  with its fp32 scale per output channel: the very values training computed
-  with; binary weights (a binary head's) as one bit each;
-* every BatchNorm folded (:mod:`bnn_adapt.nn.folding`): one scale and one shift
-  per channel, rebuilt as running mean 0, variance 1, ``FOLDED_EPS`` with bit-identical
-  outputs (a strategy's copies of base BN pairs, its ``norm_pairs``, are folded
-  with the base's statistics, and attach onto a base whose norms are folded too);
-* other values as ``export.dtype`` says: ``fp32`` (exact), ``fp16``, or
-  ``int8`` (every >= 2-D weight as int8 with one fp32 scale per output channel,
-  where that pays; 1-D tensors as fp16). Weights trained below 32 bits and
-  their scales keep their own width.
-
-Pruned weights are stored compactly, whichever is smallest: dense, a bitmask
-plus the kept values, or the gaps between kept positions plus the values.
-Structured pruning is physically removed:
-
-* the dead rows a strategy names (its ``kept_rows``: a pruned depthwise filter
-  of a thin block, thesis 6.4) go with their BN scale; the folded shift stays,
-  since the channel may still carry a residual;
-* a pruned classifier column (``reduction.head_rate``) is not stored at all.
-
-The values of all tensors share a few arrays (:mod:`.file_codec`), in the
-order of the state dicts of the model that the metadata rebuilds: a JSON block
-in the safetensors metadata (key ``bnn_adapt``) with the strategy and its
-options, class names, the preprocessing, the base's fingerprint (loading onto
-another base is refused), a hash of that order, and the encodings that differ
-from the defaults. Each array is stored LZMA-compressed where that is smaller
-(lossless; ``packing`` in the metadata names them): a pruned tensor's positions
-cost bits the size formula does not count, which compression wins back.
-
-A file may come from anyone, so reading one checks it before trusting it: the
-metadata first (:mod:`.file_meta`: every key of its type, the strategy's own options, sane class
-counts, names and image sizes), then the model it declares is built on the meta
-device (nothing allocated) to bound what the streams may hold; decompression
-stops at that bound, every stream must end with the last record, and NaN or
-infinite values are refused. Any fault is one :class:`ExportError` line.
+The file holds the adapter's and the head's tensors as the model runs them (BatchNorms folded,
+weights below 32 bits at their width, pruned rows and columns left out; :mod:`.file_records`), the
+base tensors the adapted model no longer shares with the stored base, and a JSON metadata block
+(strategy, options, class names, preprocessing, the base's fingerprint, a layout hash): docs/deployment.md,
+"What the files hold". A file may come from anyone, so reading checks it before trusting it (metadata
+first, :mod:`.file_meta`; then the declared model on the meta device bounds what the streams may hold);
+any fault is one :class:`ExportError` line (docs/deployment.md, "Files from others").
 """
 
 from __future__ import annotations
