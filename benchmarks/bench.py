@@ -1,4 +1,4 @@
-"""Side-by-side speed and memory benchmark of the adaptation strategies (SPEC 7).
+"""Side-by-side speed and memory benchmark of the adaptation strategies (docs/speed.md).
 
 ``make bench`` (``python -m benchmarks.bench``) measures every strategy x
 memory mode (``memory=standard|lean``) on the STE base at full width (32x32

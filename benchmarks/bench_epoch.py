@@ -4,7 +4,7 @@
 Each case (full finetuning, serial, UDTA, UDTA + tap cache on the STE base, generated
 CIFAR-10 5-5 in the real on-disk format) trains two ways, on copies of one model:
 
-* ``framework``: :func:`bnn_adapt.run.task.fit`, the Lightning module and trainer of a
+* ``framework``: :func:`bnn_adapt.run.fit.fit`, the Lightning module and trainer of a
   run with everything it does per epoch (the datamodule's loaders, steps, logging,
   checkpointing, validation, callbacks);
 * ``bare``: a plain loop over the *same* datamodule's loaders (so a faster loader speeds
@@ -58,7 +58,7 @@ class EpochSetup:
     rounds: int
 
 
-# CPU: a tiny width, where the framework's own cost shows (issue #24's 1.3x goal); GPU: the thesis's width
+# CPU: a tiny width, where the framework's own cost shows (the 1.3x goal of bench_report); GPU: the thesis's width
 EPOCH_SETUPS = {
     ("cpu", "full"): EpochSetup(0.1, 1000, 200, 64, 3, 3),
     ("cpu", "quick"): EpochSetup(0.1, 320, 64, 64, 3, 1),
@@ -154,9 +154,9 @@ def prepare_case(
 def run_framework(
     case: EpochCase, device: torch.device, run_dir: Path
 ) -> tuple[list[tuple[float, float]], torch.nn.Module]:
-    """``epochs`` epochs through :func:`bnn_adapt.run.task.fit`: the (wall, CPU) times of the epochs after the
+    """``epochs`` epochs through :func:`bnn_adapt.run.fit.fit`: the (wall, CPU) times of the epochs after the
     first, the model."""
-    from bnn_adapt.run import task
+    from bnn_adapt.run.fit import fit
 
     cfg = copy.deepcopy(case.cfg)
     with open_dict(cfg):
@@ -168,7 +168,7 @@ def run_framework(
     lightning_log.setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            task.fit(cfg, model, case.datamodule.num_classes, case.datamodule, callbacks=[timer])
+            fit(cfg, model, case.datamodule.num_classes, case.datamodule, callbacks=[timer])
         finally:
             lightning_log.setLevel(level)
     return spans(timer.marks)[1:], model

@@ -1,4 +1,4 @@
-"""1-bit inference benchmark: packed XNOR-popcount kernels against torch's fp32 convs (issue #16).
+"""1-bit inference benchmark: packed XNOR-popcount kernels against torch's fp32 convs.
 
 ``make bench-infer`` (``python -m benchmarks.bench_infer``) measures, in one
 run and on the same threads, the STE base at full width (32x32 images) and

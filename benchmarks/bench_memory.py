@@ -1,5 +1,5 @@
 """Memory meters of the benchmark: bytes autograd keeps for backward, and peak memory
-measured in isolated processes (``make bench``, SPEC 7).
+measured in isolated processes (``make bench``, docs/speed.md).
 
 * :class:`SavedTensorMeter` counts what autograd saves during one training step
   (saved-tensor hooks, once per storage), split into activations, the part
@@ -9,7 +9,7 @@ measured in isolated processes (``make bench``, SPEC 7).
   ``/proc/self/clear_refs``. A reset that does not take is an error: the peak
   would silently be the process's lifetime peak.
 * :func:`isolated_peaks` runs one benchmark case (``python -m
-  benchmarks.bench_memory SPEC``) once per repeat, each in a fresh process,
+  benchmarks.bench_memory CASE``) once per repeat, each in a fresh process,
   so that no case inherits another's heap or allocator state, and reports the
   minimum with the steps' own growth.
 """
@@ -225,7 +225,7 @@ def measure_saved(case: Case) -> None:
 
 
 def memory_worker(spec: dict) -> dict:
-    """One case's peak memory, in this (fresh) process: ``python -m benchmarks.bench_memory SPEC``.
+    """One case's peak memory, in this (fresh) process: ``python -m benchmarks.bench_memory CASE``.
 
     ``baseline``: the resident set with every library loaded and the config
     machinery run, before anything is built; ``before``: what is held when the

@@ -12,7 +12,7 @@ import torch
 
 from bnn_adapt.run.provenance import git_commit as commit  # noqa: F401 - the benchmarks' records name it
 
-# (label, goal, strategy, cache_taps, memory, field): the goals of issue #6, as ratios from one run
+# (label, goal, strategy, cache_taps, memory, field): the step and memory goals, as ratios from one run
 TARGETS = (
     ("udta step vs full finetune", 2.5, "udta", False, "standard", "speedup_vs_finetune"),
     ("udta + tap cache step vs full finetune", 8.0, "udta", True, "standard", "speedup_vs_finetune"),
@@ -23,12 +23,12 @@ TARGETS = (
     ("pretrain, lean_fp16: fewer saved bytes", 3.0, "pretrain", False, "lean_fp16", "activation_ratio_vs_standard"),
 )
 
-# issue #24's epoch goals: on CPU an epoch within 1.3x of the bare loop (tiny width, one thread); on one H200,
+# the epoch goals: on CPU an epoch within 1.3x of the bare loop (tiny width, one thread); on one H200,
 # full-width STE on CIFAR-10 5-5 images at batch 64, training images per second
 EPOCH_RATIO_GOAL = 1.3
 EPOCH_GPU_GOALS = {("full_finetune", False): 15_000, ("udta", False): 40_000, ("udta", True): 100_000}
 
-# The thesis's target sets (SPEC 5): which base reads them and how many images the cache holds.
+# The thesis's target sets (thesis ch. 5-6): which base reads them and how many images the cache holds.
 # (name, base, training images, evaluation images)
 THESIS_DATASETS = (
     ("CIFAR-10 5-5 (labels 5-9)", "ste_resnet_cifar", 25_000, 5_000),
@@ -249,7 +249,7 @@ def step_sections(records: list[dict], meta: dict) -> list[str]:
 
 
 def _goal(record: dict) -> str:
-    """The record against issue #24's goal: on a CPU the 1.3x ratio (of CPU times), on a GPU images/s at full width."""
+    """The record against its goal: on a CPU the 1.3x ratio (of CPU times), on a GPU images/s at full width."""
     if not record["device"].startswith("cuda"):
         ratio = record["framework_vs_bare_cpu"]
         return f"<= {EPOCH_RATIO_GOAL}x: " + (
@@ -284,10 +284,10 @@ def epoch_notes(epochs: list[dict], meta: dict) -> str:
         f"Epochs: training images per second of a whole epoch (training on the train images, then validation "
         f"on the eval images), STE base at width {e['width']:g}, batch {e['batch_size']}, generated CIFAR-10 5-5 "
         f"in its real format; median over {e['rounds']} rounds x {e['epochs'] - 1} epochs after a warm-up epoch, "
-        "cases interleaved. Framework: `bnn_adapt.run.task.fit` as `python -m bnn_adapt` runs it (the "
+        "cases interleaved. Framework: `bnn_adapt.run.fit.fit` as `python -m bnn_adapt` runs it (the "
         "datamodule's loaders, the Lightning module and trainer, logging, checkpointing, validation); bare loop: "
         "plain PyTorch over the same loaders with the same optimiser, scheduler, forward, backward, step and "
         "latent clamping, and an evaluation pass (`benchmarks.bench_epoch`). CPU time: this process's, "
-        "which other processes on a shared machine do not inflate as they do wall time; the CPU goal (issue #24) "
+        "which other processes on a shared machine do not inflate as they do wall time; the CPU goal "
         "is judged on it."
     )

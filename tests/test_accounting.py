@@ -1,5 +1,5 @@
-"""Accounting and the size metric (SPEC 1.3, 4) for every strategy, and the
-counts pruning leaves (SPEC 3)."""
+"""Accounting and the size metric (docs/concepts.md, Size) for every strategy, and the
+counts pruning leaves (thesis ch. 6.4)."""
 
 from __future__ import annotations
 

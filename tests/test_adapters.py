@@ -1,4 +1,4 @@
-"""Adapters and strategies (SPEC 2, 3): parameter formulas, forward maths,
+"""Adapters and strategies: parameter formulas, forward maths,
 channel plans, heads, group resolution and config errors."""
 
 from __future__ import annotations

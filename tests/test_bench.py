@@ -1,4 +1,4 @@
-"""The benchmark (make bench, SPEC 7): a tiny run writes the documented records
+"""The benchmark (make bench, docs/speed.md): a tiny run writes the documented records
 and tables; every case trains on the same batch; the tap-cache case never runs
 the base; peaks come from isolated, repeated processes whose reset is checked;
 the saved-tensor meter counts what autograd keeps."""

@@ -1,4 +1,4 @@
-"""Binary layers (SPEC 1.1): sign, the straight-through gradient, binary
+"""Binary layers: sign, the straight-through gradient, binary
 conv/linear forward passes, latent-weight clamping, no in-place binarisation."""
 
 from __future__ import annotations

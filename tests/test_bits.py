@@ -501,7 +501,7 @@ def test_front_comparison_and_hypervolume_by_hand():
     ids=["ste", "reactnet"],
 )
 def test_the_thesis_convention_counts_quantised_weights_at_their_width(head, make):
-    """SPEC 4b's size % at real bits: the adapter's quantised weights and a quantised (fp32, ReActNet) concat
+    """The thesis convention's size % at real bits: the adapter's quantised weights and a quantised (fp32, ReActNet) concat
     head's extra columns count at their width, never as fp32 and never dropped."""
     base = make()
     model = Parallel(base, 5, head=head, bits=4)

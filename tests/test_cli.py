@@ -61,7 +61,7 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-# ------------------------------------------------------------------ expected counts (SPEC sections 1-3)
+# ------------------------------------------------------------------ expected counts (docs/concepts.md)
 
 
 def stage_channels(cfg) -> list[int]:
@@ -145,7 +145,7 @@ def test_summary_only_works_offline_for_every_experiment(experiment, make_cfg, t
 
 
 def test_summary_matches_spec_numbers_for_the_cifar_base(make_cfg, tmp_path):
-    """SPEC 1.1 per-layer counts, C = 5: binary weights and (BN) fp32 parameters of the full-width STE net."""
+    """STE ResNet per-layer counts, C = 5: binary weights and (BN) fp32 parameters of the full-width STE net."""
     cfg = make_cfg("+experiment=cifar5_5_head_only", "summary_only=true", tiny=False, base_dir=tmp_path)
     summary = task.run(cfg)
     stem, stage1 = 2_160, 4 * 57_600

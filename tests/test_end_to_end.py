@@ -1,6 +1,6 @@
 """End to end through the real config and ``bnn_adapt.task.run``: pretrain a tiny
 STE base on generated CIFAR-10 files, adapt it with every strategy, prune, and
-check what each run leaves on disk (SPEC sections 2-6)."""
+check what each run leaves on disk."""
 
 from __future__ import annotations
 

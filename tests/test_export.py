@@ -1,4 +1,4 @@
-"""Deployable artifacts (SPEC 3-4): the bit-packed base, compact adapter files,
+"""Deployable artifacts: the bit-packed base, compact adapter files,
 exact round trips for every strategy, the fingerprint check, sizes on disk
 against the formula, and ``task=export`` from real run directories."""
 
@@ -126,7 +126,7 @@ def test_fingerprint_follows_what_decides_the_outputs():
     [(STEResNetCIFAR, 10, 1.0), (STEResNetCIFAR, 80, 1.0), (ReActNet18, 1000, 1.0), (STEResNetCIFAR, 10, 0.25)],
 )
 def test_packed_base_size_on_disk_is_within_2_percent_of_the_formula(make, classes, width, tmp_path):
-    """n_bin / 8 + 4 n_fp32 bytes (SPEC 4): BN folded to the two values per channel the formula charges,
+    """n_bin / 8 + 4 n_fp32 bytes: BN folded to the two values per channel the formula charges,
     a compressed header; ReActNet's per-channel scales and the STE head's real-valued bias on top, the
     STE pre-classifier BN's thresholds (one value per channel) below."""
     torch.manual_seed(0)

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from benchmarks.gpu_check import Step, run_step
+from benchmarks.gpu_check import run_step
+from benchmarks.gpu_check_steps import THESIS_STRATEGIES, Step, plan
+from bnn_adapt.adapters import STRATEGIES
 from tests.test_tables import REPO_ROOT
 
 
@@ -74,17 +76,17 @@ def test_the_cpu_rehearsal_runs_every_step_and_reports_each(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     steps = {r["step"]: r for r in report["steps"]}
-    expected = {s.name for s in gpu_check.plan("cpu", tmp_path, 0)}
+    expected = {s.name for s in plan("cpu", tmp_path, 0)}
     assert set(steps) == expected and len(expected) == 20
     assert steps.pop("udta_ddp_sync_bn")["status"].startswith("skipped: needs 2+ GPUs")
     assert all(r["status"] == "ok" for r in steps.values()), {n: r["status"] for n, r in steps.items()}
     trained = [
-        *gpu_check.STRATEGIES,
+        *STRATEGIES,
         "udta_bf16",
         "udta_lean",
         "udta_tap_cache",
         "udta_ddp",
-        *(f"thesis_epoch_{n}" for n in gpu_check.THESIS_STRATEGIES),
+        *(f"thesis_epoch_{n}" for n in THESIS_STRATEGIES),
     ]
     for name in trained:
         r = steps[name]

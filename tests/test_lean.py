@@ -1,4 +1,4 @@
-"""Memory-lean backprop (memory=lean, SPEC 7): gradients equal standard
+"""Memory-lean backprop (memory=lean, docs/speed.md): gradients equal standard
 autograd's, and far fewer bytes are kept for backward.
 
 Tolerances: every lean path of an adaptation strategy (frozen base) and of

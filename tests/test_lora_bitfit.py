@@ -1,4 +1,4 @@
-"""The future-work adapters (SPEC 2): LoRA branches beside binary convs and
+"""The future-work adapters: LoRA branches beside binary convs and
 BitFit (BN affine, learnable biases, PReLU), on both bases: counts, maths,
 an untouched base, and end-to-end runs through ``task.run``."""
 
@@ -28,7 +28,7 @@ BASES = {
 
 
 def ste_convs(w: float = 1.0) -> dict[int, list[tuple[int, int, int]]]:
-    """(c_in, c_out, kernel) of every binary conv per stage of the STE ResNet (SPEC 1.1), stem excluded."""
+    """(c_in, c_out, kernel) of every binary conv per stage of the STE ResNet, stem excluded."""
     c1, c2, c3 = (max(1, int(round(c * w))) for c in (80, 160, 320))
     return {
         1: [(c1, c1, 3)] * 4,
@@ -38,7 +38,7 @@ def ste_convs(w: float = 1.0) -> dict[int, list[tuple[int, int, int]]]:
 
 
 def reactnet_convs(w: float = 1.0) -> dict[int, list[tuple[int, int, int]]]:
-    """One binary 3x3 conv per block, 4 blocks per stage (SPEC 1.2)."""
+    """One binary 3x3 conv per block, 4 blocks per stage (ReActNet-18)."""
     ch = [max(1, int(round(c * w))) for c in (64, 128, 256, 512)]
     return {s + 1: [(ch[s - 1] if s else ch[0], ch[s], 3)] + [(ch[s], ch[s], 3)] * 3 for s in range(4)}
 
@@ -129,7 +129,7 @@ def test_bitfit_trains_bn_biases_and_prelu_only():
 
 
 def test_bitfit_counts_at_full_width():
-    """SPEC 1.1/1.2 channel plans: every base BN (gamma, beta) + learnable biases + PReLU, classifier excluded."""
+    """STE ResNet / ReActNet-18 channel plans: every base BN (gamma, beta) + learnable biases + PReLU, classifier excluded."""
     ste = summarize(BitFit(STEResNetCIFAR(num_classes=10, width=1.0), 5))
     bn_channels = 80 + 4 * 80 + (4 * 160 + 160) + (4 * 320 + 320)  # stem, stage 1-3 (+ shortcut BN)
     assert ste["adapter_fp32_params"] == 2 * bn_channels + 2 * 320  # + the pre-classifier BN1d(320)

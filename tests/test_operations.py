@@ -140,7 +140,7 @@ FULL_WIDTH = {  # (macs_binary, macs_fp32) for one image at the base's own size;
 
 def test_full_width_bases_as_the_readme_reports_them():
     ste = mac_totals(mac_rows(STEResNetCIFAR(num_classes=10), 32), adapted=False)
-    # SPEC 1.1 by hand: 80-ch convs at 32x32; 160-ch at 16x16 (+ 1x1 shortcut); 320-ch at 8x8 (+ shortcut); head
+    # STE ResNet by hand: 80-ch convs at 32x32; 160-ch at 16x16 (+ 1x1 shortcut); 320-ch at 8x8 (+ shortcut); head
     binary = 4 * 1024 * 80 * 720 + 256 * 160 * (720 + 3 * 1440 + 80) + 64 * 320 * (1440 + 3 * 2880 + 160) + 320 * 10
     stem = 1024 * 80 * 27  # binary weights on the real image: fp32 MACs
     bn = 5 * 1024 * 80 + 5 * 256 * 160 + 5 * 64 * 320 + 320 + 10  # every BN: stem, blocks, shortcuts, head
@@ -204,7 +204,7 @@ ADAPTER_ROWS = {  # the page's table of what the thesis adapters add, by its (da
 
 def test_documented_adapter_macs_are_what_summary_only_counts(tmp_path):
     from bnn_adapt.run.config import compose
-    from bnn_adapt.run.task import configured_counts
+    from bnn_adapt.run.counts import configured_counts
 
     cells = [
         line.strip("|").split("|")

@@ -20,7 +20,7 @@ from bnn_adapt.run import task
 from tests.conftest import CLASSES, PREPROCESS
 from tests.test_export import make_base
 
-# CIFAR-10 0-4's statistics (SPEC 5): mean and std differ per channel and from each other
+# CIFAR-10 0-4's statistics: mean and std differ per channel and from each other
 
 
 MODES = ("RGB", "RGB", "RGB", "L", "RGBA")  # grayscale and alpha too: each must become 3 channels

@@ -1,4 +1,4 @@
-"""The thesis's protocol (SPEC 6) and the clean one: pretraining keeps its best-test-accuracy epoch,
+"""The thesis's protocol (docs/thesis.md) and the clean one: pretraining keeps its best-test-accuracy epoch,
 ``base.epoch=best`` adapts it, the table sweeps run the thesis's protocol by default and
 ``protocol=clean`` runs into directories of its own while the bases stay shared; table 6.1's fp32
 reference is BinaryNet.pytorch's CIFAR ResNet."""

@@ -1,5 +1,5 @@
 """Iterative (lottery-ticket style) pruning and structured pruning of the new
-classifier's input columns (SPEC 3, thesis future work): schedules, the
+classifier's input columns (thesis future work): schedules, the
 sparsity after each round, rewinding, counts in summary_only and metrics.json."""
 
 from __future__ import annotations

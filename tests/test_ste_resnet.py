@@ -1,5 +1,5 @@
-"""STE ResNet for CIFAR (SPEC 1.1): exact per-layer parameter counts, binary vs
-fp32 totals (SPEC 1.3), the width multiplier and tiny forward passes."""
+"""STE ResNet for CIFAR: exact per-layer parameter counts, binary vs
+fp32 totals, the width multiplier and tiny forward passes."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def bn2d(prefix: str, c: int) -> dict[str, int]:
 
 
 def expected_full_counts() -> dict[str, int]:
-    """Every parameter tensor of the C = 10 net, from SPEC 1.1's table."""
+    """Every parameter tensor of the C = 10 net, from its architecture table (docs/concepts.md, Bases)."""
     e = {"stem.0.weight": 2_160, **bn2d("stem.1", 80)}
     # stage 1: 4 convs of 80 channels
     for b in (0, 1):
@@ -97,7 +97,7 @@ def test_binary_and_fp32_totals(full):
     binary_keys += ["classifier.0.weight", "classifier.0.bias"]
     n_bin = sum(e[k] for k in binary_keys)
     n_fp32 = sum(e.values()) - n_bin
-    # by hand from the SPEC table
+    # by hand from the architecture table
     convs = 2_160 + 4 * 57_600 + 115_200 + 3 * 230_400 + 12_800 + 460_800 + 3 * 921_600 + 51_200
     assert n_bin == convs + 3_210 == 4_331_770
     bn = 2 * 80 * (1 + 4) + 2 * 160 * (4 + 1) + 2 * 320 * (4 + 1)
@@ -193,7 +193,7 @@ def test_arch_config_round_trip():
 
 
 def hand_block(block: BasicBlock, x: torch.Tensor, clip_after_add: bool) -> torch.Tensor:
-    """SPEC 1.1's basic block written out: sign -> conv -> BN -> hardtanh, twice, + shortcut."""
+    """The STE ResNet's basic block written out: sign -> conv -> BN -> hardtanh, twice, + shortcut."""
 
     def bconv(conv, t):
         return nn.functional.conv2d(

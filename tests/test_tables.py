@@ -24,7 +24,7 @@ from bnn_adapt.training.datamodule import ClassSplitDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# the thesis's rows per table (SPEC section 6)
+# the thesis's rows per table (thesis ch. 6)
 THESIS_ROWS = {
     "5.2": ["ReActNet-18", "ResNet-18, fp32 (torchvision)"],
     "6.1": ["STE BNN (BinaryNet ResNet-18, CIFAR)", "ResNet-18, fp32 (BinaryNet.pytorch CIFAR, 16/32/64 ch)"],

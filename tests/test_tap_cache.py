@@ -1,4 +1,4 @@
-"""Tap cache (tap_cache.enabled, SPEC 7): cached base features stand in for the
+"""Tap cache (tap_cache.enabled, docs/speed.md): cached base features stand in for the
 frozen base exactly; the cache states its size first and refuses what does not fit."""
 
 from __future__ import annotations

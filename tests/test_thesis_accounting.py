@@ -1,4 +1,4 @@
-"""The thesis's own size convention (SPEC 4b), pinned to the values its tables print, through the real
+"""The thesis's own size convention, pinned to the values its tables print, through the real
 ``summary_only`` runs at full width; the slips in its own bookkeeping are not copied."""
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ import torch
 
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.files import WriteError, read_json
-from bnn_adapt.run import claims, records, resume, task
+from bnn_adapt.run import claims, fit, records, resume, task
 from bnn_adapt.run.config import without_hydra_node
 from bnn_adapt.training.callbacks import RunStats
+from bnn_adapt.training.module import Classifier
 
 ADAPT = ("data=cifar5_5", "adapter=head_only", "trainer.max_epochs=2")
 
@@ -97,7 +98,7 @@ def test_metrics_that_cannot_be_written_are_printed_and_resume_writes_them_witho
     assert printed["status"] == "complete" and printed["epochs_run"] == 2 and printed["test_top1"] is not None
 
     disk_full_from(resource.RLIM_INFINITY)
-    monkeypatch.setattr(task.Classifier, "training_step", lambda *a: pytest.fail("resume trained again"))
+    monkeypatch.setattr(Classifier, "training_step", lambda *a: pytest.fail("resume trained again"))
     done = task.run(make_cfg(*ADAPT, "resume=true"))
     same = ("status", "test_top1", "history", "epochs_run", "config_hash", "size_pct")
     assert {k: done[k] for k in same} == {k: printed[k] for k in same}
@@ -169,7 +170,7 @@ def test_a_claim_that_cannot_be_written_leaves_none(tmp_path, disk_full_from):
 
 def test_a_write_failing_inside_lightning_is_one_line_naming_its_path_or_the_run_directory(tmp_path):
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # Lightning's CSV logger: no file name
-    assert str(task.failed_write(full, tmp_path)) == f"cannot write {tmp_path}: No space left on device (ENOSPC)"
+    assert str(fit.failed_write(full, tmp_path)) == f"cannot write {tmp_path}: No space left on device (ENOSPC)"
     named = WriteError(errno.ENOSPC, f"cannot write {tmp_path / 'last.ckpt'}: No space left on device (ENOSPC)")
     try:
         try:
@@ -177,9 +178,9 @@ def test_a_write_failing_inside_lightning_is_one_line_naming_its_path_or_the_run
         except WriteError:  # Lightning's loggers close on the same full disk, fail again and hide it
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # noqa: B904
     except OSError as again:
-        assert task.failed_write(again, tmp_path) is named
+        assert fit.failed_write(again, tmp_path) is named
     unrelated = OSError(errno.ENOENT, "No such file or directory")
-    assert task.failed_write(unrelated, tmp_path) is unrelated
+    assert fit.failed_write(unrelated, tmp_path) is unrelated
 
 
 def test_a_claim_on_a_disk_turned_read_only_does_not_hide_the_runs_own_error(tmp_path, monkeypatch):

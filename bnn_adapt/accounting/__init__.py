@@ -1,4 +1,4 @@
-"""Parameter accounting and the size metric (SPEC sections 1.3 and 4)."""
+"""Parameter accounting and the size metric (docs/concepts.md, Size)."""
 
 from bnn_adapt.accounting.parameters import (
     LayerCount,

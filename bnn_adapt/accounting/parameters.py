@@ -1,4 +1,4 @@
-"""Parameter accounting and the size metric (SPEC sections 1.3 and 4), at real bit widths.
+"""Parameter accounting and the size metric (docs/concepts.md, Size), at real bit widths.
 
 Binary parameters are those a :class:`~bnn_adapt.nn.layers.BinaryModule` lists
 (1 bit each); a weight trained below 32 bits (``adapter.bits``, a layer with a

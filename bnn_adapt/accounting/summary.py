@@ -1,8 +1,8 @@
 """The counts a run reports (``summary.json``, ``metrics.json``) and the per-layer table it prints.
 
 Introduced parameters (adapter + new head) are reported next to the base's,
-separately for the adapter and the head too (SPEC 4), and shown per layer in
-the manner of Larq's ``models.summary``. The thesis's own convention (SPEC 4b)
+separately for the adapter and the head too (docs/concepts.md, Size), and shown per layer in
+the manner of Larq's ``models.summary``. The thesis's own convention
 rides along under ``thesis`` (:mod:`bnn_adapt.accounting.thesis`).
 """
 
@@ -51,7 +51,7 @@ def summarize(model: nn.Module, image_size: int | None = None) -> dict:
         "head_size_pct": 100.0 * head_bits / base_bits,
         "base_bits": base_bits,
         "introduced_bits": adapter_bits + head_bits,
-        "thesis": thesis_counts(model, pruned),  # the thesis's own convention (SPEC 4b)
+        "thesis": thesis_counts(model, pruned),  # the thesis's own convention
     }
 
 
@@ -101,7 +101,7 @@ def layer_table(model: nn.Module) -> str:
     )
     t = s["thesis"]
     lines.append(
-        f"thesis convention (SPEC 4b): {t['introduced_binary_params']:,} binary + {t['introduced_fp32_params']:,} "
+        f"thesis convention: {t['introduced_binary_params']:,} binary + {t['introduced_fp32_params']:,} "
         f"fp32 introduced against a base of {t['base_binary_params']:,} binary + {t['base_fp32_params']:,} fp32 "
         f"-> {t['size_pct']:.3f}%"
     )

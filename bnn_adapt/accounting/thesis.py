@@ -1,4 +1,4 @@
-"""The thesis's own size convention (SPEC 4b): what the tables of its chapter 6 print.
+"""The thesis's own size convention (docs/concepts.md, Size): what the tables of its chapter 6 print.
 
 The thesis measures a task against the base *as deployed for that task*:
 
@@ -17,7 +17,7 @@ to them, rounded down (for Pets' 37 classes 18,944 + 18 = 18,962, as printed).
 The exact extra weights alone would be 51 (Flowers-102) or 10 (CIFAR-100)
 fewer; ``summarize`` keeps our own convention (the whole new head) beside this.
 
-Not copied (SPEC 4b): table 6.2 subtracts 1,615 (a 5- vs 10-class head) from
+Not copied: table 6.2 subtracts 1,615 (a 5- vs 10-class head) from
 every serial count; table 6.7 divides by the Flowers-102 base.
 """
 

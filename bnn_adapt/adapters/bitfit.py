@@ -1,5 +1,5 @@
 """BitFit for BNNs (Ben Zaken et al. 2022), one of the thesis's future-work
-adapters (SPEC 2): train only the base's BN affine parameters, learnable
+adapters: train only the base's BN affine parameters, learnable
 biases/thresholds and PReLU slopes, as a task-specific copy.
 
 The copies live in the adapter and are swapped into the base only while the
@@ -59,7 +59,7 @@ class BitFitOptions:
 
 class BitFit(AdaptedModel):
     """Only the base's BN affine params, learnable biases and PReLU slopes train
-    (as a task-specific copy in the adapter), plus the new head (future work, SPEC 2)."""
+    (as a task-specific copy in the adapter), plus the new head (thesis future work)."""
 
     strategy = "bitfit"
     options_class = BitFitOptions

@@ -1,47 +1,12 @@
-"""Adapter files: one adapter + its head as a small ``.safetensors`` file.
+"""Adapter files: one adapter + its head as a small ``.safetensors`` file, and that file read back.
 
-What goes in: the adapter's and the head's tensors, and ``base.*``: base
-tensors the adapted model no longer shares with the stored base (every body
-tensor for a strategy that trains the base; the drifted or recalibrated BN statistics of a
-``base.bn=adapt`` or ``recalibrate`` run; nothing otherwise), applied while
-this adapter runs. As the model holds them for inference:
-
-* a weight trained below 32 bits (``adapter.bits``) at that width, bit-packed,
-  with its fp32 scale per output channel: the very values training computed
-  with; binary weights (a binary head's) as one bit each;
-* every BatchNorm folded (:mod:`bnn_adapt.nn.folding`): one scale and one shift
-  per channel, rebuilt as running mean 0, variance 1, ``FOLDED_EPS`` with bit-identical
-  outputs (a strategy's copies of base BN pairs, its ``norm_pairs``, are folded
-  with the base's statistics, and attach onto a base whose norms are folded too);
-* other values as ``export.dtype`` says: ``fp32`` (exact), ``fp16``, or
-  ``int8`` (every >= 2-D weight as int8 with one fp32 scale per output channel,
-  where that pays; 1-D tensors as fp16). Weights trained below 32 bits and
-  their scales keep their own width.
-
-Pruned weights are stored compactly, whichever is smallest: dense, a bitmask
-plus the kept values, or the gaps between kept positions plus the values.
-Structured pruning is physically removed:
-
-* the dead rows a strategy names (its ``kept_rows``: a pruned depthwise filter
-  of a thin block, thesis 6.4) go with their BN scale; the folded shift stays,
-  since the channel may still carry a residual;
-* a pruned classifier column (``reduction.head_rate``) is not stored at all.
-
-The values of all tensors share a few arrays (:mod:`.file_codec`), in the
-order of the state dicts of the model that the metadata rebuilds: a JSON block
-in the safetensors metadata (key ``bnn_adapt``) with the strategy and its
-options, class names, the preprocessing, the base's fingerprint (loading onto
-another base is refused), a hash of that order, and the encodings that differ
-from the defaults. Each array is stored LZMA-compressed where that is smaller
-(lossless; ``packing`` in the metadata names them): a pruned tensor's positions
-cost bits the size formula does not count, which compression wins back.
-
-A file may come from anyone, so reading one checks it before trusting it: the
-metadata first (:mod:`.file_meta`: every key of its type, the strategy's own options, sane class
-counts, names and image sizes), then the model it declares is built on the meta
-device (nothing allocated) to bound what the streams may hold; decompression
-stops at that bound, every stream must end with the last record, and NaN or
-infinite values are refused. Any fault is one :class:`ExportError` line.
+The file holds the adapter's and the head's tensors as the model runs them (BatchNorms folded,
+weights below 32 bits at their width, pruned rows and columns left out; :mod:`.file_records`), the
+base tensors the adapted model no longer shares with the stored base, and a JSON metadata block
+(strategy, options, class names, preprocessing, the base's fingerprint, a layout hash): docs/deployment.md,
+"What the files hold". A file may come from anyone, so reading checks it before trusting it (metadata
+first, :mod:`.file_meta`; then the declared model on the meta device bounds what the streams may hold);
+any fault is one :class:`ExportError` line (docs/deployment.md, "Files from others").
 """
 
 from __future__ import annotations
@@ -56,106 +21,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 from torch import nn
 
-from bnn_adapt.adapters.file_codec import (
-    DTYPES,
-    Cursor,
-    Streams,
-    choose_encoding,
-    compress_streams,
-    decompress_streams,
-    most_bytes,
-    read_record,
-    write_record,
-)
-from bnn_adapt.adapters.file_layout import default_codec, layout, layout_hash, load_part, parts, slots
-from bnn_adapt.adapters.file_meta import (
-    ADAPTER_SCALE,
-    FORMAT,
-    METADATA_KEY,
-    VERSION,
-    checked_meta,
-    refused,
-    shown,
-)
+from bnn_adapt.adapters.file_codec import DTYPES, compress_streams, decompress_streams, most_bytes
+from bnn_adapt.adapters.file_layout import default_codec, layout, layout_hash, parts
+from bnn_adapt.adapters.file_meta import ADAPTER_SCALE, FORMAT, METADATA_KEY, VERSION, checked_meta, refused, shown
+from bnn_adapt.adapters.file_records import RecordReader, RecordWriter, read_part, write_part
 from bnn_adapt.adapters.strategy import STRATEGIES, make_head_prunable, substituted
 from bnn_adapt.bases.base import rebuild
 from bnn_adapt.bases.fingerprint import canonical_tensors, fingerprint, fold_norms, norms_folded
 from bnn_adapt.bases.received import checked_arch
 from bnn_adapt.errors import ConfigError, ExportError, FingerprintError, printable
-from bnn_adapt.files import atomic_output, require_finite
-from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, mark_folded
-from bnn_adapt.nn.layers import ColumnPrunedLinear, quantized_weight, weight_bits
-from bnn_adapt.nn.quantizers import ChannelQuantizer
+from bnn_adapt.files import atomic_output
+from bnn_adapt.nn.layers import ColumnPrunedLinear
 
 ADAPTER_FILE = "adapter.safetensors"  # what an adaptation run writes in its directory
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _int8_pays(t: torch.Tensor) -> bool:
-    """int8 values (1 byte) plus an fp32 scale per row beat fp16 (2 bytes) only with > 4 values a row."""
-    return int(t.count_nonzero()) > 4 * t.shape[0]
-
-
-class _Records:
-    """Writes records into streams, noting the encodings that differ from the defaults."""
-
-    def __init__(self, dtype: str):
-        self.dtype = dtype
-        self.streams = Streams()
-        self.encodings: dict[str, dict] = {}
-
-    def add(self, name: str, t: torch.Tensor, default: str, scale=None, keep=None, enc: str | None = None) -> None:
-        """``enc``: ``rows``/``columns`` (with ``keep``), ``dense``, or None: the smallest of dense and sparse."""
-        codec = default
-        if codec == "i8" and not _int8_pays(t):
-            codec = "f16"
-        if codec == "sign":
-            t = t >= 0
-        if enc in ("rows", "columns"):
-            kept = t[keep] if enc == "rows" else t[:, keep]
-            if keep.all() or (codec == "q1" and bool((kept == 0).any())):  # a 1-bit code cannot hold a zero
-                enc = None
-        if enc is None:
-            enc, keep = choose_encoding(t, codec), None
-        extra = write_record(self.streams, t, codec, enc, scale, keep)
-        entry = {**({"codec": codec} if codec != default else {}), **({"enc": enc} if enc != "dense" else {}), **extra}
-        if entry:
-            self.encodings[name] = entry
-
-
-@torch.no_grad()
-def _write_part(records: _Records, prefix: str, part: nn.Module, pairs: dict, kept_rows: dict) -> None:
-    state, modules = part.state_dict(), dict(part.named_modules())
-    for key, kind, detail in slots(part, pairs):
-        owner = key.rpartition(".")[0]
-        value = state[key]
-        default = default_codec(kind, records.dtype, value.dim(), detail)
-        if kind == "norm":
-            scale, shift = fold_batch_norm(modules[detail])
-            rows = kept_rows.get(detail)
-            records.add(prefix + key, scale, default, keep=rows, enc="dense" if rows is None else "rows")
-            records.add(f"{prefix}{detail + '.' if detail else ''}bias", shift, default, enc="dense")
-        elif kind == "pair":
-            bias_key, bn = detail
-            scale, shift = fold_batch_norm(bn, weight=value, bias=state[bias_key])
-            records.add(prefix + key, scale, default, enc="dense")
-            records.add(prefix + bias_key, shift, default, enc="dense")
-        else:
-            module = modules[owner]
-            columns = module.kept_columns if isinstance(module, ColumnPrunedLinear) and key.endswith("weight") else None
-            scale = None
-            if kind == "quantized":
-                value, scale = quantized_weight(module)
-            elif columns is not None and kind == "value":
-                value = value * columns.to(value.dtype)  # zero the switched-off columns: no int8 scale inflated by them
-            if columns is not None and not columns.all():
-                records.add(prefix + key, value, default, scale=scale, keep=columns, enc="columns")
-            elif owner in kept_rows:
-                records.add(prefix + key, value, default, scale=scale, keep=kept_rows[owner], enc="rows")
-            else:
-                records.add(prefix + key, value, default, scale=scale)
 
 
 def base_differences(base: nn.Module, reference: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,9 +73,9 @@ def export_adapter(
     if dtype not in DTYPES:
         raise ConfigError(f"export.dtype={dtype!r} is invalid: use one of {', '.join(DTYPES)}")
     reference = model.base if reference_base is None else reference_base
-    records = _Records(dtype)
+    records = RecordWriter(dtype)
     for prefix, part, pairs in parts(model):
-        _write_part(records, prefix, part, pairs, model.kept_rows() if part is model.adapter else {})
+        write_part(records, prefix, part, pairs, model.kept_rows() if part is model.adapter else {})
     differences = base_differences(model.base, reference)
     kinds = {n: kind for n, kind, _ in canonical_tensors(reference)}  # as attach_adapter reads them back
     for name, t in differences.items():
@@ -224,9 +102,6 @@ def export_adapter(
     with atomic_output(path) as tmp:  # written by Python: a full disk is an OSError, which names its errno
         tmp.write_bytes(save(arrays, metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))}))
     return meta
-
-
-# --------------------------------------------------------------------------- reading
 
 
 def is_adapter_file(path: str | Path) -> bool:
@@ -315,7 +190,7 @@ def _streams(stored: dict[str, np.ndarray], meta: dict, path: Path) -> dict[str,
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """``(streams, metadata)`` of an exported adapter, the metadata checked first (:func:`_checked_meta`)."""
+    """``(streams, metadata)`` of an exported adapter, the metadata checked first (:func:`~bnn_adapt.adapters.file_meta.checked_meta`)."""
     stored, meta = _read_stored(Path(path))
     return _streams(stored, meta, Path(path)), meta
 
@@ -337,66 +212,6 @@ class AttachedAdapter(nn.Module):
             return self.model(x)
 
 
-class _Reader:
-    """A file's records, read in the order they were written: each codec must be the record's own, each
-    tensor finite, and the streams must end with the last record. How each was stored and how many bytes
-    it took go to ``meta["records"]``."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], meta: dict, path: Path):
-        self.cursor, self.meta, self.path = Cursor(arrays), meta, path
-        meta["records"] = {}
-
-    def read(self, name: str, shape, default: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        entry = self.meta["encodings"].get(name, {})
-        codec, enc, start = entry.get("codec", default), entry.get("enc", "dense"), self.cursor.bytes_read()
-        if codec not in (default, "f16" if default == "i8" else default):
-            raise refused(self.path, f"tensor {name} is stored as {shown(codec)}, not {default}")
-        try:
-            found = read_record(self.cursor, list(shape), codec, enc, entry.get("nnz"))
-        except ValueError as exc:
-            raise refused(self.path, f"tensor {name} cannot be read: {exc}") from None
-        require_finite({name: found[0], f"{name} (scales)": found[1]}, f"adapter file {self.path}", ExportError)
-        self.meta["records"][name] = {"codec": codec, "enc": enc, "bytes": self.cursor.bytes_read() - start}
-        return found
-
-    def finish(self) -> None:
-        unread = self.cursor.unread()
-        if unread:
-            stream, count = next(iter(unread.items()))
-            raise refused(self.path, f"its {stream} stream holds {count} values beyond its last tensor")
-        unknown = sorted(set(self.meta["encodings"]) - set(self.meta["records"]))
-        if unknown:
-            raise refused(self.path, f"encodings name {shown(unknown[0])}, which is no tensor of its adapter")
-
-
-@torch.no_grad()
-def _read_part(reader: _Reader, prefix: str, part: nn.Module, pairs: dict) -> None:
-    """Load ``part`` from its records: folded norms (``FOLDED_EPS``), quantised weights with their stored scales."""
-    state, modules, dtype = part.state_dict(), dict(part.named_modules()), reader.meta["dtype"]
-    tensors, scales = {}, {}
-    for key, kind, detail in slots(part, pairs):
-        default = default_codec(kind, dtype, state[key].dim(), detail)
-        shape = state[key].shape
-        if kind == "norm":
-            at = f"{detail}." if detail else ""
-            tensors[key] = reader.read(prefix + key, shape, default)[0]
-            tensors[f"{at}bias"] = reader.read(f"{prefix}{at}bias", shape, default)[0]
-            tensors[f"{at}running_mean"], tensors[f"{at}running_var"] = torch.zeros(shape), torch.ones(shape)
-        elif kind == "pair":
-            tensors[key] = reader.read(prefix + key, shape, default)[0]
-            tensors[detail[0]] = reader.read(prefix + detail[0], shape, default)[0]
-        else:
-            tensors[key], scale = reader.read(prefix + key, shape, default)
-            if kind == "quantized":
-                scales[key.rpartition(".")[0]] = scale
-    load_part(part, tensors, prefix.rstrip("."))
-    for m in modules.values():
-        if isinstance(m, BatchNorm):
-            mark_folded(m)
-    for owner, scale in scales.items():
-        modules[owner].weight_quantizer = ChannelQuantizer(weight_bits(modules[owner]), scale=scale)
-
-
 def attach_adapter(
     path: str | Path, base: nn.Module, base_fingerprint: str | None = None, name: str | None = None
 ) -> AttachedAdapter:
@@ -414,9 +229,9 @@ def attach_adapter(
     if not norms_folded(base):
         base = fold_norms(copy.deepcopy(base))  # the file's BN values are folded ones (identical outputs)
     model = _build(meta, base, path)
-    reader = _Reader(arrays, meta, path)
+    reader = RecordReader(arrays, meta, path)
     for prefix, part, pairs in parts(model):
-        _read_part(reader, prefix, part, pairs)
+        read_part(reader, prefix, part, pairs)
     canonical = {n: (k, t.shape) for n, k, t in canonical_tensors(base)}
     base_tensors = {}
     for tensor in meta["base_tensors"]:

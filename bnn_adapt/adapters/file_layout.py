@@ -1,6 +1,6 @@
 """What each tensor of an adapter file is: its records in the order of the rebuilt model's state dicts.
 
-The writer and the reader of :mod:`bnn_adapt.adapters.file` walk the same list
+The writer and the reader of :mod:`bnn_adapt.adapters.file_records` walk the same list
 (:func:`slots`) and derive the same default codec for each record
 (:func:`default_codec`), so a file lists only the encodings that differ; a hash
 of the list (:func:`layout_hash`) makes a file load only into the model it was

@@ -1,5 +1,5 @@
 """Low-rank fp32 branches beside binary convs (LoRA, Hu et al. 2021), one of the
-thesis's future-work adapters (SPEC 2): ``y = conv_b(x) + (alpha/r) * up(down(x))``.
+thesis's future-work adapters: ``y = conv_b(x) + (alpha/r) * up(down(x))``.
 
 The base stays untouched: a branch is attached with a forward hook only while
 the adapted model runs (:meth:`LoRAAdapter.injected`), so one base object can
@@ -102,7 +102,7 @@ class LoRAOptions:
 
 
 class LoRA(AdaptedModel):
-    """Low-rank fp32 branches beside the binary convs of the chosen stages (future work, SPEC 2).
+    """Low-rank fp32 branches beside the binary convs of the chosen stages (thesis future work).
 
     The binary base is untouched (the branches hook in while this model runs);
     gradients flow back through the frozen base from the first adapted stage.

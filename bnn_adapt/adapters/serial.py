@@ -17,7 +17,7 @@ class SerialAdapter(nn.Module):
     """``y = hardtanh(BN(conv1x1_g(BN(x)) + x))``; ``4C + C*C/g`` parameters.
 
     As in Rebuffi et al.'s code: the output BN normalises the *sum* of the
-    1x1 branch and the identity, not the 1x1 branch alone (SPEC 2).
+    1x1 branch and the identity, not the 1x1 branch alone.
     """
 
     def __init__(self, channels: int, groups: int = 1):

@@ -6,7 +6,7 @@ from ``(base, num_classes, **options)``; ``options`` (a small dataclass, as
 PEFT's adapter configs) is what an adapter file records to rebuild it. All but
 full finetuning freeze the base; with ``freeze_bn=True`` the base's BN layers
 also keep their running statistics (the thesis let them drift: use
-``freeze_bn=False`` to reproduce that, SPEC section 6; ``base.bn=recalibrate``
+``freeze_bn=False`` to reproduce that, docs/thesis.md; ``base.bn=recalibrate``
 re-estimates them on the target data first, :mod:`bnn_adapt.training.precise_bn`).
 """
 

@@ -1,4 +1,4 @@
-"""ReActNet ResNet-18 for 224x224 ImageNet images (SPEC 1.2).
+"""ReActNet ResNet-18 for 224x224 ImageNet images.
 
 Liu et al., "ReActNet: Towards Precise Binary Neural Network with Generalized
 Activation Functions", ECCV 2020, on the Bi-Real Net structure (Liu et al.

@@ -1,4 +1,4 @@
-"""The ReActNet authors' checkpoint format (``model_best.pth.tar``, SPEC 1.2).
+"""The ReActNet authors' checkpoint format (``model_best.pth.tar``).
 
 Their training script saves a DataParallel model: a dict with ``state_dict``
 (keys prefixed ``module.``), ``epoch``, ``best_top1_acc`` and ``optimizer``.

@@ -1,4 +1,4 @@
-"""BinaryNet-style ResNet for 32x32 images (SPEC 1.1).
+"""BinaryNet-style ResNet for 32x32 images.
 
 After Courbariaux/Hubara's BinaryNet.pytorch ``resnet_binary`` (CIFAR, depth
 18, inflate 5): binary convs with straight-through gradients, BN and hardtanh.
@@ -13,7 +13,7 @@ from bnn_adapt.bases.base import BaseNetwork, scaled
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear
 
-#: ``block``: where the second hardtanh sits (SPEC 1.1)
+#: ``block``: where the second hardtanh sits (docs/concepts.md, Bases)
 BLOCKS = ("thesis", "binarynet")
 
 

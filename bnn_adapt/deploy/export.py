@@ -44,7 +44,7 @@ BASE_FILE = "base.bnnpack"
 
 
 def formula_bytes(n_fp32: int, n_binary: int) -> float:
-    """The size metric's memory in bytes: 1 bit per binary, 32 per fp32 parameter (SPEC 4)."""
+    """The size metric's memory in bytes: 1 bit per binary, 32 per fp32 parameter (docs/concepts.md, Size)."""
     return n_binary / 8 + 4 * n_fp32
 
 
@@ -212,7 +212,7 @@ def export_all(base: nn.Module, runs: list[TrainedRun], out: Path, dtype: str, b
             "kind": "adapter",
             "strategy": meta["strategy"],
             "bytes": (out / name).stat().st_size,
-            "predicted_bytes": c["introduced_bits"] / 8,  # every weight at its real width (SPEC 4)
+            "predicted_bytes": c["introduced_bits"] / 8,  # every weight at its real width
             "binary_params": c["introduced_binary_params"],
             "fp32_params": c["introduced_fp32_params"],
             "quantized_params": c["introduced_quantized_params"],

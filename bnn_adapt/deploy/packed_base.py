@@ -1,6 +1,6 @@
 """The deployable base: every binary weight as one bit, every BatchNorm folded, everything else fp32.
 
-The size metric (SPEC 4) charges a base ``n_bin / 8 + 4 * n_fp32`` bytes; this
+The size metric (docs/concepts.md, Size) charges a base ``n_bin / 8 + 4 * n_fp32`` bytes; this
 file format makes that real. Layout (little-endian)::
 
     8 bytes   magic b"BNNPACK2"

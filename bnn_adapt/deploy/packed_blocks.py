@@ -233,8 +233,8 @@ def foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 class ChannelsLastStem(nn.Sequential):
-    """ReActNet's fp32 stem on channels-last maps (oneDNN's NHWC conv and max pool: 2.4x faster than the
-    NCHW conv at batch 1 here; no layout copies before the kernels, which read any layout), BN folded
+    """ReActNet's fp32 stem on channels-last maps (oneDNN's NHWC conv and max pool are faster than the
+    NCHW ones; no layout copies before the kernels, which read any layout), BN folded
     into the conv."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,11 @@ compute on bit-packed activations with the kernels of :mod:`.packed_kernels`
 (integer dot products, exact); the fp32 stem, BN, activations and the adapters
 stay float. Per block:
 
-* STE ResNet (SPEC 1.1): ``x`` is packed once for conv1 and the 1x1 shortcut;
+* STE ResNet: ``x`` is packed once for conv1 and the 1x1 shortcut;
   ``sign(hardtanh(BN1(conv1)))`` is a per-channel interval test on conv1's
   integer output, so conv2's input never leaves bits; BN2, hardtanh, the
   residual (and the shortcut's BN) are applied by conv2's kernel epilogue.
-* ReActNet-18 (SPEC 1.2): ``sign(x + move0)`` is packed from the float input;
+* ReActNet-18: ``sign(x + move0)`` is packed from the float input;
   the epilogue applies the per-channel scale, BN, the shortcut (computed by
   torch: average pool, fp32 1x1 conv, BN), move1, PReLU and move2.
 

@@ -12,7 +12,7 @@ running_mean = 0, running_var = 1, eps = FOLDED_EPS``, for which the kernel
 computes the same ``a`` and ``b`` again: a folded layer gives bit-identical
 outputs (tested for every input layout), and folding it again changes
 nothing. Two stored values per channel replace four, which is what the size
-formula charges a BatchNorm (SPEC 4: its affine parameters; running
+formula charges a BatchNorm (docs/concepts.md, Size: its affine parameters; running
 statistics are buffers).
 
 Where only the sign of ``y`` is used later, it is ``x >= t`` (or ``x <= t``)

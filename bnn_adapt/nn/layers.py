@@ -175,9 +175,9 @@ class LearnableBias(nn.Module):
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` that, when no gradient is needed on CPU, pools a channels-last copy.
 
-    A frozen base spent 12 % of its forward pass in the stem's max pool: the
-    NCHW CPU kernel (which also computes indices) took 60 ms for 16x64x112x112,
-    the NHWC one 5 ms, 37 ms with both layout copies. A max is exact, so the
+    The NCHW CPU kernel also computes indices and is much slower than the NHWC
+    one, even with both layout copies, and the stem's max pool is a large share of
+    a frozen base's forward pass (docs/speed.md). A max is exact, so the
     output is identical; with autograd the NCHW kernel's backward is faster,
     so training takes the usual path.
     """

@@ -22,7 +22,7 @@ def sign(x: torch.Tensor) -> torch.Tensor:
 
     sign(sign(x) + 0.5) maps -1/0/+1 to -1/+1/+1 in three cheap passes over one
     new tensor: several times faster on CPU than ``torch.where`` with filled
-    tensors, which dominated the frozen base's forward pass (SPEC 7).
+    tensors, which dominated the frozen base's forward pass (docs/speed.md).
     """
     return torch.sign(x).add_(0.5).sign_()
 

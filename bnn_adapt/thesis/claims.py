@@ -1,10 +1,10 @@
-"""The thesis's conclusions, checked against the runs: ``claims.md`` beside the rendered tables (issue #10).
+"""The thesis's conclusions, checked against the runs: ``claims.md`` beside the rendered tables.
 
 Each claim is checked per adaptation table, from the runs' own ``metrics.json``
 (the same rows the tables show), and says holds / does not hold / not enough
 runs, with the numbers and the rule used. The verdict on a claim is over the
 thesis's tables; other tables (the real-data Fashion-MNIST one) are reported
-beside it, apart. Sizes are in the thesis's convention (SPEC 4b), speed-ups by
+beside it, apart. Sizes are in the thesis's convention (docs/concepts.md, Size), speed-ups by
 its formula ``2 - t / t_finetune``.
 """
 

@@ -1,7 +1,7 @@
 """The columns of the thesis tables: ours from the runs' ``metrics.json``, the thesis's as printed, and their difference.
 
 Every adaptation table shows, per row: top-1, weights introduced and % of base
-memory in the thesis's convention (``metrics.json`` ``thesis``, SPEC 4b) beside the
+memory in the thesis's convention (``metrics.json`` ``thesis``) beside the
 thesis's printed value and the difference; the gap to finetuning in points; the
 thesis's relative speed-up ``2 - t / t_finetune`` beside its printed one; then our own
 convention and numbers (whole new head, ``t_finetune / t``) in further columns.

@@ -5,7 +5,7 @@ width unless a row says otherwise, random weights: sizes do not depend on the
 values; pruned rows are pruned at their configured rates), exports them with
 the code ``task=export`` uses into a temporary folder and prints Markdown tables:
 the fp32 state dict next to the bit-packed base, and each adapter file at every
-``adapter.bits`` next to the size formula at real bits (SPEC 4: each weight at
+``adapter.bits`` next to the size formula at real bits (docs/concepts.md, Size: each weight at
 its width, ``n_bin / 8 + 4 * n_fp32`` bytes at 32 bits), with the post-training
 fp16 / int8 exports of the 32-bit adapters.
 
@@ -44,7 +44,7 @@ from bnn_adapt.run import builders
 from bnn_adapt.run.config import compose
 from bnn_adapt.run.record import RunRecord
 
-#: the file-size targets (issue #13): packed base and adapter files against the formula at real bits
+#: the file-size targets: packed base and adapter files against the formula at real bits
 BASE_TARGET, ADAPTER_TARGET = 1.02, 1.10
 
 BASES = [

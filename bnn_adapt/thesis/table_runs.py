@@ -41,7 +41,7 @@ class Table:
     #: the thesis's printed values (bnn_adapt/thesis/thesis_results.csv): this sweep's row (its swept
     #: overrides, e.g. ``row=serial_g1``) -> the thesis's row name; empty: the thesis prints no values
     thesis_rows: dict[str, str] = field(default_factory=dict)
-    thesis_note: str | None = None  # where the thesis's own bookkeeping slipped (SPEC 4b), and what we do
+    thesis_note: str | None = None  # where the thesis's own bookkeeping slipped, and what we do
     label_keys: tuple[str, ...] = ()  # config keys the sweep varies beside its rows, named in each row's label
 
     @property

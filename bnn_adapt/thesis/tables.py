@@ -1,4 +1,4 @@
-"""The thesis tables and figures, rendered from the runs' own result files (SPEC section 6).
+"""The thesis tables and figures, rendered from the runs' own result files (thesis ch. 6).
 
 Each table is one Hydra multirun (``sweeps/table_*.yaml``, whose ``table:`` node
 describes it) with a fixed sweep directory and one run directory per row
@@ -218,7 +218,7 @@ def adapt_notes(table: Table, own_finetune: bool) -> list[str]:
             f"counts only epochs after pruning. Gap to finetune: points above (+) or below (-) {where} finetuning row."
         ),
         (
-            "Thesis convention (SPEC 4b, `metrics.json` `thesis`): % of the base as deployed for the task (backbone + a "
+            "Thesis convention (`metrics.json` `thesis`): % of the base as deployed for the task (backbone + a "
             "plain target classifier of its kind); weights introduced = the adapter + the new head beyond a plain one "
             "(the concat head's extra columns and their share of its bias, as the thesis printed half of that head; "
             "finetuning: a whole base, 100 %). Ours: the whole new head, against the base with its own classifier."

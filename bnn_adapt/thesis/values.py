@@ -1,4 +1,4 @@
-"""The numbers the thesis prints, as data: ``thesis_results.csv`` beside this module (issue #10).
+"""The numbers the thesis prints, as data: ``thesis_results.csv`` beside this module.
 
 The file names its source. Each sweep's ``table:`` node maps its rows (their swept
 overrides, e.g. ``row=serial_g1``) to the thesis's row names (``thesis_rows``); a thesis

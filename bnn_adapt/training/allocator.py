@@ -4,10 +4,9 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves
 blocks above its mmap threshold (at most 32 MiB, raised dynamically) with a
 fresh ``mmap`` and returns them to the OS on free, so every step of a model
 whose activations exceed that size (a 64x160x32x32 fp32 map is 42 MB) pays
-page faults and kernel zeroing for each of them again. Measured on the STE
-base at full width, 2 cores: the UDTA step from cached taps took 0.23 s with
-glibc's defaults and 0.16 s with :func:`keep_freed_memory` (the finetuning
-step, compute-bound, did not change). Intel's PyTorch tuning guide makes the
+page faults and kernel zeroing for each of them again; :func:`keep_freed_memory`
+keeps them, which speeds up memory-bound steps such as UDTA's from cached taps
+(docs/speed.md; compute-bound finetuning is unaffected). Intel's PyTorch tuning guide makes the
 same point with jemalloc/tcmalloc; these settings need no preloading.
 
 The price: memory freed by one step stays with the process for the next one

@@ -1,7 +1,7 @@
 """Pretraining keeps the base of its best-test-accuracy epoch beside its last one.
 
 The thesis adapted the epoch of its base that scored best on the test set
-(SPEC 6: its protocol), so a pretraining run writes that epoch too, to
+(docs/thesis.md: its protocol), so a pretraining run writes that epoch too, to
 :func:`~bnn_adapt.bases.checkpoint.best_epoch_path` of ``base.save_to``;
 ``base.epoch=best`` makes adaptation read it. With ``data.val_fraction > 0`` the
 per-epoch evaluation, and so the best epoch, is on the validation split instead.

@@ -3,7 +3,7 @@
 Binary latent weights are clamped to [-1, 1] after every optimiser step
 (BinaryNet); the optimiser only sees parameters that require gradients.
 
-The training step is kept lean (issue #24): nothing in it waits for the device.
+The training step is kept lean (docs/speed.md): nothing in it waits for the device.
 Its losses are collected on the device and checked for divergence (and summed
 into the epoch's mean loss) every ``trainer.log_every_n_steps`` steps and at the
 last step of the epoch; the step loss is logged only on the steps Lightning

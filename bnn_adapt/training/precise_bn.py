@@ -3,7 +3,7 @@
 During training each BN's running mean and variance are a momentum average
 (0.1) over the networks the weights passed through; in a BNN sign flips change
 the activations abruptly from step to step, so the stored statistics describe
-none of them and eval-mode accuracy swings from epoch to epoch (issue #22).
+none of them and eval-mode accuracy swings from epoch to epoch.
 Vision frameworks recompute them once the weights are final, "precise BN"
 (pycls ``compute_precise_bn_stats``; detectron2's ``PreciseBN`` hook, fvcore
 ``update_bn_stats``): a forward pass over some training batches without

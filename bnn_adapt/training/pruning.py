@@ -1,4 +1,4 @@
-"""Pruning the adapter and the new classifier (thesis chapter 6.4; SPEC 3): one plan, worked out once.
+"""Pruning the adapter and the new classifier (thesis chapter 6.4): one plan, worked out once.
 
 ``reduction=prune`` prunes once before epoch ``max_epochs // 2`` (the thesis):
 structured L1 on depthwise-conv filters (whole filters, dim 0) and

@@ -1,5 +1,5 @@
 """Tap cache: run the frozen base once per image and view, then train the
-adapter from memory (``tap_cache.enabled=true``, SPEC 7).
+adapter from memory (``tap_cache.enabled=true``, docs/speed.md).
 
 A strategy that declares ``feature_cache`` (a parallel adapter, a new head) reads the frozen base only
 through the features it taps (``frozen_features``: the stage outputs, and the base's

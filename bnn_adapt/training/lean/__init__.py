@@ -1,57 +1,15 @@
-"""Memory-lean backprop for binary networks (``memory=lean``, SPEC 7).
+"""Memory-lean backprop for binary networks (``memory=lean``).
 
-Standard autograd keeps fp32 copies of whatever a binary layer touched: the
-real input of every sign, the +-1 tensor fed to the conv, the binarised
-weights, the input of every BN and hardtanh. Backward needs far less. After
-Wang et al., "Enabling Binary Neural Network Training on the Edge" (ICLR 2021
-workshop / arXiv:2102.04270), the lean layers below save only that, and
-bit-pack what is binary:
+Standard autograd keeps fp32 copies of whatever a binary layer touched; backward needs far less.
+After Wang et al., "Enabling Binary Neural Network Training on the Edge" (arXiv:2102.04270), the
+lean layers save only that and bit-pack what is binary (what each layer keeps: docs/speed.md,
+"Lean backprop"). ``memory=lean`` is exact: gradients and training equal standard autograd's bit
+for bit. ``memory=lean_fp16`` (``low_precision``) also stores what must stay real in float16 where
+a binary network itself trains, an approximation; adaptation strategies never approximate.
 
-==================================  ===========================================
-layer                               saved for backward (lean)
-==================================  ===========================================
-binary conv / linear, sign input    sign(x), 1 bit, only if the weight trains;
-                                    the ``|x| <= 1`` straight-through mask,
-                                    1 bit, only if x needs a gradient and the
-                                    mask is not all ones (after a hardtanh it
-                                    always is: nothing). Frozen layers save no
-                                    input at all; binarised weights are
-                                    recomputed from the latent ones.
-ReActNet scaled conv (+-1 input)    sign(x), 1 bit, only if the weight trains
-hardtanh                            the ``-1 < x < 1`` mask, 1 bit (nothing
-                                    when every element is inside)
-BN, eval mode, frozen affine        its per-channel scale only (1/std, gamma)
-PReLU, frozen slope                 the ``x > 0`` mask, 1 bit
-fp32 conv, frozen weight            nothing (ReActNet's shortcut convs)
-average pooling                     nothing (its gradient is uniform)
-max pooling                         where in its window each maximum was, 1 byte
-==================================  ===========================================
-
-All of that is exact: gradients equal standard autograd's bit for bit (the
-tests pin it). ``memory=lean_fp16`` goes further where a binary
-network is *trained* (``task=pretrain``, a strategy that ``trains_base``: ``low_precision``)
-and follows the paper's lower-precision storage for what must stay real, an
-approximation:
-
-* BN in training mode (or with trainable affine) saves its centred input
-  ``x - mean`` in float16, rounded to a relative 2^-11 (per-channel statistics
-  stay fp32; a tensor beyond float16's range stays fp32).
-* A trainable PReLU saves its input in float16 (plus the 1-bit ``x > 0`` mask,
-  so the input gradient stays exact); so does a trainable fp32 conv.
-* ReActNet's approx-sign saves its input clamped to [-1, 1] in float16 (its
-  derivative ``max(0, 2 - 2|x|)`` is then off by at most 2^-10).
-
-Adaptation strategies keep ``low_precision`` off even then: their lean
-gradients are exact, and layers that would need a real-valued copy use
-standard autograd. ``memory=lean`` never approximates: training is
-bit-identical to standard autograd, with the real-valued copies fp32. (On the
-demo's base, 3 seeds, ``lean`` reproduced standard's training bit for bit;
-``lean_fp16`` moved the final top-1 by up to 1.3 points, as any perturbation of
-a binary network's training does: docs/speed.md.)
-
-Lean mode swaps the class of each known layer for a lean subclass
-(:func:`make_lean`); parameters, buffers, state-dict keys, hooks and
-``isinstance`` checks are unchanged, and :func:`make_standard` swaps back.
+Lean mode swaps the class of each known layer for a lean subclass (:func:`make_lean`); parameters,
+buffers, state-dict keys, hooks and ``isinstance`` checks are unchanged, and :func:`make_standard`
+swaps back.
 """
 
 from __future__ import annotations
