@@ -15,6 +15,7 @@ import resource
 import signal
 from pathlib import Path
 
+import filelock
 import pytest
 import torch
 
@@ -72,7 +73,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_who
     recorded = read_json(run_dir / "metrics.json")
     assert recorded["status"] == "failed" and recorded["error"] == f"WriteError: {message}"
     assert "status" not in read_json(run_dir / resume.RUN_FILE)  # nothing that says "running" forever
-    assert not (run_dir / claims.RUN_LOCK).exists()
+    assert not claims.held_by_another(run_dir) and claims.run_claim(run_dir).holder() is None
 
     disk_full_from(resource.RLIM_INFINITY)  # space freed: resume=true continues from epoch 0's checkpoint
     done = task.run(make_cfg(*ADAPT, "resume=true"))
@@ -161,11 +162,21 @@ def test_a_failure_that_cannot_be_recorded_keeps_its_own_error(make_cfg, disk_fu
     assert not Path(cfg.paths.output_dir, "metrics.json").exists()
 
 
-def test_a_claim_that_cannot_be_written_leaves_none(tmp_path, disk_full_from):
-    disk_full_from(10)  # the owner record is larger
-    with pytest.raises(WriteError, match=f"^cannot write {tmp_path / 'run' / claims.RUN_LOCK}: .*EFBIG"):
-        claims.run_claim(tmp_path / "run").acquire()
-    assert list((tmp_path / "run").iterdir()) == []  # an empty claim would hold the directory for ten minutes
+def test_a_claim_on_a_full_disk_still_excludes_and_leaves_no_garbled_owner(tmp_path, disk_full_from):
+    disk_full_from(10)  # the owner record does not fit; the OS lock takes no bytes
+    claim = claims.run_claim(tmp_path / "run").acquire()
+    with pytest.raises(filelock.Timeout):
+        filelock.FileLock(claim.path).acquire(timeout=0)  # another opener of the file is refused
+    assert claim.holder() is None and not claim.owner_file.exists()  # no half-written owner record
+    claim.release()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [claims.RUN_LOCK]  # nothing holds it
+
+
+def test_a_claim_in_a_directory_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("a file where the run's parent folder should be")
+    run_dir = tmp_path / "file" / "run"
+    with pytest.raises(WriteError, match=f"^cannot write {run_dir / claims.RUN_LOCK}: "):
+        claims.run_claim(run_dir).acquire()
 
 
 def test_a_write_failing_inside_lightning_is_one_line_naming_its_path_or_the_run_directory(tmp_path):

@@ -149,8 +149,11 @@ class Claim:
             raise write_error(self.path, exc) from exc
         HELD.add(self.path)
         self.owner = this_process()
-        with contextlib.suppress(OSError):  # only a waiting process's message reads it
+        try:  # only a waiting process's message reads it
             self.owner_file.write_text(json.dumps(self.owner))
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.owner_file.unlink(missing_ok=True)
         return None
 
     def acquire(self) -> Claim:
