@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import torch
 
-from bnn_adapt.bases.base import rebuild
+from bnn_adapt.bases.base import BaseNetwork, rebuild
 from bnn_adapt.bases.received import check_state, expected_shapes
 from bnn_adapt.errors import CheckpointError
 from bnn_adapt.files import atomic_output, load_weights
-
-if TYPE_CHECKING:
-    from bnn_adapt.bases.reactnet import ReActNet18
 
 ARCH = "reactnet18"  # the architecture this format holds
 
@@ -49,12 +45,12 @@ def _to_authors_key(key: str) -> str:
     raise KeyError(key)
 
 
-def authors_state_dict(model: ReActNet18) -> OrderedDict[str, torch.Tensor]:
+def authors_state_dict(model: BaseNetwork) -> OrderedDict[str, torch.Tensor]:
     """The model's state dict under the authors' key names (no ``module.`` prefix)."""
     return OrderedDict((_to_authors_key(k), v) for k, v in model.state_dict().items())
 
 
-def save_reactnet_checkpoint(model: ReActNet18, path: str, epoch: int = 0, best_top1_acc: float = 0.0) -> None:
+def save_reactnet_checkpoint(model: BaseNetwork, path: str, epoch: int = 0, best_top1_acc: float = 0.0) -> None:
     """Write ``model`` as the authors' training script does (DataParallel keys)."""
     state = OrderedDict(("module." + k, v.detach().cpu()) for k, v in authors_state_dict(model).items())
     payload = {
@@ -67,7 +63,7 @@ def save_reactnet_checkpoint(model: ReActNet18, path: str, epoch: int = 0, best_
         torch.save(payload, tmp)
 
 
-def load_reactnet_checkpoint(path: str, num_classes: int = 1000, width: float = 1.0) -> ReActNet18:
+def load_reactnet_checkpoint(path: str, num_classes: int = 1000, width: float = 1.0) -> BaseNetwork:
     """Build a :class:`ReActNet18` from the authors' ``model_best.pth.tar``.
 
     The file is read as data only (tensors, numbers and plain containers: all the
