@@ -58,7 +58,7 @@ from bnn_adapt.bases.received import checked_arch
 from bnn_adapt.errors import ExportError, printable
 from bnn_adapt.files import atomic_output, require_finite
 from bnn_adapt.nn.folding import BatchNorm, mark_folded
-from bnn_adapt.nn.layers import PackedScaledBinaryConv2d, ScaledBinaryConv2d
+from bnn_adapt.nn.layers import PackedScaledBinaryConv2d, ScaledBinaryConv2d, ternary_layer
 
 MAGIC = b"BNNPACK2"
 FORMAT = "bnn_adapt.packed_base"
@@ -122,8 +122,21 @@ def _layout(tensors: list[tuple[str, str, torch.Tensor]], model: nn.Module) -> t
     return layout, values
 
 
+def refuse_ternary(base: nn.Module) -> None:
+    """A one-line refusal for a base whose activations can be 0 (``base.binarize=thesis_code``): packed
+    bits hold -1/+1 only, and a zero needs a mask the packed format does not have."""
+    ternary = ternary_layer(base)
+    if ternary is not None:
+        raise ExportError(
+            f"a packed base holds +-1 bits, but {ternary} binarises as the thesis code (base.binarize=thesis_code: "
+            "sign(0) = 0, ternary activations, which need a zero mask); adapt and evaluate it from its checkpoint "
+            "instead"
+        )
+
+
 def pack_base(base: BaseNetwork, meta: dict | None = None) -> tuple[bytes, dict]:
     """The packed file's bytes and its header."""
+    refuse_ternary(base)
     tensors = canonical_tensors(base)
     binary = pack_sign_bits([t for _, kind, t in tensors if kind == "bits"])
     layout, fp32 = _layout(tensors, base)
