@@ -9,6 +9,7 @@ gradient passes through unchanged, and a tensor the shortcut also holds is binar
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, latent_weights
 from bnn_adapt.run import builders
 from bnn_adapt.run.task import run
 from bnn_adapt.training.lean import make_lean
+from tests.conftest import compose_config
 
 
 def thesis_conv(x: torch.Tensor, weight: nn.Parameter, stride: int, padding: int) -> torch.Tensor:
@@ -268,3 +270,31 @@ def test_another_architecture_or_a_mismatching_file_is_refused_in_one_line(make_
         builders.load_trained_base(make_cfg(*cfg_overrides(path)))
     assert "\n" not in str(err.value)
     assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- pretraining and every strategy
+
+
+@pytest.fixture(scope="module")
+def thesis_code_base(tmp_path_factory, data_dir) -> Path:
+    """``base.binarize=thesis_code`` pretrained for one epoch; returns its ``paths.base_dir``."""
+    base_dir = tmp_path_factory.mktemp("thesis_code_bases")
+    out = tmp_path_factory.mktemp("thesis_code_pretrain") / "run"
+    overrides = ["data=cifar5_5", "task=pretrain", "base.binarize=thesis_code", "trainer.max_epochs=1"]
+    record = run(compose_config([*overrides, "adapter=full_finetune"], out, data_dir, base_dir))
+    assert record["status"] == "complete"
+    return base_dir
+
+
+@pytest.mark.parametrize("adapter", ["head_only", "full_finetune", "serial", "udta", "lora", "bitfit"])
+def test_every_strategy_adapts_a_thesis_code_base(make_cfg, thesis_code_base, adapter):
+    cfg = make_cfg(
+        "data=cifar5_5",
+        f"adapter={adapter}",
+        "base.binarize=thesis_code",
+        "trainer.max_epochs=1",
+        base_dir=thesis_code_base,
+    )
+    record = run(cfg)
+    assert record["status"] == "complete" and record["base_origin"] == "bnn_adapt"
+    assert record["size_pct"] is not None and record["macs_binary"] > 0
