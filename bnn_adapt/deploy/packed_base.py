@@ -55,10 +55,11 @@ from bnn_adapt.bases.fingerprint import (
     sign_weight_names,
 )
 from bnn_adapt.bases.received import checked_arch
+from bnn_adapt.deploy.packed_layers import refuse_ternary
 from bnn_adapt.errors import ExportError, printable
 from bnn_adapt.files import atomic_output, require_finite
 from bnn_adapt.nn.folding import BatchNorm, mark_folded
-from bnn_adapt.nn.layers import PackedScaledBinaryConv2d, ScaledBinaryConv2d, ternary_layer
+from bnn_adapt.nn.layers import PackedScaledBinaryConv2d, ScaledBinaryConv2d
 
 MAGIC = b"BNNPACK2"
 FORMAT = "bnn_adapt.packed_base"
@@ -120,18 +121,6 @@ def _layout(tensors: list[tuple[str, str, torch.Tensor]], model: nn.Module) -> t
             values.append(t)
         i += 1
     return layout, values
-
-
-def refuse_ternary(base: nn.Module) -> None:
-    """A one-line refusal for a base whose activations can be 0 (``base.binarize=thesis_code``): packed
-    bits hold -1/+1 only, and a zero needs a mask the packed format does not have."""
-    ternary = ternary_layer(base)
-    if ternary is not None:
-        raise ExportError(
-            f"a packed base holds +-1 bits, but {ternary} binarises as the thesis code (base.binarize=thesis_code: "
-            "sign(0) = 0, ternary activations, which need a zero mask); adapt and evaluate it from its checkpoint "
-            "instead"
-        )
 
 
 def pack_base(base: BaseNetwork, meta: dict | None = None) -> tuple[bytes, dict]:

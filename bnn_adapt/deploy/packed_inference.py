@@ -39,11 +39,10 @@ from bnn_adapt.deploy.packed_base import (
     decode_layout,
     read_packed,
     read_packed_base,
-    refuse_ternary,
     to_packed_modules,
 )
 from bnn_adapt.deploy.packed_blocks import PACKED_BLOCKS, ChannelsLastStem
-from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear
+from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear, refuse_ternary
 from bnn_adapt.errors import ExportError
 from bnn_adapt.nn.folding import mark_folded
 from bnn_adapt.nn.layers import (
