@@ -298,3 +298,11 @@ def test_every_strategy_adapts_a_thesis_code_base(make_cfg, thesis_code_base, ad
     record = run(cfg)
     assert record["status"] == "complete" and record["base_origin"] == "bnn_adapt"
     assert record["size_pct"] is not None and record["macs_binary"] > 0
+
+
+def test_a_file_in_no_format_the_base_reads_is_refused_naming_its_keys(make_cfg, tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"weights": torch.zeros(2), "note": "not a network"}, path)
+    with pytest.raises(CheckpointError, match=r"records no architecture.*its keys: note, weights") as err:
+        builders.load_trained_base(make_cfg("data=cifar5_5", f"base.checkpoint={path}"))
+    assert "\n" not in str(err.value)

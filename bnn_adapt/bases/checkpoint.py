@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bnn_adapt.bases.base import BASES, BaseNetwork, rebuild
-from bnn_adapt.bases.received import check_state, checked_arch, expected_shapes
+from bnn_adapt.bases.received import check_state, checked_arch, expected_shapes, few
 from bnn_adapt.errors import CheckpointError, printable
 from bnn_adapt.files import atomic_output, load_weights
 
@@ -75,6 +75,11 @@ def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | Non
         return base
     if not isinstance(payload, dict) or payload.get("arch") != arch:
         found = payload.get("arch") if isinstance(payload, dict) else type(payload).__name__
+        if isinstance(payload, dict) and "arch" not in payload:
+            raise CheckpointError(
+                f"base checkpoint {path} records no architecture and is in no format {arch} reads (its keys: "
+                f"{few(payload)}); pick the matching base=... or another base.checkpoint"
+            )
         raise CheckpointError(
             f"base checkpoint {path} holds a {printable(repr(found))[:80]} network, not {arch!r}; "
             f"pick the matching base=... or another base.checkpoint"

@@ -295,6 +295,10 @@ class BinaryColumnPrunedLinear(ColumnPrunedLinear, BinaryModule):
     binary = True
     binary_param_names = ("weight", "bias")
 
+    @property
+    def binary_input(self) -> bool:
+        return self.binarize_input
+
 
 # --------------------------------------------------------------------------- weights below 32 bits
 
