@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
-from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, BinaryModule, binarize, clamp_latent_weights, sign
-from bnn_adapt.nn.quantizers import SignSTE
+from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, BinaryModule, clamp_latent_weights
+from bnn_adapt.nn.quantizers import SignSTE, binarize, sign
 from bnn_adapt.training.module import Classifier
 
 

@@ -48,6 +48,10 @@ class BaseNetwork(nn.Module):
     #: ``load_released(path, num_classes=..., width=...)``; None: it is pretrained here (``task=pretrain``).
     #: A released base is never pretrained here, and its checkpoint has no best epoch beside it
     load_released: ClassVar[Callable[..., BaseNetwork] | None] = None
+    #: the reader of checkpoints another code base wrote for this architecture, called as
+    #: ``load_foreign(payload, path)`` on a file without bnn_adapt's ``arch``: the base, or None when the
+    #: file is not in its format
+    load_foreign: ClassVar[Callable[[object, str], BaseNetwork | None] | None] = None
 
     stem: nn.Module
     stages: nn.ModuleList

@@ -16,12 +16,17 @@ from pathlib import Path
 import torch
 
 from bnn_adapt.bases.base import BASES, BaseNetwork, rebuild
-from bnn_adapt.bases.received import check_state, checked_arch, expected_shapes
+from bnn_adapt.bases.received import check_state, checked_arch, expected_shapes, few
 from bnn_adapt.errors import CheckpointError, printable
 from bnn_adapt.files import atomic_output, load_weights
 
 #: the config key behind each recorded architecture value
-CONFIG_KEYS = {"block": "base.block={}", "width": "base.width={}", "image_size": "data.image_size={}"}
+CONFIG_KEYS = {
+    "block": "base.block={}",
+    "binarize": "base.binarize={}",
+    "width": "base.width={}",
+    "image_size": "data.image_size={}",
+}
 
 
 def best_epoch_path(path: str | Path) -> Path:
@@ -55,12 +60,26 @@ def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | Non
     path = Path(path)
     released = BASES[arch].load_released if arch in BASES else None
     if released is not None:
-        return released(path, **arch_config)
+        base = released(path, **arch_config)
+        base.origin = "its authors' release"
+        return base
     if not path.is_file():
         raise CheckpointError(f"base checkpoint {path} does not exist; {how_to_get}")
     payload = load_weights(path, "base checkpoint", how_to_get, error=CheckpointError)
+    foreign = (
+        BASES[arch].load_foreign if arch in BASES and not (isinstance(payload, dict) and "arch" in payload) else None
+    )
+    base = foreign(payload, str(path)) if foreign is not None else None
+    if base is not None:
+        refuse_other(path, arch, base.arch_config(), expected, how_to_get)
+        return base
     if not isinstance(payload, dict) or payload.get("arch") != arch:
         found = payload.get("arch") if isinstance(payload, dict) else type(payload).__name__
+        if isinstance(payload, dict) and "arch" not in payload:
+            raise CheckpointError(
+                f"base checkpoint {path} records no architecture and is in no format {arch} reads (its keys: "
+                f"{few(payload)}); pick the matching base=... or another base.checkpoint"
+            )
         raise CheckpointError(
             f"base checkpoint {path} holds a {printable(repr(found))[:80]} network, not {arch!r}; "
             f"pick the matching base=... or another base.checkpoint"
@@ -79,7 +98,17 @@ def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | Non
             f"{source} does not record {', '.join(unrecorded)} (an earlier version wrote it): pretrain the base "
             f"again ({how_to_get})"
         )
-    trained_on = {**stored, "image_size": image_size}
+    refuse_other(path, arch, {**stored, "image_size": image_size}, expected, how_to_get)
+    check_state(payload.get("state_dict"), expected_shapes(arch, stored), source, describe(arch, stored))
+    base = rebuild(arch, stored)
+    base.load_state_dict(payload["state_dict"])
+    base.origin = "bnn_adapt"
+    return base
+
+
+def refuse_other(path: Path, arch: str, trained_on: dict, expected: dict | None, how_to_get: str) -> None:
+    """A one-line refusal when the checkpoint's architecture (``trained_on``; None: not recorded) is not
+    the ``expected`` one the config asks for, naming the settings that would match it."""
     differs = [k for k, v in (expected or {}).items() if trained_on.get(k) is not None and trained_on[k] != v]
     if differs:
         fixes = " and ".join(CONFIG_KEYS.get(k, k + "={}").format(printable(trained_on[k])) for k in differs)
@@ -88,7 +117,3 @@ def load_base(arch: str, path: str | Path, how_to_get: str, expected: dict | Non
             f"but the config asks for {describe(arch, expected)}; set {fixes}, or pretrain a base for this config "
             f"({how_to_get})"
         )
-    check_state(payload.get("state_dict"), expected_shapes(arch, stored), source, describe(arch, stored))
-    base = rebuild(arch, stored)
-    base.load_state_dict(payload["state_dict"])
-    return base

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bnn_adapt.nn.folding import BatchNorm, fold_batch_norm, is_folded, load_folded, sign_threshold
-from bnn_adapt.nn.layers import BinaryModule, PackedScaledBinaryConv2d, ScaledBinaryConv2d
+from bnn_adapt.nn.layers import STE, BinaryModule, PackedScaledBinaryConv2d, ScaledBinaryConv2d
 from bnn_adapt.nn.quantizers import ScaledSignSTE
 
 
@@ -62,7 +62,8 @@ def canonical_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     """``(name, kind, tensor)`` for everything a packed file stores, in state-dict order.
 
     kind ``bits``: a binary weight, as ``W >= 0`` (the sign, BinaryNet's sign(0) = +1);
-    kind ``fp32``: any other floating tensor. ReActNet binary convs add their
+    kind ``fp32``: any other floating tensor, and the sign(W) of a binarizer that keeps zeros
+    (``base.binarize=thesis_code``: -1/0/+1, which a packed base refuses). ReActNet binary convs add their
     ``<conv>.scale``. A BatchNorm is its folded ``weight`` and ``bias``
     (:func:`folded_norm`); its running statistics and integer buffers (BN's
     ``num_batches_tracked``) are left out: an eval-mode forward of the folded
@@ -80,6 +81,8 @@ def canonical_tensors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
         if owner in norms:  # its weight: the folded pair
             _, weight, bias = folded_norm(model, owner, norms[owner])
             out += [(key, "fp32", weight), (f"{owner}.bias", "fp32", bias)]
+        elif key in signs and getattr(modules[owner], "binarizer", STE).ternary:
+            out.append((key, "fp32", torch.sign(value).float()))
         elif key in signs:
             out.append((key, "bits", value >= 0))
             owner = modules[key.rpartition(".")[0]]

@@ -55,6 +55,7 @@ from bnn_adapt.bases.fingerprint import (
     sign_weight_names,
 )
 from bnn_adapt.bases.received import checked_arch
+from bnn_adapt.deploy.packed_layers import refuse_ternary
 from bnn_adapt.errors import ExportError, printable
 from bnn_adapt.files import atomic_output, require_finite
 from bnn_adapt.nn.folding import BatchNorm, mark_folded
@@ -124,6 +125,7 @@ def _layout(tensors: list[tuple[str, str, torch.Tensor]], model: nn.Module) -> t
 
 def pack_base(base: BaseNetwork, meta: dict | None = None) -> tuple[bytes, dict]:
     """The packed file's bytes and its header."""
+    refuse_ternary(base)
     tensors = canonical_tensors(base)
     binary = pack_sign_bits([t for _, kind, t in tensors if kind == "bits"])
     layout, fp32 = _layout(tensors, base)

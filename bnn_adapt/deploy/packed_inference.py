@@ -35,9 +35,14 @@ from torch import nn
 
 from bnn_adapt.bases import rebuild
 from bnn_adapt.deploy import packed_kernels as kernels
-from bnn_adapt.deploy.packed_base import decode_layout, read_packed, read_packed_base, to_packed_modules
+from bnn_adapt.deploy.packed_base import (
+    decode_layout,
+    read_packed,
+    read_packed_base,
+    to_packed_modules,
+)
 from bnn_adapt.deploy.packed_blocks import PACKED_BLOCKS, ChannelsLastStem
-from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear
+from bnn_adapt.deploy.packed_layers import PackedBinaryConv2d, PackedBinaryLayer, PackedBinaryLinear, refuse_ternary
 from bnn_adapt.errors import ExportError
 from bnn_adapt.nn.folding import mark_folded
 from bnn_adapt.nn.layers import (
@@ -118,6 +123,7 @@ def use_packed_kernels(base: nn.Module) -> nn.Module:
     the kernels do not implement (a bias, dilation, groups, another padding
     mode, unequal strides or paddings) stays float, with one warning line.
     """
+    refuse_ternary(base)
     if kernels.library() is None:
         raise RuntimeError("the packed 1-bit kernels are not built; reinstall with a C compiler (make install)")
     for name, module in list(base.named_modules()):

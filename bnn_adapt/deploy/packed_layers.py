@@ -22,10 +22,12 @@ from bnn_adapt.deploy.packed_kernels import (
     pack_weights,
     unpack_weights,
 )
+from bnn_adapt.errors import ExportError
 from bnn_adapt.nn.folding import fold_batch_norm
 from bnn_adapt.nn.layers import (
     BinaryLinear,
     BinaryModule,
+    ternary_layer,
 )
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -198,3 +200,15 @@ class PackedBinaryLinear(PackedBinaryLayer):
 def inference_only(x: torch.Tensor) -> None:
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError("a base running on packed 1-bit kernels is for inference; use the float path to train")
+
+
+def refuse_ternary(base: nn.Module) -> None:
+    """A one-line refusal for a base whose activations can be 0 (``base.binarize=thesis_code``): packed
+    bits hold -1/+1 only, and a zero needs a mask the packed format does not have."""
+    ternary = ternary_layer(base)
+    if ternary is not None:
+        raise ExportError(
+            f"a packed base holds +-1 bits, but {ternary} binarises as the thesis code (base.binarize=thesis_code: "
+            "sign(0) = 0, ternary activations, which need a zero mask); adapt and evaluate it from its checkpoint "
+            "instead"
+        )

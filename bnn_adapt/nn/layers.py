@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_adapt.nn.quantizers import ChannelQuantizer, ScaledSignSTE, approx_sign, binarize, scaled_sign, sign
+from bnn_adapt.nn.quantizers import (
+    BINARIZERS,
+    ChannelQuantizer,
+    ScaledSignSTE,
+    SignBinarizer,
+    approx_sign,
+    scaled_sign,
+    sign,
+)
 
 
 def frozen_binary_weight(module: nn.Module, binarize_weight) -> torch.Tensor | None:
@@ -59,15 +67,19 @@ class BinaryModule:
     binary_input: bool = True
 
 
+STE = BINARIZERS["ste"]
+
+
 class BinaryConv2d(nn.Conv2d, BinaryModule):
-    """Conv with sign-binarised weights and (unless ``binarize_input=False``) inputs.
+    """Conv with weights and (unless ``binarize_input=False``) inputs binarised by ``binarizer``.
 
     The STE net's stem keeps the real image input: ``binarize_input=False``.
     """
 
-    def __init__(self, *args, binarize_input: bool = True, **kwargs):
+    def __init__(self, *args, binarize_input: bool = True, binarizer: SignBinarizer = STE, **kwargs):
         super().__init__(*args, **kwargs)
         self.binarize_input = binarize_input
+        self.binarizer = binarizer
 
     @property
     def binary_input(self) -> bool:
@@ -75,19 +87,37 @@ class BinaryConv2d(nn.Conv2d, BinaryModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.binarize_input:
-            x = binarize(x)
-        weight = frozen_binary_weight(self, sign)
-        return self._conv_forward(x, binarize(self.weight) if weight is None else weight, self.bias)
+            x = self.binarizer(x)
+        weight = frozen_binary_weight(self, self.binarizer.frozen)
+        return self._conv_forward(x, self.binarizer(self.weight) if weight is None else weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.binarizer.name == "ste" else f", binarizer={self.binarizer}")
 
 
 class BinaryLinear(nn.Linear, BinaryModule):
-    """Linear with sign-binarised inputs and weights; its bias counts as binary
-    (the thesis's accounting) but stays real-valued in the forward pass."""
+    """Linear with weights and (unless ``binarize_input=False``) inputs binarised by ``binarizer``; its bias
+    counts as binary (the thesis's accounting) but stays real-valued in the forward pass."""
 
     binary_param_names = ("weight", "bias")
 
+    def __init__(self, *args, binarize_input: bool = True, binarizer: SignBinarizer = STE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.binarize_input = binarize_input
+        self.binarizer = binarizer
+
+    @property
+    def binary_input(self) -> bool:
+        return self.binarize_input
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(binarize(x), binarize(self.weight), self.bias)
+        return F.linear(self.binarizer(x) if self.binarize_input else x, self.binarizer(self.weight), self.bias)
+
+
+def ternary_layer(model: nn.Module) -> str | None:
+    """The name of the first layer of ``model`` whose binarizer keeps zeros (sign(0) = 0: ``base.binarize=
+    thesis_code``), which 1-bit storage of its signs cannot hold; None when there is none."""
+    return next((n for n, m in model.named_modules() if getattr(m, "binarizer", STE).ternary), None)
 
 
 def latent_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -229,9 +259,13 @@ class ColumnPrunedLinear(nn.Module):
         layer = kind(linear.in_features, linear.out_features, bias=linear.bias is not None)
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.weight_quantizer = getattr(linear, "weight_quantizer", None)
+        layer.binarizer = getattr(linear, "binarizer", STE)
+        layer.binarize_input = getattr(linear, "binarize_input", True)
         return layer
 
     weight_quantizer: ChannelQuantizer | None = None
+    binarizer: SignBinarizer = STE  # a binary head's (BinaryLinear's)
+    binarize_input: bool = True
 
     def effective_weight(self) -> torch.Tensor:
         """The weight with switched-off columns zeroed (then quantised, below 32 bits): what an fp32 head uses."""
@@ -240,7 +274,8 @@ class ColumnPrunedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.binary:
-            return F.linear(binarize(x), binarize(self.weight) * self.kept_columns.to(x.dtype), self.bias)
+            x = self.binarizer(x) if self.binarize_input else x
+            return F.linear(x, self.binarizer(self.weight) * self.kept_columns.to(x.dtype), self.bias)
         return F.linear(x, self.effective_weight(), self.bias)
 
     def live_params(self, name: str) -> int:
@@ -259,6 +294,10 @@ class BinaryColumnPrunedLinear(ColumnPrunedLinear, BinaryModule):
 
     binary = True
     binary_param_names = ("weight", "bias")
+
+    @property
+    def binary_input(self) -> bool:
+        return self.binarize_input
 
 
 # --------------------------------------------------------------------------- weights below 32 bits

@@ -9,7 +9,11 @@ layers that use them (:mod:`bnn_adapt.nn.layers`):
 * :func:`approx_sign` -- sign forward, ReActNet/Bi-Real's piecewise-polynomial
   gradient backward (Liu et al. 2018);
 * :func:`scaled_sign` / :class:`ScaledSignSTE` -- magnitude-aware sign:
-  ``mean|W|`` per output channel times sign(W) (ReActNet's weights).
+  ``mean|W|`` per output channel times sign(W) (ReActNet's weights);
+* :class:`SignBinarizer` objects (:data:`BINARIZERS`, ``base.binarize``) that the
+  STE net's binary layers carry, as Larq's layers carry their quantizers: ``ste``
+  (the STE above) or ``thesis_code`` (the thesis code's BinaryNet.pytorch layers:
+  ``torch.sign`` with sign(0) = 0, identity gradient).
 """
 
 from __future__ import annotations
@@ -88,6 +92,76 @@ class ScaledSignSTE(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         (w,) = ctx.saved_tensors
         return grad_output * (w.abs() <= 1).to(grad_output.dtype)
+
+
+class IdentitySign(torch.autograd.Function):
+    """``torch.sign`` forward (sign(0) = 0); the gradient passes unchanged, as when BinaryNet.pytorch's layers
+    binarise ``tensor.data`` (no |x| <= 1 mask)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output
+
+
+class SignBinarizer:
+    """How the STE net's binary layers binarise inputs and weights (``base.binarize``), with its gradient.
+
+    ``ternary``: sign(0) = 0, so activations (and weights) exactly 0 stay 0: a packed base (1 bit each)
+    or a lean layer (1-bit saved signs) cannot hold them. ``in_place``: the block binarises its input once
+    and the shortcut reads the binarised tensor too (the thesis code binarises ``input.data`` in place).
+    """
+
+    name = "ste"
+    ternary = False
+    in_place = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return binarize(x)
+
+    def frozen(self, w: torch.Tensor) -> torch.Tensor:
+        """The binarised value of a weight that needs no gradient."""
+        return sign(w)
+
+    def binarizes_linear_input(self, in_features: int) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ThesisCodeBinarizer(SignBinarizer):
+    """The thesis code's layers (BinaryNet.pytorch's ``Binarize``): ``tensor.sign()`` on ``.data``, so
+    sign(0) = 0 and the gradient is the identity; its ``BinarizeLinear`` leaves a 784-feature input real."""
+
+    name = "thesis_code"
+    ternary = True
+    in_place = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return IdentitySign.apply(x)
+
+    def frozen(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.sign(w)
+
+    def binarizes_linear_input(self, in_features: int) -> bool:
+        return in_features != 784
+
+
+#: ``base.binarize`` choices
+BINARIZERS = {b.name: b for b in (SignBinarizer(), ThesisCodeBinarizer())}
+
+
+def binarizer(name: str) -> SignBinarizer:
+    """The :data:`BINARIZERS` entry ``name``, or a ConfigError naming the choices."""
+    from bnn_adapt.errors import ConfigError  # noqa: PLC0415 - errors imports nothing of ours
+
+    if name not in BINARIZERS:
+        raise ConfigError(f"base.binarize={name!r} is invalid: use one of {', '.join(BINARIZERS)}")
+    return BINARIZERS[name]
 
 
 # --------------------------------------------------------------------------- weights below 32 bits (adapter.bits)

@@ -44,7 +44,15 @@ INERT = (
     "hydra",
 )
 #: what a base pretraining command must repeat of an adaptation config to write the base it reads
-BASE_SHAPING = ("base.width", "base.block", "data.base_classes", "data.image_size", "data.root", "paths.base_dir")
+BASE_SHAPING = (
+    "base.width",
+    "base.block",
+    "base.binarize",
+    "data.base_classes",
+    "data.image_size",
+    "data.root",
+    "paths.base_dir",
+)
 
 
 # ----------------------------------------------------------------------------- the base

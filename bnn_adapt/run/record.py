@@ -99,6 +99,7 @@ class RunRecord:
     # what its numbers depend on
     data: DataIdentity | None = None
     base_checkpoint_sha256: str | None = None  # adapt, evaluate: the bytes of the base it adapted or evaluated
+    base_origin: str | None = None  # adapt: who wrote that base (bnn_adapt, the thesis code, its authors' release)
     versions: dict[str, str] | None = None  # python and the packages that compute (results.package_versions)
     environment: Environment | None = None
     # training (bnn_adapt.training.callbacks.RunStats)

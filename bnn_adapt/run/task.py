@@ -129,7 +129,9 @@ def run_adapt(cfg: DictConfig) -> RunRecord:
     if precise is not None:
         with_precise_top1(result, precise, datamodule)
     counts = accounting.summarize(model, cfg.data.image_size)
-    measured = dataclasses.replace(result, **counts, class_names=datamodule.class_names)
+    measured = dataclasses.replace(
+        result, **counts, class_names=datamodule.class_names, base_origin=getattr(base, "origin", None)
+    )
     return after_training(cfg, measured, adapt_steps(cfg, model, datamodule), fit_error)
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from bnn_adapt.errors import ConfigError
 from bnn_adapt.nn.layers import (
     ApproxSignActivation,
     BinaryConv2d,
     BinaryLinear,
     ChannelsLastMaxPool2d,
     ScaledBinaryConv2d,
+    ternary_layer,
 )
 from bnn_adapt.training.lean.binary_layers import LeanBinaryConv2d, LeanBinaryLinear, LeanScaledBinaryConv2d
 from bnn_adapt.training.lean.layers import (
@@ -76,6 +78,12 @@ def make_lean(model: nn.Module, low_precision: bool | None = False) -> nn.Module
     layers of exactly a listed class switch (a subclass may have its own
     forward). Returns ``model``.
     """
+    ternary = ternary_layer(model)
+    if ternary is not None:
+        raise ConfigError(
+            f"memory=lean saves binary activations as 1-bit signs, but {ternary} binarises as the thesis code "
+            "(base.binarize=thesis_code: sign(0) = 0, ternary); use memory=standard"
+        )
     if low_precision is None:
         low_precision = trains_binary_network(model)
     for module in model.modules():
