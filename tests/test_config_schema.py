@@ -32,6 +32,8 @@ from bnn_adapt.run.config import compose
         (["trainer.compile=0.5"], "trainer.compile"),
         (["trainer=ddp", "trainer.sync_batchnorm=perhaps"], "trainer.sync_batchnorm"),
         (["hparams_search=size_vs_accuracy", "search.trial=first"], "search.trial"),
+        (["tap_cache.views=two"], "tap_cache.views"),
+        (["tap_cache.max_gb=lots"], "tap_cache.max_gb"),
     ],
 )
 def test_a_value_of_the_wrong_type_fails_at_composition(overrides, key):

@@ -1,6 +1,7 @@
 """Typed schemas of the config groups whose values have plain types, checked by Hydra at composition.
 
-Each group's YAML files start with ``defaults: [_schema, _self_]``; the dataclass here gives every key its
+Each group's YAML files start with ``defaults: [_schema, _self_]`` (``conf/config.yaml`` names
+``_tap_cache_schema@tap_cache`` for its ``tap_cache`` node); the dataclass here gives every key its
 type and no value (the YAML says the value and why, and the configuration reference shows the YAML). A value
 of the wrong type or a key the group does not have fails when the config is composed, in one message naming
 the key (OmegaConf structured configs: omegaconf.readthedocs.io, "Structured Configs"); ranges and checks
@@ -181,6 +182,13 @@ class SearchSchema:
     groups: list[int | str] | None = MISSING  # adapter.groups to propose: integers and `channels`
 
 
+@dataclass
+class TapCacheSchema:
+    enabled: bool = MISSING
+    views: int = MISSING
+    max_gb: float | None = MISSING
+
+
 SCHEMAS = {
     ("export", "_schema"): ExportSchema,
     ("predict", "_schema"): PredictSchema,
@@ -198,6 +206,7 @@ SCHEMAS = {
     ("trainer", "_schema_ddp"): DDPTrainerSchema,
     ("trainer", "_schema_ddp_slurm"): SlurmTrainerSchema,
     ("search", "_schema"): SearchSchema,
+    (None, "_tap_cache_schema"): TapCacheSchema,  # conf/config.yaml's tap_cache node
 }
 
 
