@@ -55,3 +55,10 @@ def test_the_typed_groups_keep_their_values():
     cfg = compose(["adapter=serial", "adapter.groups=channels", "trainer.compile=aot_eager", "data.on_device=auto"])
     assert cfg.adapter.groups == "channels" and cfg.adapter.stages == [1, 2, 3] and cfg.trainer.compile == "aot_eager"
     assert cfg.data.on_device == "auto" and compose(["adapter.groups=4"]).adapter.groups == 4
+
+
+@pytest.mark.parametrize("pruner", ["search/pruner=halving", "+search.pruner={_target_:optuna.pruners.NopPruner}"])
+def test_the_search_node_takes_a_pruner(pruner):
+    assert compose(["hparams_search=size_vs_accuracy"], return_hydra_config=True).search.pruner is None
+    cfg = compose(["hparams_search=size_vs_accuracy", pruner], return_hydra_config=True)
+    assert cfg.search.pruner._target_.startswith("optuna.pruners.")

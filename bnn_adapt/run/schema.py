@@ -180,6 +180,7 @@ class SearchSchema:
     study: str = MISSING
     trial: int | None = MISSING
     groups: list[int | str] | None = MISSING  # adapter.groups to propose: integers and `channels`
+    pruner: Any = None  # an Optuna pruner (search/pruner=NAME, conf/search/pruner/); null: none
 
 
 @dataclass
