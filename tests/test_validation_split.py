@@ -59,7 +59,7 @@ def test_loaders_validate_on_the_split_and_test_on_the_test_set():
     assert next(iter(plain.val_dataloader()))[1].tolist() == plain.eval_set.labels
 
 
-@pytest.mark.parametrize("fraction", [-0.1, 1.0, "half", True])
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])  # "half" and true: tests/test_config_schema.py
 def test_a_bad_fraction_is_one_config_error(fraction):
     with pytest.raises(ConfigError, match="data.val_fraction"):
         ClassSplitDataModule("digits", base_classes=[0, 1], split="base", val_fraction=fraction)

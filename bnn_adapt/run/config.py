@@ -255,30 +255,25 @@ def without_hydra_node(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Cheap checks of values no constructor checks; raise ConfigError."""
+    """Cheap checks of values no constructor checks (their types are the schemas', :mod:`bnn_adapt.run.schema`);
+    raise ConfigError."""
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is invalid: use one of {', '.join(map(str, allowed))}")
     for key in ("trainer.max_epochs", "data.batch_size", "base.precise_bn.batches"):
         value = OmegaConf.select(cfg, key, default=1 if key.startswith("base.precise_bn") else None)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if value is None or value < 1:
             raise ConfigError(f"{key}={value!r} is invalid: it must be a positive integer")
-    for key in (
-        "summary_only",
-        "resume",
-        "debug",
-        "base.precise_bn.enabled",
-        "base.precise_bn.every_epoch",
-        "base.precise_bn.adaptation",
-    ):
+    for key in ("resume", "summary_only", "debug"):  # the root config's own keys have no schema
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid: use true or false")
-    for key in ("optimizer.lr", "base.width"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{key}={value!r} is invalid: it must be a positive number")
+    lr = OmegaConf.select(cfg, "optimizer.lr")  # the optimizer node has no schema
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise ConfigError(f"optimizer.lr={lr!r} is invalid: it must be a positive number")
+    if cfg.base.width <= 0:
+        raise ConfigError(f"base.width={cfg.base.width!r} is invalid: it must be a positive number")
     check_image_size(cfg)
     threads = OmegaConf.select(cfg, "threads", default=None)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -288,7 +283,7 @@ def validate(cfg: DictConfig) -> None:
         )
     for key in ("reduction.rate", "reduction.depthwise_rate", "reduction.pointwise_rate", "reduction.head_rate"):
         value = OmegaConf.select(cfg, key, default=0.0)
-        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}={value!r} is invalid: a pruning rate must be in [0, 1)")
 
 
@@ -298,7 +293,7 @@ def check_image_size(cfg: DictConfig) -> None:
     target = OmegaConf.select(cfg, "base.net._target_")
     size, base = OmegaConf.select(cfg, "data.image_size"), base_class(target) if target else None
     smallest = getattr(base, "min_input_size", 1)
-    if not isinstance(size, int) or isinstance(size, bool) or size < smallest:
+    if size < smallest:
         usual = getattr(base, "input_size", None)
         raise ConfigError(
             f"data.image_size={size!r} is too small for base={cfg.base.name}: it needs at least {smallest} "

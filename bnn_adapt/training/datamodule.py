@@ -118,7 +118,7 @@ def _validation_split(
 def _positive(value: Any, field: str, allow_none: bool = False, minimum: int = 1) -> Any:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if value < minimum:  # its type is the schema's (bnn_adapt.run.schema.DataSchema)
         raise ConfigError(f"data.{field}={value!r} must be an integer >= {minimum}.")
     return value
 
@@ -193,7 +193,7 @@ class ClassSplitDataModule(L.LightningDataModule):
         default_mean, default_std = self.spec.statistics(self.large)
         self.mean = _stats(normalize_mean, "normalize_mean") or default_mean
         self.std = _stats(normalize_std, "normalize_std") or default_std
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        if not 0 <= val_fraction < 1:
             raise ConfigError(f"data.val_fraction={val_fraction!r} must be a number in [0, 1) (0: no split).")
         self.val_fraction = float(val_fraction)
         if on_device not in (True, False, "auto"):

@@ -55,7 +55,7 @@ def iterative_schedule(rounds: int, at_epochs, max_epochs: int) -> list[int]:
     Default: spread evenly, ``k * max_epochs // (rounds + 1)`` for k = 1..rounds,
     so training goes on after the last round as long as between rounds.
     """
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+    if rounds < 1:
         raise ConfigError(f"reduction.rounds={rounds!r} is invalid: it must be a positive integer")
     if at_epochs is None:
         epochs = [k * max_epochs // (rounds + 1) for k in range(1, rounds + 1)]

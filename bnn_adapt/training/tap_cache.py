@@ -183,7 +183,7 @@ class TapCacheDataModule(L.LightningDataModule):
                 + ("" if getattr(model, "freeze_bn", True) else " with base.bn=adapt")
                 + " cannot use it."
             )
-        if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+        if views < 1:  # its type is the schema's (bnn_adapt.run.schema.TapCacheSchema)
             raise ConfigError(f"tap_cache.views={views!r} is invalid: it must be a positive integer")
         self.datamodule, self.model, self.views, self.max_gb = datamodule, model, views, max_gb
         self.train_features: CachedFeatures | None = None
