@@ -49,8 +49,23 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
         raise
 
 
+def cli(argv: list[str]) -> int:
+    """``python -m bnn_adapt ARGV`` in this process (the tests call it so); returns the exit status."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    argv = quote_path_overrides(argv)  # run directories (row=...) as paths, unquoted
+    argv = search_as_multirun(argv)  # hparams_search=...: a multirun, as before Hydra 1.4
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    try:
+        with execution_whitelist(TRUSTED_TARGETS):  # what Hydra instantiates for us (callbacks, the search's hook)
+            main()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run directories (row=...) as paths, unquoted
-    sys.argv[1:] = search_as_multirun(sys.argv[1:])  # hparams_search=...: a multirun, as before Hydra 1.4
-    with execution_whitelist(TRUSTED_TARGETS):  # what Hydra instantiates for us (callbacks, the search's hook)
-        main()
+    sys.exit(cli(sys.argv[1:]))

@@ -21,18 +21,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # average 13 on 2 cores: 116 s spinning, 36 s passive, 30 s at 1 thread). Results are the same.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from bnn_adapt.adapters.file import export_adapter  # noqa: E402
 from bnn_adapt.deploy.packed_base import write_packed_base  # noqa: E402
-from bnn_adapt.run.config import compose  # noqa: E402
-from tests.fake_data import write_cifar10, write_imagefolder  # noqa: E402
+from bnn_adapt.thesis.synthetic import write_cifar10, write_imagefolder  # noqa: E402
+from tests.helpers.config import CIFAR_PER_CLASS, IMAGEFOLDER_CLASSES, compose_config  # noqa: E402
+from tests.helpers.models import CLASSES, PREPROCESS, adapted, make_base  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -48,48 +48,6 @@ def pytest_runtest_call(item):
         return (yield)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT)
-
-
-# What every test run shares: a tiny network, a few small batches, CPU, quiet.
-TINY_OVERRIDES = (
-    "base.width=0.1",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "trainer.max_epochs=3",
-    "trainer.limit_train_batches=5",
-    "trainer.limit_val_batches=5",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-    "trainer.log_every_n_steps=1",
-    "base.precise_bn.batches=5",
-)
-# generated datasets: images per class (CIFAR-10: 5 target classes x 16 = 80 = 5 batches of 16)
-CIFAR_PER_CLASS = 16
-IMAGEFOLDER_CLASSES = ("cat", "dog", "3", "bird", "7")
-
-
-def compose_config(
-    overrides: Sequence[str],
-    output_dir: Path,
-    data_dir: Path,
-    base_dir: Path,
-    tiny: bool = True,
-) -> DictConfig:
-    """The real ``conf/config.yaml`` with ``overrides``, every path pointed into the test's folders."""
-    cfg = compose([*(TINY_OVERRIDES if tiny else ()), *overrides], return_hydra_config=True)
-    root = Path(output_dir).parent
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(root)
-        cfg.paths.log_dir = str(root / "outputs")
-        cfg.paths.data_dir = str(data_dir)
-        cfg.paths.base_dir = str(base_dir)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        if tiny:
-            cfg.trainer.enable_progress_bar = False
-            cfg.trainer.enable_model_summary = False
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -142,15 +100,9 @@ def pretrained_base(tmp_path_factory, data_dir, shared_base_dir) -> dict:
     return {"checkpoint": Path(cfg.base.save_to), "metrics": metrics, "output_dir": out}
 
 
-PREPROCESS = {"image_size": 32, "mean": [0.4906, 0.4856, 0.4508], "std": [0.2454, 0.2415, 0.2620]}
-CLASSES = {"udta": ["ant", "bee", "cat", "dog"], "lora": ["elm", "fir", "oak", "yew"]}
-
-
 @pytest.fixture
 def exported(tmp_path) -> dict:
     """A packed STE base and two adapters for it (udta, lora), with their trained-like models."""
-    from tests.test_export import adapted, make_base
-
     base, _ = make_base("ste")
     write_packed_base(base, tmp_path / "base.bnnpack")
     models, files = {}, {}

@@ -91,7 +91,7 @@ def test_tiny_bench_of_the_ste_base_writes_records_and_tables(tmp_path):
     assert "Peak memory: not measured" in (tmp_path / "benchmarks" / "results.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(1800)  # CI runs it (.ci/run): over 600 s on 2 CPU cores shared with other jobs (load 12)
 def test_quick_tiny_bench_of_both_bases(tmp_path):
     records = run_tiny(tmp_path, "--quick", "--peak-repeats", "1")

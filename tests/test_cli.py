@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from bnn_adapt.run import builders, task
-from tests.fake_data import write_imagefolder
+from bnn_adapt.thesis.synthetic import write_imagefolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))

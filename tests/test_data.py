@@ -11,9 +11,9 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from bnn_adapt.errors import ConfigError, DataError
+from bnn_adapt.thesis.synthetic import write_cifar10, write_cifar100, write_fashion_idx, write_imagefolder
 from bnn_adapt.training import datasets as data_module
 from bnn_adapt.training.datamodule import ClassSplitDataModule
-from tests.fake_data import write_cifar10, write_cifar100, write_fashion_idx, write_imagefolder
 
 
 @pytest.fixture(scope="module")

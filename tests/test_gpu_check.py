@@ -13,7 +13,7 @@ import torch
 
 from benchmarks import gpu_check
 from benchmarks.gpu_check import Step, run_step
-from tests.test_tables import REPO_ROOT
+from tests.helpers.cli import REPO_ROOT
 
 
 def test_a_failing_or_hanging_step_is_recorded_and_the_next_one_still_runs(tmp_path):
@@ -45,7 +45,7 @@ def test_an_environment_with_other_versions_is_refused_before_any_step(tmp_path)
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(3600)  # 20 steps, each a process of its own (its own limits apply inside)
 def test_the_cpu_rehearsal_runs_every_step_and_reports_each(tmp_path):
     """``make gpu-check DEVICE=cpu``: all steps pass at tiny sizes; the report has a row and measures for each."""

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from bnn_adapt.thesis.synthetic import write_cifar10, write_fashion_idx, write_imagefolder
 from bnn_adapt.training.datamodule import ClassSplitDataModule, TrainingBatches
 from bnn_adapt.training.image_tensors import BatchTransform, ImageTensors
 from bnn_adapt.training.tap_cache import ViewBatches
-from tests.fake_data import write_cifar10, write_fashion_idx, write_imagefolder
 
 
 @pytest.fixture(scope="module")

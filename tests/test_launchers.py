@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from bnn_adapt.run import task
 from bnn_adapt.training.datasets import DATASETS
-from tests.test_tables import REPO_ROOT, run_module
+from tests.helpers.cli import REPO_ROOT, run_module
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from bnn_adapt.run.task import sweeper_value
 from bnn_adapt.search.pareto import pareto_front
-from tests.test_tables import run_module
+from tests.helpers.cli import run_module
 
 # digits pretrain their base on the fly: no data to generate; smoke sizes, 2 quick epochs
 SEARCH = (

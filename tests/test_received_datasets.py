@@ -12,10 +12,10 @@ import pytest
 from torchvision import datasets as tvd
 
 from bnn_adapt.errors import DataError
+from bnn_adapt.thesis.synthetic import write_cifar10, write_cifar100, write_imagefolder
 from bnn_adapt.training.data_fingerprint import data_identity
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 from bnn_adapt.training.datasets import DATASETS, ExistingFilesCIFAR10, ExistingFilesCIFAR100
-from tests.fake_data import write_cifar10, write_cifar100, write_imagefolder
 
 
 class RunsCode:

@@ -20,8 +20,8 @@ from bnn_adapt.errors import CheckpointError, ConfigError, DataError, TrainingDi
 from bnn_adapt.run import task
 from bnn_adapt.run.config import without_hydra_node
 from bnn_adapt.run.results import config_hash, file_sha256, write_json
+from bnn_adapt.thesis.synthetic import write_cifar10, write_imagefolder
 from bnn_adapt.training.datamodule import EpochShuffle
-from tests.fake_data import write_cifar10, write_imagefolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

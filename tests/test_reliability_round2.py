@@ -27,13 +27,9 @@ from bnn_adapt.run import claims, task
 from bnn_adapt.run.config import quote_path_overrides
 from bnn_adapt.search import owners
 from bnn_adapt.training.datamodule import ClassSplitDataModule
-from tests.test_tables import run_module
+from tests.helpers.cli import error_lines, run_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 def dead_pid() -> int:

@@ -24,8 +24,7 @@ from bnn_adapt.run import builders, provenance, results, task
 from bnn_adapt.run.config import compose, without_hydra_node
 from bnn_adapt.run.results import config_hash
 from bnn_adapt.training.module import Classifier
-from tests.test_reliability_round2 import error_lines
-from tests.test_tables import run_module
+from tests.helpers.cli import error_lines, run_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,21 +26,11 @@ from bnn_adapt.run.config import search_as_multirun
 from bnn_adapt.search import owners, study
 from bnn_adapt.search.study import PRUNED_ATTR, SIZE_ATTR
 from bnn_adapt.search.trial_report import TrialReport, should_prune
-from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
-from tests.test_tables import run_module
+from tests.helpers.cli import SEARCH, run_module
+from tests.helpers.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OLD_STUDY = Path(__file__).parent / "data" / "optuna_2_10_1_study.db.gz"
-# digits pretrain their base on the fly; smoke sizes, tiny trials; no pruner unless a test sets one
-SEARCH = (
-    "+experiment=digits5_5",
-    "+profile=smoke",
-    "hparams_search=size_vs_accuracy",
-    "base.pretrain.epochs=1",
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-)
 SWEEP = Path("outputs") / "pareto" / "smoke" / "digits_ste_resnet_cifar_w0.25"
 
 
@@ -136,7 +126,7 @@ def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
     assert len(list((tmp_path / SWEEP).glob("trial_*"))) == 6
 
 
-@pytest.mark.slow  # two searches of three trials each at once
+@pytest.mark.integration  # two searches of three trials each at once
 def test_two_workers_on_a_narrow_base_complete_every_trial(tmp_path):
     """At width 0.1 (stages of 8/16/32 channels) the thesis's group counts 5, 10 and 20 divide nothing: the search
     proposes what this base runs (bnn_adapt.search.space), so every trial it starts completes."""

@@ -1,6 +1,6 @@
 """Thesis tables: every sweep expresses its table's rows; a reduced smoke reproduction through
 the real command line (sweeps, skipping of finished runs, rendering from the runs' files); missing
-and failed rows marked; the full `make reproduce-tables PROFILE=smoke` (slow)."""
+and failed rows marked; the full `make reproduce-tables PROFILE=smoke` (integration)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from bnn_adapt.thesis import tables
 from bnn_adapt.thesis.synthetic import write_smoke_data
 from bnn_adapt.thesis.table_runs import expand_sweep
 from bnn_adapt.training.datamodule import ClassSplitDataModule
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import REPO_ROOT, run_module
 
 # the thesis's rows per table (SPEC section 6)
 THESIS_ROWS = {
@@ -49,15 +48,6 @@ THESIS_ROWS = {
 THESIS_ROWS["6.7"] = ["finetune", "head only", *THESIS_ROWS["6.6"][1:]]
 # a tiny, quick version of the smoke profile for the reduced reproduction below
 QUICK = ("trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
-
-
-def run_module(root: Path, module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repository root, every output under ``root``."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(root), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def sweep(root: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -272,7 +262,7 @@ def test_failed_unfinished_and_stale_rows_are_marked(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the whole thing
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(3600)  # about 5 minutes on 2 CPU cores; much more when they are shared
 def test_make_reproduce_tables_smoke_end_to_end(tmp_path):
     """`make reproduce-tables PROFILE=smoke`: every table and figure, every row complete."""

@@ -22,7 +22,7 @@ from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import builders, task
 from bnn_adapt.run.config import compose
 from bnn_adapt.run.results import config_hash
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = [name for name in ("tensorboard", "mlflow", "wandb") if importlib.util.find_spec(name)]
