@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 # our ${range:...} etc. must exist before Hydra snapshots the OmegaConf resolvers for launcher
 # workers (joblib, submitit), which restore that snapshot before every job
 from bnn_adapt.errors import UserError
-from bnn_adapt.run.config import TRUSTED_TARGETS, quote_path_overrides, search_as_multirun
+from bnn_adapt.run.config import CONF_DIR, TRUSTED_TARGETS, quote_path_overrides, search_as_multirun
 
 # Lightning 2.6 asks torch's pytree a deprecated question on every step; nothing for our users to act on
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -24,7 +24,7 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(config_path="../conf", config_name="config")
+@hydra.main(config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict | tuple | float | None:
     """User errors print one line (``debug=true``: the traceback); in a sweep a
     failing run is recorded in its metrics.json and the sweep goes on. With

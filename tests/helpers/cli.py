@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -60,10 +61,12 @@ def run_module(root: Path, module: str, *args: str, timeout: int = 600) -> subpr
 
 def run_here(root: Path, module: str, *args: str) -> Result:
     """``python -m MODULE ARGS`` in this process (``bnn_adapt``'s ``cli`` or the module's ``main(argv)``), from the
-    repository root with ``BNN_ADAPT_ROOT=root``; the working folder, environment and torch's threads come back."""
+    repository root with ``BNN_ADAPT_ROOT=root``; the working folder, environment, torch's threads and the logging
+    handlers come back."""
     entry = importlib.import_module("bnn_adapt.__main__").cli if module == "bnn_adapt" else None
     entry = entry or importlib.import_module(module).main
     saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    handlers, level = logging.root.handlers[:], logging.root.level  # Hydra configures logging for its job
     stdout, stderr = io.StringIO(), io.StringIO()
     os.environ.pop("HYDRA_FULL_ERROR", None)
     os.environ["BNN_ADAPT_ROOT"] = str(root)
@@ -79,4 +82,7 @@ def run_here(root: Path, module: str, *args: str) -> Result:
         os.environ.clear()
         os.environ.update(saved_env)
         torch.set_num_threads(threads)
+        for handler in set(logging.root.handlers) - set(handlers):
+            handler.close()
+        logging.root.handlers[:], logging.root.level = handlers, level
     return Result(code or 0, stdout.getvalue(), stderr.getvalue())
