@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 
 # Two shared cores: torch's default of one thread per core spins and thrashes
 # as soon as anything else runs (a 0.05 s step became 0.8 s). Set before torch loads.
@@ -31,6 +32,7 @@ from omegaconf import DictConfig  # noqa: E402
 from bnn_adapt.adapters.file import export_adapter  # noqa: E402
 from bnn_adapt.deploy.packed_base import write_packed_base  # noqa: E402
 from bnn_adapt.thesis.synthetic import write_cifar10, write_imagefolder  # noqa: E402
+from tests.helpers.cli import SEARCH  # noqa: E402
 from tests.helpers.config import CIFAR_PER_CLASS, IMAGEFOLDER_CLASSES, compose_config  # noqa: E402
 from tests.helpers.models import CLASSES, PREPROCESS, adapted, make_base  # noqa: E402
 
@@ -113,3 +115,25 @@ def exported(tmp_path) -> dict:
             models[strategy], files[strategy], reference_base=base, class_names=CLASSES[strategy], preprocess=PREPROCESS
         )
     return {"base": tmp_path / "base.bnnpack", "models": models, "files": files}
+
+
+@pytest.fixture(scope="session")
+def search_base(tmp_path_factory) -> Path:
+    """The digits base that :data:`tests.helpers.cli.SEARCH` pretrains on the fly, pretrained once a session."""
+    from bnn_adapt.run.builders import pretraining_config
+    from bnn_adapt.run.task import run
+
+    root = tmp_path_factory.mktemp("search_base")
+    search = [o for o in SEARCH if not o.startswith("hparams_search=")]
+    cfg = compose_config(search, root / "run", root / "data", root / "outputs" / "bases", tiny=False)
+    run(pretraining_config(cfg))
+    return Path(cfg.base.checkpoint)
+
+
+@pytest.fixture
+def search_root(tmp_path, search_base) -> Path:
+    """``tmp_path`` as a search's ``BNN_ADAPT_ROOT`` whose digits base is already there (nothing pretrained)."""
+    bases = tmp_path / "outputs" / "bases"
+    bases.mkdir(parents=True)
+    shutil.copy2(search_base, bases / search_base.name)
+    return tmp_path
