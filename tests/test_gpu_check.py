@@ -13,7 +13,7 @@ import torch
 
 from benchmarks import gpu_check
 from benchmarks.gpu_check import Step, run_step
-from tests.helpers.cli import REPO_ROOT
+from tests.helpers.cli import REPO_ROOT, run_here
 
 
 def test_a_failing_or_hanging_step_is_recorded_and_the_next_one_still_runs(tmp_path):
@@ -29,14 +29,7 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_next_one_still_runs(tmp_p
 def test_without_a_gpu_the_cuda_check_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--work", str(tmp_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_here(tmp_path, "benchmarks.gpu_check", "--work", str(tmp_path))
     assert result.returncode == 2 and "make gpu-check DEVICE=cpu" in result.stderr and "Traceback" not in result.stderr
 
 

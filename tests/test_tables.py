@@ -174,6 +174,7 @@ def test_resnet18_loads_torchvisions_weights_strictly_and_computes_the_same():
 # ------------------------------------------------------------------ a reduced smoke reproduction, real CLI
 
 
+@pytest.mark.integration  # the smoke profile through the command line: many runs
 def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_path):
     root = tmp_path
     result = run_module(root, "bnn_adapt.thesis.synthetic")

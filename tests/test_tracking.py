@@ -152,6 +152,7 @@ def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration  # the console of a real process
 def test_a_multirun_groups_its_runs_and_the_console_prints_each_line_once(tmp_path):
     """Two digits jobs (the first pretrains the base in a sub-run): one TensorBoard folder, one MLflow
     experiment and one W&B group for the sweep; Lightning's lines once each; our MACs, no FLOPs."""
