@@ -247,6 +247,8 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
 
 def test_failed_unfinished_and_stale_rows_are_marked(tmp_path, monkeypatch):
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path))
+    # table 6.4 and the table its speed-up refers to: the figures and claims over every table compose hundreds of jobs
+    monkeypatch.setattr(tables, "TABLES", {t: tables.TABLES[t] for t in ("6.4", "6.5")})
     rows = tables.table_rows(tables.TABLES["6.4"], "smoke")
     failed, unfinished, stale = (rows[i].jobs[0].run_dir for i in (1, 2, 3))
     write_json(failed / "metrics.json", {"status": "failed", "error": "CheckpointError: no base"})
