@@ -10,6 +10,7 @@ network, a few batches) and registered with ``HydraConfig`` so that
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import shutil
@@ -137,3 +138,22 @@ def search_root(tmp_path, search_base) -> Path:
     bases.mkdir(parents=True)
     shutil.copy2(search_base, bases / search_base.name)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def composed_once():
+    """Each thesis-table job composed once a session (a copy each time): composing is what reading a table costs,
+    and ``table_runs._compose`` is a pure function of its arguments (paths resolve when read, from the root)."""
+    from bnn_adapt.thesis import table_runs
+
+    compose_job, composed = table_runs._compose, {}
+
+    def cached(sweep: str, overrides) -> DictConfig:
+        key = (str(table_runs.SWEEPS_DIR), sweep, tuple(overrides))
+        if key not in composed:
+            composed[key] = compose_job(sweep, overrides)
+        return copy.deepcopy(composed[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(table_runs, "_compose", cached)
+        yield

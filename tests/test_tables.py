@@ -23,6 +23,8 @@ from bnn_adapt.thesis.table_runs import expand_sweep
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 from tests.helpers.cli import REPO_ROOT, run_module
 
+pytestmark = pytest.mark.usefixtures("composed_once")  # each thesis-table job composed once a session
+
 # the thesis's rows per table (SPEC section 6)
 THESIS_ROWS = {
     "5.2": ["ReActNet-18", "ResNet-18, fp32 (torchvision)"],
