@@ -138,6 +138,7 @@ LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU pea
 
 
 @LINUX
+@pytest.mark.integration  # three fresh processes, each importing torch
 def test_peaks_come_from_repeated_fresh_processes():
     spec = {
         "setup": STE.__dict__,
