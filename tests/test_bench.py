@@ -81,7 +81,7 @@ def run_tiny(tmp_path, *extra: str) -> list[dict]:
 
 
 def test_tiny_bench_of_the_ste_base_writes_records_and_tables(tmp_path):
-    records = run_tiny(tmp_path, "--models", "ste_resnet_cifar", "--peak-repeats", "0")
+    records = run_tiny(tmp_path, "--models", "ste_resnet_cifar", "--peak-repeats", "0", "--only", "steps")
     check_records(records, {"ste_resnet_cifar"})
     pretrain = {r["memory"]: r for r in records if r["strategy"] == "pretrain"}
     assert pretrain["standard"]["saved_activation_bytes"] >= 3 * pretrain["lean"]["saved_activation_bytes"]
