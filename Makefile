@@ -154,12 +154,16 @@ docs-screenshots: docs
 	done
 	@ls site/screenshots/*.png
 
+# the fast tier (in process, tiny widths); test-all adds the integration tier (tests marked integration:
+# the command line as a subprocess, search workers, DDP, submitit, PostgreSQL, the smoke reproduction)
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 test-all: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m ""
 
 clean:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 # our ${range:...} etc. must exist before Hydra snapshots the OmegaConf resolvers for launcher
 # workers (joblib, submitit), which restore that snapshot before every job
 from bnn_adapt.errors import UserError
-from bnn_adapt.run.config import TRUSTED_TARGETS, quote_path_overrides, search_as_multirun
+from bnn_adapt.run.config import CONF_DIR, TRUSTED_TARGETS, quote_path_overrides, search_as_multirun
 
 # Lightning 2.6 asks torch's pytree a deprecated question on every step; nothing for our users to act on
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -24,7 +24,7 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(config_path="../conf", config_name="config")
+@hydra.main(config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict | tuple | float | None:
     """User errors print one line (``debug=true``: the traceback); in a sweep a
     failing run is recorded in its metrics.json and the sweep goes on. With
@@ -50,8 +50,23 @@ def main(cfg: DictConfig) -> dict | tuple | float | None:
         raise
 
 
+def cli(argv: list[str]) -> int:
+    """``python -m bnn_adapt ARGV`` in this process (the tests call it so); returns the exit status."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    argv = quote_path_overrides(argv)  # run directories (row=...) as paths, unquoted
+    argv = search_as_multirun(argv)  # hparams_search=...: a multirun, as before Hydra 1.4
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    try:
+        with execution_whitelist(TRUSTED_TARGETS):  # what Hydra instantiates for us (callbacks, the search's hook)
+            main()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run directories (row=...) as paths, unquoted
-    sys.argv[1:] = search_as_multirun(sys.argv[1:])  # hparams_search=...: a multirun, as before Hydra 1.4
-    with execution_whitelist(TRUSTED_TARGETS):  # what Hydra instantiates for us (callbacks, the search's hook)
-        main()
+    sys.exit(cli(sys.argv[1:]))

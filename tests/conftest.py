@@ -10,8 +10,10 @@ network, a few batches) and registered with ``HydraConfig`` so that
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
+import shutil
 
 # Two shared cores: torch's default of one thread per core spins and thrashes
 # as soon as anything else runs (a 0.05 s step became 0.8 s). Set before torch loads.
@@ -21,18 +23,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # average 13 on 2 cores: 116 s spinning, 36 s passive, 30 s at 1 thread). Results are the same.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from bnn_adapt.adapters.file import export_adapter  # noqa: E402
 from bnn_adapt.deploy.packed_base import write_packed_base  # noqa: E402
-from bnn_adapt.run.config import compose  # noqa: E402
-from tests.fake_data import write_cifar10, write_imagefolder  # noqa: E402
+from tests.helpers.cli import SEARCH  # noqa: E402
+from tests.helpers.config import CIFAR_PER_CLASS, IMAGEFOLDER_CLASSES, compose_config  # noqa: E402
+from tests.helpers.data import write_cifar10, write_imagefolder  # noqa: E402
+from tests.helpers.models import CLASSES, PREPROCESS, adapted, make_base  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -48,48 +51,6 @@ def pytest_runtest_call(item):
         return (yield)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT)
-
-
-# What every test run shares: a tiny network, a few small batches, CPU, quiet.
-TINY_OVERRIDES = (
-    "base.width=0.1",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "trainer.max_epochs=3",
-    "trainer.limit_train_batches=5",
-    "trainer.limit_val_batches=5",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-    "trainer.log_every_n_steps=1",
-    "base.precise_bn.batches=5",
-)
-# generated datasets: images per class (CIFAR-10: 5 target classes x 16 = 80 = 5 batches of 16)
-CIFAR_PER_CLASS = 16
-IMAGEFOLDER_CLASSES = ("cat", "dog", "3", "bird", "7")
-
-
-def compose_config(
-    overrides: Sequence[str],
-    output_dir: Path,
-    data_dir: Path,
-    base_dir: Path,
-    tiny: bool = True,
-) -> DictConfig:
-    """The real ``conf/config.yaml`` with ``overrides``, every path pointed into the test's folders."""
-    cfg = compose([*(TINY_OVERRIDES if tiny else ()), *overrides], return_hydra_config=True)
-    root = Path(output_dir).parent
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(root)
-        cfg.paths.log_dir = str(root / "outputs")
-        cfg.paths.data_dir = str(data_dir)
-        cfg.paths.base_dir = str(base_dir)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        if tiny:
-            cfg.trainer.enable_progress_bar = False
-            cfg.trainer.enable_model_summary = False
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -142,15 +103,9 @@ def pretrained_base(tmp_path_factory, data_dir, shared_base_dir) -> dict:
     return {"checkpoint": Path(cfg.base.save_to), "metrics": metrics, "output_dir": out}
 
 
-PREPROCESS = {"image_size": 32, "mean": [0.4906, 0.4856, 0.4508], "std": [0.2454, 0.2415, 0.2620]}
-CLASSES = {"udta": ["ant", "bee", "cat", "dog"], "lora": ["elm", "fir", "oak", "yew"]}
-
-
 @pytest.fixture
 def exported(tmp_path) -> dict:
     """A packed STE base and two adapters for it (udta, lora), with their trained-like models."""
-    from tests.test_export import adapted, make_base
-
     base, _ = make_base("ste")
     write_packed_base(base, tmp_path / "base.bnnpack")
     models, files = {}, {}
@@ -161,3 +116,44 @@ def exported(tmp_path) -> dict:
             models[strategy], files[strategy], reference_base=base, class_names=CLASSES[strategy], preprocess=PREPROCESS
         )
     return {"base": tmp_path / "base.bnnpack", "models": models, "files": files}
+
+
+@pytest.fixture(scope="session")
+def search_base(tmp_path_factory) -> Path:
+    """The digits base that :data:`tests.helpers.cli.SEARCH` pretrains on the fly, pretrained once a session."""
+    from bnn_adapt.run.builders import pretraining_config
+    from bnn_adapt.run.task import run
+
+    root = tmp_path_factory.mktemp("search_base")
+    search = [o for o in SEARCH if not o.startswith("hparams_search=")]
+    cfg = compose_config(search, root / "run", root / "data", root / "outputs" / "bases", tiny=False)
+    run(pretraining_config(cfg))
+    return Path(cfg.base.checkpoint)
+
+
+@pytest.fixture
+def search_root(tmp_path, search_base) -> Path:
+    """``tmp_path`` as a search's ``BNN_ADAPT_ROOT`` whose digits base is already there (nothing pretrained)."""
+    bases = tmp_path / "outputs" / "bases"
+    bases.mkdir(parents=True)
+    shutil.copy2(search_base, bases / search_base.name)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def composed_once():
+    """Each thesis-table job composed once a session (a copy each time): composing is what reading a table costs,
+    and ``table_runs._compose`` is a pure function of its arguments (paths resolve when read, from the root)."""
+    from bnn_adapt.thesis import table_runs
+
+    compose_job, composed = table_runs._compose, {}
+
+    def cached(sweep: str, overrides) -> DictConfig:
+        key = (str(table_runs.SWEEPS_DIR), sweep, tuple(overrides))
+        if key not in composed:
+            composed[key] = compose_job(sweep, overrides)
+        return copy.deepcopy(composed[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(table_runs, "_compose", cached)
+        yield

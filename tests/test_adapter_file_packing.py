@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from bnn_adapt.adapters.file import METADATA_KEY, VERSION, attach_adapter, export_adapter, read_adapter_file
+from bnn_adapt.adapters.file import VERSION, attach_adapter, export_adapter, read_adapter_file
 from bnn_adapt.adapters.file_codec import compress_streams, decompress_streams
 from bnn_adapt.errors import ExportError
-from tests.test_export import adapted, make_base
-
-
-def stored(path) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays and metadata exactly as on disk (compressed streams still compressed)."""
-    with safe_open(str(path), framework="np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[METADATA_KEY])
-
-
-def rewrite(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    save_file(arrays, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+from tests.helpers.files import rewrite, stored
+from tests.helpers.models import adapted, make_base
 
 
 def test_streams_come_back_byte_for_byte_and_only_what_shrinks_is_compressed():

@@ -26,6 +26,7 @@ from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.nn.layers import BinaryLinear
+from tests.helpers.models import randomize_bn
 
 
 def n_params(module: nn.Module) -> int:
@@ -38,19 +39,6 @@ def serial_formula(c: int, g: int) -> int:
 
 def thin_formula(c_in: int, c_out: int, g: int) -> int:
     return c_in * (9 + 2) + c_in * c_out // g + 2 * c_out
-
-
-def randomize_bn(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial affine params and running stats, so BN placement matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
 
 
 def bn_eval(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:

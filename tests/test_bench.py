@@ -81,7 +81,7 @@ def run_tiny(tmp_path, *extra: str) -> list[dict]:
 
 
 def test_tiny_bench_of_the_ste_base_writes_records_and_tables(tmp_path):
-    records = run_tiny(tmp_path, "--models", "ste_resnet_cifar", "--peak-repeats", "0")
+    records = run_tiny(tmp_path, "--models", "ste_resnet_cifar", "--peak-repeats", "0", "--only", "steps")
     check_records(records, {"ste_resnet_cifar"})
     pretrain = {r["memory"]: r for r in records if r["strategy"] == "pretrain"}
     assert pretrain["standard"]["saved_activation_bytes"] >= 3 * pretrain["lean"]["saved_activation_bytes"]
@@ -91,7 +91,7 @@ def test_tiny_bench_of_the_ste_base_writes_records_and_tables(tmp_path):
     assert "Peak memory: not measured" in (tmp_path / "benchmarks" / "results.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(1800)  # CI runs it (.ci/run): over 600 s on 2 CPU cores shared with other jobs (load 12)
 def test_quick_tiny_bench_of_both_bases(tmp_path):
     records = run_tiny(tmp_path, "--quick", "--peak-repeats", "1")
@@ -138,6 +138,7 @@ LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU pea
 
 
 @LINUX
+@pytest.mark.integration  # three fresh processes, each importing torch
 def test_peaks_come_from_repeated_fresh_processes():
     spec = {
         "setup": STE.__dict__,

@@ -35,7 +35,7 @@ from bnn_adapt.run.labels import run_label
 from bnn_adapt.run.results import config_hash
 from bnn_adapt.search.pareto import compare_fronts, hypervolume
 from bnn_adapt.training.pruning import PruningPlan
-from tests.test_export import BASES, adapted, make_base
+from tests.helpers.models import BASES, adapted, make_base
 
 LOW = [b for b in BITS if b != 32]
 TRAINED = [s for s in STRATEGIES if s != "full_finetune"]  # every strategy that takes adapter.bits

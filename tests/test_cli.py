@@ -9,18 +9,16 @@ by a handful of real subprocess calls below).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bnn_adapt.run import builders, task
-from tests.fake_data import write_imagefolder
+from tests.helpers.cli import REPO_ROOT, run_here, run_module
+from tests.helpers.data import write_imagefolder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
 
 ADAPT_SUMMARY_KEYS = {
@@ -41,20 +39,6 @@ ADAPT_SUMMARY_KEYS = {
     "macs_per_layer",
 }
 PRETRAIN_SUMMARY_KEYS = {"base_binary_params", "base_fp32_params", "task", "config_hash", "macs_binary", "macs_fp32"}
-
-
-def cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m bnn_adapt ARGS`` from the repository root, every output under ``tmp_path``."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "bnn_adapt", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def read_json(path: Path) -> dict:
@@ -160,6 +144,11 @@ def test_summary_matches_spec_numbers_for_the_cifar_base(make_cfg, tmp_path):
 # ------------------------------------------------------------------ through the real command line
 
 
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_module(tmp_path, "bnn_adapt", *args)
+
+
+@pytest.mark.integration
 def test_cli_summary_only_multirun_reports_pruned_counts(tmp_path):
     """One process, two Hydra jobs: the UDTA adapter without and with 90% pruning."""
     sweep = tmp_path / "sweep"
@@ -192,6 +181,7 @@ def test_cli_summary_only_multirun_reports_pruned_counts(tmp_path):
     assert "size" in result.stdout and "adapter" in result.stdout  # the per-layer table was printed
 
 
+@pytest.mark.integration
 def test_cli_bad_groups_value_is_one_error_line(tmp_path):
     run_dir = tmp_path / "run"
     result = cli(
@@ -211,7 +201,9 @@ def test_cli_bad_groups_value_is_one_error_line(tmp_path):
 
 
 def test_cli_unknown_adapter_lists_the_options(tmp_path):
-    result = cli(tmp_path, "adapter=no_such_adapter", "summary_only=true", f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_here(
+        tmp_path, "bnn_adapt", "adapter=no_such_adapter", "summary_only=true", f"hydra.run.dir={tmp_path / 'run'}"
+    )
     assert result.returncode != 0
     assert "Could not find 'adapter/no_such_adapter'" in result.stderr
     assert "Available options in 'adapter'" in result.stderr
@@ -226,8 +218,9 @@ def test_cli_imagefolder_pretrains_base_then_adapts(tmp_path):
     trains on the target folders."""
     write_imagefolder(tmp_path / "data" / "my_images", classes=("cat", "dog", "3", "bird", "7"), n_per_class=8)
     run_dir = tmp_path / "run"
-    result = cli(
+    result = run_here(
         tmp_path,
+        "bnn_adapt",
         "data=imagefolder",
         "data.base_classes=[cat,3]",
         "data.target_classes=[dog,7,bird]",

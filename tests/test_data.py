@@ -13,7 +13,7 @@ from torchvision.datasets import ImageFolder
 from bnn_adapt.errors import ConfigError, DataError
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 from bnn_adapt.training.datasets import IMAGENET_MEAN, cifar10, cifar100, fashion_mnist
-from tests.fake_data import write_cifar10, write_cifar100, write_fashion_idx, write_imagefolder
+from tests.helpers.data import write_cifar10, write_cifar100, write_fashion_idx, write_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from bnn_adapt.run.record import RunRecord
 from bnn_adapt.training.datasets import find
 from bnn_adapt.training.datasets.cifar10 import CLASSES
 from bnn_adapt.training.precise_bn import batch_norms
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 
 def rows_of(path: Path) -> list[dict]:

@@ -22,63 +22,7 @@ from bnn_adapt.deploy.export import BASE_FILE, formula_bytes
 from bnn_adapt.deploy.packed_base import pack_base, read_packed_base, repack, unpack_base, write_packed_base
 from bnn_adapt.errors import ExportError, FingerprintError
 from bnn_adapt.run import builders, task
-from bnn_adapt.training.pruning import PruningPlan, make_head_prunable, prune_head_columns
-from tests.test_adapters import randomize_bn
-
-BASES = {
-    "ste": (lambda: STEResNetCIFAR(num_classes=5, width=0.1), 32),
-    "reactnet": (lambda: ReActNet18(num_classes=10, width=0.125), 64),
-}
-
-
-def trained_like(module: nn.Module, seed: int) -> None:
-    """Weights as training leaves them: non-trivial BN, non-zero LoRA up-projections, perturbed latents."""
-    randomize_bn(module, seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("up.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
-def make_base(name: str, seed: int = 0) -> tuple[nn.Module, int]:
-    make, size = BASES[name]
-    torch.manual_seed(seed)
-    base = make()
-    trained_like(base, seed)
-    with torch.no_grad():  # ReActNet's init is tiny and positive: give the binary weights both signs
-        for p in base.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return base.eval(), size
-
-
-def adapted(
-    strategy: str, base: nn.Module, variant: str = "plain", bits: int | None = None, jitter: float = 0.0
-) -> nn.Module:
-    """``strategy`` on ``base`` as a finished run leaves it (``variant``: plain, pruned, bn_drift;
-    ``bits``: adapter.bits; ``jitter``: noise on the adapter and head, weights of both signs and sizes)."""
-    if strategy == "full_finetune" or variant == "bn_drift":
-        base = copy.deepcopy(base)  # training changes (or, with base.bn=adapt, drifts) the run's own base copy
-    model = STRATEGIES[strategy](base, num_classes=4, **({"bits": bits} if bits is not None else {}))
-    if model.adapter is not None:
-        trained_like(model.adapter, 1)
-    trained_like(model.head, 2)
-    if jitter:
-        with torch.no_grad():
-            for p in [*(model.adapter.parameters() if model.adapter is not None else []), *model.head.parameters()]:
-                p.add_(torch.randn_like(p) * jitter)
-    if strategy == "full_finetune":
-        with torch.no_grad():
-            for p in base.parameters():
-                p.add_(torch.randn_like(p) * 0.05)  # flips some binary signs too
-    if variant == "bn_drift":
-        randomize_bn(base, 3)
-    if variant == "pruned":
-        PruningPlan(0.5, 0.9, (1,)).apply(model)
-        make_head_prunable(model)
-        prune_head_columns(model, 0.5)
-    return model.eval()
-
+from tests.helpers.models import BASES, adapted, make_base
 
 # ------------------------------------------------------------------ the packed base
 

@@ -14,7 +14,7 @@ from PIL import Image
 from bnn_adapt.run import task
 from bnn_adapt.training.data_fingerprint import data_identity
 from bnn_adapt.training.datasets import find
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 TOY_MODULE = '''
 """Toy stripes: six colours of 12-px images, one .npz file per split under data.root."""

@@ -30,7 +30,7 @@ from bnn_adapt.adapters.file import METADATA_KEY, attach_adapter, export_adapter
 from bnn_adapt.bases.checkpoint import load_base, save_base
 from bnn_adapt.deploy.packed_base import MAGIC, pack_base, read_packed_base
 from bnn_adapt.errors import UserError
-from tests.test_export import adapted, make_base
+from tests.helpers.models import adapted, make_base
 
 FUZZ = settings(
     max_examples=40,

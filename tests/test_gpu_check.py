@@ -15,7 +15,7 @@ from benchmarks import gpu_check
 from benchmarks.gpu_check import run_step
 from benchmarks.gpu_check_steps import THESIS_STRATEGIES, Step, plan
 from bnn_adapt.adapters import STRATEGIES
-from tests.test_tables import REPO_ROOT
+from tests.helpers.cli import REPO_ROOT, run_here
 
 
 def test_a_failing_or_hanging_step_is_recorded_and_the_next_one_still_runs(tmp_path):
@@ -31,14 +31,7 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_next_one_still_runs(tmp_p
 def test_without_a_gpu_the_cuda_check_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--work", str(tmp_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_here(tmp_path, "benchmarks.gpu_check", "--work", str(tmp_path))
     assert result.returncode == 2 and "make gpu-check DEVICE=cpu" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -47,7 +40,7 @@ def test_an_environment_with_other_versions_is_refused_before_any_step(tmp_path)
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(3600)  # 20 steps, each a process of its own (its own limits apply inside)
 def test_the_cpu_rehearsal_runs_every_step_and_reports_each(tmp_path):
     """``make gpu-check DEVICE=cpu``: all steps pass at tiny sizes; the report has a row and measures for each."""

@@ -24,7 +24,7 @@ from bnn_adapt.training.batches import TrainingBatches
 from bnn_adapt.training.datamodule import ClassSplitDataModule
 from bnn_adapt.training.image_tensors import BatchTransform, ImageTensors
 from bnn_adapt.training.tap_cache import ViewBatches
-from tests.fake_data import write_cifar10, write_fashion_idx, write_imagefolder
+from tests.helpers.data import write_cifar10, write_fashion_idx, write_imagefolder
 
 
 @pytest.fixture(scope="module")

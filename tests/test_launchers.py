@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from bnn_adapt.run import task
 from bnn_adapt.training.datasets import built_in, find
-from tests.test_tables import REPO_ROOT, run_module
+from tests.helpers.cli import REPO_ROOT, run_here, run_module
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -47,6 +47,7 @@ def test_launcher_configs():
     assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
 
 
+@pytest.mark.integration  # worker processes
 def test_two_job_joblib_multirun_on_cpu(tmp_path):
     """A sweep run by the joblib launcher, two jobs at a time in worker processes. Four jobs, so that
     a worker runs a second one: Hydra restores its snapshot of the OmegaConf resolvers before each job,
@@ -70,6 +71,7 @@ def test_two_job_joblib_multirun_on_cpu(tmp_path):
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
 
 
+@pytest.mark.integration
 def test_ddp_spawn_on_two_cpu_processes_reports_the_run(tmp_path):
     """trainer=ddp (ddp_spawn) trains in child processes; the run's statistics still reach metrics.json."""
     run_dir = tmp_path / "run"
@@ -96,7 +98,7 @@ def test_ddp_spawn_on_two_cpu_processes_reports_the_run(tmp_path):
 def test_sync_batchnorm_on_cpu_processes_is_one_line(tmp_path):
     """torch's SyncBatchNorm runs on GPUs only: on CPU processes the run stops before training with one line
     (it used to fail inside each spawned worker). ``make gpu-check`` runs it on GPUs."""
-    result = run_module(
+    result = run_here(
         tmp_path,
         "bnn_adapt",
         "trainer=ddp",
@@ -161,6 +163,7 @@ def test_ddp_slurm_takes_nodes_and_devices_from_the_launcher():
     assert trainer.plugins[0]._target_.endswith("SLURMEnvironment") and trainer.sync_batchnorm is False
 
 
+@pytest.mark.integration
 def test_ddp_slurm_ranks_started_as_srun_would_train_together_and_rank_0_writes_the_run(tmp_path):
     """Two processes with the variables srun sets for one node and two tasks (what submitit starts for
     ``hydra.launcher.tasks_per_node=2``), each running the job: one DDP run over gloo. Rank 0 writes the
@@ -231,6 +234,7 @@ def test_ddp_slurm_ranks_started_as_srun_would_train_together_and_rank_0_writes_
     assert ours["test_top1"] == other["test_top1"]  # one DDP run: the metric is gathered over both ranks
 
 
+@pytest.mark.integration
 def test_two_job_submitit_local_multirun_writes_both_results(tmp_path):
     """``hydra/launcher=slurm``'s plugin (hydra-submitit-launcher), with submitit's local executor: every job
     of the sweep in a process of its own, as a SLURM job array would run them."""

@@ -36,6 +36,7 @@ from bnn_adapt.training.lean import (
     unpack_bits,
     unpack_signs,
 )
+from tests.helpers.models import realistic_bn
 
 LOW_PRECISION_RTOL = {"ste": 5e-3, "reactnet": 1e-2}
 BASES = {
@@ -43,18 +44,6 @@ BASES = {
     # 64 px: at 32 the last stage is 1x1, and batch-statistics BN over 4 values is ill-conditioned
     "reactnet": (lambda: ReActNet18(num_classes=10, width=0.125), (4, 3, 64, 64)),
 }
-
-
-def realistic_bn(model: nn.Module) -> nn.Module:
-    """BN statistics and affine params away from their (0, 1) initial values."""
-    generator = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) * 2 - 1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.rand(m.bias.shape, generator=generator) - 0.5)
-    return model
 
 
 def build(base_kind: str, strategy: str, freeze_bn: bool = True) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

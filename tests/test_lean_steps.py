@@ -24,7 +24,7 @@ from bnn_adapt.adapters import STRATEGIES
 from bnn_adapt.bases import ReActNet18, STEResNetCIFAR
 from bnn_adapt.nn.layers import BinaryLinear, clamp_latent_weights
 from bnn_adapt.training.lean import make_lean, set_memory_mode
-from tests.test_lean import realistic_bn
+from tests.helpers.models import realistic_bn
 
 # base, its image size, its own classes (what pretraining trains), the target classes: CIFAR-10 5-5 (and the
 # digits, Fashion-MNIST, the bench) and ImageNet -> Flowers-102. (A 320 -> 20 or 80 product happens to sum in

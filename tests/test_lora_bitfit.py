@@ -19,7 +19,7 @@ from bnn_adapt.bases.reactnet import ReActNet18
 from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import builders, task
-from tests.test_adapters import randomize_bn
+from tests.helpers.models import randomize_bn
 
 BASES = {
     "ste": (lambda: STEResNetCIFAR(num_classes=5, width=0.1), 32),

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from bnn_adapt.run.task import sweeper_value
 from bnn_adapt.search.pareto import pareto_front
-from tests.test_tables import run_module
+from tests.helpers.cli import run_here
 
 # digits pretrain their base on the fly: no data to generate; smoke sizes, 2 quick epochs
 SEARCH = (
@@ -46,8 +46,8 @@ def test_pareto_front_keeps_the_non_dominated_points():
     assert [p["name"] for p in pareto_front(points)] == ["e", "b", "a"]
 
 
-def test_search_runs_stores_trials_in_sqlite_continues_and_plots(tmp_path):
-    first = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=2")
+def test_search_runs_stores_trials_in_sqlite_continues_and_plots(tmp_path, search_root):
+    first = run_here(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=2")
     assert first.returncode == 0, first.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "pareto" / "smoke" / "digits_ste_resnet_cifar_w0.25"
     storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -73,6 +73,6 @@ def test_search_runs_stores_trials_in_sqlite_continues_and_plots(tmp_path):
     assert (sweep_dir / "pareto_front.png").stat().st_size > 1000
 
     # the same command again continues the stored study
-    second = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
+    second = run_here(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
     assert second.returncode == 0, second.stderr[-3000:]
     assert len(optuna.load_study(study_name="size_vs_accuracy", storage=storage).trials) == 3

@@ -29,9 +29,8 @@ from bnn_adapt.nn.layers import BinaryConv2d
 from bnn_adapt.nn.quantizers import sign
 from bnn_adapt.run import task
 from bnn_adapt.run.results import config_hash
-from tests.test_adapters import randomize_bn
-from tests.test_export import adapted, make_base, trained_like
-from tests.test_predict import write_images
+from tests.helpers.files import write_images
+from tests.helpers.models import adapted, make_base, randomize_bn, trained_like
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the packed kernels are not built here")
 LEVELS = [pytest.param(level, marks=needs_kernels) for level in kernels.ISAS]

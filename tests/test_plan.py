@@ -17,6 +17,8 @@ from bnn_adapt.thesis import plan, tables
 from bnn_adapt.thesis.table_runs import TABLES, table_rows
 from bnn_adapt.training.datasets import find
 
+pytestmark = pytest.mark.usefixtures("composed_once")  # each thesis-table job composed once a session
+
 
 def finish(job, epoch_time_s: float, epochs: int = 3) -> None:
     """What the task writes for a complete run of ``job`` (its config resolved as inside that job)."""

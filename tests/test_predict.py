@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -17,28 +16,10 @@ from bnn_adapt.deploy.packed_base import write_packed_base
 from bnn_adapt.deploy.predict import BaseWithAdapters, image_files
 from bnn_adapt.errors import ConfigError, DataError, ExportError, FingerprintError
 from bnn_adapt.run import task
-from tests.conftest import CLASSES, PREPROCESS
-from tests.test_export import make_base
+from tests.helpers.files import write_images
+from tests.helpers.models import CLASSES, PREPROCESS, make_base
 
 # CIFAR-10 0-4's statistics: mean and std differ per channel and from each other
-
-
-MODES = ("RGB", "RGB", "RGB", "L", "RGBA")  # grayscale and alpha too: each must become 3 channels
-
-
-def write_images(folder: Path, n: int = 5) -> list[Path]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        sub = folder / ("nested" if i % 2 else "")
-        sub.mkdir(parents=True, exist_ok=True)
-        height, width = (32, 32) if i < 3 else (20 + 4 * i, 44 - 4 * i)  # some need resizing, not square
-        mode = MODES[i % len(MODES)]
-        shape = (height, width) if mode == "L" else (height, width, len(mode))
-        paths.append(sub / f"img{i}.png")
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(paths[-1])
-    (folder / "notes.txt").write_text("not an image")
-    return sorted(paths)
 
 
 def preprocessed_independently(paths: list[Path], preprocess: dict) -> torch.Tensor:

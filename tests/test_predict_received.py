@@ -24,9 +24,8 @@ from bnn_adapt.errors import ConfigError, DataError, ExportError
 from bnn_adapt.files import WriteError
 from bnn_adapt.run import task
 from bnn_adapt.training.received_data import open_rgb
-from tests.conftest import CLASSES, PREPROCESS
-from tests.test_export import adapted, make_base
-from tests.test_predict import write_images
+from tests.helpers.files import write_images
+from tests.helpers.models import CLASSES, PREPROCESS, adapted, make_base
 
 
 def png_declaring(path: Path, width: int, height: int) -> Path:

@@ -20,6 +20,8 @@ from bnn_adapt.thesis import table_runs
 from bnn_adapt.thesis.table_runs import TABLES, table_rows
 from bnn_adapt.training.best_epoch import KeepBestEpoch
 
+pytestmark = pytest.mark.usefixtures("composed_once")  # each thesis-table job composed once a session
+
 # ------------------------------------------------------------------ the best epoch of pretraining
 
 

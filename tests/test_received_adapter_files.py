@@ -14,8 +14,8 @@ import pytest
 from bnn_adapt.adapters import STRATEGIES
 from bnn_adapt.adapters.file import attach_adapter, export_adapter, read_adapter_file
 from bnn_adapt.errors import ExportError
-from tests.test_adapter_file_packing import rewrite, stored
-from tests.test_export import adapted, make_base
+from tests.helpers.files import rewrite, stored
+from tests.helpers.models import adapted, make_base
 
 
 @pytest.fixture(scope="module")

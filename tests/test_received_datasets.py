@@ -17,7 +17,7 @@ from bnn_adapt.training.datamodule import ClassSplitDataModule
 from bnn_adapt.training.datasets import find
 from bnn_adapt.training.datasets.cifar10 import ExistingFilesCIFAR10
 from bnn_adapt.training.datasets.cifar100 import ExistingFilesCIFAR100
-from tests.fake_data import write_cifar10, write_cifar100, write_imagefolder
+from tests.helpers.data import write_cifar10, write_cifar100, write_imagefolder
 
 
 class RunsCode:

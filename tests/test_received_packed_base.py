@@ -18,7 +18,7 @@ from bnn_adapt.deploy import packed_base
 from bnn_adapt.deploy.packed_base import MAGIC, pack_base, read_packed_base, unpack_base
 from bnn_adapt.deploy.packed_inference import load_packed_base
 from bnn_adapt.errors import ExportError
-from tests.test_export import make_base
+from tests.helpers.models import make_base
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ do not stop a sweep, result files are written atomically, runs are repeatable.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,9 +20,8 @@ from bnn_adapt.run import task
 from bnn_adapt.run.config import without_hydra_node
 from bnn_adapt.run.results import config_hash, file_sha256, write_json
 from bnn_adapt.training.batches import EpochShuffle
-from tests.fake_data import write_cifar10, write_imagefolder
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import REPO_ROOT, environment, run_here, run_module
+from tests.helpers.data import write_cifar10, write_imagefolder
 
 #: metrics that must not depend on whether a run was interrupted (timings do)
 OUTCOME_KEYS = (
@@ -38,17 +36,9 @@ OUTCOME_KEYS = (
 )
 
 
-def cli(tmp_path: Path, *args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "bnn_adapt", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def cli(tmp_path: Path, *args: str):
+    """``python -m bnn_adapt ARGS`` in this process, every output under ``tmp_path``."""
+    return run_here(tmp_path, "bnn_adapt", *args)
 
 
 def outcome(metrics: dict) -> dict:
@@ -243,13 +233,16 @@ def test_corrupt_image_is_named(make_cfg, tmp_path, pretrained_base):
         task.run(cfg)
 
 
+@pytest.mark.integration
 def test_cli_prints_one_line_and_no_traceback_and_debug_shows_it(tmp_path):
-    bad = cli(tmp_path, "reduction=prune", "reduction.rate=1.5", "summary_only=true")
+    bad = run_module(tmp_path, "bnn_adapt", "reduction=prune", "reduction.rate=1.5", "summary_only=true")
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "reduction.rate" in errors[0]
-    debug = cli(tmp_path, "reduction=prune", "reduction.rate=1.5", "summary_only=true", "debug=true")
+    debug = run_module(
+        tmp_path, "bnn_adapt", "reduction=prune", "reduction.rate=1.5", "summary_only=true", "debug=true"
+    )
     assert debug.returncode != 0 and "ConfigError" in debug.stderr
 
 
@@ -312,6 +305,7 @@ def resume_base(tmp_path_factory, cifar_root) -> Path:
     return base
 
 
+@pytest.mark.integration  # a process killed mid-epoch
 @pytest.mark.parametrize("threads", [1, 2])  # issue 23: a run repeats bit for bit at any given thread count
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_base, threads):
     straight = cli(tmp_path, *resume_args(cifar_root, tmp_path / "straight", resume_base, f"threads={threads}"))
@@ -320,13 +314,11 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cifar_root, resume_bas
 
     # kill (SIGKILL) in the middle of epoch 2 or 3: after the epoch-1 checkpoint, before the end
     run_dir = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
     killed_args = resume_args(cifar_root, run_dir, resume_base, f"threads={threads}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bnn_adapt", *killed_args],
         cwd=REPO_ROOT,
-        env=env,
+        env=environment(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -409,18 +401,20 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path):
     assert json.loads((sweep / "1" / "summary.json").read_text())["adapter_fp32_params"] > 0
 
 
-def test_training_job_failure_recorded_in_sweep(tmp_path, cifar_root, resume_base):
+def test_training_job_failure_recorded_in_sweep(tmp_path, data_dir, pretrained_base):
     sweep = tmp_path / "sweep"
     missing = tmp_path / "no_such_data"
     done = cli(
         tmp_path,
         "--multirun",
         "data=cifar5_5",
-        f"data.root={missing},{cifar_root / 'cifar10'}",
+        f"data.root={missing},{data_dir / 'cifar10'}",
         "adapter=head_only",
         "base.width=0.1",
-        f"base.checkpoint={resume_base}",
+        f"base.checkpoint={pretrained_base['checkpoint']}",
         "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
         "trainer.accelerator=cpu",
         f"hydra.sweep.dir={sweep}",
     )

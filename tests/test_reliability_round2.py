@@ -27,13 +27,7 @@ from bnn_adapt.run import claims, task
 from bnn_adapt.run.config import quote_path_overrides
 from bnn_adapt.search import owners
 from bnn_adapt.training.datamodule import ClassSplitDataModule
-from tests.test_tables import run_module
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+from tests.helpers.cli import REPO_ROOT, environment, error_lines, run_here, run_module
 
 
 def dead_pid() -> int:
@@ -46,6 +40,7 @@ def dead_pid() -> int:
 # ------------------------------------------------------------------ 1 + 7: stop before work, name the command
 
 
+@pytest.mark.integration
 def test_the_readme_search_in_a_fresh_clone_stops_before_the_first_trial(tmp_path):
     """docs/search.md's Pareto smoke command before any base (or smoke data) exists: one line, exit 2, nothing on disk."""
     result = run_module(
@@ -67,7 +62,7 @@ def test_the_readme_search_in_a_fresh_clone_stops_before_the_first_trial(tmp_pat
 
 
 def test_a_basic_multirun_none_of_whose_jobs_can_run_stops_once(tmp_path):
-    result = run_module(tmp_path, "bnn_adapt", "--multirun", "+experiment=cifar80_20_udta", "adapter.groups=1,2")
+    result = run_here(tmp_path, "bnn_adapt", "--multirun", "+experiment=cifar80_20_udta", "adapter.groups=1,2")
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = error_lines(result.stderr)
     assert "each of its 2 jobs" in line and "`python -m bnn_adapt +experiment=cifar80_20_base`" in line
@@ -76,7 +71,7 @@ def test_a_basic_multirun_none_of_whose_jobs_can_run_stops_once(tmp_path):
 
 def test_missing_base_names_the_exact_command_and_the_missing_data(tmp_path):
     """Issue #14.7: `python -m bnn_adapt +experiment=cifar80_20_udta` on a fresh clone."""
-    result = run_module(tmp_path, "bnn_adapt", "+experiment=cifar80_20_udta")
+    result = run_here(tmp_path, "bnn_adapt", "+experiment=cifar80_20_udta")
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = error_lines(result.stderr)
     assert "ste_resnet_cifar_thesis_w1.0_cifar100_20-99.pt does not exist" in line
@@ -118,7 +113,7 @@ def test_a_typed_base_path_that_does_not_exist_is_an_error_not_a_new_base(make_c
 
 def test_a_typed_base_path_on_the_command_line_is_one_line(tmp_path):
     typo = tmp_path / "elsewhere" / "typo.ckpt"  # a path of this test's own: nothing else can create it
-    result = run_module(tmp_path, "bnn_adapt", "+experiment=digits5_5", f"base.checkpoint={typo}")
+    result = run_here(tmp_path, "bnn_adapt", "+experiment=digits5_5", f"base.checkpoint={typo}")
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
     assert f"base.checkpoint={typo} does not exist" in line
@@ -226,7 +221,7 @@ def digits_base(tmp_path_factory) -> Path:
     """A tiny digits base at an explicit path, so that the sweeps below only adapt."""
     root = tmp_path_factory.mktemp("digits_base")
     base = root / "base.pt"
-    done = run_module(
+    done = run_here(
         root,
         "bnn_adapt",
         "+experiment=digits5_5_base",
@@ -240,6 +235,7 @@ def digits_base(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.mark.integration  # two processes at once
 def test_the_same_sweep_started_twice_runs_each_row_once(tmp_path, digits_base):
     sweep_dir = tmp_path / "sweep"
     args = [
@@ -258,8 +254,7 @@ def test_the_same_sweep_started_twice_runs_each_row_once(tmp_path, digits_base):
         f"hydra.sweep.dir={sweep_dir}",
         "hydra.sweep.subdir=${adapter.name}",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
+    env = environment(tmp_path)
     procs = [
         subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -331,6 +326,7 @@ def test_stale_running_trials_are_failed_and_live_ones_kept(tmp_path):
     assert owners.trial_counts(url, "s") == {"FAIL": 3, "RUNNING": 2, "COMPLETE": 1}
 
 
+@pytest.mark.integration  # a process killed mid-trial
 def test_a_search_killed_mid_trial_continues_without_a_phantom_trial(tmp_path):
     search = (
         "+experiment=digits5_5",
@@ -342,8 +338,7 @@ def test_a_search_killed_mid_trial_continues_without_a_phantom_trial(tmp_path):
     )
     sweep_dir = tmp_path / "outputs" / "pareto" / "smoke" / "digits_ste_resnet_cifar_w0.25"
     url = f"sqlite:///{sweep_dir / 'optuna.db'}"
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
+    env = environment(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bnn_adapt", *search, "trainer.max_epochs=1000", "hydra.sweeper.n_trials=1"],
         cwd=REPO_ROOT,
@@ -362,7 +357,7 @@ def test_a_search_killed_mid_trial_continues_without_a_phantom_trial(tmp_path):
     running = optuna.trial.TrialState.RUNNING
     assert [t.state for t in optuna.load_study(study_name="size_vs_accuracy", storage=url).trials] == [running]
 
-    again = run_module(tmp_path, "bnn_adapt", *search, "trainer.max_epochs=1", "hydra.sweeper.n_trials=1")
+    again = run_here(tmp_path, "bnn_adapt", *search, "trainer.max_epochs=1", "hydra.sweeper.n_trials=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "note: marked failed, trial 0: its search (pid" in again.stderr
     trials = optuna.load_study(study_name="size_vs_accuracy", storage=url).trials
@@ -388,7 +383,7 @@ def test_export_takes_a_sweep_directory_and_row_directories_unquoted(pretrained_
         assert task.run(cfg)["status"] == "complete"
     write_json(sweep / "row=broken" / "metrics.json", {"status": "failed", "task": "adapt", "error": "x"})
 
-    whole = run_module(
+    whole = run_here(
         tmp_path, "bnn_adapt", "task=export", f"export.adapter_run={sweep}", f"export.dir={tmp_path / 'all'}"
     )
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -400,7 +395,7 @@ def test_export_takes_a_sweep_directory_and_row_directories_unquoted(pretrained_
     ]
 
     rows = f"export.adapter_run=[{sweep / 'row=head_only'},{sweep / 'row=udta,seed=2'}]"  # as typed, no quotes
-    listed = run_module(tmp_path, "bnn_adapt", "task=export", rows, f"export.dir={tmp_path / 'listed'}")
+    listed = run_here(tmp_path, "bnn_adapt", "task=export", rows, f"export.dir={tmp_path / 'listed'}")
     assert listed.returncode == 0, listed.stderr[-3000:]
     manifest = json.loads((tmp_path / "listed" / "manifest.json").read_text())
     assert len([f for f in manifest["files"].values() if f["kind"] == "adapter"]) == 2

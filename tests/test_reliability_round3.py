@@ -24,8 +24,7 @@ from bnn_adapt.run import builders, provenance, record, results, task
 from bnn_adapt.run.config import compose, without_hydra_node
 from bnn_adapt.run.results import config_hash
 from bnn_adapt.training.module import Classifier
-from tests.test_reliability_round2 import error_lines
-from tests.test_tables import run_module
+from tests.helpers.cli import error_lines, run_here
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,7 +270,7 @@ def test_the_root_config_carries_no_demo_values_into_other_datasets():
 def test_another_dataset_without_its_base_stops_with_one_line(tmp_path):
     """`python -m bnn_adapt data=cifar5_5 adapter=serial` used to train a width-0.25 network after pretraining
     a CIFAR base silently (root config: base.pretrain)."""
-    result = run_module(tmp_path, "bnn_adapt", "data=cifar5_5", "adapter=serial")
+    result = run_here(tmp_path, "bnn_adapt", "data=cifar5_5", "adapter=serial")
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = error_lines(result.stderr)
     assert "pretrain it first with `python -m bnn_adapt +experiment=cifar5_5_base`" in line

@@ -16,7 +16,7 @@ from bnn_adapt.bases import BASES
 from bnn_adapt.run.config import compose
 from bnn_adapt.search.pareto import ParetoFrontReport, search_space
 from bnn_adapt.search.space import group_choices
-from tests.test_search_workers import SEARCH
+from tests.helpers.cli import SEARCH
 
 REACTNET = ("base=reactnet18", "base.width=0.125", "data.image_size=64")  # tiny input, stages of 8/16/32/64
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,32 +25,19 @@ from bnn_adapt.run.config import search_as_multirun
 from bnn_adapt.search import owners, study
 from bnn_adapt.search.study import PRUNED_ATTR, SIZE_ATTR
 from bnn_adapt.search.trial_report import TrialReport, should_prune
-from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
-from tests.test_tables import run_module
+from tests.helpers.cli import REPO_ROOT, SEARCH, environment, run_here, run_module
+from tests.helpers.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 OLD_STUDY = Path(__file__).parent / "data" / "optuna_2_10_1_study.db.gz"
-# digits pretrain their base on the fly; smoke sizes, tiny trials; no pruner unless a test sets one
-SEARCH = (
-    "+experiment=digits5_5",
-    "+profile=smoke",
-    "hparams_search=size_vs_accuracy",
-    "base.pretrain.epochs=1",
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-)
 SWEEP = Path("outputs") / "pareto" / "smoke" / "digits_ste_resnet_cifar_w0.25"
 
 
 def worker(root: Path, *overrides: str) -> subprocess.Popen:
     """One search worker, ``python -m bnn_adapt SEARCH OVERRIDES``, as a user starts it in a terminal."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(root), OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, "-m", "bnn_adapt", *SEARCH, *overrides],
         cwd=REPO_ROOT,
-        env=env,
+        env=environment(root),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -101,7 +87,7 @@ def test_a_search_is_a_multirun_without_the_flag():
 
 
 def test_the_storage_is_set_through_search_storage_in_one_line(tmp_path):
-    result = run_module(tmp_path, "bnn_adapt", *SEARCH, f"hydra.sweeper.storage={tmp_path / 'x.log'}")
+    result = run_here(tmp_path, "bnn_adapt", *SEARCH, f"hydra.sweeper.storage={tmp_path / 'x.log'}")
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
@@ -115,6 +101,7 @@ def test_the_storage_is_set_through_search_storage_in_one_line(tmp_path):
 # ------------------------------------------------------------------ three workers, one study
 
 
+@pytest.mark.integration  # three processes at once
 @pytest.mark.parametrize("kind", ["journal", "postgresql"])
 def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
     spec = storage_spec(kind, tmp_path, request)
@@ -136,7 +123,7 @@ def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
     assert len(list((tmp_path / SWEEP).glob("trial_*"))) == 6
 
 
-@pytest.mark.slow  # two searches of three trials each at once
+@pytest.mark.integration  # two searches of three trials each at once
 def test_two_workers_on_a_narrow_base_complete_every_trial(tmp_path):
     """At width 0.1 (stages of 8/16/32 channels) the thesis's group counts 5, 10 and 20 divide nothing: the search
     proposes what this base runs (bnn_adapt.search.space), so every trial it starts completes."""
@@ -155,6 +142,7 @@ def test_two_workers_on_a_narrow_base_complete_every_trial(tmp_path):
 # ------------------------------------------------------------------ killed workers
 
 
+@pytest.mark.integration  # a process killed mid-trial
 @pytest.mark.parametrize("kind", ["journal", "postgresql"])  # SQLite: tests/test_reliability_round2.py
 def test_a_worker_killed_mid_trial_leaves_no_running_trial_once_another_starts(kind, tmp_path, request):
     spec = storage_spec(kind, tmp_path, request)
@@ -207,13 +195,13 @@ def dead_pid() -> int:
 # ------------------------------------------------------------------ studies of optuna 2.10.1
 
 
-def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgraded(tmp_path):
+def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgraded(tmp_path, search_root):
     db = tmp_path / SWEEP / "optuna.db"
     db.parent.mkdir(parents=True)
     with gzip.open(OLD_STUDY) as src, db.open("wb") as dst:  # 3 complete trials + 1 left RUNNING by a killed search
         shutil.copyfileobj(src, dst)
     url = f"sqlite:///{db}"
-    refused = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
+    refused = run_here(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
@@ -229,7 +217,7 @@ def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgr
         timeout=120,
     )
     assert upgrade.returncode == 0, upgrade.stderr
-    again = run_module(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
+    again = run_here(tmp_path, "bnn_adapt", *SEARCH, "hydra.sweeper.n_trials=1")
     assert again.returncode == 0, again.stderr[-3000:]
     trials = load(url).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL", "COMPLETE"]  # the killed one failed
@@ -240,7 +228,7 @@ def test_a_study_of_optuna_2_10_1_is_refused_in_one_line_and_continues_once_upgr
 # ------------------------------------------------------------------ a configuration proposed twice
 
 
-def test_a_configuration_proposed_again_is_not_trained_again(tmp_path):
+def test_a_configuration_proposed_again_is_not_trained_again(tmp_path, search_root):
     # every searched key fixed on the command line: the sampler can only propose this configuration
     one_point = [
         "adapter=udta",
@@ -250,7 +238,7 @@ def test_a_configuration_proposed_again_is_not_trained_again(tmp_path):
         "adapter.bits=8",
         "adapter.lr=0.001",
     ]
-    result = run_module(tmp_path, "bnn_adapt", *SEARCH, *one_point, "hydra.sweeper.n_trials=2")
+    result = run_here(tmp_path, "bnn_adapt", *SEARCH, *one_point, "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(f"sqlite:///{tmp_path / SWEEP / 'optuna.db'}").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 and trials[0].values == trials[1].values
@@ -299,11 +287,11 @@ def test_the_pruner_judges_a_trial_among_the_trials_no_larger_than_it(tmp_path):
     assert rungs.get("completed_rung_0") == 0.3  # what successive halving records is kept in the study
 
 
-def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path):
+def test_a_pruned_trial_stops_after_the_epoch_and_the_search_goes_on(tmp_path, search_root):
     """The search prunes weights at the end of epoch 1 of 3 (reduction=prune, at max_epochs // 2): a trial
     is judged from epoch 2 on, the first whose top-1 is of its pruned weights, and stops after it."""
     never_good_enough = "+search.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"  # top-1 never exceeds 1
-    result = run_module(
+    result = run_here(
         tmp_path,
         "bnn_adapt",
         *SEARCH,

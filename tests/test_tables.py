@@ -1,6 +1,6 @@
 """Thesis tables: every sweep expresses its table's rows; a reduced smoke reproduction through
 the real command line (sweeps, skipping of finished runs, rendering from the runs' files); missing
-and failed rows marked; the full `make reproduce-tables PROFILE=smoke` (slow)."""
+and failed rows marked; the full `make reproduce-tables PROFILE=smoke` (integration)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from bnn_adapt.thesis import tables
 from bnn_adapt.thesis.synthetic import write_smoke_data
 from bnn_adapt.thesis.table_runs import expand_sweep
 from bnn_adapt.training.datamodule import ClassSplitDataModule
+from tests.helpers.cli import REPO_ROOT, run_module
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("composed_once")  # each thesis-table job composed once a session
 
 # the thesis's rows per table (thesis ch. 6)
 THESIS_ROWS = {
@@ -49,15 +50,6 @@ THESIS_ROWS = {
 THESIS_ROWS["6.7"] = ["finetune", "head only", *THESIS_ROWS["6.6"][1:]]
 # a tiny, quick version of the smoke profile for the reduced reproduction below
 QUICK = ("trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
-
-
-def run_module(root: Path, module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repository root, every output under ``root``."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(BNN_ADAPT_ROOT=str(root), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def sweep(root: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -184,6 +176,7 @@ def test_resnet18_loads_torchvisions_weights_strictly_and_computes_the_same():
 # ------------------------------------------------------------------ a reduced smoke reproduction, real CLI
 
 
+@pytest.mark.integration  # the smoke profile through the command line: many runs
 def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_path):
     root = tmp_path
     result = run_module(root, "bnn_adapt.thesis.synthetic")
@@ -256,6 +249,8 @@ def test_reduced_smoke_reproduction_renders_tables_and_skips_finished_runs(tmp_p
 
 def test_failed_unfinished_and_stale_rows_are_marked(tmp_path, monkeypatch):
     monkeypatch.setenv("BNN_ADAPT_ROOT", str(tmp_path))
+    # table 6.4 and the table its speed-up refers to: the figures and claims over every table compose hundreds of jobs
+    monkeypatch.setattr(tables, "TABLES", {t: tables.TABLES[t] for t in ("6.4", "6.5")})
     rows = tables.table_rows(tables.TABLES["6.4"], "smoke")
     failed, unfinished, stale = (rows[i].jobs[0].run_dir for i in (1, 2, 3))
     write_json(failed / "metrics.json", {"status": "failed", "error": "CheckpointError: no base"})
@@ -272,7 +267,7 @@ def test_failed_unfinished_and_stale_rows_are_marked(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the whole thing
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(3600)  # about 5 minutes on 2 CPU cores; much more when they are shared
 def test_make_reproduce_tables_smoke_end_to_end(tmp_path):
     """`make reproduce-tables PROFILE=smoke`: every table and figure, every row complete."""

@@ -25,7 +25,7 @@ from bnn_adapt.nn.layers import BinaryConv2d, BinaryLinear, latent_weights
 from bnn_adapt.run import builders
 from bnn_adapt.run.task import run
 from bnn_adapt.training.lean import make_lean
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 
 def thesis_conv(x: torch.Tensor, weight: nn.Parameter, stride: int, padding: int) -> torch.Tensor:

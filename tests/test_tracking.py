@@ -22,7 +22,7 @@ from bnn_adapt.errors import ConfigError
 from bnn_adapt.run import builders, task
 from bnn_adapt.run.config import compose
 from bnn_adapt.run.results import config_hash
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = [name for name in ("tensorboard", "mlflow", "wandb") if importlib.util.find_spec(name)]
@@ -152,6 +152,7 @@ def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration  # the console of a real process
 def test_a_multirun_groups_its_runs_and_the_console_prints_each_line_once(tmp_path):
     """Two digits jobs (the first pretrains the base in a sub-run): one TensorBoard folder, one MLflow
     experiment and one W&B group for the sweep; Lightning's lines once each; our MACs, no FLOPs."""

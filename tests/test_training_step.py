@@ -237,7 +237,7 @@ def test_trainer_compile_errors_name_the_key(make_cfg, pretrained_base):
         )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_trainer_compile_true_runs_inductor_on_cpu(make_cfg, pretrained_base):
     """The default backend generates C++ on CPU: the smallest graph (a head on cached features) keeps it short."""
     cfg = make_cfg(

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL server for the tests that share one Optuna study between workers.
 
-Debian's ``postgresql`` package provides the server; when it is missing and the tests run as root
-(CI), it is installed with apt-get. The server runs from a temporary data directory on a free port
+Debian's ``postgresql`` package provides the server (``.ci/run`` installs it; without it the tests that
+need it are skipped). The server runs from a temporary data directory on a free port
 of 127.0.0.1 (as the ``postgres`` user when the tests run as root: PostgreSQL refuses to run as
 root), with trust authentication and without fsync, and stops when the test session ends.
 """
@@ -30,22 +30,6 @@ def _binaries() -> Path | None:
     return Path(versions[-1]).parent if versions else None
 
 
-def _install() -> str | None:
-    """Install Debian's postgresql as root; returns why it could not (None: installed)."""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "PostgreSQL is not installed (apt-get install postgresql), and the tests are not root to install it"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "install", "-y", "-q", "postgresql"],
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "postgresql"],
-    ):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode == 0 and command[1] == "install":
-            return None
-    return f"apt-get install postgresql failed: {done.stderr.strip().splitlines()[-1:]}"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,11 +40,9 @@ def _free_port() -> int:
 def postgres_server() -> Iterator[str]:
     """``postgresql://postgres@127.0.0.1:PORT``, a server for this test session."""
     pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[test]')")
-    if _binaries() is None and (why := _install()) is not None:
-        pytest.skip(why)
     bin_dir = _binaries()
     if bin_dir is None:
-        pytest.skip("PostgreSQL was installed but its initdb and pg_ctl are not found")
+        pytest.skip("PostgreSQL's initdb and pg_ctl are not installed (apt-get install postgresql)")
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     # a folder the postgres user can reach (pytest's own are private to this user)
     root = Path(tempfile.mkdtemp(prefix="bnn_adapt_postgres_", dir="/tmp" if as_postgres else None))
