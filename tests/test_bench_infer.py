@@ -45,7 +45,7 @@ def test_tiny_bench_writes_layer_and_end_to_end_records(tmp_path):
     assert all(r["same_top1"] and 0 <= r["kernel_share_packed"] <= 1 and r["base_speedup"] > 0 for r in e2e)
     assert result["memory"] == []
     table = (out / "inference.md").read_text()
-    assert "| model | batch | 3x3 binary convs" in table and "| target (issue #16) |" in table
+    assert "| model | batch | 3x3 binary convs" in table and "| target | goal | measured |" in table
     assert "stages.1.0.shortcut.0" in table  # the per-layer table
     assert "end to end" in table
 
