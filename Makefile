@@ -156,15 +156,15 @@ docs-screenshots: docs
 
 # the fast tier (in process, tiny widths); test-all adds the integration tier (tests marked integration:
 # the command line as a subprocess, search workers, DDP, submitit, PostgreSQL, the smoke reproduction)
+# the fast tier on every core (pytest-xdist), one torch thread per worker; the integration tier after it, one test
+# at a time (its tests start processes of their own)
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto
 
-test-all: install
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -m ""
+test-all: test
+	$(PY) -m pytest -q -m integration
 
 clean:
 	rm -rf outputs/runs outputs/multiruns outputs/demo outputs/lean_pretrain
