@@ -11,14 +11,10 @@ and ``Trainer.save_Best``'s plain state dict. Its module names (``conv1``, ``bn1
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-from bnn_adapt.bases.base import rebuild
+from bnn_adapt.bases.base import BaseNetwork, rebuild
 from bnn_adapt.bases.received import check_state, checked_arch, expected_shapes, few
 from bnn_adapt.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from bnn_adapt.bases.ste_resnet import STEResNetCIFAR
 
 ARCH = "ste_resnet_cifar"
 #: the keys of ``Trainer.save``'s dict
@@ -84,7 +80,7 @@ def _architecture(state: dict, source: str) -> dict:
     return checked_arch(ARCH, config, source)
 
 
-def load_thesis_checkpoint(payload: object, path: str) -> STEResNetCIFAR | None:
+def load_thesis_checkpoint(payload: object, path: str) -> BaseNetwork | None:
     """The STE base a thesis-code checkpoint holds (``payload``: the file read as data only), checked
     against the architecture its shapes imply; None when ``payload`` is not a thesis-code file."""
     found = thesis_state(payload)
