@@ -112,8 +112,8 @@ def test_three_workers_at_once_share_one_study(kind, tmp_path, request):
     trials = load(spec).trials
     assert sorted(t.number for t in trials) == list(range(6))  # 3 x 2, none lost, none twice
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6  # none left RUNNING
-    owners = {t.system_attrs[owners.OWNER_ATTR]["pid"] for t in trials}
-    assert owners == {w.pid for w in workers}  # every worker ran trials of the shared study
+    pids = {t.system_attrs[owners.OWNER_ATTR]["pid"] for t in trials}
+    assert pids == {w.pid for w in workers}  # every worker ran trials of the shared study
     for t in trials:  # each trial in its own directory, whose results are that trial's values
         run_dir = tmp_path / SWEEP / f"trial_{t.number}"
         metrics = json.loads((run_dir / "metrics.json").read_text())
